@@ -1,0 +1,59 @@
+"""Pick the kernel implementation: Triton on CUDA, the PyTorch reference elsewhere.
+
+The choice is logged once per (backend, device type). A recipe can force either
+with `sea.backend`; forcing Triton where it cannot run is an error, not a fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+import torch
+
+from kernels import reference
+
+log = logging.getLogger("sea_convert.kernels")
+_announced: set[tuple[str, str]] = set()
+
+# The ops every implementation provides, with the reference's signatures.
+OP_NAMES = (
+    "causal_linear_attention",
+    "teacher_target",
+    "block_sparse_attention",
+    "per_query_sparse_attention",
+    "pool_key_block_scores",
+    "select_key_blocks",
+    "select_bins_per_query",
+)
+
+
+def _triton_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("kernels.triton_ops")
+    except ImportError:
+        return None
+
+
+def ops(backend: str, device: torch.device) -> ModuleType:
+    """The module of ops to use for tensors on `device` under the recipe's `backend` setting."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"sea.backend must be auto, torch or triton, got {backend!r}")
+    chosen, why = reference, "PyTorch reference"
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        triton_ops = _triton_module() if device.type == "cuda" else None
+        if triton_ops is not None:
+            chosen, why = triton_ops, "Triton kernels"
+        elif backend == "triton":
+            raise RuntimeError(
+                f"sea.backend is 'triton' but Triton kernels cannot run on {device.type}"
+                " (they need a CUDA device and the triton package)"
+            )
+        else:
+            why = "PyTorch reference (Triton kernels unavailable)"
+    key = (why, device.type)
+    if key not in _announced:
+        _announced.add(key)
+        log.info("SEA attention on %s: %s", device.type, why)
+    return chosen

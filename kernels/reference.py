@@ -1,0 +1,270 @@
+"""Pure-PyTorch reference ops of SEA attention.
+
+Each op here has the exact signature of its Triton counterpart (later, in the
+sibling modules); tests compare the two. Every op works in query chunks so that
+no T x T tensor is ever held: memory is O(chunk x T), linear in T.
+
+Shapes: q (B, Hq, T, d); k, v (B, Hkv, T, d) with Hq a multiple of Hkv (GQA:
+query head h reads KV head h // (Hq // Hkv)). Positions are causal and start at 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ---------------------------------------------------------------------------
+# bins: row t's K bins stretch over its own prefix of length n = t + 1;
+# key s of row t falls in bin floor(s * K / n).
+
+
+def key_bins(rows: torch.Tensor, num_keys: int, K: int) -> torch.Tensor:
+    """Bin index of every key s < num_keys for each query row in `rows` (clamped to K-1 past the row)."""
+    s = torch.arange(num_keys, device=rows.device)
+    n = (rows + 1).unsqueeze(-1)
+    return torch.clamp((s * K) // n, max=K - 1)
+
+
+def bin_starts(rows: torch.Tensor, K: int) -> torch.Tensor:
+    """First key of each bin m = 0..K (K+1 edges) per row: ceil(m * n / K). Bin m is empty iff start[m] == start[m+1]."""
+    m = torch.arange(K + 1, device=rows.device)
+    n = (rows + 1).unsqueeze(-1)
+    return (m * n + K - 1) // K
+
+
+# ---------------------------------------------------------------------------
+# causal linear attention (the estimator's cost-O(T) part)
+
+
+def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """out[t] = sum_{s<=t} (qf_t . kf_s) v_s / sum_{s<=t} (qf_t . kf_s), with non-negative features.
+
+    q_feat, k_feat: (B, H, T, m); v: (B, H, T, dv). Chunked: exact attention inside a
+    chunk, a running (m x dv) state across chunks. Computed in fp32.
+    """
+    B, H, T, m = q_feat.shape
+    dv = v.shape[-1]
+    pad = (-T) % chunk
+    qf, kf, vv = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) for x in (q_feat, k_feat, v))
+    nc = (T + pad) // chunk
+    qf = qf.view(B, H, nc, chunk, m)
+    kf = kf.view(B, H, nc, chunk, m)
+    vv = vv.view(B, H, nc, chunk, dv)
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q_feat.device).tril()
+    scores = (qf @ kf.transpose(-1, -2)).masked_fill(~tril, 0.0)
+    state = kf.transpose(-1, -2) @ vv  # (B, H, nc, m, dv)
+    norm = kf.sum(-2)  # (B, H, nc, m)
+    prev_state = state.cumsum(2) - state  # exclusive prefix over chunks
+    prev_norm = norm.cumsum(2) - norm
+    num = scores @ vv + qf @ prev_state
+    den = scores.sum(-1) + (qf * prev_norm.unsqueeze(-2)).sum(-1)
+    out = num / den.clamp_min(1e-30).unsqueeze(-1)
+    return out.reshape(B, H, nc * chunk, dv)[:, :, :T]
+
+
+# ---------------------------------------------------------------------------
+# the teacher target: dense causal attention pooled into K bins, chunk by chunk
+
+
+def _scores_chunk(q: torch.Tensor, k: torch.Tensor, t0: int, t1: int, scale: float) -> torch.Tensor:
+    """Causally masked fp32 scores of query rows [t0, t1) against keys [0, t1): (B, Hq, C, t1)."""
+    B, Hq, _, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qc = q[:, :, t0:t1].float().reshape(B, Hkv, G * (t1 - t0), d)
+    s = (qc @ k[:, :, :t1].float().transpose(-1, -2)).view(B, Hq, t1 - t0, t1) * scale
+    rows = torch.arange(t0, t1, device=q.device)
+    causal = torch.arange(t1, device=q.device)[None, :] <= rows[:, None]
+    return s.masked_fill(~causal, float("-inf"))
+
+
+def teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, query_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's attention rows pooled into the K bins of each row's own prefix.
+
+    Returns (pooled probabilities (B, Hq, T, K) fp32, rows sum to 1; row log-sum-exp (B, Hq, T)).
+    Never holds more than (B, Hq, query_chunk, T) scores.
+    """
+    B, Hq, T, _ = q.shape
+    pooled = torch.zeros(B, Hq, T, K, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    for t0 in range(0, T, query_chunk):
+        t1 = min(T, t0 + query_chunk)
+        s = _scores_chunk(q, k, t0, t1, scale)
+        row_lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - row_lse.unsqueeze(-1))
+        bins = key_bins(torch.arange(t0, t1, device=q.device), t1, K).expand(B, Hq, -1, -1)
+        pooled[:, :, t0:t1].scatter_add_(-1, bins, p)
+        lse[:, :, t0:t1] = row_lse
+    return pooled, lse
+
+
+# ---------------------------------------------------------------------------
+# sparse attention over selected keys
+
+
+def _masked_attention_chunk(q, k, v, t0, t1, scale, keep):
+    """Softmax over the kept causal keys of rows [t0, t1). keep: (B, Hkv, C, t1) bool, shared by a KV head's group."""
+    B, Hq, _, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    C = t1 - t0
+    s = _scores_chunk(q, k, t0, t1, scale).view(B, Hkv, G, C, t1)
+    s = s.masked_fill(~keep.unsqueeze(2), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # a row with no key gives 0, not NaN
+    out = (p.view(B, Hkv, G * C, t1) @ v[:, :, :t1].float()).view(B, Hq, C, d)
+    return out, lse.view(B, Hq, C)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of each query block over its listed key blocks.
+
+    block_index: (B, Hkv, NQB, MAXB) int, sorted, -1 padded; block_count: (B, Hkv, NQB).
+    The query heads of one KV head share its list. Returns (out (B, Hq, T, d) in q.dtype,
+    row log-sum-exp (B, Hq, T) fp32; -inf for a row with no key).
+    """
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    nqb = block_index.shape[2]
+    nkb = math.ceil(T / block_size)
+    # dense (query block x key block) picture of the lists; (T/bs)^2, fine for a reference
+    valid = torch.arange(block_index.shape[-1], device=q.device) < block_count.unsqueeze(-1)
+    blocks = torch.zeros(B, Hkv, nqb, nkb + 1, dtype=torch.bool, device=q.device)
+    blocks.scatter_(-1, torch.where(valid, block_index.long(), nkb), True)
+    blocks = blocks[..., :nkb]
+    out = torch.empty(B, Hq, T, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    chunk = block_size * max(1, 256 // block_size)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        rows = torch.arange(t0, t1, device=q.device)
+        key_block = torch.arange(t1, device=q.device) // block_size
+        keep = blocks[:, :, rows // block_size][..., key_block]  # (B, Hkv, C, t1)
+        out[:, :, t0:t1], lse[:, :, t0:t1] = _masked_attention_chunk(q, k, v, t0, t1, scale, keep)
+    return out.to(q.dtype), lse
+
+
+def per_query_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bin_mask: torch.Tensor,
+    scale: float,
+    query_chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's mode: row t attends to the keys of its selected bins (bin_mask (B, Hkv, T, K) bool)."""
+    B, Hq, T, d = q.shape
+    K = bin_mask.shape[-1]
+    out = torch.empty(B, Hq, T, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    for t0 in range(0, T, query_chunk):
+        t1 = min(T, t0 + query_chunk)
+        bins = key_bins(torch.arange(t0, t1, device=q.device), t1, K)
+        keep = torch.gather(bin_mask[:, :, t0:t1], -1, bins.expand(B, bin_mask.shape[1], -1, -1))
+        out[:, :, t0:t1], lse[:, :, t0:t1] = _masked_attention_chunk(q, k, v, t0, t1, scale, keep)
+    return out.to(q.dtype), lse
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal GQA attention (SDPA); the teacher's attention and the tests' ground truth."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+# ---------------------------------------------------------------------------
+# mask construction
+
+
+def pool_key_block_scores(est: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Compressed estimate -> scores of (query block, key block) pairs.
+
+    est: (B, H, T, K) probabilities per row over its K bins. Rows of a query block are
+    averaged in the bin coordinates of the block's last row (prefixes within a block differ
+    by < block_size keys); each bin's mass is spread evenly over its keys and summed per key
+    block. Returns (B, H, NQB, NKB) with -inf above the diagonal.
+    """
+    B, H, T, K = est.shape
+    nb = math.ceil(T / block_size)
+    pad = nb * block_size - T
+    e = torch.nn.functional.pad(est.float(), (0, 0, 0, pad)).view(B, H, nb, block_size, K)
+    rows_in_block = torch.clamp(T - torch.arange(nb, device=est.device) * block_size, max=block_size)
+    pooled = e.sum(3) / rows_in_block.view(1, 1, nb, 1)  # (B, H, NQB, K)
+    cdf = torch.nn.functional.pad(pooled.cumsum(-1), (1, 0))  # mass before each bin edge, (.., K+1)
+    n = torch.clamp((torch.arange(nb, device=est.device) + 1) * block_size, max=T).float()  # last row's prefix
+    edges = torch.arange(nb + 1, device=est.device).float() * block_size  # key block edges
+    u = torch.clamp(edges[None, :] * K / n[:, None], max=K)  # (NQB, NKB+1) in bin units
+    lo = torch.clamp(u.floor().long(), max=K - 1)
+    frac = u - lo
+    lo_e = lo.expand(B, H, -1, -1)
+    F = torch.gather(cdf, -1, lo_e) + frac * torch.gather(pooled, -1, lo_e)
+    scores = F[..., 1:] - F[..., :-1]
+    causal = torch.arange(nb, device=est.device)[None, :] <= torch.arange(nb, device=est.device)[:, None]
+    return scores.masked_fill(~causal, float("-inf"))
+
+
+def select_key_blocks(
+    scores: torch.Tensor, blocks_per_head: int, sink_blocks: int, local_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped top-k over key blocks: the KV heads of a query block share one budget.
+
+    scores: (B, Hkv, NQB, NKB) with -inf for non-causal blocks. Each query block i keeps
+    min(blocks_per_head, i + 1) * Hkv blocks in all, always including the sink blocks and the
+    local (diagonal) blocks of every head. Returns (block_index (B, Hkv, NQB, MAXB) int32 sorted
+    and -1 padded, block_count (B, Hkv, NQB) int32).
+    """
+    B, Hkv, nqb, nkb = scores.shape
+    i = torch.arange(nqb, device=scores.device)[:, None]
+    j = torch.arange(nkb, device=scores.device)[None, :]
+    forced = ((j < sink_blocks) | ((j <= i) & (j > i - local_blocks))) & (j <= i)
+    s = scores.float().masked_fill(forced, float("inf"))
+    budget = torch.clamp(torch.clamp(i[:, 0] + 1, max=blocks_per_head), min=forced.sum(-1)) * Hkv  # (NQB,)
+    flat = s.permute(0, 2, 1, 3).reshape(B, nqb, Hkv * nkb)
+    order = flat.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(Hkv * nkb, device=s.device).expand_as(order))
+    chosen = (ranks < budget.view(1, nqb, 1)) & (flat > float("-inf"))
+    chosen = chosen.view(B, nqb, Hkv, nkb).permute(0, 2, 1, 3)
+    return blocks_to_index(chosen)
+
+
+def blocks_to_index(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(…, NKB) bool -> (sorted index lists, -1 padded, (…, MAXB) int32; counts (…) int32)."""
+    nkb = chosen.shape[-1]
+    count = chosen.sum(-1)
+    idx = torch.where(chosen, torch.arange(nkb, device=chosen.device), nkb).sort(-1).values
+    maxb = max(int(count.max()), 1) if count.numel() else 1
+    idx = idx[..., :maxb]
+    idx = torch.where(idx == nkb, -1, idx)
+    return idx.to(torch.int32), count.to(torch.int32)
+
+
+def select_bins_per_query(est: torch.Tensor, k: int) -> torch.Tensor:
+    """The paper's grouped per-query top-k over bins.
+
+    est: (B, Hkv, T, K) group-pooled estimate. Row t keeps about Hkv * k * K / (t+1) bins in
+    all (about k keys per head), shared by the heads; empty bins are never chosen; each head
+    always keeps the bin holding the row's own key (so no head is left with no key).
+    Returns bin_mask (B, Hkv, T, K) bool.
+    """
+    B, Hkv, T, K = est.shape
+    rows = torch.arange(T, device=est.device)
+    starts = bin_starts(rows, K)
+    nonempty = starts[:, 1:] > starts[:, :-1]  # (T, K)
+    own_bin = key_bins(rows, T, K).gather(-1, rows[:, None])  # bin of key t in row t: (T, 1)
+    forced = torch.zeros(T, K, dtype=torch.bool, device=est.device).scatter_(-1, own_bin, True)
+    s = est.float().masked_fill(~nonempty, float("-inf")).masked_fill(forced, float("inf"))
+    budget = torch.ceil(Hkv * k * K / (rows + 1).float()).long()  # (T,)
+    flat = s.permute(0, 2, 1, 3).reshape(B, T, Hkv * K)
+    order = flat.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(Hkv * K, device=est.device).expand_as(order))
+    chosen = (ranks < budget.view(1, T, 1)) & (flat > float("-inf"))
+    return chosen.view(B, T, Hkv, K).permute(0, 2, 1, 3)

@@ -1,0 +1,83 @@
+"""The linear-cost estimator: causal random-feature attention with positional values.
+
+Its values are [v, learned position table], so its output says roughly *where* a
+query's attention mass lies, at O(T) cost. Features follow Performer's positive
+random features for exp(q.k * scale); computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def num_random_features(head_dim: int, nbf: float) -> int:
+    """d * ln(d) / nbf, as the reference (nbf=8 -> 33 features at d=64)."""
+    return max(1, int(head_dim * math.log(head_dim) / nbf))
+
+
+def orthogonal_random_projection(num_features: int, dim: int, seed: int) -> torch.Tensor:
+    """Gaussian orthogonal random features (Performer): blocks of orthonormal rows, chi-distributed norms."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+        blocks.append(q.T)
+    rows = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, dim, generator=g).norm(dim=1, keepdim=True)
+    return rows * norms
+
+
+def positive_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool) -> torch.Tensor:
+    """phi(x) = exp(w.x - |x|^2/2 - c): E[phi(q).phi(k)] is proportional to exp(q.k).
+
+    The stabiliser c cancels in the estimator's ratio as long as it is shared by every key
+    a query sees: per row for queries, per (batch, head) for keys.
+    """
+    wx = x @ projection.T
+    half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
+    if is_query:
+        c = wx.amax(-1, keepdim=True)
+    else:
+        c = wx.amax(dim=(-1, -2), keepdim=True)
+    return torch.exp(wx - half_sq - c.detach()) + 1e-6
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+class LinearAttentionEstimator(nn.Module):
+    def __init__(self, head_dim: int, nbf: float, table_len: int, seed: int):
+        super().__init__()
+        self.num_features = num_random_features(head_dim, nbf)
+        self.register_buffer("projection", orthogonal_random_projection(self.num_features, head_dim, seed))
+        self.position_values = nn.Parameter(sinusoid_table(table_len, head_dim))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops) -> torch.Tensor:
+        """q (B, Hq, T, d), k/v (B, Hkv, T, d) -> (B, Hq, T, 2d): linear attention over [v, position]."""
+        B, Hq, T, d = q.shape
+        Hkv = k.shape[1]
+        if T > self.position_values.shape[0]:
+            raise ValueError(
+                f"sequence of {T} tokens exceeds the SEA position table ({self.position_values.shape[0]} rows);"
+                " raise sea.position_table_len"
+            )
+        root = math.sqrt(scale)
+        proj = self.projection.float()
+        qf = positive_features(q.float() * root, proj, is_query=True)
+        kf = positive_features(k.float() * root, proj, is_query=False)
+        pos = self.position_values[:T].float().expand(B, Hkv, T, d)
+        values = torch.cat([v.float(), pos], dim=-1)
+        G = Hq // Hkv
+        if G > 1:  # GQA: the group's query heads read their KV head
+            kf = kf.repeat_interleave(G, dim=1)
+            values = values.repeat_interleave(G, dim=1)
+        return ops.causal_linear_attention(qf, kf, values)

@@ -1,0 +1,99 @@
+"""The SEA attention function: estimate -> select -> sparse attention -> output gates.
+
+Registered in transformers' AttentionInterface as "sea" (see sea_convert.integration);
+the predictor weights live in the attention module as `module.sea_predictor`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import dispatch
+from sea_convert.attention.predictor import Estimate, SEAPredictor
+from sea_convert.attention.select import Selection, select
+from sea_convert.recipe import SEAConfig
+
+
+@dataclass
+class DensityMeter:
+    """Counts kept vs causal attention entries over every SEA call inside `measure_density()`."""
+
+    kept: float = 0.0
+    causal: float = 0.0
+    per_layer: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, layer: int, sel: Selection) -> None:
+        kept, causal = sel.density()
+        self.kept += kept
+        self.causal += causal
+        acc = self.per_layer.setdefault(layer, [0.0, 0.0])
+        acc[0] += kept
+        acc[1] += causal
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.causal if self.causal else float("nan")
+
+
+_meter: contextvars.ContextVar[DensityMeter | None] = contextvars.ContextVar("sea_density_meter", default=None)
+
+
+@contextlib.contextmanager
+def measure_density():
+    meter = DensityMeter()
+    token = _meter.set(meter)
+    try:
+        yield meter
+    finally:
+        _meter.reset(token)
+
+
+def running_mean(v: torch.Tensor) -> torch.Tensor:
+    """Causal running mean of v along time, fp32."""
+    T = v.shape[-2]
+    count = torch.arange(1, T + 1, device=v.device, dtype=torch.float32).view(T, 1)
+    return v.float().cumsum(-2) / count
+
+
+def mix_output(sparse_out, gates, kept, v) -> torch.Tensor:
+    """The paper's output gates, tied to what the selection left out.
+
+    u = 1 - kept / (t+1) is the share of causal keys not attended. The probability scale is
+    1 + (2 sigmoid(s0) - 1) u and the weight of the running mean of v is sigmoid(s1) u: with
+    every causal key kept (u = 0) the output is exactly dense attention, whatever the gates learned.
+    """
+    B, Hq, T, _ = sparse_out.shape
+    G = Hq // kept.shape[1]
+    rows = torch.arange(1, T + 1, device=kept.device, dtype=torch.float32)
+    u = (1.0 - kept.float() / rows).clamp_min(0.0).repeat_interleave(G, dim=1).unsqueeze(-1)
+    s0, s1 = gates.unbind(-1)
+    p_scale = 1.0 + (2.0 * torch.sigmoid(s0.unsqueeze(-1)) - 1.0) * u
+    w = torch.sigmoid(s1.unsqueeze(-1)) * u
+    mean_v = running_mean(v).repeat_interleave(G, dim=1)
+    return (1.0 - w) * p_scale * sparse_out.float() + w * mean_v
+
+
+@dataclass
+class SEAOutput:
+    out: torch.Tensor  # (B, Hq, T, d) fp32
+    estimate: Estimate
+    selection: Selection
+
+
+def sea_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig, scale: float, layer: int = -1
+) -> SEAOutput:
+    """One SEA layer on (B, Hq, T, d) queries and (B, Hkv, T, d) keys/values, causal."""
+    ops = dispatch.ops(cfg.backend, q.device)
+    est = predictor(q, k, v, scale, ops)
+    sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops)
+    sparse_out, _ = sel.attend(q, k, v, scale, ops)
+    out = mix_output(sparse_out, est.gates, sel.kept, v) if est.gates is not None else sparse_out.float()
+    meter = _meter.get()
+    if meter is not None:
+        meter.add(layer, sel)
+    return SEAOutput(out, est, sel)

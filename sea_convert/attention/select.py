@@ -1,0 +1,72 @@
+"""From the compressed estimate to the keys each query attends to.
+
+Two modes: `per_query` (the paper: grouped top-k over each row's bins, bins
+interpolated to key spans) and `block` (GPU-shaped: the estimate pooled over a
+query block, top key blocks, sink and local blocks always kept). In both, the
+query heads of one KV head share the selection (GQA), and the KV heads of a query
+share one budget (the paper's grouped top-k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels.reference import bin_starts
+from sea_convert.recipe import SEAConfig
+
+
+@dataclass
+class Selection:
+    mode: str
+    kept: torch.Tensor  # (B, Hkv, T) keys each row attends to
+    block_index: torch.Tensor | None = None  # (B, Hkv, NQB, MAXB) int32, sorted, -1 padded
+    block_count: torch.Tensor | None = None  # (B, Hkv, NQB) int32
+    bin_mask: torch.Tensor | None = None  # (B, Hkv, T, K) bool
+    block_size: int = 0
+
+    def attend(self, q, k, v, scale: float, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "block":
+            return ops.block_sparse_attention(q, k, v, self.block_index, self.block_count, self.block_size, scale)
+        return ops.per_query_sparse_attention(q, k, v, self.bin_mask, scale)
+
+    def density(self) -> tuple[float, float]:
+        """(kept entries, causal entries) summed over batch and KV heads."""
+        T = self.kept.shape[-1]
+        causal = T * (T + 1) / 2 * self.kept.shape[0] * self.kept.shape[1]
+        return float(self.kept.sum()), causal
+
+
+def kept_from_blocks(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, T: int) -> torch.Tensor:
+    """Keys kept per row: full blocks before the row's own block, plus the causal part of its own block."""
+    nqb = block_index.shape[2]
+    i = torch.arange(nqb, device=block_index.device).view(1, 1, nqb, 1)
+    valid = torch.arange(block_index.shape[-1], device=block_index.device) < block_count.unsqueeze(-1)
+    full = (valid & (block_index < i)).sum(-1)  # (B, Hkv, NQB)
+    diag = (valid & (block_index == i)).any(-1)
+    rows = torch.arange(T, device=block_index.device)
+    qb = rows // block_size
+    return full[..., qb] * block_size + diag[..., qb] * (rows - qb * block_size + 1)
+
+
+def kept_from_bins(bin_mask: torch.Tensor) -> torch.Tensor:
+    T, K = bin_mask.shape[-2:]
+    starts = bin_starts(torch.arange(T, device=bin_mask.device), K)
+    widths = starts[:, 1:] - starts[:, :-1]
+    return (bin_mask * widths).sum(-1)
+
+
+def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops) -> Selection:
+    """est_probs: (B, Hq, T, K) estimate probabilities (no grad needed)."""
+    B, Hq, T, K = est_probs.shape
+    grouped = est_probs.view(B, num_kv_heads, Hq // num_kv_heads, T, K).mean(2)
+    if cfg.mode == "block":
+        scores = ops.pool_key_block_scores(grouped, cfg.block_size)
+        per_head = math.ceil(cfg.k / cfg.block_size)
+        index, count = ops.select_key_blocks(scores, per_head, cfg.sink_blocks, cfg.local_blocks)
+        kept = kept_from_blocks(index, count, cfg.block_size, T)
+        return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
+    bin_mask = ops.select_bins_per_query(grouped, cfg.k)
+    return Selection("per_query", kept_from_bins(bin_mask), bin_mask=bin_mask)

@@ -1,0 +1,161 @@
+"""SEA inside transformers models: the "sea" attention function, predictors in the attention modules.
+
+Supported: LLaMA-family decoders (Llama, Mistral, Qwen2; SmolLM2 is a Llama) and OPT.
+Three attention modes share one model object, since stage A never changes base weights:
+  "dense"   torch SDPA (the teacher),
+  "capture" dense, and each layer's q, k, v and output are kept for distillation,
+  "sea"     SEA attention through each module's `sea_predictor`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from kernels.reference import dense_causal_attention
+from sea_convert.attention import SEAPredictor, sea_attention
+from sea_convert.recipe import SEAConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
+_MODES = {"dense": "sdpa", "capture": "sea_capture", "sea": "sea"}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} is not supported by SEA conversion; supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+            + " (LLaMA-family models such as SmolLM2, Llama 2/3, Mistral, Qwen2; and OPT)"
+        )
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    check_supported(model.config)
+    base = getattr(model, "model", model)
+    layers = base.decoder.layers if model.config.model_type == "opt" else base.layers
+    return [layer.self_attn for layer in layers]
+
+
+def head_shape(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+@dataclass
+class Captured:
+    """One layer's teacher attention inputs and output, detached."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor  # (B, Hq, T, d)
+    scale: float
+
+
+_capture_sink: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sea_capture_sink", default=None)
+
+
+def _check_plain_causal(module, query, key, attention_mask) -> None:
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            "SEA attention got a KV cache (incremental decoding), which this version does not support;"
+            " run full sequences with use_cache=False"
+        )
+    if attention_mask is not None:
+        raise ValueError("SEA attention needs unpadded causal batches (no attention_mask with padding)")
+
+
+def _capture_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    _check_plain_causal(module, query, key, attention_mask)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = dense_causal_attention(query, key, value, scale)
+    sink = _capture_sink.get()
+    if sink is not None:
+        sink[module.sea_layer_idx] = Captured(query.detach(), key.detach(), value.detach(), out.detach(), scale)
+    return out.transpose(1, 2), None
+
+
+def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    _check_plain_causal(module, query, key, attention_mask)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    res = sea_attention(query, key, value, module.sea_predictor, module.sea_config, scale, module.sea_layer_idx)
+    return res.out.to(query.dtype).transpose(1, 2), None
+
+
+def register_attention_functions() -> None:
+    """Idempotent. Masks: SDPA's builder, which gives None for plain causal batches."""
+    for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward)):
+        AttentionInterface.register(name, fn)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+def attach_sea(model: nn.Module, cfg: SEAConfig) -> list[SEAPredictor]:
+    """Give every attention module a fresh SEA predictor (fp32, on the model's device)."""
+    register_attention_functions()
+    heads, kv_heads, head_dim = head_shape(model.config)
+    table_len = cfg.position_table_len or model.config.max_position_embeddings
+    device = next(model.parameters()).device
+    predictors = []
+    for idx, attn in enumerate(attention_modules(model)):
+        pred = SEAPredictor(cfg, heads, kv_heads, head_dim, table_len, idx).to(device)
+        attn.sea_predictor = pred
+        attn.sea_config = cfg
+        attn.sea_layer_idx = idx
+        predictors.append(pred)
+    model.config.sea = cfg.model_dump(mode="json")
+    return predictors
+
+
+def predictors(model: nn.Module) -> list[SEAPredictor]:
+    mods = [getattr(a, "sea_predictor", None) for a in attention_modules(model)]
+    if any(m is None for m in mods):
+        raise ValueError("this model has no SEA predictors; call attach_sea first")
+    return mods
+
+
+def set_sea_config(model: nn.Module, cfg: SEAConfig) -> None:
+    """Change selection settings (k, mode, blocks, backend) without touching predictor weights."""
+    for attn in attention_modules(model):
+        attn.sea_config = cfg
+    model.config.sea = cfg.model_dump(mode="json")
+
+
+@contextlib.contextmanager
+def attention_mode(model: nn.Module, mode: str):
+    """Run the model with "dense", "capture" or "sea" attention inside the block."""
+    if mode not in _MODES:
+        raise ValueError(f"attention mode must be one of {sorted(_MODES)}, got {mode!r}")
+    register_attention_functions()
+    before = model.config._attn_implementation
+    model.set_attn_implementation(_MODES[mode])
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module):
+    """Dense forward passes inside the block fill the yielded dict {layer index: Captured}."""
+    for idx, attn in enumerate(attention_modules(model)):
+        attn.sea_layer_idx = idx
+    sink: dict[int, Captured] = {}
+    token = _capture_sink.set(sink)
+    try:
+        with attention_mode(model, "capture"):
+            yield sink
+    finally:
+        _capture_sink.reset(token)

