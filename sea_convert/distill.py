@@ -1,0 +1,161 @@
+"""Stage A distillation: frozen teacher, every layer's predictor trained from one teacher pass.
+
+Per batch: one dense forward pass of the teacher captures each layer's q, k, v and
+attention output (no grad). Then, layer by layer, the predictor sees the teacher's
+own q, k, v; its loss is
+    kl_weight * KL(teacher attention pooled into K bins || estimate)
+  + output_mse_weight * relative MSE(SEA output, teacher attention output)
+and is back-propagated at once, so only one layer's graph is alive at a time.
+Gradients stay inside the predictors. The target is computed in query chunks
+(no T x T tensor). Nothing here knows about devices beyond the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import dispatch
+from sea_convert.attention import SEAPredictor, sea_attention
+from sea_convert.integration import Captured, capture_attention, predictors
+from sea_convert.recipe import SEAConfig, StageAConfig
+
+
+@dataclass
+class LayerLoss:
+    total: torch.Tensor
+    kl: float
+    mse: float
+    density: float
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    kl: float
+    mse: float
+    density: float
+    lr: float
+    tokens: int
+    seconds: float
+
+
+def estimate_kl(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(target || estimate); bins the target leaves empty contribute 0."""
+    has_mass = target > 0
+    safe_log = torch.where(has_mass, log_probs, torch.zeros_like(log_probs))
+    kl = torch.xlogy(target, target) - target * safe_log
+    return kl.sum(-1).mean()
+
+
+def layer_loss(predictor: SEAPredictor, cap: Captured, sea_cfg: SEAConfig, stage: StageAConfig) -> LayerLoss:
+    ops = dispatch.ops(sea_cfg.backend, cap.q.device)
+    with torch.no_grad():
+        target, _ = ops.teacher_target(cap.q, cap.k, cap.scale, sea_cfg.predictor_length, stage.query_chunk)
+    res = sea_attention(cap.q, cap.k, cap.v, predictor, sea_cfg, cap.scale)
+    kl = estimate_kl(target, res.estimate.log_probs)
+    ref = cap.out.float()
+    mse = (res.out - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)  # relative: comparable across layers
+    total = stage.kl_weight * kl + stage.output_mse_weight * mse
+    kept, causal = res.selection.density()
+    return LayerLoss(total, float(kl), float(mse), kept / causal)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class StageATrainer:
+    """Owns the optimizer of the predictors; `step(batch)` runs one optimizer step."""
+
+    def __init__(self, model: nn.Module, sea_cfg: SEAConfig, stage: StageAConfig):
+        self.model, self.sea_cfg, self.stage = model, sea_cfg, stage
+        self.predictors = predictors(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [p for pred in self.predictors for p in pred.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _lr_factor(s, stage.warmup_steps, stage.steps)
+        )
+        self.step_count = 0
+
+    def _teacher_pass(self, input_ids: torch.Tensor) -> dict[int, Captured]:
+        base = getattr(self.model, "model", self.model)  # skip the LM head: only attention is needed
+        with torch.no_grad(), capture_attention(self.model) as captured:
+            base(input_ids=input_ids, use_cache=False)
+        return captured
+
+    def step(self, input_ids: torch.Tensor) -> StepMetrics:
+        t0 = time.perf_counter()
+        self.model.eval()
+        for pred in self.predictors:
+            pred.train()
+        captured = self._teacher_pass(input_ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(self.predictors)
+        sums = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "density": 0.0}
+        for idx in sorted(captured):
+            ll = layer_loss(self.predictors[idx], captured.pop(idx), self.sea_cfg, self.stage)
+            if ll.total.requires_grad:  # False only when no loss term reaches a parameter
+                (ll.total / n).backward()
+            sums["loss"] += float(ll.total) / n
+            sums["kl"] += ll.kl / n
+            sums["mse"] += ll.mse / n
+            sums["density"] += ll.density / n
+        torch.nn.utils.clip_grad_norm_(self.params, self.stage.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return StepMetrics(
+            self.step_count, sums["loss"], sums["kl"], sums["mse"], sums["density"], lr,
+            int(input_ids.numel()), time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor) -> StepMetrics:
+        """The same losses on a batch without updating anything (held-out distillation loss)."""
+        t0 = time.perf_counter()
+        for pred in self.predictors:
+            pred.eval()
+        captured = self._teacher_pass(input_ids)
+        n = len(self.predictors)
+        vals = [layer_loss(self.predictors[i], captured.pop(i), self.sea_cfg, self.stage) for i in sorted(captured)]
+        return StepMetrics(
+            self.step_count,
+            sum(float(v.total) for v in vals) / n,
+            sum(v.kl for v in vals) / n,
+            sum(v.mse for v in vals) / n,
+            sum(v.density for v in vals) / n,
+            self.optimizer.param_groups[0]["lr"],
+            int(input_ids.numel()),
+            time.perf_counter() - t0,
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "predictors": [p.state_dict() for p in self.predictors],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for pred, sd in zip(self.predictors, state["predictors"], strict=True):
+            pred.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = state["step"]

