@@ -73,10 +73,10 @@ def _scores_chunk(q: torch.Tensor, k: torch.Tensor, t0: int, t1: int, scale: flo
     Hkv = k.shape[1]
     G = Hq // Hkv
     qc = q[:, :, t0:t1].float().reshape(B, Hkv, G * (t1 - t0), d)
-    s = (qc @ k[:, :, :t1].float().transpose(-1, -2)).view(B, Hq, t1 - t0, t1) * scale
+    s = (qc @ k[:, :, :t1].float().transpose(-1, -2)).view(B, Hq, t1 - t0, t1).mul_(scale)
     rows = torch.arange(t0, t1, device=q.device)
-    causal = torch.arange(t1, device=q.device)[None, :] <= rows[:, None]
-    return s.masked_fill(~causal, float("-inf"))
+    future = torch.arange(t1, device=q.device)[None, :] > rows[:, None]
+    return s.masked_fill_(future, float("-inf"))  # in place: one (C x t1) buffer per chunk
 
 
 def teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, query_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ def teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, query
         t1 = min(T, t0 + query_chunk)
         s = _scores_chunk(q, k, t0, t1, scale)
         row_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - row_lse.unsqueeze(-1))
+        p = s.sub_(row_lse.unsqueeze(-1)).exp_()
         bins = key_bins(torch.arange(t0, t1, device=q.device), t1, K).expand(B, Hq, -1, -1)
         pooled[:, :, t0:t1].scatter_add_(-1, bins, p)
         lse[:, :, t0:t1] = row_lse

@@ -63,7 +63,7 @@ def layer_loss(predictor: SEAPredictor, cap: Captured, sea_cfg: SEAConfig, stage
     mse = (res.out - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)  # relative: comparable across layers
     total = stage.kl_weight * kl + stage.output_mse_weight * mse
     kept, causal = res.selection.density()
-    return LayerLoss(total, float(kl), float(mse), kept / causal)
+    return LayerLoss(total, float(kl.detach()), float(mse.detach()), kept / causal)
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -111,7 +111,7 @@ class StageATrainer:
             ll = layer_loss(self.predictors[idx], captured.pop(idx), self.sea_cfg, self.stage)
             if ll.total.requires_grad:  # False only when no loss term reaches a parameter
                 (ll.total / n).backward()
-            sums["loss"] += float(ll.total) / n
+            sums["loss"] += float(ll.total.detach()) / n
             sums["kl"] += ll.kl / n
             sums["mse"] += ll.mse / n
             sums["density"] += ll.density / n

@@ -41,6 +41,11 @@ def load_teacher(src: ModelSource, device: str | torch.device = "cpu"):
     check_supported(config)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[src.dtype], attn_implementation="sdpa", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    if src.gguf_file:
+        # GGUF weights arrive dequantized; drop the loader's quantizer so the model saves as plain safetensors
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.to(device).eval().requires_grad_(False)
     log.info("loaded %s (%s, %d layers)", src.describe(), config.model_type, config.num_hidden_layers)
     return model, tokenizer

@@ -159,7 +159,6 @@ class StageAConfig(_Strict):
     kl_weight: float = Field(1.0, ge=0, description="KL(teacher pooled attention || estimate)")
     output_mse_weight: float = Field(1.0, ge=0, description="MSE of SEA output vs the teacher's attention output")
     query_chunk: int = Field(256, ge=1, description="rows per chunk of the teacher target (memory ~ chunk x T)")
-    log_every: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _some_loss(self) -> "StageAConfig":

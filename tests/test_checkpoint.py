@@ -1,0 +1,88 @@
+"""Converted checkpoints: round trip with identical logits, atomic saves, predictors-only saves."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from sea_convert import checkpoint
+from sea_convert.checkpoint import CheckpointError, load, save_converted
+from sea_convert.integration import attach_sea, attention_mode, predictors
+from sea_convert.recipe import ModelSource, SEAConfig
+
+SEA = SEAConfig(k=16, predictor_length=32, block_size=16)
+
+
+def _converted(vocab=128):
+    model = tiny_model("llama", vocab_size=vocab)
+    attach_sea(model, SEA)
+    with torch.no_grad():  # trained-looking predictors, not the initial ones
+        for p in predictors(model):
+            for t in p.parameters():
+                t.add_(0.05 * torch.randn_like(t))
+    return model
+
+
+def _logits(model, ids, mode):
+    with torch.no_grad(), attention_mode(model, mode):
+        return model(ids, use_cache=False).logits
+
+
+def test_round_trip_gives_identical_logits(tmp_path, smollm2_tokenizer):
+    model = _converted()
+    ids = torch.randint(0, 128, (1, 90))
+    sea_before, dense_before = _logits(model, ids, "sea"), _logits(model, ids, "dense")
+    src = ModelSource(hub="example/tiny")
+    path = save_converted(model, smollm2_tokenizer, SEA, src, tmp_path / "ck", report={"ppl": 1.0}, model_card="# card")
+    names = set(os.listdir(path))
+    assert {"config.json", "model.safetensors", "sea_predictors.safetensors", "report.json", "README.md",
+            "tokenizer_config.json"} <= names
+    block = json.loads((path / "config.json").read_text())["sea"]
+    assert block["k"] == 16 and block["format_version"] == 1 and block["base_model"]["hub"] == "example/tiny"
+    loaded, _ = load(path)
+    assert loaded.config._attn_implementation == "sea"
+    assert torch.equal(_logits(loaded, ids, "sea"), sea_before)
+    assert torch.equal(_logits(loaded, ids, "dense"), dense_before)
+
+
+def test_failed_save_leaves_no_folder(tmp_path, smollm2_tokenizer, monkeypatch):
+    model = _converted()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_converted(model, smollm2_tokenizer, SEA, ModelSource(hub="x/y"), tmp_path / "ck")
+    assert os.listdir(tmp_path) == []  # neither the final folder nor a partial one
+
+
+def test_existing_output_is_not_overwritten_unless_asked(tmp_path, smollm2_tokenizer):
+    model = _converted()
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "keep.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_converted(model, smollm2_tokenizer, SEA, ModelSource(hub="x/y"), tmp_path / "ck")
+    save_converted(model, smollm2_tokenizer, SEA, ModelSource(hub="x/y"), tmp_path / "ck", overwrite=True)
+    assert not (tmp_path / "ck" / "keep.txt").exists() and (tmp_path / "ck" / "config.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_predictors_only_checkpoint_pins_its_base(tmp_path, smollm2_tokenizer):
+    model = _converted()
+    base_dir = tmp_path / "base"
+    model_plain = tiny_model("llama")
+    model_plain.save_pretrained(base_dir)
+    src = ModelSource(path=base_dir)
+    path = save_converted(model, smollm2_tokenizer, SEA, src, tmp_path / "ck", save_base_weights=False)
+    assert not (path / "model.safetensors").exists()
+    loaded, _ = load(path)
+    ids = torch.randint(0, 128, (1, 50))
+    assert torch.equal(_logits(loaded, ids, "sea"), _logits(model, ids, "sea"))
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a converted SEA checkpoint"):
+        load(tmp_path)
