@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def test_real_model_full_budget_and_causality(smollm2):
     model, tok = smollm2
-    ids = tok(DATA.joinpath("austen.txt").read_text()[:4000], return_tensors="pt").input_ids[:, :300]
+    ids = tok(DATA.joinpath("austen.txt").read_text()[:4000], return_tensors="pt").input_ids[:, :250]  # <= k: the budget covers every key
     with torch.no_grad():
         dense = model(ids, use_cache=False).logits
     for mode in ("block", "per_query"):
@@ -28,10 +28,10 @@ def test_real_model_full_budget_and_causality(smollm2):
             sea = model(ids, use_cache=False).logits
         err = (sea - dense).abs().max().item()
         print(f"SmolLM2 {mode}: full-budget max |logit error| {err:.2e} (logits up to {dense.abs().max():.1f})")
-        assert err < 1e-3  # measured 1e-5 .. 3e-5 in fp32 over 30 layers
+        assert err < 1e-3  # measured 7.5e-5 (both modes) in fp32 over 30 layers, logits up to 36.6
     attach_sea(model, SEAConfig(mode="block", k=64, predictor_length=128, block_size=32))
     other = ids.clone()
-    other[0, 200:] = 5
+    other[0, 200:] = 5  # perturb positions 200..249
     with torch.no_grad(), attention_mode(model, "sea"), measure_density() as meter:
         a, b = model(ids, use_cache=False).logits, model(other, use_cache=False).logits
     assert meter.density < 0.6
