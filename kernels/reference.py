@@ -213,21 +213,23 @@ def pool_key_block_scores(est: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def select_key_blocks(
-    scores: torch.Tensor, blocks_per_head: int, sink_blocks: int, local_blocks: int
+    scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped top-k over key blocks: the KV heads of a query block share one budget.
 
-    scores: (B, Hkv, NQB, NKB) with -inf for non-causal blocks. Each query block i keeps
-    min(blocks_per_head, i + 1) * Hkv blocks in all, always including the sink blocks and the
-    local (diagonal) blocks of every head. Returns (block_index (B, Hkv, NQB, MAXB) int32 sorted
-    and -1 padded, block_count (B, Hkv, NQB) int32).
+    scores: (B, Hkv, NQB, NKB) with -inf for non-causal blocks. blocks_per_head: an int, or a
+    (NQB,) tensor for a budget that varies by query block. Query block i keeps
+    min(blocks_per_head, i + 1) * Hkv blocks in all (never fewer than the forced ones), always
+    including the sink blocks and the local (diagonal) blocks of every head. Returns
+    (block_index (B, Hkv, NQB, MAXB) int32 sorted and -1 padded, block_count (B, Hkv, NQB) int32).
     """
     B, Hkv, nqb, nkb = scores.shape
     i = torch.arange(nqb, device=scores.device)[:, None]
     j = torch.arange(nkb, device=scores.device)[None, :]
     forced = ((j < sink_blocks) | ((j <= i) & (j > i - local_blocks))) & (j <= i)
     s = scores.float().masked_fill(forced, float("inf"))
-    budget = torch.clamp(torch.clamp(i[:, 0] + 1, max=blocks_per_head), min=forced.sum(-1)) * Hkv  # (NQB,)
+    per_head = torch.as_tensor(blocks_per_head, device=scores.device)
+    budget = torch.minimum(i[:, 0] + 1, per_head).clamp_min(forced.sum(-1)) * Hkv  # (NQB,)
     flat = s.permute(0, 2, 1, 3).reshape(B, nqb, Hkv * nkb)
     order = flat.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(Hkv * nkb, device=s.device).expand_as(order))

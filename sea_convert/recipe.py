@@ -81,7 +81,13 @@ class SEAConfig(_Strict):
     mode: Literal["block", "per_query"] = Field(
         "block", description="block: query-block selection over key blocks (GPU-shaped); per_query: the paper's mode"
     )
-    k: int = Field(64, ge=1, description="budget: keys per head per query (both modes)")
+    k: int = Field(64, ge=1, description="the paper's k: keys per head per query (per_query mode; block mode's default budget)")
+    block_keys: int | None = Field(
+        None, ge=1, description="block mode budget in keys per head per query (may exceed K); default: k"
+    )
+    block_density: float | None = Field(
+        None, gt=0, le=1, description="block mode budget as a share of each query block's causal key blocks"
+    )
     predictor_length: int = Field(256, ge=8, description="K, the compressed width of the estimated attention row")
     nbf: float = Field(8.0, gt=0, description="random features = head_dim * ln(head_dim) / nbf")
     block_size: int = Field(64, ge=1, description="query/key block size of block mode")
@@ -102,6 +108,8 @@ class SEAConfig(_Strict):
     def _consistent(self) -> "SEAConfig":
         if self.k > self.predictor_length:
             raise ValueError(f"k ({self.k}) must not exceed predictor_length K ({self.predictor_length})")
+        if self.block_keys is not None and self.block_density is not None:
+            raise ValueError("give at most one of block_keys, block_density")
         if self.predictor_length % 4:
             raise ValueError(f"predictor_length ({self.predictor_length}) must be a multiple of 4 (the CNN upsamples x4)")
         return self

@@ -145,3 +145,43 @@ def test_sea_refuses_padding_and_kv_cache():
         prefill = model(ids[:1], use_cache=True)
         with pytest.raises(ValueError, match="KV cache"):
             model(ids[:1, :1], past_key_values=prefill.past_key_values, use_cache=True)
+
+
+@pytest.mark.parametrize("budget", [dict(block_keys=48), dict(block_density=0.25)])
+def test_block_budget_settings(budget):
+    """block_keys may exceed K; block_density keeps about that share of each query block's causal blocks."""
+    from sea_convert.attention import select
+
+    cfg = SEAConfig(mode="block", k=16, predictor_length=32, block_size=16, **budget)
+    B, Hkv, T = 1, 2, 1024
+    est = torch.softmax(torch.randn(B, 2 * Hkv, T, 32), -1)
+    from kernels import reference
+
+    sel = select(est, cfg, Hkv, reference)
+    nqb = T // 16
+    per_block = sel.block_count.float().mean(1)[0]  # mean over heads: budgets are shared by heads
+    i = torch.arange(nqb).float()
+    if "block_keys" in budget:
+        assert torch.equal(per_block[3:], torch.full((nqb - 3,), 3.0))  # ceil(48 / 16) per head
+    else:
+        expect = torch.ceil(0.25 * (i + 1)).clamp_min(2)  # sink + local are always in
+        assert torch.equal(per_block[1:], expect[1:])
+    kept, causal = sel.density()
+    assert 0 < kept / causal < 0.5
+
+
+def test_cnn_shortcut_equals_upsample_then_project():
+    """The CNN projects and normalises at width K/4, then upsamples: the same as the paper's order."""
+    import torch.nn.functional as F
+
+    from sea_convert.attention.predictor import CausalCNN
+
+    torch.manual_seed(0)
+    cnn = CausalCNN(heads=3, channels_per_head=2, K=32)
+    torch.nn.init.normal_(cnn.norm.weight)
+    torch.nn.init.normal_(cnn.norm.bias)
+    x = torch.randn(2, 6, 40, 8)
+    h = x + F.relu(cnn._causal(cnn.conv1, x))
+    h = h + F.relu(cnn._causal(cnn.conv2, h))
+    paper = cnn.norm(cnn.to_heads(F.interpolate(h, scale_factor=(1, 4), mode="nearest")))
+    assert torch.allclose(cnn(x), paper, atol=1e-5)

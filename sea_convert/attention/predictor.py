@@ -48,8 +48,10 @@ class CausalCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + F.relu(self._causal(self.conv1, x))
         x = x + F.relu(self._causal(self.conv2, x))
-        x = F.interpolate(x, scale_factor=(1, 4), mode="nearest")
-        return self.norm(self.to_heads(x))
+        # = norm(to_heads(upsample_x4(x))), computed at width K/4: a 1x1 conv commutes with nearest
+        # upsampling, and a row repeated 4 times has the same mean and variance. 4x less work.
+        y = F.layer_norm(self.to_heads(x), (x.shape[-1],), eps=self.norm.eps)
+        return y.repeat_interleave(4, dim=-1) * self.norm.weight + self.norm.bias
 
 
 class SEAPredictor(nn.Module):

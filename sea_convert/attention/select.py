@@ -58,14 +58,23 @@ def kept_from_bins(bin_mask: torch.Tensor) -> torch.Tensor:
     return (bin_mask * widths).sum(-1)
 
 
+def blocks_per_head(cfg: SEAConfig, num_query_blocks: int, device) -> torch.Tensor:
+    """Key blocks each KV head may keep, per query block (before the forced sink/local blocks are counted in)."""
+    i = torch.arange(num_query_blocks, device=device)
+    if cfg.block_density is not None:
+        return torch.ceil(cfg.block_density * (i + 1).float()).long()
+    keys = cfg.block_keys if cfg.block_keys is not None else cfg.k
+    return torch.full_like(i, math.ceil(keys / cfg.block_size))
+
+
 def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops) -> Selection:
     """est_probs: (B, Hq, T, K) estimate probabilities (no grad needed)."""
     B, Hq, T, K = est_probs.shape
     grouped = est_probs.view(B, num_kv_heads, Hq // num_kv_heads, T, K).mean(2)
     if cfg.mode == "block":
         scores = ops.pool_key_block_scores(grouped, cfg.block_size)
-        per_head = math.ceil(cfg.k / cfg.block_size)
-        index, count = ops.select_key_blocks(scores, per_head, cfg.sink_blocks, cfg.local_blocks)
+        index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, scores.shape[2], scores.device),
+                                             cfg.sink_blocks, cfg.local_blocks)
         kept = kept_from_blocks(index, count, cfg.block_size, T)
         return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
     bin_mask = ops.select_bins_per_query(grouped, cfg.k)

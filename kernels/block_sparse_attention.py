@@ -1,0 +1,385 @@
+"""Block-sparse causal flash attention in Triton, forward and backward, with native GQA.
+
+Contract: `kernels.reference.block_sparse_attention` (same signature, same outputs).
+
+Layout of the work
+- Forward and dq: grid (query block, batch x KV head x head chunk). A program stacks the rows of
+  HPP query heads of one KV head (HPP * block_size rows, head-major) and walks the query block's
+  key-block list once, so each K/V block is loaded once for all stacked heads. HPP is the
+  largest power of two <= next_pow2(G) with HPP * block_size <= MAX_ROWS: with block 64 that is
+  2 heads (128-row tiles, which suit the tensor cores); G=4 then needs 2 programs per group, and
+  G=3 pads a 4th (masked) head when HPP=4. Stacking everything regardless of size would put
+  256-512 fp32 accumulator rows in registers and spill, so MAX_ROWS caps it (tune on the GPU).
+- Online softmax in fp32 in base 2 (scale * log2 e folded into the scores); the row
+  log-sum-exp is saved in natural log, fp32. A row with no key gives out 0, lse -inf.
+- Backward, flash-attention-2 style: a preprocess computes delta = rowsum(dO * O); a dk/dv
+  kernel per (key block, batch x KV head) walks the reverse lists (which query blocks list this
+  key block, built by `reverse_block_index`) and, inside, every head chunk of the group, so dk/dv
+  come out in KV-head shape with no atomics; a dq kernel per (query block, ..., head chunk)
+  walks the forward lists. All accumulation is fp32; results are cast to the input dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Row cap of a stacked tile (heads x block rows); see the module docstring.
+MAX_ROWS = 128
+LOG2E = 1.4426950408889634
+
+
+def _patch_interpreter_loop_bounds() -> None:
+    """Let the Triton interpreter run `for j in range(n)` with a runtime n under NumPy >= 2.4.
+
+    Triton 3.6's interpreter turns a loop bound into a Python int with `int(ndarray)`, but its
+    scalars are arrays of shape (1,), which NumPy 2.4 refuses to convert. Only the interpreter
+    (CPU tests) is touched; compiled GPU kernels never go through this code.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_sea_patched", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sea_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_loop_bounds()
+
+
+def heads_per_program(G: int, block: int, max_rows: int | None = None) -> int:
+    """How many query heads of a group one program stacks (a power of two, >= 1)."""
+    cap = MAX_ROWS if max_rows is None else max_rows
+    hpp = triton.next_power_of_2(G)
+    while hpp > 1 and hpp * block > cap:
+        hpp //= 2
+    return hpp
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (tf32 would lose ~1e-3 relative); 16-bit inputs ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_warps(rows: int, block_d: int) -> int:
+    return 8 if rows * block_d >= 128 * 128 else 4
+
+
+@triton.jit
+def _stacked_rows(i, hc, T, G: tl.constexpr, HPP: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows of a stacked tile: (local head, query position, head within the group, row valid)."""
+    r = tl.arange(0, HPP * BLOCK)
+    g = hc * HPP + r // BLOCK
+    t = i * BLOCK + r % BLOCK
+    return g, t, (g < G) & (t < T)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, BlockIndex, BlockCount,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sob, soh, sot, sod,
+    sib, sih, siq, sij,
+    scb, sch, scq,
+    Hkv, T, qk_scale,
+    G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    i = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
+    pid = tl.program_id(1)
+    hc = pid % NHC
+    b = (pid // NHC) // Hkv
+    hk = (pid // NHC) % Hkv
+    g, t, row_ok = _stacked_rows(i, hc, T, G, HPP, BLOCK)
+    head = (hk * G + g).to(tl.int64)
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    cols = tl.arange(0, BLOCK)
+
+    q = tl.load(Q + b.to(tl.int64) * sqb + head[:, None] * sqh + t[:, None] * sqt + dcol[None, :] * sqd,
+                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+
+    m_i = tl.full([HPP * BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([HPP * BLOCK], tl.float32)
+    acc = tl.zeros([HPP * BLOCK, BLOCK_D], tl.float32)
+    n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
+    idx = BlockIndex + b * sib + hk * sih + i * siq
+    for jj in range(0, n):
+        kpos = tl.load(idx + jj * sij) * BLOCK + cols
+        kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd, mask=dmask[:, None] & (kpos < T)[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        # row_ok and kpos <= t < T also drop keys past T
+        s = tl.where(row_ok[:, None] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kpos[:, None] * svt + dcol[None, :] * svd, mask=(kpos < T)[:, None] & dmask[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + b.to(tl.int64) * sob + head[:, None] * soh + t[:, None] * sot + dcol[None, :] * sod,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+    tl.store(Lse + ((b * Hkv * G).to(tl.int64) + head) * T + t, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DOut, Delta,
+    sob, soh, sot, sod,
+    sdb, sdh, sdt, sdd,
+    Hq, T,
+    BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    dcol = tl.arange(0, BLOCK_D)
+    mask = (t < T)[:, None] & (dcol < D)[None, :]
+    o = tl.load(Out + b * sob + h * soh + t[:, None] * sot + dcol[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DOut + b * sdb + h * sdh + t[:, None] * sdt + dcol[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * T + t, delta, mask=t < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, RevIndex, RevCount,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sdb, sdh, sdt, sdd,
+    sib, sih, siq, sij,
+    scb, sch, scq,
+    Hkv, T, qk_scale, scale,
+    G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    j = tl.program_id(0)
+    b = tl.program_id(1) // Hkv
+    hk = tl.program_id(1) % Hkv
+    kpos = j * BLOCK + tl.arange(0, BLOCK)
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    kv_mask = (kpos < T)[:, None] & dmask[None, :]
+    k_off = b.to(tl.int64) * skb + hk.to(tl.int64) * skh + kpos[:, None] * skt + dcol[None, :] * skd
+    v_off = b.to(tl.int64) * svb + hk.to(tl.int64) * svh + kpos[:, None] * svt + dcol[None, :] * svd
+    k = tl.load(K + k_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + v_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    q_base = Q + b.to(tl.int64) * sqb
+    do_base = DOut + b.to(tl.int64) * sdb
+    row_base = (b * Hkv * G).to(tl.int64)
+
+    n = tl.load(RevCount + b * scb + hk * sch + j * scq)
+    idx = RevIndex + b * sib + hk * sih + j * siq
+    for ii in range(0, n):
+        i = tl.load(idx + ii * sij)
+        for hc in range(0, NHC):
+            g, t, row_ok = _stacked_rows(i, hc, T, G, HPP, BLOCK)
+            head = (hk * G + g).to(tl.int64)
+            qt = tl.load(q_base + head[None, :] * sqh + t[None, :] * sqt + dcol[:, None] * sqd,
+                         mask=dmask[:, None] & row_ok[None, :], other=0.0)
+            do = tl.load(do_base + head[:, None] * sdh + t[:, None] * sdt + dcol[None, :] * sdd,
+                         mask=row_ok[:, None] & dmask[None, :], other=0.0)
+            lse = tl.load(Lse + (row_base + head) * T + t, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + (row_base + head) * T + t, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # keyless rows: all p are 0
+            st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (keys, rows), log2 units
+            st = tl.where(row_ok[None, :] & (kpos[:, None] <= t[None, :]), st, float("-inf"))
+            pt = tl.exp2(st - lse2[None, :])
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+
+    tl.store(DK + k_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, BlockIndex, BlockCount,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sdb, sdh, sdt, sdd,
+    sib, sih, siq, sij,
+    scb, sch, scq,
+    Hkv, T, qk_scale, scale,
+    G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    i = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid = tl.program_id(1)
+    hc = pid % NHC
+    b = (pid // NHC) // Hkv
+    hk = (pid // NHC) % Hkv
+    g, t, row_ok = _stacked_rows(i, hc, T, G, HPP, BLOCK)
+    head = (hk * G + g).to(tl.int64)
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    cols = tl.arange(0, BLOCK)
+    rmask = row_ok[:, None] & dmask[None, :]
+    q_off = b.to(tl.int64) * sqb + head[:, None] * sqh + t[:, None] * sqt + dcol[None, :] * sqd
+    q = tl.load(Q + q_off, mask=rmask, other=0.0)
+    do = tl.load(DOut + b.to(tl.int64) * sdb + head[:, None] * sdh + t[:, None] * sdt + dcol[None, :] * sdd,
+                 mask=rmask, other=0.0)
+    row = ((b * Hkv * G).to(tl.int64) + head) * T + t
+    lse = tl.load(Lse + row, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + row, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    dq = tl.zeros([HPP * BLOCK, BLOCK_D], tl.float32)
+
+    n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
+    idx = BlockIndex + b * sib + hk * sih + i * siq
+    for jj in range(0, n):
+        kpos = tl.load(idx + jj * sij) * BLOCK + cols
+        kvt_mask = dmask[:, None] & (kpos < T)[None, :]
+        kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd, mask=kvt_mask, other=0.0)
+        vt = tl.load(v_base + kpos[None, :] * svt + dcol[:, None] * svd, mask=kvt_mask, other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(row_ok[:, None] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
+
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
+
+
+def reverse_block_index(block_index: torch.Tensor, block_count: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transpose the lists: for each key block, the query blocks that list it (causally: i >= j).
+
+    Returns (rev_index (B, Hkv, NKB, NQB) int32 sorted and -1 padded, rev_count (B, Hkv, NKB) int32).
+    The width is NQB rather than the longest list, so no device-to-host sync is needed.
+    """
+    B, Hkv, nqb, maxb = block_index.shape
+    idx = block_index.long()
+    qb = torch.arange(nqb, device=idx.device).view(1, 1, nqb, 1)
+    valid = (torch.arange(maxb, device=idx.device) < block_count.unsqueeze(-1)) & (idx >= 0) & (idx <= qb)
+    dense = torch.zeros(B, Hkv, nqb, num_key_blocks + 1, dtype=torch.bool, device=idx.device)
+    dense.scatter_(-1, torch.where(valid, idx, num_key_blocks), True)
+    chosen = dense[..., :num_key_blocks].transpose(-1, -2)  # (B, Hkv, NKB, NQB)
+    rev = torch.where(chosen, torch.arange(nqb, device=idx.device), nqb).sort(-1).values
+    rev = torch.where(rev == nqb, -1, rev)
+    return rev.to(torch.int32), chosen.sum(-1).to(torch.int32)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_size: int) -> None:
+    B, Hq, T, d = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (T, d) or Hq % k.shape[1]:
+        raise ValueError(f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
+    if block_index.shape[:3] != (B, k.shape[1], triton.cdiv(T, block_size)):
+        raise ValueError(f"block_index {tuple(block_index.shape)} does not match (B, Hkv, ceil(T/block_size))")
+
+
+def _forward(q, k, v, block_index, block_count, block_size: int, scale: float):
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    hpp = heads_per_program(G, block_size)
+    nhc = triton.cdiv(G, hpp)
+    block_d = max(16, triton.next_power_of_2(d))
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T, block_size), B * Hkv * nhc)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, block_index, block_count,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *block_index.stride(), *block_count.stride(),
+        Hkv, T, scale * LOG2E,
+        G=G, HPP=hpp, NHC=nhc, BLOCK=block_size, D=d, BLOCK_D=block_d, PREC=_dot_precision(q.dtype),
+        num_warps=_num_warps(hpp * block_size, block_d), num_stages=2,
+    )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, scale: float):
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    hpp = heads_per_program(G, block_size)
+    nhc = triton.cdiv(G, hpp)
+    block_d = max(16, triton.next_power_of_2(d))
+    nb = triton.cdiv(T, block_size)
+    prec = _dot_precision(q.dtype)
+    warps = _num_warps(hpp * block_size, block_d)
+
+    delta = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    _bwd_preprocess[(nb, B * Hq)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, T, BLOCK=block_size, D=d, BLOCK_D=block_d,
+    )
+    rev_index, rev_count = reverse_block_index(block_index, block_count, nb)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    meta = dict(G=G, HPP=hpp, NHC=nhc, BLOCK=block_size, D=d, BLOCK_D=block_d, PREC=prec, num_warps=warps, num_stages=2)
+    _bwd_dkdv_kernel[(nb, B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, rev_index, rev_count, *common,
+        *rev_index.stride(), *rev_count.stride(), Hkv, T, scale * LOG2E, scale, **meta,
+    )
+    _bwd_dq_kernel[(nb, B * Hkv * nhc)](
+        q, k, v, do, lse, delta, dq, block_index, block_count, *common,
+        *block_index.stride(), *block_count.stride(), Hkv, T, scale * LOG2E, scale, **meta,
+    )
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_index, block_count, block_size: int, scale: float):
+        out, lse = _forward(q, k, v, block_index, block_count, block_size, scale)
+        ctx.save_for_backward(q, k, v, out, lse, block_index, block_count)
+        ctx.block_size, ctx.scale = block_size, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, block_index, block_count = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, block_index, block_count, ctx.block_size, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of each query block over its listed key blocks (see the reference op).
+
+    Returns (out (B, Hq, T, d) in q.dtype, row log-sum-exp (B, Hq, T) fp32, -inf for a row with
+    no key; the lse carries no gradient). Differentiable in q, k, v.
+    """
+    _check(q, k, v, block_index, block_size)
+    return _BlockSparseAttention.apply(
+        q, k, v, block_index.to(torch.int32), block_count.to(torch.int32), int(block_size), float(scale)
+    )
