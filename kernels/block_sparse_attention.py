@@ -6,17 +6,22 @@ Layout of the work
 - Forward and dq: grid (query block, batch x KV head x head chunk). A program stacks the rows of
   HPP query heads of one KV head (HPP * block_size rows, head-major) and walks the query block's
   key-block list once, so each K/V block is loaded once for all stacked heads. HPP is the
-  largest power of two <= next_pow2(G) with HPP * block_size <= MAX_ROWS: with block 64 that is
-  2 heads (128-row tiles, which suit the tensor cores); G=4 then needs 2 programs per group, and
-  G=3 pads a 4th (masked) head when HPP=4. Stacking everything regardless of size would put
-  256-512 fp32 accumulator rows in registers and spill, so MAX_ROWS caps it (tune on the GPU).
+  largest power of two <= next_pow2(G) with HPP * block_size <= MAX_ROWS (128): the whole group
+  in one program when it fits (block 32 with G <= 4, block 16 with G <= 8); with block 64, two
+  heads per program (128-row tiles, the natural M of the tensor-core tiles), so G=4 takes two
+  programs per group and G=3 two with one masked padding head. Stacking a whole large group
+  would give 256-512-row fp32 accumulators that spill registers (ptxas for sm_90 already
+  reports spills at 128 rows x d=128 with 4 warps), hence the cap; MAX_ROWS = block_size gives
+  per-head programs. Not timed yet: tune MAX_ROWS on the GPU.
 - Online softmax in fp32 in base 2 (scale * log2 e folded into the scores); the row
   log-sum-exp is saved in natural log, fp32. A row with no key gives out 0, lse -inf.
 - Backward, flash-attention-2 style: a preprocess computes delta = rowsum(dO * O); a dk/dv
   kernel per (key block, batch x KV head) walks the reverse lists (which query blocks list this
   key block, built by `reverse_block_index`) and, inside, every head chunk of the group, so dk/dv
   come out in KV-head shape with no atomics; a dq kernel per (query block, ..., head chunk)
-  walks the forward lists. All accumulation is fp32; results are cast to the input dtype.
+  walks the forward lists. In dk/dv the stacking only sets the Q/dO tile shape (K/V are loaded
+  once per program whatever it is), so it has its own, smaller cap DKDV_MAX_ROWS. All
+  accumulation is fp32; results are cast to the input dtype.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Row cap of a stacked tile (heads x block rows); see the module docstring.
-MAX_ROWS = 128
+# Row caps of a stacked tile (heads x block rows); see the module docstring. Tune on the GPU.
+MAX_ROWS = 128  # forward and dq: stacking saves K/V loads
+DKDV_MAX_ROWS = 64  # dk/dv: K/V stay resident anyway; smaller Q/dO tiles keep shared memory low
 LOG2E = 1.4426950408889634
 
 
@@ -57,11 +63,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_interpreter_loop_bounds()
 
 
-def heads_per_program(G: int, block: int, max_rows: int | None = None) -> int:
-    """How many query heads of a group one program stacks (a power of two, >= 1)."""
-    cap = MAX_ROWS if max_rows is None else max_rows
+def heads_per_program(G: int, block: int, max_rows: int) -> int:
+    """How many query heads of a group one tile stacks (a power of two, >= 1)."""
     hpp = triton.next_power_of_2(G)
-    while hpp > 1 and hpp * block > cap:
+    while hpp > 1 and hpp * block > max_rows:
         hpp //= 2
     return hpp
 
@@ -71,13 +76,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_warps(rows: int, block_d: int) -> int:
-    return 8 if rows * block_d >= 128 * 128 else 4
+def _num_warps(tile_elems: int) -> int:
+    # 4 warps spill registers above a 64 x 64 fp32 tile per kernel accumulator (ptxas, sm_90)
+    return 8 if tile_elems > 64 * 64 else 4
 
 
 @triton.jit
 def _stacked_rows(i, hc, T, G: tl.constexpr, HPP: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows of a stacked tile: (local head, query position, head within the group, row valid)."""
+    """Rows of a stacked tile: (head within the group, query position, row valid)."""
     r = tl.arange(0, HPP * BLOCK)
     g = hc * HPP + r // BLOCK
     t = i * BLOCK + r % BLOCK
@@ -168,6 +174,8 @@ def _bwd_dkdv_kernel(
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sdb, sdh, sdt, sdd,
+    sgkb, sgkh, sgkt, sgkd,
+    sgvb, sgvh, sgvt, sgvd,
     sib, sih, siq, sij,
     scb, sch, scq,
     Hkv, T, qk_scale, scale,
@@ -181,40 +189,43 @@ def _bwd_dkdv_kernel(
     dcol = tl.arange(0, BLOCK_D)
     dmask = dcol < D
     kv_mask = (kpos < T)[:, None] & dmask[None, :]
-    k_off = b.to(tl.int64) * skb + hk.to(tl.int64) * skh + kpos[:, None] * skt + dcol[None, :] * skd
-    v_off = b.to(tl.int64) * svb + hk.to(tl.int64) * svh + kpos[:, None] * svt + dcol[None, :] * svd
-    k = tl.load(K + k_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + v_off, mask=kv_mask, other=0.0)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    k = tl.load(K + b64 * skb + hk64 * skh + kpos[:, None] * skt + dcol[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk64 * svh + kpos[:, None] * svt + dcol[None, :] * svd, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    q_base = Q + b.to(tl.int64) * sqb
-    do_base = DOut + b.to(tl.int64) * sdb
-    row_base = (b * Hkv * G).to(tl.int64)
+    q_base = Q + b64 * sqb
+    do_base = DOut + b64 * sdb
+    row_base = b64 * Hkv * G
 
     n = tl.load(RevCount + b * scb + hk * sch + j * scq)
     idx = RevIndex + b * sib + hk * sih + j * siq
-    for ii in range(0, n):
-        i = tl.load(idx + ii * sij)
-        for hc in range(0, NHC):
-            g, t, row_ok = _stacked_rows(i, hc, T, G, HPP, BLOCK)
-            head = (hk * G + g).to(tl.int64)
-            qt = tl.load(q_base + head[None, :] * sqh + t[None, :] * sqt + dcol[:, None] * sqd,
-                         mask=dmask[:, None] & row_ok[None, :], other=0.0)
-            do = tl.load(do_base + head[:, None] * sdh + t[:, None] * sdt + dcol[None, :] * sdd,
-                         mask=row_ok[:, None] & dmask[None, :], other=0.0)
-            lse = tl.load(Lse + (row_base + head) * T + t, mask=row_ok, other=0.0)
-            delta = tl.load(Delta + (row_base + head) * T + t, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # keyless rows: all p are 0
-            st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (keys, rows), log2 units
-            st = tl.where(row_ok[None, :] & (kpos[:, None] <= t[None, :]), st, float("-inf"))
-            pt = tl.exp2(st - lse2[None, :])
-            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+    # one flat loop over (listed query block, head chunk) pairs: a single loop is what the
+    # compiler software-pipelines
+    for it in range(0, n * NHC):
+        i = tl.load(idx + (it // NHC) * sij)
+        g, t, row_ok = _stacked_rows(i, it % NHC, T, G, HPP, BLOCK)
+        head = (hk * G + g).to(tl.int64)
+        qt = tl.load(q_base + head[None, :] * sqh + t[None, :] * sqt + dcol[:, None] * sqd,
+                     mask=dmask[:, None] & row_ok[None, :], other=0.0)
+        do = tl.load(do_base + head[:, None] * sdh + t[:, None] * sdt + dcol[None, :] * sdd,
+                     mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        lse = tl.load(Lse + (row_base + head) * T + t, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + (row_base + head) * T + t, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # keyless rows: all p are 0
+        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (keys, rows), log2 units
+        st = tl.where(row_ok[None, :] & (kpos[:, None] <= t[None, :]), st, float("-inf"))
+        pt = tl.exp2(st - lse2[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
 
-    tl.store(DK + k_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_off = b64 * sgkb + hk64 * sgkh + kpos[:, None] * sgkt + dcol[None, :] * sgkd
+    dv_off = b64 * sgvb + hk64 * sgvh + kpos[:, None] * sgvt + dcol[None, :] * sgvd
+    tl.store(DK + dk_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -224,6 +235,7 @@ def _bwd_dq_kernel(
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sdb, sdh, sdt, sdd,
+    sgb, sgh, sgt, sgd,
     sib, sih, siq, sij,
     scb, sch, scq,
     Hkv, T, qk_scale, scale,
@@ -267,7 +279,8 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
 
-    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
+    dq_off = b.to(tl.int64) * sgb + head[:, None] * sgh + t[:, None] * sgt + dcol[None, :] * sgd
+    tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
 
 
 def reverse_block_index(block_index: torch.Tensor, block_count: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,23 +311,25 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch
         raise ValueError(f"block_index {tuple(block_index.shape)} does not match (B, Hkv, ceil(T/block_size))")
 
 
+def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) -> dict:
+    """Compile-time parameters and launch options shared by the kernels."""
+    hpp = heads_per_program(G, block_size, max_rows)
+    block_d = max(16, triton.next_power_of_2(d))
+    return dict(G=G, HPP=hpp, NHC=triton.cdiv(G, hpp), BLOCK=block_size, D=d, BLOCK_D=block_d,
+                PREC=_dot_precision(dtype), num_warps=_num_warps(hpp * block_size * block_d), num_stages=2)
+
+
 def _forward(q, k, v, block_index, block_count, block_size: int, scale: float):
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
-    G = Hq // Hkv
-    hpp = heads_per_program(G, block_size)
-    nhc = triton.cdiv(G, hpp)
-    block_d = max(16, triton.next_power_of_2(d))
+    meta = _meta(Hq // Hkv, block_size, d, MAX_ROWS, q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(T, block_size), B * Hkv * nhc)
-    _fwd_kernel[grid](
+    _fwd_kernel[(triton.cdiv(T, block_size), B * Hkv * meta["NHC"])](
         q, k, v, out, lse, block_index, block_count,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *block_index.stride(), *block_count.stride(),
-        Hkv, T, scale * LOG2E,
-        G=G, HPP=hpp, NHC=nhc, BLOCK=block_size, D=d, BLOCK_D=block_d, PREC=_dot_precision(q.dtype),
-        num_warps=_num_warps(hpp * block_size, block_d), num_stages=2,
+        Hkv, T, scale * LOG2E, **meta,
     )
     return out, lse
 
@@ -323,27 +338,25 @@ def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, 
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    hpp = heads_per_program(G, block_size)
-    nhc = triton.cdiv(G, hpp)
-    block_d = max(16, triton.next_power_of_2(d))
     nb = triton.cdiv(T, block_size)
-    prec = _dot_precision(q.dtype)
-    warps = _num_warps(hpp * block_size, block_d)
-
     delta = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(d))
     _bwd_preprocess[(nb, B * Hq)](
         out, do, delta, *out.stride(), *do.stride(), Hq, T, BLOCK=block_size, D=d, BLOCK_D=block_d,
+        num_warps=_num_warps(block_size * block_d),
     )
     rev_index, rev_count = reverse_block_index(block_index, block_count, nb)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    meta = dict(G=G, HPP=hpp, NHC=nhc, BLOCK=block_size, D=d, BLOCK_D=block_d, PREC=prec, num_warps=warps, num_stages=2)
+    meta = _meta(G, block_size, d, DKDV_MAX_ROWS, q.dtype)
+    meta["num_warps"] = max(meta["num_warps"], _num_warps(2 * block_size * meta["BLOCK_D"]))  # dk and dv accumulators
     _bwd_dkdv_kernel[(nb, B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, rev_index, rev_count, *common,
+        q, k, v, do, lse, delta, dk, dv, rev_index, rev_count, *common, *dk.stride(), *dv.stride(),
         *rev_index.stride(), *rev_count.stride(), Hkv, T, scale * LOG2E, scale, **meta,
     )
-    _bwd_dq_kernel[(nb, B * Hkv * nhc)](
-        q, k, v, do, lse, delta, dq, block_index, block_count, *common,
+    meta = _meta(G, block_size, d, MAX_ROWS, q.dtype)
+    _bwd_dq_kernel[(nb, B * Hkv * meta["NHC"])](
+        q, k, v, do, lse, delta, dq, block_index, block_count, *common, *dq.stride(),
         *block_index.stride(), *block_count.stride(), Hkv, T, scale * LOG2E, scale, **meta,
     )
     return dq, dk, dv

@@ -7,10 +7,11 @@ stacked as in the block-sparse kernel, so each K tile is loaded once for all of 
 over the causal key tiles of the block:
 1. online row max / sum in fp32 (base 2) -> row log-sum-exp, stored in natural log;
 2. p = exp(s - lse); key s of row t goes to bin floor(s * K / (t + 1)). Bins are monotone in s,
-   so within a tile a row's keys form runs of equal bin. A cumulative sum along the tile plus a
-   "value at the run's start" scan gives each run's total at its last key, and only those run
-   ends are added into the output with `tl.atomic_add`. That is about K + T / BLOCK_N atomics per
-   row instead of T / 2, and every (row, bin) gets at most one add per tile.
+   so within a tile a row's keys form runs of equal bin. With c = cumsum(p) along the tile, a
+   run's total is c(its end) - c(previous run's end): each run end adds +c to its bin and -c to
+   the next run's bin with `tl.atomic_add`. That is under 2 (K + T / BLOCK_N) atomics per row
+   instead of T / 2 (one per key), and no segmented scan (which the interpreter runs element by
+   element in Python) is needed.
 
 Why atomics rather than a per-row register accumulator: the bins a tile hits differ per row
 and move with the tile, and a (rows x K) register tile cannot be indexed at run-time columns;
@@ -29,12 +30,7 @@ from kernels.block_sparse_attention import LOG2E, _dot_precision, _num_warps, _s
 
 BLOCK_M = 64
 BLOCK_N = 64
-
-
-@triton.jit
-def _last_start(f1, v1, f2, v2):
-    """Scan combiner: carry the value of the latest flagged position."""
-    return f1 | f2, tl.where(f2 != 0, v2, v1)
+MAX_ROWS = 128  # rows of a stacked tile (heads x BLOCK_M); tune on the GPU
 
 
 @triton.jit
@@ -85,15 +81,17 @@ def _teacher_kernel(
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         valid = row_ok[:, None] & (kpos[None, :] <= t[:, None])
         p = tl.exp2(tl.where(valid, s, float("-inf")) - lse2[:, None])
+        # a run of equal bin ends at the tile's last key or where the next key changes bin (always
+        # at key == t); its sum is c(end) - c(previous run's end), added as +c to its own bin and -c
+        # to the next run's bin, so no segmented scan is needed
         key = kpos[None, :]
         bins = key * NBINS // n_row
-        first = key == jt * BLOCK_N
-        start = first | (bins != (key - 1) * NBINS // n_row)
-        # last key of the tile, or the next key is in another bin (always so at key == t)
-        end = (key == jt * BLOCK_N + BLOCK_N - 1) | (bins != (key + 1) * NBINS // n_row)
+        next_bins = (key + 1) * NBINS // n_row
+        tile_end = key == jt * BLOCK_N + BLOCK_N - 1
+        end = valid & (tile_end | (next_bins != bins))
         c = tl.cumsum(p, 1)
-        _, before_run = tl.associative_scan((start.to(tl.int32), c - p), 1, _last_start)
-        tl.atomic_add(out_row + bins, c - before_run, mask=valid & end, sem="relaxed")
+        tl.atomic_add(out_row + bins, c, mask=end, sem="relaxed")
+        tl.atomic_add(out_row + next_bins, -c, mask=end & ~tile_end & (key < t[:, None]), sem="relaxed")
 
 
 def _teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, block_m: int = BLOCK_M,
@@ -104,7 +102,7 @@ def _teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, bloc
     if k.shape[0] != B or k.shape[2:] != (T, d) or Hq % Hkv:
         raise ValueError(f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)}")
     G = Hq // Hkv
-    hpp = heads_per_program(G, block_m)
+    hpp = heads_per_program(G, block_m, MAX_ROWS)
     nhc = triton.cdiv(G, hpp)
     block_d = max(16, triton.next_power_of_2(d))
     pooled = torch.zeros(B, Hq, T, K, dtype=torch.float32, device=q.device)
@@ -112,7 +110,7 @@ def _teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, bloc
     _teacher_kernel[(triton.cdiv(T, block_m), B * Hkv * nhc)](
         q, k, pooled, lse, *q.stride(), *k.stride(), Hkv, T, scale * LOG2E, K,
         G=G, HPP=hpp, NHC=nhc, BLOCK_M=block_m, BLOCK_N=block_n, D=d, BLOCK_D=block_d,
-        PREC=_dot_precision(q.dtype), num_warps=_num_warps(hpp * block_m, block_d), num_stages=2,
+        PREC=_dot_precision(q.dtype), num_warps=_num_warps(hpp * block_m * max(block_d, block_n)), num_stages=2,
     )
     return pooled, lse
 

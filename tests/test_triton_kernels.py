@@ -1,0 +1,276 @@
+"""The Triton kernels against the PyTorch reference ops.
+
+Without CUDA the kernels run in the Triton interpreter (numpy on CPU). TRITON_INTERPRET must be
+on before triton itself is imported (triton's own jit helpers, e.g. tl.cdiv, are decorated at
+import), so it is set here first. If another test module imported triton earlier in this
+process with the interpreter off, the kernels cannot run here: every test is then skipped and
+one test re-runs this file in a subprocess with the interpreter on. The interpreter's tl.dot
+has no bfloat16 (it multiplies the raw uint16 bits), so bf16 is tested only on a GPU; fp32 and
+fp16 run everywhere.
+
+Tolerance rule: the kernel's max abs error against the fp32 reference (on the same rounded
+inputs) is at most 2x the error of the reference run in the same low precision, plus a small
+absolute term. The reference computes in fp32 inside and rounds only its outputs, so its
+low-precision error is the output rounding; the kernel also rounds p (and dS) to 16 bits before
+the P @ V style products, as every flash kernel does, hence the absolute term.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from kernels import block_sparse_attention as bsa  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels import reference as ref  # noqa: E402
+from kernels import teacher_target as tt  # noqa: E402
+from kernels import triton_ops  # noqa: E402
+
+# Can the kernels run in this process? On a GPU, yes; on CPU only if triton came up interpreted.
+IN_PROCESS = ON_GPU or isinstance(tl.cdiv, InterpretedFunction)
+if IN_PROCESS and not ON_GPU and not isinstance(bsa._fwd_kernel, InterpretedFunction):
+    # the kernel modules were imported while the interpreter was off: decorate them again
+    bsa = importlib.reload(bsa)
+    tt = importlib.reload(tt)
+    triton_ops = importlib.reload(triton_ops)
+ROOT = Path(__file__).resolve().parents[1]
+SUBPROCESS_TEST = "test_whole_file_in_interpreter_subprocess"
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable(request):
+    if not IN_PROCESS and request.node.originalname != SUBPROCESS_TEST:
+        pytest.skip("triton was imported with the interpreter off; this file re-runs in a subprocess")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
+def test_whole_file_in_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+DEV = "cuda" if ON_GPU else "cpu"
+LOW = [torch.float32, torch.float16]
+
+# Absolute terms of the tolerance: bound = 2 x (reference's low-precision error) + ABS. Beside each,
+# the worst measured value over this file's cases in the interpreter (CPU): for fp32 the kernel's
+# error itself (the reference's fp32 error is 0 by definition), for fp16 the kernel's excess over
+# 2x the reference's error, with the worst ratio kernel / reference error in brackets.
+ABS = {
+    torch.float32: {
+        "out": 1e-5,  # measured 1.0e-6
+        "lse": 2e-5,  # measured 9.5e-7
+        "dq": 1e-5,  # measured 8.3e-7
+        "dk": 2e-5,  # measured 3.6e-6
+        "dv": 2e-5,  # measured 4.8e-6
+        "pooled": 1e-5,  # measured 6.0e-7
+    },
+    torch.float16: {
+        "out": 5e-4,  # measured excess 0 (ratio 1.54; kernel error up to 9.2e-4)
+        "lse": 2e-5,  # measured 9.5e-7 (the reference's lse is fp32: its error is 0)
+        "dq": 5e-4,  # measured excess 2.3e-5 (ratio 2.04; kernel error up to 1.3e-3)
+        "dk": 1e-3,  # measured excess 3.6e-4 (ratio 2.38; kernel error up to 2.6e-3)
+        "dv": 5e-4,  # measured excess 0 (ratio 1.66; kernel error up to 2.4e-3)
+        "pooled": 1e-5,  # measured 6.0e-7 (the reference's pooled is fp32: its error is 0)
+    },
+    # bf16 runs only on a GPU, so these are not measured: the fp16 terms times 8 (bf16's epsilon
+    # is 8x fp16's); lse and pooled are fp32 results from exact bf16 products, as for fp16.
+    torch.bfloat16: {"out": 4e-3, "lse": 2e-5, "dq": 4e-3, "dk": 8e-3, "dv": 4e-3, "pooled": 1e-5},
+}
+
+
+def _randn(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(DEV)
+
+
+def _inputs(B: int, Hq: int, Hkv: int, T: int, d: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = _randn(B, Hq, T, d, gen=g), _randn(B, Hkv, T, d, gen=g), _randn(B, Hkv, T, d, gen=g)
+    return [x.to(dtype) for x in (q, k, v)], _randn(B, Hq, T, d, gen=g).to(dtype)
+
+
+def _lists(B: int, Hkv: int, T: int, bs: int, blocks_per_head: int | None, seed: int, sink: int = 1, local: int = 1):
+    """Block lists from select_key_blocks on random scores (None = every causal block)."""
+    nb = math.ceil(T / bs)
+    g = torch.Generator().manual_seed(seed + 1)
+    scores = torch.rand(B, Hkv, nb, nb, generator=g).to(DEV)
+    scores = scores.masked_fill(~torch.ones(nb, nb, dtype=torch.bool, device=DEV).tril(), float("-inf"))
+    return ref.select_key_blocks(scores, blocks_per_head or nb, sink, local)
+
+
+def _run_bsa(fn, q, k, v, do, bi, bc, bs, scale):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v, bi, bc, bs, scale)
+    out.backward(do)
+    return {"out": out.detach().float(), "lse": lse.detach(), "dq": q.grad.float(), "dk": k.grad.float(), "dv": v.grad.float()}
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference; matching infinities (the lse of a row with no key) count as equal."""
+    return float(torch.where(a == b, 0.0, (a - b).abs()).max())  # a NaN makes the max NaN: fails
+
+
+def _check_rule(got: dict, exact: dict, low_ref: dict | None, dtype: torch.dtype) -> None:
+    for name, want in exact.items():
+        err = _max_err(got[name], want)
+        ref_err = 0.0 if low_ref is None else _max_err(low_ref[name], want)
+        bound = 2 * ref_err + ABS[dtype][name]
+        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g} (reference {dtype} error {ref_err:.3g})"
+
+
+def _compare_bsa(shape, bs: int, blocks_per_head: int | None, dtype: torch.dtype, seed: int = 0, **lists_kw) -> dict:
+    B, Hq, Hkv, T, d = shape
+    (q, k, v), do = _inputs(B, Hq, Hkv, T, d, dtype, seed)
+    bi, bc = _lists(B, Hkv, T, bs, blocks_per_head, seed, **lists_kw)
+    scale = d**-0.5
+    got = _run_bsa(bsa.block_sparse_attention, q, k, v, do, bi, bc, bs, scale)
+    exact = _run_bsa(ref.block_sparse_attention, q.float(), k.float(), v.float(), do.float(), bi, bc, bs, scale)
+    low = None if dtype == torch.float32 else _run_bsa(ref.block_sparse_attention, q, k, v, do, bi, bc, bs, scale)
+    _check_rule(got, exact, low, dtype)
+    return got
+
+
+# B, Hq, Hkv, T, d: GQA ratios 1, 2, 3; T never a multiple of the block
+BSA_CASES = [
+    ((1, 2, 2, 77, 16), 16),
+    ((2, 4, 2, 130, 32), 32),
+    ((1, 6, 2, 200, 16), 32),  # G=3: one masked head pads the stacked tile to 4 heads
+    ((1, 3, 1, 200, 32), 16),
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("blocks_per_head", [1, 2, None], ids=["bph1", "bph2", "all"])
+@pytest.mark.parametrize("shape,bs", BSA_CASES, ids=lambda c: str(c))
+def test_block_sparse_matches_reference(shape, bs, blocks_per_head, dtype):
+    _compare_bsa(shape, bs, blocks_per_head, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_block_sparse_rows_without_keys(dtype):
+    """No sink or local block and a budget of one block per head: some heads get no block at all."""
+    bi, bc = _lists(2, 2, 130, 16, 1, 3, sink=0, local=0)
+    assert (bc == 0).any() and (bc > 0).any()
+    got = _compare_bsa((2, 4, 2, 130, 16), 16, 1, dtype, seed=3, sink=0, local=0)
+    keyless = got["lse"] == float("-inf")
+    assert keyless.any()
+    assert (got["out"][keyless] == 0).all()
+    assert all(torch.isfinite(got[n]).all() for n in ("out", "dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("max_rows", [16, 32])
+def test_block_sparse_head_chunks(monkeypatch, max_rows):
+    """A group split over several programs (HPP < G), including a padded last chunk (G=3, HPP=2)."""
+    monkeypatch.setattr(bsa, "MAX_ROWS", max_rows)
+    monkeypatch.setattr(bsa, "DKDV_MAX_ROWS", max_rows)
+    assert bsa.heads_per_program(3, 16, max_rows) == max_rows // 16
+    _compare_bsa((1, 6, 2, 77, 16), 16, 2, torch.float32)
+
+
+def test_block_sparse_strided_inputs():
+    """q, k, v as transformers hands them over: (B, T, H, d) memory seen as (B, H, T, d)."""
+    (q, k, v), do = _inputs(1, 4, 2, 77, 16, torch.float32, seed=4)
+    q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do))
+    bi, bc = _lists(1, 2, 77, 16, 2, 4)
+    got = _run_bsa(bsa.block_sparse_attention, q, k, v, do, bi, bc, 16, 0.25)
+    exact = _run_bsa(ref.block_sparse_attention, q, k, v, do, bi, bc, 16, 0.25)
+    _check_rule(got, exact, None, torch.float32)
+
+
+def test_reverse_block_index():
+    bi, bc = _lists(2, 3, 200, 16, 3, 5)
+    nb = bi.shape[2]
+    rev, count = bsa.reverse_block_index(bi, bc, nb)
+    for b in range(2):
+        for h in range(3):
+            for j in range(nb):
+                want = [i for i in range(nb) if j in bi[b, h, i, : bc[b, h, i]].tolist()]
+                assert rev[b, h, j, : count[b, h, j]].tolist() == want
+                assert (rev[b, h, j, count[b, h, j]:] == -1).all()
+
+
+# B, Hq, Hkv, T, d, K, block_m, block_n
+TEACHER_CASES = [
+    (1, 2, 2, 77, 16, 16, 16, 16),
+    (2, 4, 2, 130, 32, 64, 32, 16),
+    (1, 6, 2, 200, 16, 256, 16, 32),  # K > T: bins finer than keys
+    (1, 3, 1, 200, 32, 64, 64, 64),  # the default tiles
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", TEACHER_CASES, ids=str)
+def test_teacher_target_matches_reference(case, dtype):
+    B, Hq, Hkv, T, d, K, bm, bn = case
+    (q, k, _), _ = _inputs(B, Hq, Hkv, T, d, dtype, seed=7)
+    q = q * 2  # peakier rows than unit scores
+    scale = d**-0.5
+    pooled, lse = tt._teacher_target(q, k, scale, K, bm, bn)
+    exact = dict(zip(("pooled", "lse"), ref.teacher_target(q.float(), k.float(), scale, K, query_chunk=64)))
+    # the reference's outputs are fp32 at any input dtype; its low-precision error is 0 here
+    low = dict(zip(("pooled", "lse"), ref.teacher_target(q, k, scale, K, query_chunk=64)))
+    _check_rule({"pooled": pooled, "lse": lse}, exact, low, dtype)
+    assert torch.allclose(pooled.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_teacher_target_public_signature_ignores_chunk():
+    (q, k, _), _ = _inputs(1, 2, 1, 77, 16, torch.float32, seed=9)
+    a = triton_ops.teacher_target(q, k, 0.25, 32, query_chunk=16)
+    b = triton_ops.teacher_target(q, k, 0.25, 32)
+    assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[1], b[1], atol=1e-6)
+
+
+def test_triton_ops_exports_every_op_with_the_reference_signature():
+    for name in dispatch.OP_NAMES:
+        fn = getattr(triton_ops, name)
+        assert inspect.signature(fn) == inspect.signature(getattr(ref, name)), name
+
+
+def test_triton_ops_raises_import_error_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "try:\n    import kernels.triton_ops\nexcept ImportError:\n    print('ImportError')\n"
+        "from kernels import dispatch; assert dispatch._triton_module() is None\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and "ImportError" in res.stdout, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------
+# GPU only: bf16 (the interpreter cannot multiply bf16) and model-sized heads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,bs", [(64, 64), (128, 64), (128, 128)])
+@pytest.mark.parametrize("blocks_per_head", [2, 8, None], ids=["bph2", "bph8", "all"])
+def test_block_sparse_bf16_gpu(d, bs, blocks_per_head):
+    _compare_bsa((1, 8, 2, 1000, d), bs, blocks_per_head, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_teacher_target_gpu(dtype):
+    (q, k, _), _ = _inputs(1, 9, 3, 1500, 64, dtype, seed=11)
+    pooled, lse = triton_ops.teacher_target(q, k, 0.125, 256)
+    exact = dict(zip(("pooled", "lse"), ref.teacher_target(q.float(), k.float(), 0.125, 256)))
+    low = dict(zip(("pooled", "lse"), ref.teacher_target(q, k, 0.125, 256)))
+    _check_rule({"pooled": pooled, "lse": lse}, exact, low, dtype)
