@@ -26,11 +26,12 @@ Layout of the work
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 
 # Row caps of a stacked tile (heads x block rows); see the module docstring. Tune on the GPU.
 MAX_ROWS = 128  # forward and dq: stacking saves K/V loads
@@ -38,29 +39,6 @@ DKDV_MAX_ROWS = 64  # dk/dv: K/V stay resident anyway; smaller Q/dO tiles keep s
 LOG2E = 1.4426950408889634
 
 
-def _patch_interpreter_loop_bounds() -> None:
-    """Let the Triton interpreter run `for j in range(n)` with a runtime n under NumPy >= 2.4.
-
-    Triton 3.6's interpreter turns a loop bound into a Python int with `int(ndarray)`, but its
-    scalars are arrays of shape (1,), which NumPy 2.4 refuses to convert. Only the interpreter
-    (CPU tests) is touched; compiled GPU kernels never go through this code.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_sea_patched", False):
-        return
-
-    def patched(tensor, scope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._sea_patched = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_interpreter_loop_bounds()
 
 
 def heads_per_program(G: int, block: int, max_rows: int) -> int:

@@ -40,10 +40,14 @@ def bin_starts(rows: torch.Tensor, K: int) -> torch.Tensor:
 def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """out[t] = sum_{s<=t} (qf_t . kf_s) v_s / sum_{s<=t} (qf_t . kf_s), with non-negative features.
 
-    q_feat, k_feat: (B, H, T, m); v: (B, H, T, dv). Chunked: exact attention inside a
-    chunk, a running (m x dv) state across chunks. Computed in fp32.
+    q_feat: (B, H, T, m); k_feat: (B, Hk, T, m); v: (B, Hk, T, dv) with Hk dividing H (GQA:
+    query head h reads head h // (H / Hk)). Chunked: exact attention inside a chunk, a running
+    (m x dv) state across chunks. Computed in fp32.
     """
     B, H, T, m = q_feat.shape
+    if k_feat.shape[1] != H:
+        G = H // k_feat.shape[1]
+        k_feat, v = k_feat.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     dv = v.shape[-1]
     pad = (-T) % chunk
     qf, kf, vv = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) for x in (q_feat, k_feat, v))

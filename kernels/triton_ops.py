@@ -13,17 +13,15 @@ except Exception as exc:  # a broken install can raise more than ImportError; di
     raise ImportError(f"triton is not usable: {exc}") from exc
 
 from kernels.block_sparse_attention import block_sparse_attention
+from kernels.linear_attention import causal_linear_attention
 from kernels.teacher_target import teacher_target
 
 # Re-exported from the reference on purpose:
-# - causal_linear_attention: chunked matmuls with m ~ 33 features, already cuBLAS-bound and O(T);
-#   a fused kernel is a later optimisation, not needed for memory-linear training.
 # - per_query_sparse_attention: the paper's faithful per-query mode, kept as the reference mode
 #   (irregular key sets per row; the GPU path is block-sparse). No Triton version yet.
 # - pool_key_block_scores, select_key_blocks, select_bins_per_query: O(T x K) or O(NQB x NKB)
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 from kernels.reference import (
-    causal_linear_attention,
     per_query_sparse_attention,
     pool_key_block_scores,
     select_bins_per_query,

@@ -133,3 +133,11 @@ def test_pooled_block_scores_keep_mass():
     finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
     assert torch.allclose(finite.sum(-1), torch.ones(B, H, scores.shape[2]), atol=1e-5)
     assert torch.isinf(scores[..., 0, 1:]).all()  # above the diagonal: not causal
+
+
+def test_causal_linear_attention_gqa_reads_the_kv_head():
+    g = torch.Generator().manual_seed(2)
+    qf = torch.rand(1, 6, 50, 5, generator=g)
+    kf, v = torch.rand(1, 2, 50, 5, generator=g), torch.randn(1, 2, 50, 7, generator=g)
+    expanded = ref.causal_linear_attention(qf, kf.repeat_interleave(3, 1), v.repeat_interleave(3, 1), chunk=16)
+    assert torch.allclose(ref.causal_linear_attention(qf, kf, v, chunk=16), expanded)

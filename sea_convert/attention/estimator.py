@@ -76,8 +76,4 @@ class LinearAttentionEstimator(nn.Module):
         kf = positive_features(k.float() * root, proj, is_query=False)
         pos = self.position_values[:T].float().expand(B, Hkv, T, d)
         values = torch.cat([v.float(), pos], dim=-1)
-        G = Hq // Hkv
-        if G > 1:  # GQA: the group's query heads read their KV head
-            kf = kf.repeat_interleave(G, dim=1)
-            values = values.repeat_interleave(G, dim=1)
-        return ops.causal_linear_attention(qf, kf, values)
+        return ops.causal_linear_attention(qf, kf, values)  # GQA: query heads read their KV head's kf, values

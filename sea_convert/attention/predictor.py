@@ -82,13 +82,24 @@ class SEAPredictor(nn.Module):
         G = Hq // k.shape[1]
         wdtype = self.row_decoder.weight.dtype
         lin = self.estimator(q, k, v, scale, ops)  # (B, Hq, T, 2d) fp32
-        v_rep = v.repeat_interleave(G, dim=1) if G > 1 else v
-        h = self.encoder(torch.cat([lin.to(wdtype), v_rep.to(wdtype)], dim=-1))  # (B, Hq, T, hidden)
+        h = self._encode(lin.to(wdtype), v.to(wdtype), G)  # (B, Hq, T, hidden)
         rows = self.row_decoder(h).view(B, Hq, T, self.channels, self.K // 4)
         image = rows.permute(0, 1, 3, 2, 4).reshape(B, Hq * self.channels, T, self.K // 4)
         logits = self.cnn(image).float()  # (B, Hq, T, K)
-        starts = bin_starts(torch.arange(T, device=q.device), self.K)
-        empty = starts[:, 1:] == starts[:, :-1]  # bins of short rows that hold no key
-        log_probs = torch.log_softmax(logits.masked_fill(empty, float("-inf")), dim=-1)
+        short = min(T, self.K)  # only rows shorter than K have empty bins (that hold no key)
+        starts = bin_starts(torch.arange(short, device=q.device), self.K)
+        logits[:, :, :short].masked_fill_(starts[:, 1:] == starts[:, :-1], float("-inf"))
+        log_probs = torch.log_softmax(logits, dim=-1)
         gates = self.gates(h).float() if self.gates is not None else None
         return Estimate(log_probs, gates)
+
+    def _encode(self, lin: torch.Tensor, v: torch.Tensor, G: int) -> torch.Tensor:
+        """encoder([lin, v]) without repeating v to the query heads: its part of the first Linear
+        is computed once per KV head and broadcast over the group (same weights, same result)."""
+        first, norm, act = self.encoder
+        d2 = lin.shape[-1]
+        x = F.linear(lin, first.weight[:, :d2], first.bias)
+        B, Hq, T, hidden = x.shape
+        xv = F.linear(v, first.weight[:, d2:])  # (B, Hkv, T, hidden)
+        x = (x.view(B, Hq // G, G, T, hidden) + xv.unsqueeze(2)).view(B, Hq, T, hidden)
+        return act(norm(x))

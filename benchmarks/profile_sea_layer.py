@@ -1,0 +1,77 @@
+"""Profile one SEA layer forward on the GPU: which ops cost what (torch profiler, CUDA time).
+
+    python benchmarks/profile_sea_layer.py --T 32768 --kv-heads 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from sea_convert.attention import SEAPredictor, sea_attention
+from sea_convert.recipe import SEAConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=30)
+    a = ap.parse_args()
+    d, T = 128, a.T
+    cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=256, backend="triton",
+                    position_table_len=T)
+    q = torch.randn(1, a.heads, T, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, a.kv_heads, T, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    pred = SEAPredictor(cfg, a.heads, a.kv_heads, d, T, 0).cuda()
+
+    def run():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return sea_attention(q, k, v, pred, cfg, d ** -0.5)
+
+    from triton.testing import do_bench
+
+    from kernels import dispatch
+    from sea_convert.attention.layer import mix_output
+    from sea_convert.attention.select import select
+
+    ops = dispatch.ops("triton", q.device)
+    ac = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    with torch.no_grad(), ac():
+        est = pred(q, k, v, d ** -0.5, ops)
+        probs = est.log_probs.exp()
+        sel = select(probs, cfg, a.kv_heads, ops)
+        sparse, _ = sel.attend(q, k, v, d ** -0.5, ops)
+
+    def stage(fn):
+        def wrapped():
+            with torch.no_grad(), ac():
+                fn()
+        return float(do_bench(wrapped, warmup=5, rep=30, return_mode="median"))
+
+    stages = {
+        "estimator (linear attention)": lambda: pred.estimator(q, k, v, d ** -0.5, ops),
+        "predictor total": lambda: pred(q, k, v, d ** -0.5, ops),
+        "exp + select": lambda: select(est.log_probs.exp(), cfg, a.kv_heads, ops),
+        "block-sparse kernel": lambda: sel.attend(q, k, v, d ** -0.5, ops),
+        "gates mix": lambda: mix_output(sparse, est.gates, sel.kept, v),
+        "whole layer": run,
+    }
+    for name, fn in stages.items():
+        print(f"{name:32s} {stage(fn):8.2f} ms")
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("sea_layer"):
+            run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Triton causal linear attention: a sequential scan over chunks, the running state in registers.
+
+Matches `reference.causal_linear_attention(q_feat, k_feat, v, chunk)`. One program per
+(batch x query head, tile of value columns) walks the sequence chunk by chunk: exact
+attention inside the chunk, plus the state S = sum kf^T v and normaliser z = sum kf of all
+earlier chunks. Nothing of size (chunks x m x dv) is materialised, unlike the reference's
+prefix sum. GQA: k_feat and v may have fewer heads than q_feat (query head h reads head
+h // (H / Hkv)), so the estimator need not repeat them.
+
+Backward recomputes through the reference (autograd), which is exact but memory-hungry:
+training at long T is stage B's concern; inference and stage A's selection path are forward-only
+here (stage A differentiates the estimator through the reference on CPU shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
+from kernels import reference
+
+
+@triton.jit
+def _linear_attention_fwd(
+    QF, KF, V, OUT,
+    T, M, DV, G,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, H: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    offs_c = tl.arange(0, CHUNK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    dv_ok = offs_dv < DV
+    q_base = QF + b * sqb + h * sqh
+    k_base = KF + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    o_base = OUT + b * sob + h * soh
+    state = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    norm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    for c0 in range(0, T, CHUNK):
+        rows = c0 + offs_c
+        r_ok = rows < T
+        qf = tl.load(q_base + rows[:, None] * sqt + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        kf = tl.load(k_base + rows[:, None] * skt + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        vv = tl.load(v_base + rows[:, None] * svt + offs_dv[None, :], mask=r_ok[:, None] & dv_ok[None, :], other=0.0)
+        a = tl.where(causal, tl.dot(qf, tl.trans(kf)), 0.0)
+        num = tl.dot(a, vv) + tl.dot(qf, state)
+        den = tl.sum(a, axis=1) + tl.sum(qf * norm[None, :], axis=1)
+        out = num / tl.maximum(den, 1e-30)[:, None]
+        tl.store(o_base + rows[:, None] * sot + offs_dv[None, :], out, mask=r_ok[:, None] & dv_ok[None, :])
+        state += tl.dot(tl.trans(kf), vv)
+        norm += tl.sum(kf, axis=0)
+
+
+def _forward(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    B, H, T, M = q_feat.shape
+    Hk, DV = k_feat.shape[1], v.shape[-1]
+    qf, kf, vv = (x.float().contiguous() for x in (q_feat, k_feat, v))
+    out = torch.empty(B, H, T, DV, device=q_feat.device, dtype=torch.float32)
+    block_m = max(16, triton.next_power_of_2(M))
+    block_dv = min(64, max(16, triton.next_power_of_2(DV)))
+    chunk = max(16, min(64, triton.next_power_of_2(chunk)))
+    grid = (B * H, triton.cdiv(DV, block_dv))
+    _linear_attention_fwd[grid](
+        qf, kf, vv, out, T, M, DV, H // Hk,
+        qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),
+        vv.stride(0), vv.stride(1), vv.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        CHUNK=chunk, BLOCK_M=block_m, BLOCK_DV=block_dv, H=H, num_warps=8 if block_m >= 128 else 4,
+    )
+    return out
+
+
+class _LinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_feat, k_feat, v, chunk):
+        ctx.save_for_backward(q_feat, k_feat, v)
+        ctx.chunk = chunk
+        return _forward(q_feat, k_feat, v, chunk)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_feat, k_feat, v = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(x.requires_grad) for x in (q_feat, k_feat, v)]
+            out = reference.causal_linear_attention(*inputs, chunk=ctx.chunk)
+            wanted = [x for x in inputs if x.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+        return (*(next(grads) if x.requires_grad else None for x in inputs), None)
+
+
+def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    return _LinearAttention.apply(q_feat, k_feat, v, chunk)
