@@ -64,21 +64,27 @@ def dense_row(T, H, Hkv, d, backward: bool) -> dict:
 
 
 def sea_row(T, H, Hkv, d, cfg: SEAConfig, backward: bool) -> dict:
+    """Forward: inference (bf16 predictor weights). Forward+backward: training (fp32 weights, bf16 autocast)."""
     q, k, v = _inputs(T, H, Hkv, d, backward)
     pred = SEAPredictor(cfg, H, Hkv, d, T, 0).cuda()
+    if not backward:
+        pred = pred.to(torch.bfloat16)
     do = torch.randn_like(q) if backward else None
     scale = d ** -0.5
 
     def run():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            res = sea_attention(q, k, v, pred, cfg, scale)
         if backward:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                res = sea_attention(q, k, v, pred, cfg, scale)
             res.out.backward(do.float())
-        return res
+            return res
+        with torch.no_grad():
+            return sea_attention(q, k, v, pred, cfg, scale)
 
     res = run()
     kept, causal = res.selection.density()
-    ms = _median_ms(run, warmup=5, rep=30)
+    del res
+    ms = _median_ms(run, warmup=3, rep=20)
     return {"ms": ms, "peak_mib": _peak_mib(run), "density": kept / causal, "kept_entries": kept}
 
 
@@ -162,5 +168,32 @@ def _print_row(r: dict) -> None:
     )
 
 
+def render_markdown(path: str) -> str:
+    """The committed table (docs/benchmarks.md) from a JSON this script wrote."""
+    rows = json.load(open(path))["rows"]
+    g = lambda r, k, f="ms": (f"{r[k][f]:.2f}" if r.get(k) and f in r[k] else "-")  # noqa: E731
+    out = [
+        "| Hkv | T | dense fwd ms | dense fwd+bwd ms | SEA@2048 fwd ms | speed-up | SEA@2048 fwd+bwd ms | density@2048 |"
+        " SEA@25% fwd ms | SEA@25% fwd+bwd ms | kernel@2048 ms | kernel TF/s | dense TF/s | peak MiB dense / SEA fwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r.get("sea_fwd[2048 keys]") or {}
+        dn = r.get("dense_fwd") or {}
+        speed = f"{dn['ms'] / s['ms']:.2f}x" if "ms" in s and "ms" in dn else "-"
+        out.append(
+            f"| {r['Hkv']} | {r['T']} | {g(r, 'dense_fwd')} | {g(r, 'dense_fwdbwd')} | {g(r, 'sea_fwd[2048 keys]')} | {speed} |"
+            f" {g(r, 'sea_fwdbwd[2048 keys]')} | {g(r, 'sea_fwd[2048 keys]', 'density')} | {g(r, 'sea_fwd[25% density]')} |"
+            f" {g(r, 'sea_fwdbwd[25% density]')} | {g(r, 'kernel[2048 keys]')} | {g(r, 'kernel[2048 keys]', 'tflops_on_blocks')} |"
+            f" {g(r, 'dense_fwd', 'tflops')} | {g(r, 'dense_fwd', 'peak_mib')} / {g(r, 'sea_fwd[2048 keys]', 'peak_mib')} |"
+        )
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--render":
+        print(render_markdown(sys.argv[2]))
+    else:
+        main()

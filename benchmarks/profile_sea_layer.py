@@ -27,10 +27,10 @@ def main() -> None:
     q = torch.randn(1, a.heads, T, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, a.kv_heads, T, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    pred = SEAPredictor(cfg, a.heads, a.kv_heads, d, T, 0).cuda()
+    pred = SEAPredictor(cfg, a.heads, a.kv_heads, d, T, 0).cuda().to(torch.bfloat16)  # inference weights
 
     def run():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
             return sea_attention(q, k, v, pred, cfg, d ** -0.5)
 
     from triton.testing import do_bench
@@ -40,8 +40,7 @@ def main() -> None:
     from sea_convert.attention.select import select
 
     ops = dispatch.ops("triton", q.device)
-    ac = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    with torch.no_grad(), ac():
+    with torch.no_grad():
         est = pred(q, k, v, d ** -0.5, ops)
         probs = est.log_probs.exp()
         sel = select(probs, cfg, a.kv_heads, ops)
@@ -49,7 +48,7 @@ def main() -> None:
 
     def stage(fn):
         def wrapped():
-            with torch.no_grad(), ac():
+            with torch.no_grad():
                 fn()
         return float(do_bench(wrapped, warmup=5, rep=30, return_mode="median"))
 
