@@ -69,6 +69,8 @@ def sea_row(T, H, Hkv, d, cfg: SEAConfig, backward: bool) -> dict:
     pred = SEAPredictor(cfg, H, Hkv, d, T, 0).cuda()
     if not backward:
         pred = pred.to(torch.bfloat16)
+    if cfg.compile:
+        pred.compile()
     do = torch.randn_like(q) if backward else None
     scale = d ** -0.5
 
@@ -111,10 +113,12 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--skip-backward-above", type=int, default=65536, help="fwd+bwd only up to this T")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "attention_bench.json"))
+    ap.add_argument("--compile", action="store_true", help="torch.compile the predictor (sea.compile)")
     a = ap.parse_args()
+    common = dict(mode="block", k=64, block_size=64, predictor_length=256, backend="triton", compile=a.compile)
     budgets = {
-        "2048 keys": SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=256, backend="triton"),
-        "25% density": SEAConfig(mode="block", k=64, block_density=0.25, block_size=64, predictor_length=256, backend="triton"),
+        "2048 keys": SEAConfig(block_keys=2048, **common),
+        "25% density": SEAConfig(block_density=0.25, **common),
     }
     rows = []
     t_start = time.time()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from sea_convert.integration import attach_sea, attention_mode, predictors
+from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors
 from sea_convert.models import load_teacher
 from sea_convert.recipe import ModelSource, SEAConfig
 
@@ -54,6 +54,8 @@ def main() -> None:
         for p in predictors(model):
             p.to(torch.bfloat16)
         bench("sea", label)
+        compile_predictors(model)
+        bench("sea", label + " + compile")
     info = {"device": torch.cuda.get_device_name(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, bf16)",
             "tokens": a.tokens, "rows": rows}
     with open(a.json, "w") as f:

@@ -1,10 +1,12 @@
 """Triton causal linear attention: a sequential scan over chunks, the running state in registers.
 
-Matches `reference.causal_linear_attention(q_feat, k_feat, v, chunk)`. One program per
-(batch x query head, tile of value columns) walks the sequence chunk by chunk: exact
-attention inside the chunk, plus the state S = sum kf^T v and normaliser z = sum kf of all
-earlier chunks. Nothing of size (chunks x m x dv) is materialised, unlike the reference's
-prefix sum. GQA: k_feat and v may have fewer heads than q_feat (query head h reads head
+Matches `reference.causal_linear_attention(q_feat, k_feat, v, chunk)`. The sequence is cut
+into segments so that enough programs run at once: pass 1 sums each segment's state
+(kf^T v, and kf) per KV head in parallel; a tiny prefix over segments gives each segment its
+starting state; pass 2 has one program per (batch x query head, segment, tile of value
+columns) walk its chunks: exact attention inside a chunk, plus the running state of all
+earlier chunks. Only (segments x m x dv) states are stored, not the reference's
+(chunks x m x dv). GQA: k_feat and v may have fewer heads than q_feat (query head h reads head
 h // (H / Hkv)), so the estimator need not repeat them.
 
 Backward recomputes through the reference (autograd), which is exact but memory-hungry:
@@ -23,14 +25,52 @@ from kernels import reference
 
 
 @triton.jit
-def _linear_attention_fwd(
-    QF, KF, V, OUT,
-    T, M, DV, G,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, H: tl.constexpr,
+def _segment_state(
+    KF, V, STATE, NORM,
+    T, M, DV, SEG_LEN,
+    skb, skh, skt, svb, svh, svt,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HK: tl.constexpr, NSEG: tl.constexpr,
 ):
+    """Pass 1: each segment's own sum of kf^T v and of kf (per KV head), in parallel over segments."""
     pid_bh = tl.program_id(0)
-    pid_dv = tl.program_id(1)
+    seg = tl.program_id(1)
+    pid_dv = tl.program_id(2)
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    offs_c = tl.arange(0, CHUNK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    dv_ok = offs_dv < DV
+    k_base = KF + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    state = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    norm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(seg * SEG_LEN, tl.minimum(T, (seg + 1) * SEG_LEN), CHUNK):
+        rows = c0 + offs_c
+        r_ok = rows < T
+        kf = tl.load(k_base + rows[:, None] * skt + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        vv = tl.load(v_base + rows[:, None] * svt + offs_dv[None, :], mask=r_ok[:, None] & dv_ok[None, :], other=0.0)
+        state += tl.dot(tl.trans(kf), vv)
+        norm += tl.sum(kf, axis=0)
+    slot = pid_bh * NSEG + seg
+    tl.store(STATE + slot * BLOCK_M * DV + offs_m[:, None] * DV + offs_dv[None, :], state, mask=dv_ok[None, :])
+    if pid_dv == 0:
+        tl.store(NORM + slot * BLOCK_M + offs_m, norm)
+
+
+@triton.jit
+def _linear_attention_fwd(
+    QF, KF, V, OUT, STATE0, NORM0,
+    T, M, DV, G, SEG_LEN,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, H: tl.constexpr, HK: tl.constexpr,
+    NSEG: tl.constexpr,
+):
+    """Pass 2: each (head, segment) scans its chunks, starting from the sum of all earlier segments."""
+    pid_bh = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_dv = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
@@ -43,10 +83,11 @@ def _linear_attention_fwd(
     k_base = KF + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     o_base = OUT + b * sob + h * soh
-    state = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    norm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    slot = (b * HK + hk) * NSEG + seg
+    state = tl.load(STATE0 + slot * BLOCK_M * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
+    norm = tl.load(NORM0 + slot * BLOCK_M + offs_m)
     causal = offs_c[:, None] >= offs_c[None, :]
-    for c0 in range(0, T, CHUNK):
+    for c0 in range(seg * SEG_LEN, tl.minimum(T, (seg + 1) * SEG_LEN), CHUNK):
         rows = c0 + offs_c
         r_ok = rows < T
         qf = tl.load(q_base + rows[:, None] * sqt + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
@@ -61,7 +102,16 @@ def _linear_attention_fwd(
         norm += tl.sum(kf, axis=0)
 
 
-def _forward(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+TARGET_PROGRAMS = 1024  # enough programs in flight to fill an H100 (132 SMs)
+
+
+def _num_segments(num_chunks: int, base_programs: int, segments: int | None) -> int:
+    if segments is not None:
+        return max(1, min(segments, num_chunks))
+    return max(1, min(num_chunks, triton.cdiv(TARGET_PROGRAMS, base_programs)))
+
+
+def _forward(q_feat, k_feat, v, chunk: int, segments: int | None = None) -> torch.Tensor:
     B, H, T, M = q_feat.shape
     Hk, DV = k_feat.shape[1], v.shape[-1]
     qf, kf, vv = (x.float().contiguous() for x in (q_feat, k_feat, v))
@@ -69,12 +119,29 @@ def _forward(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk:
     block_m = max(16, triton.next_power_of_2(M))
     block_dv = min(64, max(16, triton.next_power_of_2(DV)))
     chunk = max(16, min(64, triton.next_power_of_2(chunk)))
-    grid = (B * H, triton.cdiv(DV, block_dv))
-    _linear_attention_fwd[grid](
-        qf, kf, vv, out, T, M, DV, H // Hk,
+    dv_tiles = triton.cdiv(DV, block_dv)
+    num_chunks = triton.cdiv(T, chunk)
+    nseg = _num_segments(num_chunks, B * H * dv_tiles, segments)
+    seg_len = triton.cdiv(num_chunks, nseg) * chunk
+    nseg = triton.cdiv(T, seg_len)
+    warps = 8 if block_m >= 128 else 4
+    # pass 1: per-segment state sums (per KV head); then an exclusive prefix over segments (tiny)
+    state = torch.empty(B * Hk * nseg, block_m, DV, device=q_feat.device, dtype=torch.float32)
+    norm = torch.zeros(B * Hk * nseg, block_m, device=q_feat.device, dtype=torch.float32)
+    _segment_state[(B * Hk, nseg, dv_tiles)](
+        kf, vv, state, norm, T, M, DV, seg_len,
+        kf.stride(0), kf.stride(1), kf.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+        CHUNK=chunk, BLOCK_M=block_m, BLOCK_DV=block_dv, HK=Hk, NSEG=nseg, num_warps=warps,
+    )
+    state = state.view(B * Hk, nseg, block_m, DV)
+    norm = norm.view(B * Hk, nseg, block_m)
+    state0 = (state.cumsum(1) - state).contiguous()
+    norm0 = (norm.cumsum(1) - norm).contiguous()
+    _linear_attention_fwd[(B * H, nseg, dv_tiles)](
+        qf, kf, vv, out, state0, norm0, T, M, DV, H // Hk, seg_len,
         qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),
         vv.stride(0), vv.stride(1), vv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        CHUNK=chunk, BLOCK_M=block_m, BLOCK_DV=block_dv, H=H, num_warps=8 if block_m >= 128 else 4,
+        CHUNK=chunk, BLOCK_M=block_m, BLOCK_DV=block_dv, H=H, HK=Hk, NSEG=nseg, num_warps=warps,
     )
     return out
 

@@ -119,6 +119,12 @@ def attach_sea(model: nn.Module, cfg: SEAConfig) -> list[SEAPredictor]:
     return predictors
 
 
+def compile_predictors(model: nn.Module) -> None:
+    """torch.compile every predictor in place (applied from outside the layer code; CUDA only)."""
+    for attn in attention_modules(model):
+        attn.sea_predictor.compile()
+
+
 def predictors(model: nn.Module) -> list[SEAPredictor]:
     mods = [getattr(a, "sea_predictor", None) for a in attention_modules(model)]
     if any(m is None for m in mods):

@@ -102,6 +102,9 @@ class SEAConfig(_Strict):
     backend: Literal["auto", "triton", "torch"] = Field(
         "auto", description="auto: Triton kernels on CUDA, PyTorch reference elsewhere"
     )
+    compile: bool = Field(
+        False, description="torch.compile each predictor on CUDA (fuses its elementwise/norm chains; ~10 s per shape)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")

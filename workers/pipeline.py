@@ -12,7 +12,7 @@ import torch
 from sea_convert.checkpoint import prepare_output_dir
 from sea_convert.data import build_splits
 from sea_convert.evaluate import attention_picture
-from sea_convert.integration import attach_sea
+from sea_convert.integration import attach_sea, compile_predictors
 from sea_convert.models import load_teacher, pick_device
 from sea_convert.recipe import Recipe
 from workers.distill import DistillResult, distill_stage
@@ -80,6 +80,8 @@ def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool 
     log(f"loading {recipe.model.describe()} on {device}")
     model, tokenizer = load_teacher(recipe.model, device)
     attach_sea(model, recipe.sea)
+    if recipe.sea.compile and device.type == "cuda":
+        compile_predictors(model)
     log(f"data: train {recipe.data.train.describe()}")
     splits = build_splits(recipe.data, tokenizer)
     log(f"training windows {tuple(splits.train.shape)}, held-out tokens {splits.held_out.numel()} ({splits.held_out_source})")

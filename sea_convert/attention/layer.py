@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,12 @@ def mix_output(sparse_out, gates, kept, v) -> torch.Tensor:
     return out.view(B, Hq, T, d)
 
 
+@functools.cache
+def _compiled_mix():
+    """The gates mix is pure elementwise work: compiled, it is one pass instead of ~10 (sea.compile on CUDA)."""
+    return torch.compile(mix_output, dynamic=True)
+
+
 @dataclass
 class SEAOutput:
     out: torch.Tensor  # (B, Hq, T, d) fp32
@@ -95,7 +102,8 @@ def sea_attention(
     est = predictor(q, k, v, scale, ops)
     sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops)
     sparse_out, _ = sel.attend(q, k, v, scale, ops)
-    out = mix_output(sparse_out, est.gates, sel.kept, v) if est.gates is not None else sparse_out.float()
+    mix = _compiled_mix() if cfg.compile and q.is_cuda else mix_output
+    out = mix(sparse_out, est.gates, sel.kept, v) if est.gates is not None else sparse_out.float()
     meter = _meter.get()
     if meter is not None:
         meter.add(layer, sel)
