@@ -53,7 +53,7 @@ def compare_perplexity(model, windows: torch.Tensor, progress: bool = False) -> 
 
 
 @torch.no_grad()
-def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: int | None = None, heads=(0, 1, 2)) -> Path:
+def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: int | None = None, heads=None) -> Path:
     """PNG: for one sample and a few heads, teacher attention | SEA estimate | chosen mask, side by side.
 
     The estimate (K bins per row) is drawn in key coordinates: each key gets its bin's
@@ -87,6 +87,8 @@ def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: i
     widths = torch.zeros(T, sea_cfg.predictor_length, device=device).scatter_add_(-1, bins, causal.float())
     scores = (c.q.float() @ c.k.float().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * c.scale
     teacher = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)[0]
+    if heads is None:  # one query head from each of the first three KV groups: their masks differ
+        heads = [kv * (Hq // Hkv) for kv in range(min(3, Hkv))]
     heads = [h for h in heads if h < Hq]
     fig, axes = plt.subplots(len(heads), 3, figsize=(12, 4 * len(heads)), squeeze=False)
     for r, h in enumerate(heads):
