@@ -6,6 +6,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import torch  # noqa: E402  (torch does not import triton)
+
+# Without a GPU the Triton kernels run in the interpreter. It must be on before anything imports
+# triton, so every kernel test runs in this process and shows up by name in the CI log.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
