@@ -20,14 +20,17 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the predictor and the gates mix")
     a = ap.parse_args()
     d, T = 128, a.T
     cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=256, backend="triton",
-                    position_table_len=T)
+                    position_table_len=T, compile=a.compile)
     q = torch.randn(1, a.heads, T, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, a.kv_heads, T, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     pred = SEAPredictor(cfg, a.heads, a.kv_heads, d, T, 0).cuda().to(torch.bfloat16)  # inference weights
+    if a.compile:
+        pred.compile()
 
     def run():
         with torch.no_grad():
@@ -36,7 +39,7 @@ def main() -> None:
     from triton.testing import do_bench
 
     from kernels import dispatch
-    from sea_convert.attention.layer import mix_output
+    from sea_convert.attention.layer import _compiled_mix, mix_output
     from sea_convert.attention.select import select
 
     ops = dispatch.ops("triton", q.device)
@@ -57,7 +60,7 @@ def main() -> None:
         "predictor total": lambda: pred(q, k, v, d ** -0.5, ops),
         "exp + select": lambda: select(est.log_probs.exp(), cfg, a.kv_heads, ops),
         "block-sparse kernel": lambda: sel.attend(q, k, v, d ** -0.5, ops),
-        "gates mix": lambda: mix_output(sparse, est.gates, sel.kept, v),
+        "gates mix": lambda: (_compiled_mix() if a.compile else mix_output)(sparse, est.gates, sel.kept, v),
         "whole layer": run,
     }
     for name, fn in stages.items():
