@@ -22,15 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
+from benchmarks_timing import median_ms
 from kernels import dispatch
 from sea_convert.attention import SEAPredictor, sea_attention
 from sea_convert.recipe import SEAConfig
-
-
-def _median_ms(fn, warmup=25, rep=100) -> float:
-    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def _peak_mib(fn) -> float:
@@ -58,7 +54,7 @@ def dense_row(T, H, Hkv, d, backward: bool) -> dict:
         if backward:
             o.backward(do)
 
-    ms = _median_ms(run)
+    ms = median_ms(run)
     flops = 4 * d * H * T * (T + 1) / 2 * (3.5 if backward else 1.0)
     return {"ms": ms, "tflops": flops / ms / 1e9, "peak_mib": _peak_mib(run)}
 
@@ -86,7 +82,7 @@ def sea_row(T, H, Hkv, d, cfg: SEAConfig, backward: bool) -> dict:
     res = run()
     kept, causal = res.selection.density()
     del res
-    ms = _median_ms(run, warmup=3, rep=20)
+    ms = median_ms(run)
     return {"ms": ms, "peak_mib": _peak_mib(run), "density": kept / causal, "kept_entries": kept}
 
 
@@ -98,7 +94,7 @@ def kernel_row(T, H, Hkv, d, cfg: SEAConfig) -> dict:
         sel = sea_attention(q, k, v, pred, cfg, d ** -0.5).selection
     ops = dispatch.ops("triton", q.device)
     run = lambda: ops.block_sparse_attention(q, k, v, sel.block_index, sel.block_count, sel.block_size, d ** -0.5)  # noqa: E731
-    ms = _median_ms(run)
+    ms = median_ms(run)
     # computed blocks: every listed (query block, key block) pair, full tiles (the diagonal tile too)
     tiles = float(sel.block_count.sum()) * (H // Hkv)
     flops = 4 * d * tiles * sel.block_size**2

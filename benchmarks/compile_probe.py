@@ -9,7 +9,7 @@ import argparse
 import time
 
 import torch
-from triton.testing import do_bench
+from benchmarks_timing import median_ms
 
 from kernels import dispatch
 from sea_convert.attention import SEAPredictor
@@ -32,13 +32,13 @@ def main() -> None:
         compiled_pred = torch.compile(pred)
         comp = lambda: compiled_pred(q, k, v, d ** -0.5, ops)  # noqa: E731
         with torch.no_grad():
-            e_ms = do_bench(eager, warmup=3, rep=20, return_mode="median")
+            e_ms = median_ms(eager)
             t0 = time.time()
             ref = eager().log_probs
             got = comp().log_probs
             torch.cuda.synchronize()
             compile_s = time.time() - t0
-            c_ms = do_bench(comp, warmup=3, rep=20, return_mode="median")
+            c_ms = median_ms(comp)
             err = (got - ref).abs().nan_to_num(0).max().item()
         print(f"T={T}: predictor eager {e_ms:.2f} ms, compiled {c_ms:.2f} ms (x{e_ms / c_ms:.2f}),"
               f" compile {compile_s:.0f} s, max |log-prob diff| {err:.3e}", flush=True)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
+from benchmarks_timing import median_ms
 
 from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors
 from sea_convert.models import load_teacher
@@ -41,7 +41,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         run()
         peak = torch.cuda.max_memory_allocated() / 2**20
-        ms = float(do_bench(run, warmup=3, rep=20, return_mode="median"))
+        ms = median_ms(run)
         rows.append({"setting": label, "ms": ms, "tokens_per_s": a.tokens / ms * 1e3, "peak_mib": peak})
         print(f"{label:34s} {ms:9.2f} ms {a.tokens / ms * 1e3:11.0f} tok/s  peak {peak:8.0f} MiB", flush=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from benchmarks_timing import median_ms
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from sea_convert.attention import SEAPredictor, sea_attention
@@ -36,8 +37,7 @@ def main() -> None:
         with torch.no_grad():
             return sea_attention(q, k, v, pred, cfg, d ** -0.5)
 
-    from triton.testing import do_bench
-
+    
     from kernels import dispatch
     from sea_convert.attention.layer import _compiled_mix, mix_output
     from sea_convert.attention.select import select
@@ -53,7 +53,7 @@ def main() -> None:
         def wrapped():
             with torch.no_grad():
                 fn()
-        return float(do_bench(wrapped, warmup=5, rep=30, return_mode="median"))
+        return median_ms(wrapped)
 
     stages = {
         "estimator (linear attention)": lambda: pred.estimator(q, k, v, d ** -0.5, ops),
