@@ -66,6 +66,9 @@ def sea_row(T, H, Hkv, d, cfg: SEAConfig, backward: bool) -> dict:
     if not backward:
         pred = pred.to(torch.bfloat16)
     if cfg.compile:
+        # a static compile per shape, as a fixed-length deployment gets: without the reset, dynamo's
+        # recompiles across this loop switch to dynamic-shape kernels and then fall back to eager
+        torch._dynamo.reset()
         pred.compile()
     do = torch.randn_like(q) if backward else None
     scale = d ** -0.5
