@@ -125,6 +125,7 @@ def eval_(
     tail_tokens: Annotated[int, typer.Option("--tail-tokens", min=16, help="score the last N tokens of the text")] = 65536,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="at most this many (last) windows")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    oracle: Annotated[bool, typer.Option("--oracle", help="also the oracle: true top blocks at the same budget")] = False,
 ) -> None:
     """Teacher and SEA perplexity on the same windows of a text, and the attention density used."""
     from sea_convert.data import eval_windows, load_texts, tokenize_texts
@@ -137,7 +138,7 @@ def eval_(
     add_bos = _report_add_bos(checkpoint)
     tokens = tokenize_texts(load_texts(TextSource(path=text.resolve())), tokenizer, add_bos=add_bos, max_tokens=None)
     windows = eval_windows(tokens[-tail_tokens:], ctx, max_windows)
-    rep = compare_perplexity(model, windows, progress=not as_json).as_dict()
+    rep = compare_perplexity(model, windows, progress=not as_json, oracle=oracle).as_dict()
     if as_json:
         print(json.dumps(rep))
     else:

@@ -185,6 +185,27 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     )
 
 
+def block_attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, query_chunk: int = 256) -> torch.Tensor:
+    """The teacher's true attention mass per (query block, key block), summed over a KV head's query heads.
+
+    The oracle's scores: (B, Hkv, NQB, NKB), -inf above the diagonal. Chunked over queries (no T x T tensor).
+    """
+    B, Hq, T, _ = q.shape
+    Hkv = k.shape[1]
+    nb = math.ceil(T / block_size)
+    chunk = block_size * max(1, query_chunk // block_size)
+    mass = torch.zeros(B, Hkv, nb, nb, dtype=torch.float32, device=q.device)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        s = _scores_chunk(q, k, t0, t1, scale)
+        p = s.sub_(torch.logsumexp(s, dim=-1, keepdim=True)).exp_()  # (B, Hq, C, t1)
+        kb = torch.nn.functional.pad(p, (0, nb * block_size - t1)).view(B, Hkv, Hq // Hkv, t1 - t0, -1, block_size).sum((2, 5))
+        qb = torch.arange(t0, t1, device=q.device) // block_size
+        mass[:, :, :, : kb.shape[-1]].index_add_(2, qb, kb)
+    causal = torch.arange(nb, device=q.device)[None, :] <= torch.arange(nb, device=q.device)[:, None]
+    return mass.masked_fill(~causal, float("-inf"))
+
+
 # ---------------------------------------------------------------------------
 # mask construction
 

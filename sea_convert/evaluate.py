@@ -24,9 +24,11 @@ class PerplexityReport:
     ctx: int
     tokens: int  # tokens scored (ctx - 1 per window)
     windows: int
+    oracle_ppl: float | None = None  # true top blocks at the same budget (block mode), the ceiling for any estimator
+    oracle_density: float | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @torch.no_grad()
@@ -43,13 +45,18 @@ def window_nll(model, windows: torch.Tensor, mode: str, progress: bool = False, 
     return total, count
 
 
-def compare_perplexity(model, windows: torch.Tensor, progress: bool = False) -> PerplexityReport:
-    """Teacher (dense) and SEA perplexity on exactly the same windows."""
+def compare_perplexity(model, windows: torch.Tensor, progress: bool = False, oracle: bool = False) -> PerplexityReport:
+    """Teacher (dense) and SEA perplexity on exactly the same windows; optionally the oracle's too."""
     t_nll, n = window_nll(model, windows, "dense", progress, "teacher ppl")
     with measure_density() as meter:
         s_nll, _ = window_nll(model, windows, "sea", progress, "SEA ppl")
     teacher, sea = math.exp(t_nll / n), math.exp(s_nll / n)
-    return PerplexityReport(teacher, sea, sea / teacher, meter.density, windows.shape[1], n, windows.shape[0])
+    report = PerplexityReport(teacher, sea, sea / teacher, meter.density, windows.shape[1], n, windows.shape[0])
+    if oracle:
+        with measure_density() as oracle_meter:
+            o_nll, _ = window_nll(model, windows, "oracle", progress, "oracle ppl")
+        report.oracle_ppl, report.oracle_density = math.exp(o_nll / n), oracle_meter.density
+    return report
 
 
 @torch.no_grad()

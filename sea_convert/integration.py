@@ -4,7 +4,8 @@ Supported: LLaMA-family decoders (Llama, Mistral, Qwen2; SmolLM2 is a Llama) and
 Three attention modes share one model object, since stage A never changes base weights:
   "dense"   torch SDPA (the teacher),
   "capture" dense, and each layer's q, k, v and output are kept for distillation,
-  "sea"     SEA attention through each module's `sea_predictor`.
+  "sea"     SEA attention through each module's `sea_predictor`,
+  "oracle"  sparse attention over the truly most-attended blocks at SEA's budget (the quality ceiling).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kernels.reference import dense_causal_attention
 from sea_convert.attention import SEAPredictor, sea_attention
+from sea_convert.attention.layer import oracle_attention
 from sea_convert.recipe import SEAConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
-_MODES = {"dense": "sdpa", "capture": "sea_capture", "sea": "sea"}
+_MODES = {"dense": "sdpa", "capture": "sea_capture", "sea": "sea", "oracle": "sea_oracle"}
 
 
 class UnsupportedArchitecture(ValueError):
@@ -95,9 +97,16 @@ def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropou
     return res.out.to(query.dtype).transpose(1, 2), None
 
 
+def _oracle_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    _check_plain_causal(module, query, key, attention_mask)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = oracle_attention(query, key, value, module.sea_config, scale, module.sea_layer_idx)
+    return out.to(query.dtype).transpose(1, 2), None
+
+
 def register_attention_functions() -> None:
     """Idempotent. Masks: SDPA's builder, which gives None for plain causal batches."""
-    for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward)):
+    for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward), ("sea_oracle", _oracle_forward)):
         AttentionInterface.register(name, fn)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
@@ -141,7 +150,7 @@ def set_sea_config(model: nn.Module, cfg: SEAConfig) -> None:
 
 @contextlib.contextmanager
 def attention_mode(model: nn.Module, mode: str):
-    """Run the model with "dense", "capture" or "sea" attention inside the block."""
+    """Run the model with "dense", "capture", "sea" or "oracle" attention inside the block."""
     if mode not in _MODES:
         raise ValueError(f"attention mode must be one of {sorted(_MODES)}, got {mode!r}")
     register_attention_functions()

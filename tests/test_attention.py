@@ -185,3 +185,37 @@ def test_cnn_shortcut_equals_upsample_then_project():
     h = h + F.relu(cnn._causal(cnn.conv2, h))
     paper = cnn.norm(cnn.to_heads(F.interpolate(h, scale_factor=(1, 4), mode="nearest")))
     assert torch.allclose(cnn(x), paper, atol=1e-5)
+
+
+def test_oracle_mode_full_budget_equals_dense_and_is_causal():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 150))
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+    attach_sea(model, SEAConfig(mode="block", k=16, predictor_length=32, block_size=16, block_keys=256))
+    with torch.no_grad(), attention_mode(model, "oracle"), measure_density() as meter:
+        full = model(ids, use_cache=False).logits
+    assert meter.density == pytest.approx(1.0) and (full - dense).abs().max() < 1e-4
+    attach_sea(model, SEAConfig(mode="block", k=16, predictor_length=32, block_size=16, block_keys=32))
+    other = ids.clone()
+    other[0, 100:] = 3
+    with torch.no_grad(), attention_mode(model, "oracle"), measure_density() as meter:
+        a, b = model(ids, use_cache=False).logits, model(other, use_cache=False).logits
+    assert meter.density < 0.6
+    assert (a[0, :100] - b[0, :100]).abs().max() == 0.0
+
+
+def test_oracle_keeps_the_heaviest_blocks():
+    from kernels import reference
+    from sea_convert.attention.select import oracle_select
+
+    # one query head whose queries all point at key block 3 (keys 48..63): the oracle must keep it
+    T, d, bs = 160, 8, 16
+    k = torch.randn(1, 1, T, d) * 0.1
+    k[0, 0, 48:64] = torch.ones(d) * 3
+    q = torch.ones(1, 1, T, d)
+    sel = oracle_select(q, k, 1.0, SEAConfig(mode="block", k=16, predictor_length=32, block_size=bs, block_keys=48))
+    last = sel.block_index[0, 0, -1, : sel.block_count[0, 0, -1]].tolist()
+    assert 3 in last and 0 in last and (T - 1) // bs in last
+    mass = reference.block_attention_mass(q, k, 1.0, bs)
+    assert int(mass[0, 0, -1, :-1].argmax()) == 3

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -36,6 +37,10 @@ def test_eval_json_matches_the_library(tmp_path, smollm2_tokenizer):
     expect = compare_perplexity(model, eval_windows(tokens[-65536:], 128, 3))
     assert abs(got["sea_ppl"] - expect.sea_ppl) < 1e-3 * expect.sea_ppl
     assert abs(got["teacher_ppl"] - expect.teacher_ppl) < 1e-3 * expect.teacher_ppl
+    res = runner.invoke(app, ["eval", str(path), "--text", str(text), "--ctx", "128", "--max-windows", "2", "--json", "--oracle"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["oracle_ppl"] > 0 and got["oracle_density"] == pytest.approx(got["density"], abs=0.05)
 
 
 def test_eval_and_mmlu_errors(tmp_path, smollm2_tokenizer):

@@ -141,3 +141,21 @@ def test_causal_linear_attention_gqa_reads_the_kv_head():
     kf, v = torch.rand(1, 2, 50, 5, generator=g), torch.randn(1, 2, 50, 7, generator=g)
     expanded = ref.causal_linear_attention(qf, kf.repeat_interleave(3, 1), v.repeat_interleave(3, 1), chunk=16)
     assert torch.allclose(ref.causal_linear_attention(qf, kf, v, chunk=16), expanded)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_attention_mass_pools_dense_attention(shape):
+    q, k, _ = _qkv(*shape)
+    B, Hq, Hkv, T, d = shape
+    bs = 16
+    p = _dense_probs(q, k, d ** -0.5)  # (B, Hq, T, T)
+    nb = math.ceil(T / bs)
+    naive = torch.zeros(B, Hkv, nb, nb)
+    G = Hq // Hkv
+    for t in range(T):
+        for s in range(t + 1):
+            naive[:, :, t // bs, s // bs] += p[:, :, t, s].view(B, Hkv, G).sum(-1)
+    got = ref.block_attention_mass(q, k, d ** -0.5, bs, query_chunk=32)
+    finite = torch.isfinite(got)
+    assert torch.allclose(got[finite], naive[finite], atol=1e-5)
+    assert not finite[..., 0, 1:].any()  # above the diagonal

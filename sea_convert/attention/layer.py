@@ -108,3 +108,16 @@ def sea_attention(
     if meter is not None:
         meter.add(layer, sel)
     return SEAOutput(out, est, sel)
+
+
+def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SEAConfig, scale: float, layer: int = -1) -> torch.Tensor:
+    """Sparse attention over the true top blocks (no predictor, no gates): the quality ceiling at a budget."""
+    from sea_convert.attention.select import oracle_select
+
+    ops = dispatch.ops(cfg.backend, q.device)
+    sel = oracle_select(q, k, scale, cfg)
+    out, _ = sel.attend(q, k, v, scale, ops)
+    meter = _meter.get()
+    if meter is not None:
+        meter.add(layer, sel)
+    return out

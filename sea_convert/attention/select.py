@@ -79,3 +79,14 @@ def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops) -> S
         return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
     bin_mask = ops.select_bins_per_query(grouped, cfg.k)
     return Selection("per_query", kept_from_bins(bin_mask), bin_mask=bin_mask)
+
+
+def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig) -> Selection:
+    """The best any mask estimator can do at this budget: the truly most-attended key blocks
+    (same budget rule, sink and local blocks kept). For quality ceilings, not for speed."""
+    from kernels.reference import block_attention_mass, select_key_blocks
+
+    mass = block_attention_mass(q, k, scale, cfg.block_size)
+    index, count = select_key_blocks(mass, blocks_per_head(cfg, mass.shape[2], mass.device), cfg.sink_blocks, cfg.local_blocks)
+    kept = kept_from_blocks(index, count, cfg.block_size, q.shape[2])
+    return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
