@@ -100,6 +100,8 @@ def run(
         ("teacher ppl", f"{p['teacher_ppl']:.3f}"),
         ("SEA ppl", f"{p['sea_ppl']:.3f} (x{p['ppl_ratio']:.4f})"),
         ("density", f"{p['density']:.3f}"),
+        *([("oracle ppl", f"{p['oracle_ppl']:.3f} (x{p['oracle_ppl'] / p['teacher_ppl']:.4f}), density {p['oracle_density']:.3f}")]
+          if "oracle_ppl" in p else []),
         ("eval windows", f"{p['windows']} x {p['ctx']} tokens of {p['held_out_source']}"),
     ]
     if rep.get("mmlu"):

@@ -47,6 +47,7 @@ class StepMetrics:
 
 def estimate_kl(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(target || estimate); bins the target leaves empty contribute 0."""
+    target = target.clamp_min(0.0)  # xlogy of a rounding-negative bin would be NaN
     has_mass = target > 0
     safe_log = torch.where(has_mass, log_probs, torch.zeros_like(log_probs))
     kl = torch.xlogy(target, target) - target * safe_log

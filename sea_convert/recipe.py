@@ -187,6 +187,7 @@ class DistillConfig(_Strict):
 class PerplexityEval(_Strict):
     ctx: int = Field(1024, ge=16, description="window length; windows do not overlap")
     max_windows: int | None = Field(None, ge=1, description="evaluate at most this many held-out windows")
+    oracle: bool = Field(False, description="also the oracle: true top blocks at SEA's budget (the quality ceiling)")
 
 
 class MMLUEval(_Strict):

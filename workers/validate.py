@@ -52,7 +52,7 @@ def check_gates(recipe: Recipe, ppl: dict, mmlu: dict | None) -> list[str]:
 def validate_stage(recipe: Recipe, model, tokenizer, splits: Splits, progress: bool = False) -> ValidationReport:
     v = recipe.validate_
     windows = eval_windows(splits.held_out, v.perplexity.ctx, v.perplexity.max_windows)
-    ppl = compare_perplexity(model, windows, progress=progress).as_dict()
+    ppl = compare_perplexity(model, windows, progress=progress, oracle=v.perplexity.oracle).as_dict()
     ppl["held_out_source"] = splits.held_out_source
     ppl["max_windows"] = v.perplexity.max_windows
     ppl["held_out_tokens"] = int(splits.held_out.numel())
