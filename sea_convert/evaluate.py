@@ -12,7 +12,7 @@ from tqdm import tqdm
 from kernels import dispatch
 from kernels.reference import key_bins
 from sea_convert.attention import measure_density, select
-from sea_convert.integration import attention_mode, capture_attention, predictors
+from sea_convert.integration import attention_mode, attention_modules, capture_attention, predictors
 
 
 @dataclass
@@ -78,10 +78,7 @@ def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: i
     with capture_attention(model) as cap:
         model(input_ids=ids, use_cache=False)
     c = cap[layer]
-    cfg = model.config.sea if isinstance(model.config.sea, dict) else {}
-    from sea_convert.recipe import SEAConfig
-
-    sea_cfg = SEAConfig.model_validate(cfg)
+    sea_cfg = attention_modules(model)[layer].sea_config  # the module's own settings (config.sea may carry save metadata)
     ops = dispatch.ops(sea_cfg.backend, device)
     T = c.q.shape[2]
     est = preds[layer](c.q, c.k, c.v, c.scale, ops)

@@ -86,3 +86,14 @@ def test_predictors_only_checkpoint_pins_its_base(tmp_path, smollm2_tokenizer):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a converted SEA checkpoint"):
         load(tmp_path)
+
+
+def test_picture_after_save_and_after_load(tmp_path, smollm2_tokenizer):
+    from sea_convert.evaluate import attention_picture
+
+    model = _converted()
+    path = save_converted(model, smollm2_tokenizer, SEA, ModelSource(hub="x/y"), tmp_path / "ck")
+    ids = torch.randint(0, 128, (1, 64))
+    assert attention_picture(model, ids, tmp_path / "a.png").stat().st_size > 5_000  # config.sea now has save metadata
+    loaded, _ = load(path)
+    assert attention_picture(loaded, ids, tmp_path / "b.png").stat().st_size > 5_000
