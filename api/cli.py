@@ -176,9 +176,5 @@ def mmlu(
         out.print(_table(f"MMLU {shots}-shot: {checkpoint}", [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in res.items()]))
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -99,32 +99,38 @@ class StageATrainer:
             base(input_ids=input_ids, use_cache=False)
         return captured
 
+    def _layer_losses(self, input_ids: torch.Tensor, backward: bool) -> dict[str, float]:
+        """One teacher pass, then each layer's loss (back-propagated at once if asked); means over layers."""
+        captured = self._teacher_pass(input_ids)
+        n = len(self.predictors)
+        means = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "density": 0.0}
+        for idx in sorted(captured):
+            ll = layer_loss(self.predictors[idx], captured.pop(idx), self.sea_cfg, self.stage)
+            if backward and ll.total.requires_grad:  # False only when no loss term reaches a parameter
+                (ll.total / n).backward()
+            means["loss"] += float(ll.total.detach()) / n
+            means["kl"] += ll.kl / n
+            means["mse"] += ll.mse / n
+            means["density"] += ll.density / n
+        return means
+
+    def _metrics(self, means: dict[str, float], lr: float, input_ids: torch.Tensor, t0: float) -> StepMetrics:
+        return StepMetrics(self.step_count, means["loss"], means["kl"], means["mse"], means["density"], lr,
+                           int(input_ids.numel()), time.perf_counter() - t0)
+
     def step(self, input_ids: torch.Tensor) -> StepMetrics:
         t0 = time.perf_counter()
         self.model.eval()
         for pred in self.predictors:
             pred.train()
-        captured = self._teacher_pass(input_ids)
         self.optimizer.zero_grad(set_to_none=True)
-        n = len(self.predictors)
-        sums = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "density": 0.0}
-        for idx in sorted(captured):
-            ll = layer_loss(self.predictors[idx], captured.pop(idx), self.sea_cfg, self.stage)
-            if ll.total.requires_grad:  # False only when no loss term reaches a parameter
-                (ll.total / n).backward()
-            sums["loss"] += float(ll.total.detach()) / n
-            sums["kl"] += ll.kl / n
-            sums["mse"] += ll.mse / n
-            sums["density"] += ll.density / n
+        means = self._layer_losses(input_ids, backward=True)
         torch.nn.utils.clip_grad_norm_(self.params, self.stage.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return StepMetrics(
-            self.step_count, sums["loss"], sums["kl"], sums["mse"], sums["density"], lr,
-            int(input_ids.numel()), time.perf_counter() - t0,
-        )
+        return self._metrics(means, lr, input_ids, t0)
 
     @torch.no_grad()
     def evaluate(self, input_ids: torch.Tensor) -> StepMetrics:
@@ -132,19 +138,8 @@ class StageATrainer:
         t0 = time.perf_counter()
         for pred in self.predictors:
             pred.eval()
-        captured = self._teacher_pass(input_ids)
-        n = len(self.predictors)
-        vals = [layer_loss(self.predictors[i], captured.pop(i), self.sea_cfg, self.stage) for i in sorted(captured)]
-        return StepMetrics(
-            self.step_count,
-            sum(float(v.total) for v in vals) / n,
-            sum(v.kl for v in vals) / n,
-            sum(v.mse for v in vals) / n,
-            sum(v.density for v in vals) / n,
-            self.optimizer.param_groups[0]["lr"],
-            int(input_ids.numel()),
-            time.perf_counter() - t0,
-        )
+        means = self._layer_losses(input_ids, backward=False)
+        return self._metrics(means, self.optimizer.param_groups[0]["lr"], input_ids, t0)
 
     def state_dict(self) -> dict:
         return {
