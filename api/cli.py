@@ -66,6 +66,8 @@ def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) -
         ("train", r.data.train.describe()),
         ("held out", r.data.held_out.describe() if r.data.held_out else "tail of the training text"),
         ("stage A", f"{r.distill.stage_a.steps} steps x {r.distill.stage_a.batch_size} x {r.data.seq_len} tokens"),
+        ("stage B", f"{r.distill.stage_b.steps} steps x {r.distill.stage_b.batch_size} x {r.data.seq_len} tokens,"
+                    f" base: {r.distill.stage_b.train_base}" if r.distill.stage_b else "off"),
         ("output", str(r.output.dir)),
     ]))
 
@@ -96,7 +98,9 @@ def run(
         ("distill", f"{d['steps']} steps, {d['tokens']} tokens, {d['seconds']} s"),
         ("train loss", f"{d['train_loss_first']:.4f} (first step) -> {d['train_loss_last']:.4f} (last); "
                        f"last 10% mean {d['train_loss_last10pct_mean']:.4f}"),
-        ("held-out distill loss", f"{d['held_out_before']['loss']:.4f} -> {d['held_out_after']['loss']:.4f}"),
+        ("held-out distill loss (A)", f"{d['held_out']['a_before']['loss']:.4f} -> {d['held_out']['a_after']['loss']:.4f}"),
+        *([("held-out loss (B)", f"{d['held_out']['b_before']['loss']:.4f} -> {d['held_out']['b_after']['loss']:.4f}")]
+          if "b_after" in d["held_out"] else []),
         ("teacher ppl", f"{p['teacher_ppl']:.3f}"),
         ("SEA ppl", f"{p['sea_ppl']:.3f} (x{p['ppl_ratio']:.4f})"),
         ("density", f"{p['density']:.3f}"),

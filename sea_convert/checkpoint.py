@@ -26,7 +26,7 @@ from sea_convert.recipe import ModelSource, SEAConfig
 
 FORMAT_VERSION = 1
 PREDICTORS_FILE = "sea_predictors.safetensors"
-_SEA_META_KEYS = ("format_version", "base_model")
+_SEA_META_KEYS = ("format_version", "base_model", "base_finetuned")
 
 
 class CheckpointError(ValueError):
@@ -75,6 +75,7 @@ def save_converted(
     extra_files: dict[str, Path] | None = None,
     save_base_weights: bool = True,
     overwrite: bool = False,
+    base_finetuned: bool = False,
 ) -> Path:
     final = Path(path)
     prepare_output_dir(final, overwrite)
@@ -86,6 +87,8 @@ def save_converted(
             **sea_cfg.model_dump(mode="json"),
             "format_version": FORMAT_VERSION,
             "base_model": source.model_dump(mode="json"),
+            # stage B changed the base weights: dense mode of this checkpoint is no longer the original teacher
+            "base_finetuned": base_finetuned,
         }
         attn_before = model.config._attn_implementation
         model.config._attn_implementation_internal = "sdpa"  # a saved checkpoint opens with plain attention

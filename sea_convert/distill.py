@@ -12,7 +12,6 @@ Gradients stay inside the predictors. The target is computed in query chunks
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,8 +20,10 @@ from torch import nn
 
 from kernels import dispatch
 from sea_convert.attention import SEAPredictor, sea_attention
+from sea_convert.attention.losses import estimate_kl
 from sea_convert.integration import Captured, capture_attention, predictors
 from sea_convert.recipe import SEAConfig, StageAConfig
+from sea_convert.trainer_base import TrainerBase
 
 
 @dataclass
@@ -45,15 +46,6 @@ class StepMetrics:
     seconds: float
 
 
-def estimate_kl(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(target || estimate); bins the target leaves empty contribute 0."""
-    target = target.clamp_min(0.0)  # xlogy of a rounding-negative bin would be NaN
-    has_mass = target > 0
-    safe_log = torch.where(has_mass, log_probs, torch.zeros_like(log_probs))
-    kl = torch.xlogy(target, target) - target * safe_log
-    return kl.sum(-1).mean()
-
-
 def layer_loss(predictor: SEAPredictor, cap: Captured, sea_cfg: SEAConfig, stage: StageAConfig) -> LayerLoss:
     ops = dispatch.ops(sea_cfg.backend, cap.q.device)
     with torch.no_grad():
@@ -67,15 +59,7 @@ def layer_loss(predictor: SEAPredictor, cap: Captured, sea_cfg: SEAConfig, stage
     return LayerLoss(total, float(kl.detach()), float(mse.detach()), kept / causal)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class StageATrainer:
+class StageATrainer(TrainerBase):
     """Owns the optimizer of the predictors; `step(batch)` runs one optimizer step."""
 
     def __init__(self, model: nn.Module, sea_cfg: SEAConfig, stage: StageAConfig):
@@ -86,12 +70,7 @@ class StageATrainer:
         params = [p for pred in self.predictors for p in pred.parameters()]
         for p in params:
             p.requires_grad_(True)
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: _lr_factor(s, stage.warmup_steps, stage.steps)
-        )
-        self.step_count = 0
+        self._build_optimizer([{"params": params, "lr": stage.lr}], stage.weight_decay, stage.warmup_steps, stage.steps)
 
     def _teacher_pass(self, input_ids: torch.Tensor) -> dict[int, Captured]:
         base = getattr(self.model, "model", self.model)  # skip the LM head: only attention is needed
@@ -125,11 +104,7 @@ class StageATrainer:
             pred.train()
         self.optimizer.zero_grad(set_to_none=True)
         means = self._layer_losses(input_ids, backward=True)
-        torch.nn.utils.clip_grad_norm_(self.params, self.stage.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step_count += 1
+        lr = self._optimizer_step(self.stage.grad_clip)
         return self._metrics(means, lr, input_ids, t0)
 
     @torch.no_grad()
@@ -140,18 +115,3 @@ class StageATrainer:
             pred.eval()
         means = self._layer_losses(input_ids, backward=False)
         return self._metrics(means, self.optimizer.param_groups[0]["lr"], input_ids, t0)
-
-    def state_dict(self) -> dict:
-        return {
-            "predictors": [p.state_dict() for p in self.predictors],
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step_count,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for pred, sd in zip(self.predictors, state["predictors"], strict=True):
-            pred.load_state_dict(sd)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step_count = state["step"]

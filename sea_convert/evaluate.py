@@ -45,6 +45,13 @@ def window_nll(model, windows: torch.Tensor, mode: str, progress: bool = False, 
     return total, count
 
 
+def mode_perplexity(model, windows: torch.Tensor, mode: str, progress: bool = False) -> tuple[float, float]:
+    """(perplexity, density) of one attention mode on the windows; density is 1 for dense attention."""
+    with measure_density() as meter:
+        nll, n = window_nll(model, windows, mode, progress, f"{mode} ppl")
+    return math.exp(nll / n), (1.0 if mode == "dense" else meter.density)
+
+
 def compare_perplexity(model, windows: torch.Tensor, progress: bool = False, oracle: bool = False) -> PerplexityReport:
     """Teacher (dense) and SEA perplexity on exactly the same windows; optionally the oracle's too."""
     t_nll, n = window_nll(model, windows, "dense", progress, "teacher ppl")

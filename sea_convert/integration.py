@@ -70,18 +70,41 @@ class Captured:
 _capture_sink: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sea_capture_sink", default=None)
 
 
-def _check_plain_causal(module, query, key, attention_mask) -> None:
+def _check_plain_causal(module, query, key, attention_mask) -> torch.Tensor | None:
+    """None for a plain causal batch, else the (B, T) bool validity of each position of a right-padded one.
+
+    transformers (5.x, through `sdpa_mask`) passes None when nothing is padded, and with padding a
+    (B, 1, T, T) bool mask: causal and the padding keys masked out, so a pad query row cannot see
+    itself and the diagonal is the validity. Anything else is refused.
+    """
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             "SEA attention got a KV cache (incremental decoding), which this version does not support;"
             " run full sequences with use_cache=False"
         )
-    if attention_mask is not None:
-        raise ValueError("SEA attention needs unpadded causal batches (no attention_mask with padding)")
+    if attention_mask is None:
+        return None
+    B, T = query.shape[0], query.shape[2]
+    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (B, 1, T, T):
+        raise ValueError(
+            f"SEA attention takes no mask or the (B, 1, T, T) bool mask of a right-padded batch;"
+            f" got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask[:, 0]
+    valid = mask.diagonal(dim1=-2, dim2=-1)  # (B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    prefix = bool((valid[:, 1:] <= valid[:, :-1]).all())
+    if not prefix or not torch.equal(mask, causal & valid[:, None, :]):
+        raise ValueError(
+            "SEA attention supports causal batches with right padding only (each sequence's real tokens first,"
+            " pads after); left padding and incremental decoding come with issue 8"
+        )
+    return None if bool(valid.all()) else valid
 
 
 def _capture_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    _check_plain_causal(module, query, key, attention_mask)
+    if _check_plain_causal(module, query, key, attention_mask) is not None:
+        raise ValueError("capture (distillation targets) needs unpadded batches: pack or crop sequences to one length")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = dense_causal_attention(query, key, value, scale)
     sink = _capture_sink.get()
@@ -91,21 +114,22 @@ def _capture_forward(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    _check_plain_causal(module, query, key, attention_mask)
+    valid = _check_plain_causal(module, query, key, attention_mask)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    res = sea_attention(query, key, value, module.sea_predictor, module.sea_config, scale, module.sea_layer_idx)
+    res = sea_attention(query, key, value, module.sea_predictor, module.sea_config, scale, module.sea_layer_idx, valid=valid)
     return res.out.to(query.dtype).transpose(1, 2), None
 
 
 def _oracle_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    _check_plain_causal(module, query, key, attention_mask)
+    valid = _check_plain_causal(module, query, key, attention_mask)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = oracle_attention(query, key, value, module.sea_config, scale, module.sea_layer_idx)
+    out = oracle_attention(query, key, value, module.sea_config, scale, module.sea_layer_idx, valid=valid)
     return out.to(query.dtype).transpose(1, 2), None
 
 
 def register_attention_functions() -> None:
-    """Idempotent. Masks: SDPA's builder, which gives None for plain causal batches."""
+    """Idempotent. Masks: SDPA's builder, which gives None for plain causal batches and a
+    (B, 1, T, T) bool mask for padded ones (right padding is supported, see _check_plain_causal)."""
     for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward), ("sea_oracle", _oracle_forward)):
         AttentionInterface.register(name, fn)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)

@@ -1,8 +1,9 @@
 """MMLU accuracy by the answer letter: the model's next-token logits over " A", " B", " C", " D".
 
 Prompts follow Hendrycks et al. / lm-eval. There is no dev split at hand, so k-shot examples come
-from the same subject of the test file itself, never the question being asked. Every prompt runs
-alone (batch of one, no padding): SEA attention does not handle padded batches.
+from the same subject of the test file itself, never the question being asked. Prompts run in
+batches of similar length, right-padded, with an attention mask: every model here is causal and SEA
+attention leaves pads out of its selection, so a prompt scores as it would alone.
 """
 
 from __future__ import annotations
@@ -147,12 +148,18 @@ def score_mmlu(
     `questions` is the full pool (shots are drawn from it); `limit` scores a subject-stratified
     subset. Prompts longer than max_length (default: model.config.max_position_embeddings) lose
     shots from the front; a 0-shot prompt still too long keeps its last max_length tokens.
-    `batch_size` is accepted for interface stability but unused: each prompt runs alone because
-    padded batches are not supported by SEA attention.
+    Prompts are sorted by length (longest first, so memory peaks at once) and run `batch_size` at a
+    time, right-padded (pad id: the tokenizer's pad, else its EOS, else 0) with an attention mask
+    when lengths differ; each prompt's logits are read at its own last real position, and results
+    come back in scoring order. Right padding leaves each prompt's real positions as they are alone
+    (causal attention; SEA leaves pads out of its selection), so batching does not change scores.
     """
+    import inspect
+
     from tqdm.auto import tqdm
 
-    del batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_length is None:
         max_length = int(model.config.max_position_embeddings)
     letters = letter_token_ids(tokenizer)
@@ -160,29 +167,55 @@ def score_mmlu(
     order = stratified_subset(questions, limit)
     device = next(model.parameters()).device
 
-    predictions: list[int] = []
-    letter_logits: list[list[float]] = []
-    hits: dict[str, list[int]] = defaultdict(list)
+    prompts: list[list[int]] = []
+    for i in order:
+        examples = few_shot_examples(questions, i, shots, by_subject)
+        ids = encode_prompt(tokenizer, build_prompt(questions[i], examples))
+        while len(ids) > max_length and examples:
+            examples = examples[1:]
+            ids = encode_prompt(tokenizer, build_prompt(questions[i], examples))
+        prompts.append(ids[-max_length:])
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None)
+    if pad_id is None:
+        pad_id = 0
+    # only the last real position's logits are needed: where the model takes logits_to_keep, the LM
+    # head runs on those positions alone (not a (batch, T, vocab) tensor)
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    by_length = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))
+
+    predictions: list[int] = [0] * len(prompts)
+    letter_logits: list[list[float]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for i in tqdm(order, desc="MMLU", disable=not progress):
-                q = questions[i]
-                examples = few_shot_examples(questions, i, shots, by_subject)
-                ids = encode_prompt(tokenizer, build_prompt(q, examples))
-                while len(ids) > max_length and examples:
-                    examples = examples[1:]
-                    ids = encode_prompt(tokenizer, build_prompt(q, examples))
-                ids = ids[-max_length:]
-                logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1]
-                four = logits[letters].float()
-                pred = int(torch.argmax(four))
-                predictions.append(pred)
-                letter_logits.append(four.tolist())
-                hits[q.subject].append(int(pred == q.answer))
+        with torch.inference_mode(), tqdm(total=len(prompts), desc="MMLU", disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                batch = by_length[start : start + batch_size]
+                lengths = [len(prompts[j]) for j in batch]
+                T = max(lengths)
+                ids = torch.tensor([prompts[j] + [pad_id] * (T - len(prompts[j])) for j in batch], device=device)
+                kwargs = {}
+                if min(lengths) < T:
+                    kwargs["attention_mask"] = (torch.arange(T) < torch.tensor(lengths)[:, None]).long().to(device)
+                last = torch.tensor(lengths) - 1
+                if keep_arg:
+                    positions, column = torch.unique(last, return_inverse=True)
+                    kwargs["logits_to_keep"] = positions.to(device)
+                else:
+                    column = last
+                logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+                four = logits[torch.arange(len(batch), device=logits.device), column.to(logits.device)][:, letters].float()
+                for j, row, pred in zip(batch, four.tolist(), four.argmax(-1).tolist()):
+                    letter_logits[j], predictions[j] = row, pred
+                bar.update(len(batch))
     finally:
         model.train(was_training)
+
+    hits: dict[str, list[int]] = defaultdict(list)
+    for i, pred in zip(order, predictions):
+        hits[questions[i].subject].append(int(pred == questions[i].answer))
 
     correct = sum(sum(h) for h in hits.values())
     return MMLUResult(

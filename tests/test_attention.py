@@ -138,7 +138,7 @@ def test_sea_refuses_padding_and_kv_cache():
     ids = torch.randint(0, 128, (2, 40))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    with attention_mode(model, "sea"), pytest.raises(ValueError, match="unpadded"):
+    with attention_mode(model, "sea"), pytest.raises(ValueError, match="right padding only"):  # left padding
         model(ids, attention_mask=mask, use_cache=False)
     # cached decoding: the prefill works, the next single-token step is refused clearly
     with attention_mode(model, "sea"), torch.no_grad():

@@ -57,7 +57,7 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "ck" / "report.json").read_text())
     d = report["distill"]
-    assert d["held_out_after"]["loss"] < d["held_out_before"]["loss"]
+    assert d["held_out"]["a_after"]["loss"] < d["held_out"]["a_before"]["loss"]
     assert (tmp_path / "ck" / "attention.png").stat().st_size > 10_000
     assert "attention.png" in (tmp_path / "ck" / "README.md").read_text()
     res = runner.invoke(app, ["eval", str(tmp_path / "ck"), "--text", str(DATA / "austen.txt"), "--ctx", "256",

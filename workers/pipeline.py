@@ -13,11 +13,12 @@ from sea_convert.checkpoint import prepare_output_dir
 from sea_convert.data import build_splits
 from sea_convert.evaluate import attention_picture
 from sea_convert.integration import attach_sea, compile_predictors
+from sea_convert.lora import merge_lora
 from sea_convert.models import load_teacher, pick_device
 from sea_convert.recipe import Recipe
-from workers.distill import DistillResult, distill_stage
+from workers.distill import DistillResult, clear_state, default_state_dir, distill_stage
 from workers.publish import publish_stage
-from workers.validate import ValidationReport, validate_stage
+from workers.validate import ValidationReport, teacher_reference, validate_stage
 
 
 class GateFailure(RuntimeError):
@@ -61,9 +62,16 @@ def model_card(recipe: Recipe, report: dict) -> str:
             f" SEA {mmlu['sea_accuracy']:.4f}.",
             "",
         ]
+    for stage in ("a", "b"):
+        st = d.get(f"stage_{stage}")
+        if st:
+            lines += [f"Distillation stage {stage.upper()}: {st['steps']} steps, {d['seconds_by_stage'].get(stage, 0)} s; "
+                      f"loss {st['loss_first']:.4f} -> {st['loss_last']:.4f}.", ""]
+    if recipe.distill.stage_b is not None and recipe.distill.stage_b.train_base != "none":
+        lines += [f"Stage B fine-tuned the base weights ({recipe.distill.stage_b.train_base}); the teacher numbers"
+                  " above are the original model's.", ""]
     lines += [
-        f"Distillation (stage A): {d['steps']} steps, {d['tokens']} tokens, {d['seconds']} s; "
-        f"train loss {d['train_loss_first']:.4f} -> {d['train_loss_last']:.4f}.",
+        f"Distillation total: {d['steps']} steps, {d['tokens']} tokens, {d['seconds']} s.",
         "",
         "![teacher attention, SEA estimate and chosen mask](attention.png)",
         "",
@@ -75,6 +83,7 @@ def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool 
     t0 = time.perf_counter()
     destination = Path(output_dir) if output_dir is not None else recipe.output.dir
     prepare_output_dir(destination, recipe.output.overwrite)  # fail before any work, not after
+    state_dir = default_state_dir(recipe, destination)
     torch.manual_seed(recipe.distill.seed)
     device = pick_device(recipe.distill.device)
     log(f"loading {recipe.model.describe()} on {device}")
@@ -85,9 +94,13 @@ def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool 
     log(f"data: train {recipe.data.train.describe()}")
     splits = build_splits(recipe.data, tokenizer)
     log(f"training windows {tuple(splits.train.shape)}, held-out tokens {splits.held_out.numel()} ({splits.held_out_source})")
-    distilled: DistillResult = distill_stage(recipe, model, splits, progress=progress)
+    reference = teacher_reference(recipe, model, tokenizer, splits, progress=progress)  # before stage B moves the base
+    log(f"teacher perplexity {reference['teacher_ppl']:.3f}")
+    distilled: DistillResult = distill_stage(recipe, model, splits, progress=progress, state_dir=state_dir)
+    if distilled.resumed_from:
+        log(f"resumed from {state_dir} at stage {distilled.resumed_from['stage'].upper()} step {distilled.resumed_from['step']}")
     log(f"distilled {distilled.steps} steps in {distilled.seconds:.0f} s")
-    validation: ValidationReport = validate_stage(recipe, model, tokenizer, splits, progress=progress)
+    validation: ValidationReport = validate_stage(recipe, model, tokenizer, splits, reference, progress=progress)
     report = {
         "recipe": recipe.model_dump(mode="json", by_alias=True),
         "distill": distilled.summary(),
@@ -96,10 +109,14 @@ def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool 
     }
     if not validation.passed:
         raise GateFailure(report, validation.gate_failures)
+    merged = merge_lora(model)  # a plain transformers checkpoint: adapters folded into the base weights
+    if merged:
+        log(f"merged {merged} LoRA adapters into the base weights")
     with tempfile.TemporaryDirectory() as tmp:
         extra = {}
         if recipe.validate_.picture:
             extra["attention.png"] = attention_picture(model, splits.held_out[:256], Path(tmp) / "attention.png")
         report["seconds_total"] = round(time.perf_counter() - t0, 1)
         path = publish_stage(recipe, model, tokenizer, report, model_card(recipe, report), destination, extra)
+    clear_state(state_dir)
     return PipelineResult(path, report, time.perf_counter() - t0)

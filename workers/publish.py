@@ -22,4 +22,5 @@ def publish_stage(
         extra_files=extra_files,
         save_base_weights=recipe.output.save_base_weights,
         overwrite=recipe.output.overwrite,
+        base_finetuned=recipe.distill.stage_b is not None and recipe.distill.stage_b.train_base != "none",
     )

@@ -1,11 +1,16 @@
-"""The validate stage: perplexity (teacher vs SEA on the same held-out windows), MMLU, gates."""
+"""The validate stage: perplexity and MMLU of the teacher and of SEA on the same data, and the gates.
+
+The teacher's numbers (and the oracle's, which uses the teacher's own attention) are measured
+before distillation, since stage B may change the base weights: `teacher_reference` first,
+`validate_stage` after training.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from sea_convert.data import Splits, eval_windows
-from sea_convert.evaluate import compare_perplexity
+from sea_convert.evaluate import mode_perplexity
 from sea_convert.integration import attention_mode
 from sea_convert.mmlu import load_mmlu, score_mmlu
 from sea_convert.recipe import Recipe
@@ -25,16 +30,43 @@ class ValidationReport:
         return {"perplexity": self.perplexity, "mmlu": self.mmlu, "gates_passed": self.passed, "gate_failures": self.gate_failures}
 
 
+def mmlu_accuracy(model, tokenizer, mode: str, source: str, shots: int, limit: int | None, progress: bool = False,
+                  batch_size: int = 16) -> dict:
+    with attention_mode(model, mode):
+        res = score_mmlu(model, tokenizer, load_mmlu(source), shots=shots, limit=limit, batch_size=batch_size,
+                         progress=progress)
+    return {"accuracy": res.accuracy, "questions": res.n}
+
+
 def mmlu_both(model, tokenizer, source: str, shots: int, limit: int | None, progress: bool = False) -> dict:
-    questions = load_mmlu(source)
-    out = {"shots": shots, "limit": limit, "source": source}
-    for mode, name in (("dense", "teacher"), ("sea", "sea")):
-        with attention_mode(model, mode):
-            res = score_mmlu(model, tokenizer, questions, shots=shots, limit=limit, progress=progress)
-        out[f"{name}_accuracy"] = res.accuracy
-        out["questions"] = res.n
-    out["drop"] = out["teacher_accuracy"] - out["sea_accuracy"]
-    return out
+    """Teacher (dense) and SEA MMLU on one model whose base weights are the teacher's (the `mmlu` command)."""
+    teacher = mmlu_accuracy(model, tokenizer, "dense", source, shots, limit, progress)
+    sea = mmlu_accuracy(model, tokenizer, "sea", source, shots, limit, progress)
+    return _mmlu_report(teacher, sea, source, shots, limit)
+
+
+def _mmlu_report(teacher: dict, sea: dict, source: str, shots: int, limit: int | None) -> dict:
+    return {"shots": shots, "limit": limit, "source": source, "questions": sea["questions"],
+            "teacher_accuracy": teacher["accuracy"], "sea_accuracy": sea["accuracy"],
+            "drop": teacher["accuracy"] - sea["accuracy"]}
+
+
+def _windows(recipe: Recipe, splits: Splits):
+    p = recipe.validate_.perplexity
+    return eval_windows(splits.held_out, p.ctx, p.max_windows)
+
+
+def teacher_reference(recipe: Recipe, model, tokenizer, splits: Splits, progress: bool = False) -> dict:
+    """The teacher's perplexity and MMLU, and the oracle's perplexity, before any training."""
+    v = recipe.validate_
+    windows = _windows(recipe, splits)
+    ref = {"teacher_ppl": mode_perplexity(model, windows, "dense", progress)[0]}
+    if v.perplexity.oracle:
+        ref["oracle_ppl"], ref["oracle_density"] = mode_perplexity(model, windows, "oracle", progress)
+    if v.mmlu.enabled:
+        ref["mmlu"] = mmlu_accuracy(model, tokenizer, "dense", v.mmlu.source, v.mmlu.shots, v.mmlu.limit, progress,
+                                    v.mmlu.batch_size)
+    return ref
 
 
 def check_gates(recipe: Recipe, ppl: dict, mmlu: dict | None) -> list[str]:
@@ -49,12 +81,21 @@ def check_gates(recipe: Recipe, ppl: dict, mmlu: dict | None) -> list[str]:
     return failures
 
 
-def validate_stage(recipe: Recipe, model, tokenizer, splits: Splits, progress: bool = False) -> ValidationReport:
+def validate_stage(recipe: Recipe, model, tokenizer, splits: Splits, reference: dict, progress: bool = False) -> ValidationReport:
+    """SEA's numbers after training, beside the teacher reference measured before it."""
     v = recipe.validate_
-    windows = eval_windows(splits.held_out, v.perplexity.ctx, v.perplexity.max_windows)
-    ppl = compare_perplexity(model, windows, progress=progress, oracle=v.perplexity.oracle).as_dict()
+    windows = _windows(recipe, splits)
+    sea_ppl, density = mode_perplexity(model, windows, "sea", progress)
+    ppl = {"teacher_ppl": reference["teacher_ppl"], "sea_ppl": sea_ppl, "ppl_ratio": sea_ppl / reference["teacher_ppl"],
+           "density": density, "ctx": int(windows.shape[1]), "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+           "windows": int(windows.shape[0])}
+    if "oracle_ppl" in reference:
+        ppl["oracle_ppl"], ppl["oracle_density"] = reference["oracle_ppl"], reference["oracle_density"]
     ppl["held_out_source"] = splits.held_out_source
     ppl["max_windows"] = v.perplexity.max_windows
     ppl["held_out_tokens"] = int(splits.held_out.numel())
-    mmlu = mmlu_both(model, tokenizer, v.mmlu.source, v.mmlu.shots, v.mmlu.limit, progress) if v.mmlu.enabled else None
+    mmlu = None
+    if v.mmlu.enabled:
+        sea = mmlu_accuracy(model, tokenizer, "sea", v.mmlu.source, v.mmlu.shots, v.mmlu.limit, progress, v.mmlu.batch_size)
+        mmlu = _mmlu_report(reference["mmlu"], sea, v.mmlu.source, v.mmlu.shots, v.mmlu.limit)
     return ValidationReport(ppl, mmlu, check_gates(recipe, ppl, mmlu))

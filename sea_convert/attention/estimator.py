@@ -34,14 +34,16 @@ def positive_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool)
     """phi(x) = exp(w.x - |x|^2/2 - c): E[phi(q).phi(k)] is proportional to exp(q.k).
 
     The stabiliser c cancels in the estimator's ratio as long as it is shared by every key
-    a query sees: per row for queries, per (batch, head) for keys.
+    a query sees: per row for queries; for keys, per (batch, head) and taken from the first key
+    alone, which every row sees. A max over all keys would let a later key change earlier rows
+    (through the 1e-6 floor): not causal, and not reproducible token by token when decoding.
     """
     wx = x @ projection.T
     half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
     if is_query:
         c = wx.amax(-1, keepdim=True)
     else:
-        c = wx.amax(dim=(-1, -2), keepdim=True)
+        c = wx[..., :1, :].amax(-1, keepdim=True)
     return torch.exp(wx - half_sq - c.detach()) + 1e-6
 
 

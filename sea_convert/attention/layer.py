@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import dispatch
+from sea_convert.attention.losses import active_sink, estimate_kl
 from sea_convert.attention.predictor import Estimate, SEAPredictor
 from sea_convert.attention.select import Selection, select
 from sea_convert.recipe import SEAConfig
@@ -95,12 +96,23 @@ class SEAOutput:
 
 
 def sea_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig, scale: float, layer: int = -1
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig, scale: float, layer: int = -1,
+    valid: torch.Tensor | None = None,
 ) -> SEAOutput:
-    """One SEA layer on (B, Hq, T, d) queries and (B, Hkv, T, d) keys/values, causal."""
+    """One SEA layer on (B, Hq, T, d) queries and (B, Hkv, T, d) keys/values, causal.
+
+    valid: (B, T) bool of a right-padded batch (real tokens first): pads then leave the real
+    positions' outputs as they are without them (see `select`)."""
     ops = dispatch.ops(cfg.backend, q.device)
-    est = predictor(q, k, v, scale, ops)
-    sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops)
+    # The predictor reads the attention inputs detached: in stage B the base weights learn from the
+    # sparse attention and the model-level losses, not from making the predictor's task easier.
+    est = predictor(q.detach(), k.detach(), v.detach(), scale, ops)
+    sink = active_sink()
+    if sink is not None:
+        with torch.no_grad():
+            target, _ = ops.teacher_target(q.detach(), k.detach(), scale, cfg.predictor_length, sink.query_chunk)
+        sink.losses.append(estimate_kl(target, est.log_probs))
+    sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops, valid=valid)
     sparse_out, _ = sel.attend(q, k, v, scale, ops)
     mix = _compiled_mix() if cfg.compile and q.is_cuda else mix_output
     out = mix(sparse_out, est.gates, sel.kept, v) if est.gates is not None else sparse_out.float()
@@ -110,12 +122,15 @@ def sea_attention(
     return SEAOutput(out, est, sel)
 
 
-def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SEAConfig, scale: float, layer: int = -1) -> torch.Tensor:
+def oracle_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SEAConfig, scale: float, layer: int = -1,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sparse attention over the true top blocks (no predictor, no gates): the quality ceiling at a budget."""
     from sea_convert.attention.select import oracle_select
 
     ops = dispatch.ops(cfg.backend, q.device)
-    sel = oracle_select(q, k, scale, cfg)
+    sel = oracle_select(q, k, scale, cfg, valid=valid)
     out, _ = sel.attend(q, k, v, scale, ops)
     meter = _meter.get()
     if meter is not None:

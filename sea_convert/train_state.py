@@ -1,0 +1,66 @@
+"""The resumable training state of a distillation: written atomically, checked against its recipe.
+
+One file, `train_state.pt`, in the state folder: which stage it is in, the trainer's state
+(trainable weights, optimizer, schedule, step), the data position, the random state, and the
+history so far. A state written by a different recipe is refused, never silently resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "train_state.pt"
+
+
+class ResumeError(ValueError):
+    pass
+
+
+def recipe_fingerprint(recipe) -> str:
+    """What decides the training trajectory: model, SEA settings, data and distillation settings."""
+    fields = recipe.model_dump(mode="json", by_alias=True, include={"model", "sea", "data", "distill"})
+    fields["distill"].pop("resume", None)
+    fields["distill"].pop("checkpoint_every", None)  # saving more or less often does not change the run
+    fields["distill"].pop("state_dir", None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(folder: Path, state: dict) -> Path:
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous state intact."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / STATE_FILE
+    tmp = folder / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(folder: Path, fingerprint: str) -> dict | None:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise ResumeError(
+            f"{path} was written by a different recipe (model, sea, data or distill settings changed);"
+            " delete the folder or set distill.resume: false to start over"
+        )
+    return state

@@ -1,0 +1,73 @@
+"""What stage A and stage B trainers share: the optimizer, the schedule and a resumable state.
+
+The state holds the trainable parameters by name (predictors, adapters or base weights), the
+optimizer, the schedule and the step, so a run restored from it continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainerBase:
+    """Subclasses set `self.model` and call `_build_optimizer(groups, ...)` with named parameter groups."""
+
+    model: nn.Module
+
+    def _build_optimizer(self, groups: list[dict], weight_decay: float, warmup: int, total_steps: int) -> None:
+        self.total_steps, self.warmup = total_steps, warmup
+        self.params = [p for g in groups for p in g["params"]]
+        ids = {id(p) for p in self.params}
+        self.trainable_names = [n for n, p in self.model.named_parameters() if id(p) in ids]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        # reads self.total_steps at every step, so a caller may shorten the run (set_total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.warmup, self.total_steps)
+        )
+        self.step_count = 0
+
+    def set_total_steps(self, total: int) -> None:
+        """Re-plan the schedule's length (e.g. to fit a time budget measured on the first steps)."""
+        self.total_steps = max(total, self.step_count)
+
+    def _optimizer_step(self, grad_clip: float) -> float:
+        torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return lr
+
+    def state_dict(self) -> dict:
+        named = dict(self.model.named_parameters())
+        return {
+            "trainable": {n: named[n].detach().clone() for n in self.trainable_names},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step_count,
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        named = dict(self.model.named_parameters())
+        missing = set(self.trainable_names) - set(state["trainable"])
+        if missing:
+            raise ValueError(f"training state lacks {len(missing)} trainable parameters, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for n in self.trainable_names:
+                named[n].copy_(state["trainable"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = state["step"]
+        self.total_steps = state["total_steps"]

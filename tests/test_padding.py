@@ -1,0 +1,115 @@
+"""Right-padded batches: every real position's output equals that of its sequence run alone."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from kernels import reference
+from sea_convert.attention import SEAPredictor, measure_density, sea_attention, select
+from sea_convert.integration import attach_sea, attention_mode, capture_attention, predictors
+from sea_convert.recipe import SEAConfig
+
+LENGTHS = (203, 150, 37, 97)  # none a multiple of the block size 16: every last block is partial; 203 is unpadded
+CASES = [("dense", "block"), ("sea", "block"), ("sea", "per_query"), ("oracle", "block")]
+
+
+def _right_padded(lengths, seed=0, vocab=128):
+    T = max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), T), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids, mask
+
+
+def _sea_model(arch, mode, **cfg):
+    model = tiny_model(arch)
+    attach_sea(model, SEAConfig(mode=mode, k=16, predictor_length=64, block_size=16, **cfg))
+    torch.manual_seed(1)
+    for pred in predictors(model):  # trained gates read the estimate: any pad influence would show
+        torch.nn.init.normal_(pred.gates.weight, std=0.5)
+        torch.nn.init.normal_(pred.gates.bias, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("attention,mode", CASES)
+def test_right_padded_batch_equals_each_sequence_alone(arch, attention, mode):
+    model = _sea_model(arch, mode)
+    ids, mask = _right_padded(LENGTHS)
+    with torch.no_grad(), attention_mode(model, attention), measure_density() as meter:
+        batched = model(ids, attention_mask=mask, use_cache=False).logits
+        alone = [model(ids[b : b + 1, :L], use_cache=False).logits[0] for b, L in enumerate(LENGTHS)]
+    assert torch.isfinite(batched).all()  # pad positions too: a NaN there would reach real rows' products
+    err = max((batched[b, :L] - a).abs().max().item() for b, (L, a) in enumerate(zip(LENGTHS, alone)))
+    print(f"{arch}/{attention}/{mode}: right-padded vs alone max |logit error| = {err:.2e}")
+    if attention != "dense":
+        assert meter.density < 0.7  # really sparse: selection is exercised
+    assert err < 1e-5  # measured 1.0e-7 .. 2.1e-7 (fp32 summation order of batched matmuls)
+
+
+def test_block_selection_leaves_pads_out():
+    """Block mode pools a query block's rows: pads sharing a block with the last real rows must not count,
+    and that block's bins are read at its last real row. Real query blocks then select exactly as alone."""
+    cfg = SEAConfig(mode="block", k=16, predictor_length=32, block_size=16, block_keys=64)  # 4 blocks per head
+    B, Hq, Hkv, T, K = len(LENGTHS), 4, 2, max(LENGTHS), 32
+    torch.manual_seed(0)
+    est = torch.softmax(3 * torch.randn(B, Hq, T, K), -1)
+    valid = torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]
+    pad_row = torch.nn.functional.one_hot(torch.tensor(K // 2), K).float()  # pads all point at one bin
+    est = torch.where(valid[:, None, :, None], est, pad_row)
+    padded, ignored = select(est, cfg, Hkv, reference, valid=valid), select(est, cfg, Hkv, reference)
+    differs = False
+    for b, L in enumerate(LENGTHS):
+        alone = select(est[b : b + 1, :, :L], cfg, Hkv, reference)
+        nqb = alone.block_index.shape[2]
+        for sel in (padded, ignored):
+            assert sel.block_index.shape[2] == -(-T // 16)
+        idx = padded.block_index[b : b + 1, :, :nqb, : alone.block_index.shape[-1]]
+        assert torch.equal(idx, alone.block_index) and torch.equal(padded.block_count[b : b + 1, :, :nqb], alone.block_count)
+        assert torch.equal(padded.kept[b : b + 1, :, :L], alone.kept)
+        differs |= not torch.equal(ignored.block_count[b : b + 1, :, :nqb], alone.block_count) or not torch.equal(
+            ignored.block_index[b : b + 1, :, :nqb, : alone.block_index.shape[-1]], alone.block_index
+        )
+    assert differs  # without `valid` the pads do change some real block's selection
+
+
+def test_huge_later_keys_cannot_move_earlier_estimates():
+    """Pads (or any later tokens) with huge keys leave earlier rows' estimates and outputs exactly as they are:
+    the estimator's key stabiliser comes from the first key alone (a max over all keys was not causal)."""
+    cfg = SEAConfig(mode="block", k=16, predictor_length=32, block_size=16)
+    torch.manual_seed(0)
+    pred = SEAPredictor(cfg, 4, 2, 16, 512, 0)
+    torch.nn.init.normal_(pred.gates.weight, std=0.5)
+    lengths, T = (90, 57), 120
+    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    valid = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    k = torch.where(valid[:, None, :, None], k, 30 * k)
+    with torch.no_grad():
+        padded = sea_attention(q, k, v, pred, cfg, 0.25, valid=valid)
+        errs, est_errs = [], []
+        for b, L in enumerate(lengths):
+            alone = sea_attention(q[b : b + 1, :, :L], k[b : b + 1, :, :L], v[b : b + 1, :, :L], pred, cfg, 0.25)
+            errs.append((padded.out[b, :, :L] - alone.out[0]).abs().max().item())
+            est_errs.append((padded.estimate.log_probs[b, :, :L].exp() - alone.estimate.log_probs[0].exp()).abs().max().item())
+    print(f"pad keys x30: max |output error| {max(errs):.2e}, max |estimate error| {max(est_errs):.2e}")
+    assert max(errs) < 1e-5  # measured 1.8e-7 (fp32; the padded and alone runs sum in different chunk shapes)
+    assert max(est_errs) < 1e-5
+
+
+def test_full_mask_is_no_mask_and_left_padding_is_refused():
+    model = _sea_model("llama", "block")
+    ids, _ = _right_padded((40, 40))
+    left = torch.ones_like(ids)
+    left[0, :5] = 0
+    with torch.no_grad(), attention_mode(model, "sea"):
+        assert torch.equal(model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits,
+                           model(ids, use_cache=False).logits)
+    for attention in ("sea", "oracle"):
+        with attention_mode(model, attention), torch.no_grad(), pytest.raises(ValueError, match="right padding only"):
+            model(ids, attention_mask=left, use_cache=False)
+
+
+def test_capture_refuses_padding():
+    model = _sea_model("llama", "block")
+    ids, mask = _right_padded((40, 33))
+    with torch.no_grad(), capture_attention(model), pytest.raises(ValueError, match="unpadded"):
+        model(ids, attention_mask=mask, use_cache=False)
