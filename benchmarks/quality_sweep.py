@@ -7,6 +7,7 @@ For every setting it prints and writes (JSON, after each setting, so a cut-off r
 it finished): held-out perplexity of the teacher, the oracle (true top blocks at the same budget)
 and SEA, the density SEA used, and the GPU-seconds of each training stage. Optional per setting:
   reuse: NAME       start from NAME's trained predictors instead of training stage A
+  reuse_adapters: true   also NAME's stage-B LoRA adapters (e.g. to evaluate it again, with MMLU)
   curve: [..]       also evaluate SEA and the oracle at these block_keys budgets (block mode)
   mmlu: true        MMLU of the teacher and of SEA after this setting (the base recipe's mmlu block)
   budget_s: {a: S, b: S}  cap a stage's wall time: after 3 steps the run is re-planned to fit
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from sea_convert.data import build_splits, eval_windows  # noqa: E402
 from sea_convert.evaluate import mode_perplexity  # noqa: E402
 from sea_convert.integration import attach_sea, compile_predictors, predictors, set_sea_config  # noqa: E402
-from sea_convert.lora import adapters_off, remove_lora  # noqa: E402
+from sea_convert.lora import adapters_off, apply_lora, lora_layers, remove_lora  # noqa: E402
 from sea_convert.models import load_teacher, pick_device  # noqa: E402
 from sea_convert.recipe import load_recipe, parse_recipe  # noqa: E402
 from workers.distill import distill_stage  # noqa: E402
@@ -147,6 +148,13 @@ def main() -> None:
                 raise SystemExit(f"{name}: reuse {reuse!r} has no trained predictors in this run or --load-from")
             for pred, sd in zip(predictors(model), source["predictors"], strict=True):
                 pred.load_state_dict(sd)
+            if source.get("lora") and setting.get("reuse_adapters"):  # the source's stage-B adapters too
+                lc = source["lora"]
+                apply_lora(model, lc["targets"], lc["rank"], lc["alpha"])
+                named = dict(model.named_parameters())
+                with torch.no_grad():
+                    for n, t in lc["state"].items():
+                        named[n].copy_(t)
             row["reused"] = reuse
             row["stages"].update(source["stages"])
             only = ("b",)
@@ -173,6 +181,11 @@ def main() -> None:
                   f"{hist[-1]['loss']:.4f}", flush=True)
         trained[name] = {"predictors": [{k: v.detach().cpu().clone() for k, v in p.state_dict().items()}
                                         for p in predictors(model)], "stages": row["stages"]}
+        b = recipe.distill.stage_b
+        if lora_layers(model) and b is not None:
+            trained[name]["lora"] = {"targets": b.lora_targets, "rank": b.lora_rank, "alpha": b.lora_alpha,
+                                     "state": {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                                               if "lora_" in n}}
         if args.save_predictors is not None:
             args.save_predictors.mkdir(parents=True, exist_ok=True)
             torch.save(trained[name], args.save_predictors / f"{name}.pt")

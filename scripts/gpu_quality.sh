@@ -10,7 +10,7 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 SITE=/tmp/site
 mkdir -p /tmp/m "$SITE" /tmp/states
-[ -d .stage1 ] && cp -n .stage1/* /tmp/m/
+[ -d .stage1 ] && cp --update=none .stage1/* /tmp/m/
 if [ ! -d "$SITE/pydantic" ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
