@@ -28,5 +28,5 @@ export PYTHONPATH="$SITE:$PWD"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if [ $# -gt 0 ]; then
   python3 benchmarks/quality_sweep.py --settings benchmarks/quality_settings.yaml --out "${OUT:-/tmp/out}" \
-    --only "$1" --save-predictors /tmp/states --load-from /tmp/states
+    --only "$1" --save-predictors /tmp/states --load-from /tmp/states 2>&1 | tee "${OUT:-/tmp/out}/sweep.log"
 fi
