@@ -59,7 +59,7 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
 
     by_ctx: dict[int, list[dict]] = {}
     for r in rows:
-        if r["mode"] == "block":
+        if r["mode"] == "block" and "mmlu" not in r:  # an MMLU row re-evaluates another row's model
             by_ctx.setdefault(r["ctx"], []).append(r)
     fig, axes = plt.subplots(1, len(by_ctx), figsize=(6.5 * len(by_ctx), 4.8), squeeze=False)
     for ax, (ctx, rs) in zip(axes[0], sorted(by_ctx.items())):
