@@ -58,6 +58,15 @@ BAD = {
     "bad mode": (lambda d: d.update(sea={"mode": "dense"}), "sea.mode: Input should be 'block' or 'per_query'"),
     "missing data": (lambda d: d.pop("data"), "data: Field required"),
     "bad name": (lambda d: d.update(name="../evil"), "name: String should match pattern"),
+    "stage B base without saved base": (
+        lambda d: d.update(distill={"stage_b": {"train_base": "lora"}}, output={**d["output"], "save_base_weights": False}),
+        "(top level): distill.stage_b.train_base is 'lora'"),
+    "stage B bad train_base": (lambda d: d.update(distill={"stage_b": {"train_base": "qlora"}}),
+                               "distill.stage_b.train_base: Input should be 'none', 'lora' or 'full'"),
+    "stage B nothing to train": (lambda d: d.update(distill={"stage_b": {"train_base": "none", "lr": 0}}),
+                                 "distill.stage_b: train_base is none and lr is 0"),
+    "bad checkpoint_every": (lambda d: d.update(distill={"checkpoint_every": 0}),
+                             "distill.checkpoint_every: Input should be greater than or equal to 1"),
 }
 
 
