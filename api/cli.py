@@ -111,7 +111,32 @@ def run(
     if rep.get("mmlu"):
         m = rep["mmlu"]
         rows.append((f"MMLU {m['shots']}-shot", f"teacher {m['teacher_accuracy']:.4f}, SEA {m['sea_accuracy']:.4f} ({m['questions']} q)"))
+    if rep.get("published"):
+        pub = rep["published"]
+        rows.append(("published", pub["uri"] + (" (latest)" if pub["promoted"] else "")))
     out.print(_table(f"sea-convert run: {r.name}", rows))
+
+
+@app.command()
+def pull(
+    uri: Annotated[str, typer.Argument(help="where it was published: s3://bucket/prefix or a local folder")],
+    dest: Annotated[Path, typer.Argument(help="folder to create (must not exist)")],
+    version: Annotated[str, typer.Option(help="a dated version, or latest")] = "latest",
+    endpoint_url: Annotated[Optional[str], typer.Option(help="S3-compatible endpoint (e.g. MinIO)")] = None,
+) -> None:
+    """Download a published checkpoint and verify every file's size and sha256 against its manifest."""
+    from workers.storage import StorageError
+    from workers.storage import pull as pull_version
+
+    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
+    try:
+        manifest = pull_version(uri, dest, version=version, storage_options=options)
+    except (StorageError, FileNotFoundError, PermissionError) as err:
+        _fail(str(err))
+    out.print(_table(f"pulled {uri}", [
+        ("version", manifest["version"]), ("files", str(len(manifest["files"]))),
+        ("bytes", str(sum(f["size"] for f in manifest["files"]))), ("checksums", "all verified"), ("into", str(dest)),
+    ]))
 
 
 def _load_checkpoint(path: Path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -270,12 +270,32 @@ class OutputConfig(_Strict):
         True, description="false: store only predictors and a pinned reference to the base model"
     )
     overwrite: bool = False
+    publish_uri: str | None = Field(
+        None, description="also publish a dated version here: s3://bucket/prefix or a local folder (latest moves on pass)"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for publish_uri, e.g. client_kwargs.endpoint_url; keys from env"
+    )
 
     @field_validator("dir")
     @classmethod
     def _dir(cls, v: Path) -> Path:
         # Output folders are relative to the cwd (where the user runs the command), not the recipe.
         return Path(v).expanduser()
+
+    @field_validator("publish_uri")
+    @classmethod
+    def _publish_uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("", "s3", "file"):
+            raise ValueError(f"scheme {scheme!r} is not supported: use s3://bucket/prefix or a local folder")
+        if scheme == "s3" and not v[len("s3://"):].strip("/"):
+            raise ValueError("s3:// needs a bucket: s3://bucket/prefix")
+        if ".." in v.replace("\\", "/").split("/"):
+            raise ValueError("'..' is not allowed in publish_uri")
+        return v
 
 
 class Recipe(_Strict):

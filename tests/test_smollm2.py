@@ -48,7 +48,7 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
                  "seq_len": 256, "held_out_tokens": 2048, "max_train_tokens": 8192},
         "distill": {"stage_a": {"steps": 4, "warmup_steps": 1, "lr": 0.003}},
         "validate": {"perplexity": {"ctx": 256, "max_windows": 2}, "mmlu": {"limit": 3}},
-        "output": {"dir": str(tmp_path / "ck")},
+        "output": {"dir": str(tmp_path / "ck"), "publish_uri": str(tmp_path / "store")},
     }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -68,4 +68,12 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
     print("report", p, "eval", got)
     assert got["sea_ppl"] == pytest.approx(p["sea_ppl"], rel=1e-4)
     assert got["teacher_ppl"] == pytest.approx(p["teacher_ppl"], rel=1e-4)
+    # published beside the local folder as a dated version; pulled back with every checksum verified
+    res = runner.invoke(app, ["pull", str(tmp_path / "store"), str(tmp_path / "pulled")])
+    assert res.exit_code == 0, res.output
+    for f in (tmp_path / "ck").rglob("*"):
+        if f.is_file():
+            assert (tmp_path / "pulled" / f.relative_to(tmp_path / "ck")).read_bytes() == f.read_bytes(), f
+    res = runner.invoke(app, ["pull", str(tmp_path / "store"), str(tmp_path / "pulled")])
+    assert res.exit_code == 2 and "already exists" in res.output
     assert got["density"] == pytest.approx(p["density"], rel=1e-6)

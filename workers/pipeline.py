@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from sea_convert.models import load_teacher, pick_device
 from sea_convert.recipe import Recipe
 from workers.distill import DistillResult, clear_state, default_state_dir, distill_stage
 from workers.publish import publish_stage
+from workers.storage import publish
 from workers.validate import ValidationReport, teacher_reference, validate_stage
 
 
@@ -118,5 +119,10 @@ def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool 
             extra["attention.png"] = attention_picture(model, splits.held_out[:256], Path(tmp) / "attention.png")
         report["seconds_total"] = round(time.perf_counter() - t0, 1)
         path = publish_stage(recipe, model, tokenizer, report, model_card(recipe, report), destination, extra)
+    if recipe.output.publish_uri:
+        pub = publish(path, recipe.output.publish_uri, promote=True, storage_options=recipe.output.storage_options)
+        report["published"] = asdict(pub)
+        log(f"published {pub.uri}" + (" (same content as before: nothing uploaded)" if pub.reused else "")
+            + ("; latest -> this version" if pub.promoted else ""))
     clear_state(state_dir)
     return PipelineResult(path, report, time.perf_counter() - t0)
