@@ -1,0 +1,72 @@
+"""Job state in a real SQLite database: idempotent submissions under a concurrent burst, transitions,
+filters and pagination, and state that survives a restart of the service (a new JobStore on the file)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from workers.jobstore import BadTransition, JobStore, JobStoreError, UnknownJob
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+
+
+def test_submit_creates_a_queued_job_with_its_stages(store):
+    job, created = store.submit("smollm2", "name: smollm2\n")
+    assert created and job.status == "queued" and len(job.id) == 32
+    assert [s.name for s in job.stages] == ["distill", "validate", "publish"]
+    assert all(s.status == "pending" and s.attempts == 0 for s in job.stages)
+
+
+def test_a_burst_of_submissions_is_recorded_once_per_key(store):
+    keys = [f"key-{i % 50}" for i in range(100)]  # every key sent twice, all at once
+
+    def send(key):
+        job, created = store.submit("burst", f"name: {key}\n", idempotency_key=key)
+        return key, job.id, created
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, keys))
+    ids_by_key = {}
+    for key, job_id, _ in results:
+        ids_by_key.setdefault(key, set()).add(job_id)
+    assert all(len(ids) == 1 for ids in ids_by_key.values())  # the same key always gets the same job
+    assert sum(created for *_, created in results) == 50
+    jobs, total = store.list(name="burst", limit=1000)
+    assert total == 50 and len({j.id for j in jobs}) == 50  # none lost, none duplicated
+
+
+def test_transitions_and_final_states(store):
+    job, _ = store.submit("t", "x")
+    store.set_stage(job.id, "distill", "running")
+    running = store.set_status(job.id, "running", ray_submission_id="raysubmit_1")
+    assert running.started_at is not None and running.ray_submission_id == "raysubmit_1"
+    done = store.set_status(job.id, "succeeded", metrics={"ppl_ratio": 1.1}, artifact_uri="s3://b/v1")
+    assert done.finished_at is not None and done.metrics == {"ppl_ratio": 1.1}
+    with pytest.raises(BadTransition, match="is succeeded; it cannot become running"):
+        store.set_status(job.id, "running")
+    stage = store.get(job.id).stages[0]
+    assert stage.attempts == 1 and stage.status == "running"
+    with pytest.raises(UnknownJob, match="unknown job id 'nope'"):
+        store.get("nope")
+    with pytest.raises(JobStoreError, match="unknown job field"):
+        store.set_status(job.id, "succeeded", recipe="changed")
+
+
+def test_filters_pagination_and_restart(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(url)
+    ids = [store.submit("a" if i % 2 else "b", "x")[0].id for i in range(7)]
+    store.set_status(ids[0], "running")
+    page1, total = store.list(limit=3)
+    page2, _ = store.list(limit=3, offset=3)
+    page3, _ = store.list(limit=3, offset=6)
+    assert total == 7 and len(page1) == 3 and len(page2) == 3 and len(page3) == 1
+    assert len({j.id for j in page1 + page2 + page3}) == 7
+    assert store.list(status="running")[1] == 1 and store.list(name="a")[1] == 3
+    with pytest.raises(JobStoreError, match="status must be one of"):
+        store.list(status="exploded")
+    again = JobStore(url)  # the service restarted: everything is still there
+    assert again.get(ids[0]).status == "running" and again.list()[1] == 7

@@ -1,0 +1,216 @@
+"""Job state in a real database through SQLAlchemy: a SQLite file by default, any SQLAlchemy URL by setting.
+
+Tables: jobs (one conversion: its recipe, status, Ray submission, metrics, artifact and log
+locations), stages (distill / validate / publish of a job, with attempts and errors) and
+schedules (cron + time zone + recipe). A submission may carry an idempotency key: the same key
+returns the job it first created, even when two requests race (a unique constraint decides).
+Status changes follow `TRANSITIONS`; a finished job never changes again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "gated", "cancelled")
+FINAL_STATES = frozenset({"succeeded", "failed", "gated", "cancelled"})
+TRANSITIONS = {
+    "queued": {"running", "failed", "cancelled"},
+    "running": {"succeeded", "failed", "gated", "cancelled"},
+}
+STAGES = ("distill", "validate", "publish")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_id)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    recipe: Mapped[str] = mapped_column(Text)  # the submitted YAML/JSON text, as received
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    ray_submission_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    schedule_id: Mapped[str | None] = mapped_column(ForeignKey("schedules.id"), nullable=True, index=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    artifact_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    log_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    stages: Mapped[list[Stage]] = relationship(back_populates="job", cascade="all, delete-orphan", order_by="Stage.position")
+
+
+class Stage(Base):
+    __tablename__ = "stages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(16))
+    position: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    job: Mapped[Job] = relationship(back_populates="stages")
+
+
+class Schedule(Base):
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    cron: Mapped[str] = mapped_column(String(100))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    recipe: Mapped[str] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    last_fired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class JobStoreError(ValueError):
+    pass
+
+
+class UnknownJob(JobStoreError):
+    pass
+
+
+class BadTransition(JobStoreError):
+    pass
+
+
+class JobStore:
+    """The database behind the service. One instance per process; sessions are short-lived."""
+
+    def __init__(self, url: str = "sqlite:///sea-convert.db"):
+        kwargs = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(conn, _record):  # concurrent readers with one writer; enforce foreign keys
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def submit(self, name: str, recipe: str, idempotency_key: str | None = None,
+               schedule_id: str | None = None) -> tuple[Job, bool]:
+        """(job, created). With a key already used, the first job is returned and nothing is written."""
+        if idempotency_key is not None:
+            existing = self._by_key(idempotency_key)
+            if existing is not None:
+                return existing, False
+        try:
+            with self.session() as s:
+                job = Job(name=name, recipe=recipe, idempotency_key=idempotency_key, schedule_id=schedule_id, metrics={})
+                job.stages = [Stage(name=n, position=i) for i, n in enumerate(STAGES)]
+                s.add(job)
+            return self.get(job.id), True
+        except IntegrityError:
+            existing = self._by_key(idempotency_key) if idempotency_key is not None else None
+            if existing is None:
+                raise
+            return existing, False  # a concurrent request with the same key won the race
+
+    def _by_key(self, key: str) -> Job | None:
+        with self.session() as s:
+            job = s.scalar(select(Job).where(Job.idempotency_key == key))
+            if job is not None:
+                _ = job.stages  # load before the session closes
+            return job
+
+    def get(self, job_id: str) -> Job:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise UnknownJob(f"unknown job id {job_id!r}")
+            _ = job.stages
+            return job
+
+    def list(self, status: str | None = None, name: str | None = None, schedule_id: str | None = None,
+             limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+        """Newest first, with the total count for pagination."""
+        if status is not None and status not in JOB_STATES:
+            raise JobStoreError(f"status must be one of {', '.join(JOB_STATES)}")
+        with self.session() as s:
+            q = select(Job)
+            if status is not None:
+                q = q.where(Job.status == status)
+            if name is not None:
+                q = q.where(Job.name == name)
+            if schedule_id is not None:
+                q = q.where(Job.schedule_id == schedule_id)
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            jobs = list(s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)))
+            for j in jobs:
+                _ = j.stages
+            return jobs, int(total)
+
+    def set_status(self, job_id: str, status: str, *, error: str | None = None, **fields) -> Job:
+        """Move a job along TRANSITIONS (a finished job never moves); extra fields: ray_submission_id,
+        metrics, artifact_uri, log_uri."""
+        with self.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise UnknownJob(f"unknown job id {job_id!r}")
+            if status != job.status:
+                if status not in TRANSITIONS.get(job.status, set()):
+                    raise BadTransition(f"job {job_id} is {job.status}; it cannot become {status}")
+                job.status = status
+                if status == "running":
+                    job.started_at = _now()
+                if status in FINAL_STATES:
+                    job.finished_at = _now()
+            if error is not None:
+                job.error = error
+            for key, value in fields.items():
+                if key not in ("ray_submission_id", "metrics", "artifact_uri", "log_uri"):
+                    raise JobStoreError(f"unknown job field {key!r}")
+                setattr(job, key, value)
+        return self.get(job_id)
+
+    def set_stage(self, job_id: str, stage: str, status: str, error: str | None = None) -> None:
+        if stage not in STAGES:
+            raise JobStoreError(f"stage must be one of {', '.join(STAGES)}")
+        with self.session() as s:
+            row = s.scalar(select(Stage).where(Stage.job_id == job_id, Stage.name == stage))
+            if row is None:
+                raise UnknownJob(f"unknown job id {job_id!r}")
+            row.status = status
+            if status == "running":
+                row.attempts += 1
+                row.started_at = _now()
+            if status in ("succeeded", "failed", "skipped"):
+                row.finished_at = _now()
+            if error is not None:
+                row.error = error
