@@ -127,7 +127,7 @@ class JobStore:
                schedule_id: str | None = None) -> tuple[Job, bool]:
         """(job, created). With a key already used, the first job is returned and nothing is written."""
         if idempotency_key is not None:
-            existing = self._by_key(idempotency_key)
+            existing = self.by_key(idempotency_key)
             if existing is not None:
                 return existing, False
         try:
@@ -137,12 +137,13 @@ class JobStore:
                 s.add(job)
             return self.get(job.id), True
         except IntegrityError:
-            existing = self._by_key(idempotency_key) if idempotency_key is not None else None
+            existing = self.by_key(idempotency_key) if idempotency_key is not None else None
             if existing is None:
                 raise
             return existing, False  # a concurrent request with the same key won the race
 
-    def _by_key(self, key: str) -> Job | None:
+    def by_key(self, key: str) -> Job | None:
+        """The job first submitted with this idempotency key, if any."""
         with self.session() as s:
             job = s.scalar(select(Job).where(Job.idempotency_key == key))
             if job is not None:
@@ -214,3 +215,40 @@ class JobStore:
                 row.finished_at = _now()
             if error is not None:
                 row.error = error
+
+    # --- schedules -------------------------------------------------------------------------------
+
+    def add_schedule(self, name: str, cron: str, timezone: str, recipe: str) -> Schedule:
+        try:
+            with self.session() as s:
+                sched = Schedule(name=name, cron=cron, timezone=timezone, recipe=recipe)
+                s.add(sched)
+            return sched
+        except IntegrityError:
+            raise JobStoreError(f"a schedule named {name!r} exists already") from None
+
+    def schedules(self, enabled_only: bool = False) -> list[Schedule]:
+        with self.session() as s:
+            q = select(Schedule).order_by(Schedule.created_at, Schedule.id)
+            if enabled_only:
+                q = q.where(Schedule.enabled.is_(True))
+            return list(s.scalars(q))
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        with self.session() as s:
+            sched = s.get(Schedule, schedule_id)
+            if sched is None:
+                raise UnknownJob(f"unknown schedule id {schedule_id!r}")
+            s.delete(sched)
+
+    def mark_fired(self, schedule_id: str, at: dt.datetime) -> None:
+        with self.session() as s:
+            sched = s.get(Schedule, schedule_id)
+            if sched is not None:
+                sched.last_fired_at = at
+
+    def has_active_job(self, schedule_id: str) -> bool:
+        with self.session() as s:
+            q = select(func.count()).select_from(Job).where(
+                Job.schedule_id == schedule_id, Job.status.in_(("queued", "running")))
+            return bool(s.scalar(q))
