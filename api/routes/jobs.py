@@ -1,0 +1,116 @@
+"""Jobs: validate a recipe, submit, list, get, cancel, artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from pydantic import BaseModel
+
+from api.deps import Reader, Store, Writer
+from api.recipe_body import read_recipe
+from workers.jobstore import FINAL_STATES, JOB_STATES, BadTransition, Job, UnknownJob
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+
+class StageOut(BaseModel):
+    name: str
+    status: str
+    attempts: int
+    error: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    status: str
+    error: str | None
+    metrics: dict
+    artifact_uri: str | None
+    log_uri: str | None
+    schedule_id: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    stages: list[StageOut]
+
+    @classmethod
+    def of(cls, job: Job) -> "JobOut":
+        iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
+        return cls(id=job.id, name=job.name, status=job.status, error=job.error, metrics=job.metrics or {},
+                   artifact_uri=job.artifact_uri, log_uri=job.log_uri, schedule_id=job.schedule_id,
+                   created_at=iso(job.created_at), started_at=iso(job.started_at), finished_at=iso(job.finished_at),
+                   stages=[StageOut(name=s.name, status=s.status, attempts=s.attempts, error=s.error) for s in job.stages])
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class Validated(BaseModel):
+    valid: bool
+    name: str
+    mode: str
+    stages: list[str]
+
+
+def _job(store, job_id: str) -> Job:
+    try:
+        return store.get(job_id)
+    except UnknownJob as err:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
+
+
+@router.post("/recipes/validate", response_model=Validated)
+async def validate_recipe(request: Request, _: Reader) -> Validated:
+    """Check a recipe (YAML, or JSON with Content-Type application/json) without running anything."""
+    recipe, _text = await read_recipe(request, request.app.state.settings)
+    return Validated(valid=True, name=recipe.name, mode=recipe.sea.mode,
+                     stages=["a"] + (["b"] if recipe.distill.stage_b else []))
+
+
+@router.post("/jobs", response_model=JobOut, status_code=status.HTTP_201_CREATED)
+async def submit(request: Request, response: Response, store: Store, _: Writer,
+                 idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+    """Queue a conversion. The same Idempotency-Key returns the first job (200) instead of a second one."""
+    recipe, text = await read_recipe(request, request.app.state.settings)
+    job, created = store.submit(recipe.name, text, idempotency_key=idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return JobOut.of(job)
+
+
+@router.get("/jobs", response_model=JobPage)
+def list_jobs(store: Store, _: Reader,
+              status_: Annotated[str | None, Query(alias="status", pattern="^(" + "|".join(JOB_STATES) + ")$")] = None,
+              name: Annotated[str | None, Query(max_length=100)] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> JobPage:
+    jobs, total = store.list(status=status_, name=name, limit=limit, offset=offset)
+    return JobPage(items=[JobOut.of(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, store: Store, _: Reader) -> JobOut:
+    return JobOut.of(_job(store, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel(job_id: str, store: Store, _: Writer) -> JobOut:
+    job = _job(store, job_id)
+    if job.status in FINAL_STATES:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {job.status}")
+    try:
+        return JobOut.of(store.set_status(job_id, "cancelled"))
+    except BadTransition as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+
+
+@router.get("/jobs/{job_id}/artifacts")
+def artifacts(job_id: str, store: Store, _: Reader) -> dict:
+    job = _job(store, job_id)
+    return {"job": job.id, "status": job.status, "artifact_uri": job.artifact_uri, "log_uri": job.log_uri}
