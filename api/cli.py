@@ -118,6 +118,28 @@ def run(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+) -> None:
+    """Run the REST service (settings from SEA_CONVERT_* environment variables)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        _fail("invalid service settings (SEA_CONVERT_*): " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+    if not settings.admin_tokens and not settings.read_tokens:
+        _fail("no tokens configured: set SEA_CONVERT_ADMIN_TOKENS (and optionally SEA_CONVERT_READ_TOKENS)")
+    uvicorn.run(create_app(settings), host=host, port=port)
+
+
+@app.command()
 def pull(
     uri: Annotated[str, typer.Argument(help="where it was published: s3://bucket/prefix or a local folder")],
     dest: Annotated[Path, typer.Argument(help="folder to create (must not exist)")],

@@ -126,3 +126,45 @@ def test_openapi_document_is_served(client):
 def test_committed_openapi_document_is_current(client):
     committed = json.loads((Path(__file__).resolve().parents[1] / "docs" / "api" / "openapi.json").read_text())
     assert committed == client.get("/openapi.json").json(), "regenerate docs/api/openapi.json (see docs/architecture.md)"
+
+
+def test_served_over_real_http(tmp_path):
+    """The app behind a real uvicorn server on loopback, reached with httpx."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin-token",
+                        output_root=tmp_path / "outputs")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
+        r = httpx.post(f"{base}/v1/jobs", content=yaml.safe_dump(_recipe()), headers=ADMIN)
+        assert r.status_code == 201 and httpx.get(f"{base}/v1/jobs/{r.json()['id']}", headers=ADMIN).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_serve_refuses_to_start_without_tokens(monkeypatch):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    monkeypatch.delenv("SEA_CONVERT_ADMIN_TOKENS", raising=False)
+    monkeypatch.delenv("SEA_CONVERT_READ_TOKENS", raising=False)
+    res = CliRunner().invoke(app, ["serve"])
+    assert res.exit_code == 2 and "no tokens configured" in res.output
