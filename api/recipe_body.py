@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import yaml
 from fastapi import HTTPException, Request, status
@@ -49,6 +48,3 @@ def _inside_output_root(recipe: Recipe, settings: Settings) -> None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"request body: invalid recipe\n  output.dir: {recipe.output.dir} is outside the service's output root")
 
-
-def output_dir(recipe: Recipe, settings: Settings) -> Path:
-    return (settings.output_root / recipe.output.dir).resolve() if not recipe.output.dir.is_absolute() else recipe.output.dir

@@ -9,12 +9,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 
-def _split(v):
-    if isinstance(v, str):
-        return [t.strip() for t in v.split(",") if t.strip()]
-    return v
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEA_CONVERT_", extra="forbid")
 
@@ -25,5 +19,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     ray_address: str | None = Field(None, description="Ray cluster address; none: the service starts a local head")
 
-    _split_admin = field_validator("admin_tokens", mode="before")(classmethod(lambda cls, v: _split(v)))
-    _split_read = field_validator("read_tokens", mode="before")(classmethod(lambda cls, v: _split(v)))
+    @field_validator("admin_tokens", "read_tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, v):
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v

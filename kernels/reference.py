@@ -210,30 +210,39 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_s
 # mask construction
 
 
-def pool_key_block_scores(est: torch.Tensor, block_size: int) -> torch.Tensor:
+def pool_key_block_scores(est: torch.Tensor, block_size: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Compressed estimate -> scores of (query block, key block) pairs.
 
     est: (B, H, T, K) probabilities per row over its K bins. Rows of a query block are
     averaged in the bin coordinates of the block's last row (prefixes within a block differ
     by < block_size keys); each bin's mass is spread evenly over its keys and summed per key
     block. Returns (B, H, NQB, NKB) with -inf above the diagonal.
+
+    lengths: (B,) real rows of a right-padded batch (default: all T). Pad rows are left out of
+    the mean and a block's bins are read at its last *real* row, so every real query block
+    scores exactly as in its unpadded sequence; pad-only blocks get finite scores no real row uses.
     """
     B, H, T, K = est.shape
+    dev = est.device
     nb = math.ceil(T / block_size)
-    pad = nb * block_size - T
-    e = torch.nn.functional.pad(est.float(), (0, 0, 0, pad)).view(B, H, nb, block_size, K)
-    rows_in_block = torch.clamp(T - torch.arange(nb, device=est.device) * block_size, max=block_size)
-    pooled = e.sum(3) / rows_in_block.view(1, 1, nb, 1)  # (B, H, NQB, K)
+    if lengths is None:
+        lengths = torch.full((B,), T, device=dev)
+    real = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (B, T)
+    e = torch.nn.functional.pad(est.float().masked_fill(~real[:, None, :, None], 0.0), (0, 0, 0, nb * block_size - T))
+    e = e.view(B, H, nb, block_size, K)
+    block_start = torch.arange(nb, device=dev) * block_size
+    rows_in_block = torch.clamp(lengths[:, None] - block_start, min=1, max=block_size)  # (B, NQB)
+    pooled = e.sum(3) / rows_in_block.view(B, 1, nb, 1)  # (B, H, NQB, K)
     cdf = torch.nn.functional.pad(pooled.cumsum(-1), (1, 0))  # mass before each bin edge, (.., K+1)
-    n = torch.clamp((torch.arange(nb, device=est.device) + 1) * block_size, max=T).float()  # last row's prefix
-    edges = torch.arange(nb + 1, device=est.device).float() * block_size  # key block edges
-    u = torch.clamp(edges[None, :] * K / n[:, None], max=K)  # (NQB, NKB+1) in bin units
+    n = torch.minimum(block_start + block_size, lengths[:, None]).clamp_min(1).float()  # (B, NQB) last real row's prefix
+    edges = torch.arange(nb + 1, device=dev).float() * block_size  # key block edges
+    u = torch.clamp(edges[None, None, :] * K / n[:, :, None], max=K)  # (B, NQB, NKB+1) in bin units
     lo = torch.clamp(u.floor().long(), max=K - 1)
-    frac = u - lo
-    lo_e = lo.expand(B, H, -1, -1)
+    frac = (u - lo).unsqueeze(1)
+    lo_e = lo.unsqueeze(1).expand(B, H, -1, -1)
     F = torch.gather(cdf, -1, lo_e) + frac * torch.gather(pooled, -1, lo_e)
     scores = F[..., 1:] - F[..., :-1]
-    causal = torch.arange(nb, device=est.device)[None, :] <= torch.arange(nb, device=est.device)[:, None]
+    causal = torch.arange(nb, device=dev)[None, :] <= torch.arange(nb, device=dev)[:, None]
     return scores.masked_fill(~causal, float("-inf"))
 
 

@@ -54,15 +54,12 @@ def mode_perplexity(model, windows: torch.Tensor, mode: str, progress: bool = Fa
 
 def compare_perplexity(model, windows: torch.Tensor, progress: bool = False, oracle: bool = False) -> PerplexityReport:
     """Teacher (dense) and SEA perplexity on exactly the same windows; optionally the oracle's too."""
-    t_nll, n = window_nll(model, windows, "dense", progress, "teacher ppl")
-    with measure_density() as meter:
-        s_nll, _ = window_nll(model, windows, "sea", progress, "SEA ppl")
-    teacher, sea = math.exp(t_nll / n), math.exp(s_nll / n)
-    report = PerplexityReport(teacher, sea, sea / teacher, meter.density, windows.shape[1], n, windows.shape[0])
+    teacher, _ = mode_perplexity(model, windows, "dense", progress)
+    sea, density = mode_perplexity(model, windows, "sea", progress)
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    report = PerplexityReport(teacher, sea, sea / teacher, density, windows.shape[1], n, windows.shape[0])
     if oracle:
-        with measure_density() as oracle_meter:
-            o_nll, _ = window_nll(model, windows, "oracle", progress, "oracle ppl")
-        report.oracle_ppl, report.oracle_density = math.exp(o_nll / n), oracle_meter.density
+        report.oracle_ppl, report.oracle_density = mode_perplexity(model, windows, "oracle", progress)
     return report
 
 

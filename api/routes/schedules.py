@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from api.deps import Reader, Store, Writer
 from api.recipe_body import read_recipe
 from workers.jobstore import JobStoreError, UnknownJob
-from workers.schedules import ScheduleError, check_schedule
+from workers.schedules import check_schedule
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
@@ -39,9 +39,7 @@ async def create(request: Request, store: Store, _: Writer, name: str, cron: str
     try:
         params = ScheduleIn(name=name, cron=cron, timezone=timezone)
         check_schedule(params.cron, params.timezone)
-    except ScheduleError as err:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
-    except ValueError as err:
+    except ValueError as err:  # ScheduleError, or the parameters' own validation
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
     _recipe, text = await read_recipe(request, request.app.state.settings)
     try:

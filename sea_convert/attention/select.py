@@ -67,52 +67,19 @@ def blocks_per_head(cfg: SEAConfig, num_query_blocks: int, device) -> torch.Tens
     return torch.full_like(i, math.ceil(keys / cfg.block_size))
 
 
-def _pool_right_padded(est: torch.Tensor, block_size: int, lengths: torch.Tensor) -> torch.Tensor:
-    """`pool_key_block_scores` of every sequence cut to its own length, in one batched pass.
-
-    est: (B, H, T, K); lengths: (B,) real rows of each right-padded sequence. The reference's
-    arithmetic step for step, with per-sequence counts: pad rows are zeroed, a query block's mean
-    runs over its real rows only and its bins are read in the coordinates of its last real row. So
-    every real query block scores as in the unpadded sequence (whose last block may be partial),
-    and pad-only blocks get finite scores that no real row uses.
-    """
-    B, H, T, K = est.shape
-    dev = est.device
-    nb = math.ceil(T / block_size)
-    real = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (B, T)
-    e = torch.nn.functional.pad(est.float().masked_fill(~real[:, None, :, None], 0.0), (0, 0, 0, nb * block_size - T))
-    e = e.view(B, H, nb, block_size, K)
-    block_start = torch.arange(nb, device=dev) * block_size
-    rows_in_block = torch.clamp(lengths[:, None] - block_start, min=1, max=block_size)  # (B, NQB)
-    pooled = e.sum(3) / rows_in_block.view(B, 1, nb, 1)  # (B, H, NQB, K)
-    cdf = torch.nn.functional.pad(pooled.cumsum(-1), (1, 0))
-    n = torch.minimum(block_start + block_size, lengths[:, None]).clamp_min(1).float()  # (B, NQB) last real row's prefix
-    edges = torch.arange(nb + 1, device=dev).float() * block_size
-    u = torch.clamp(edges[None, None, :] * K / n[:, :, None], max=K)  # (B, NQB, NKB+1)
-    lo = torch.clamp(u.floor().long(), max=K - 1)
-    frac = (u - lo).unsqueeze(1)
-    lo_e = lo.unsqueeze(1).expand(B, H, -1, -1)
-    F = torch.gather(cdf, -1, lo_e) + frac * torch.gather(pooled, -1, lo_e)
-    scores = F[..., 1:] - F[..., :-1]
-    causal = torch.arange(nb, device=dev)[None, :] <= torch.arange(nb, device=dev)[:, None]
-    return scores.masked_fill(~causal, float("-inf"))
-
-
 def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, valid: torch.Tensor | None = None) -> Selection:
     """est_probs: (B, Hq, T, K) estimate probabilities (no grad needed).
 
     valid: (B, T) bool of a right-padded batch (each row's real tokens first). Per-query selection
     reads each row alone, so pads change nothing there; block mode pools rows of a query block, and
-    with `valid` the pads are left out of that pooling (`_pool_right_padded`): real rows select as in
+    with `valid` the pads are left out of that pooling (`pool_key_block_scores`' lengths): real rows select as in
     their unpadded sequence.
     """
     B, Hq, T, K = est_probs.shape
     grouped = est_probs.view(B, num_kv_heads, Hq // num_kv_heads, T, K).mean(2)
     if cfg.mode == "block":
-        if valid is None:
-            scores = ops.pool_key_block_scores(grouped, cfg.block_size)
-        else:
-            scores = _pool_right_padded(grouped, cfg.block_size, valid.sum(-1))
+        lengths = None if valid is None else valid.sum(-1)
+        scores = ops.pool_key_block_scores(grouped, cfg.block_size, lengths)
         index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, scores.shape[2], scores.device),
                                              cfg.sink_blocks, cfg.local_blocks)
         kept = kept_from_blocks(index, count, cfg.block_size, T)
