@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from api.routes import health, jobs, schedules
+from api.runtime import Runtime
 from api.settings import Settings
 from workers.jobstore import JobStore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="sea-convert", version="0.1.0",
+    store = JobStore(settings.database_url)
+    runtime = Runtime(settings, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.start()  # Ray head (or the cluster's address), the runner, the loop
+        try:
+            yield
+        finally:
+            runtime.stop()
+
+    app = FastAPI(title="sea-convert", version="0.1.0", lifespan=lifespan,
                   description="Convert pretrained transformer LMs to SEA attention: submit recipes, follow jobs, get checkpoints.")
     app.state.settings = settings
-    app.state.store = JobStore(settings.database_url)
+    app.state.store = store
+    app.state.runtime = runtime
     for module in (health, jobs, schedules):
         app.include_router(module.router)
     return app

@@ -298,6 +298,34 @@ class OutputConfig(_Strict):
         return v
 
 
+class ResourcesConfig(_Strict):
+    """What each heavy stage (distill, validate) asks of the cluster; a scheduler (Ray) places it where
+    these are free, and an autoscaler adds nodes when none are. The library itself ignores them."""
+
+    gpus: float = Field(0, ge=0, description="GPUs per stage task (fractions share a GPU)")
+    cpus: float = Field(1, ge=0, description="CPU cores per stage task")
+    memory_gb: float | None = Field(None, gt=0, description="host memory per stage task, reserved by the scheduler")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="extra scheduler resources, e.g. {'accelerator_type:H100': 0.001}"
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if not name or amount <= 0:
+                raise ValueError(f"custom resource {name!r} needs a name and an amount > 0")
+        return v
+
+
+class RetryConfig(_Strict):
+    """Per-stage retries of the service's job runner: a stage that raises is run again after a
+    growing pause (backoff_s, 2 x backoff_s, ...). Bad input and missed gates are never retried."""
+
+    attempts: int = Field(3, ge=1, le=10, description="tries per stage, the first included")
+    backoff_s: float = Field(5.0, ge=0, le=3600, description="pause before the second try; doubles after each")
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     model: ModelSource
@@ -306,6 +334,8 @@ class Recipe(_Strict):
     distill: DistillConfig = DistillConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     output: OutputConfig = OutputConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    retries: RetryConfig = RetryConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

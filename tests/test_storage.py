@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-import os
 import socket
 import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import make_bucket, s3_options
 from workers.storage import MANIFEST, StorageError, build_manifest, latest_version, list_versions, publish, pull
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 
 
 def _checkpoint(folder: Path, seed: int = 0) -> Path:
@@ -30,38 +28,13 @@ def _checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 def _options(endpoint: str) -> dict:
-    return {"key": "testing", "secret": "testing", "skip_instance_cache": True,
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            "config_kwargs": {"retries": {"max_attempts": 1}}}
+    return s3_options(endpoint)
 
 
 @pytest.fixture
 def bucket(s3_endpoint, request):
-    import boto3
-
-    name = "sea-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=name)
-    return name
+    return make_bucket(s3_endpoint, request.node.name)
 
 
 def _roundtrip(tmp_path: Path, uri: str, options: dict | None):

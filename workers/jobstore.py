@@ -22,7 +22,7 @@ JOB_STATES = ("queued", "running", "succeeded", "failed", "gated", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "gated", "cancelled"})
 TRANSITIONS = {
     "queued": {"running", "failed", "cancelled"},
-    "running": {"succeeded", "failed", "gated", "cancelled"},
+    "running": {"succeeded", "failed", "gated", "cancelled", "queued"},  # -> queued: its cluster lost it (reconcile)
 }
 STAGES = ("distill", "validate", "publish")
 
@@ -198,6 +198,41 @@ class JobStore:
                 if key not in ("ray_submission_id", "metrics", "artifact_uri", "log_uri"):
                     raise JobStoreError(f"unknown job field {key!r}")
                 setattr(job, key, value)
+        return self.get(job_id)
+
+    def record(self, job_id: str, **fields) -> None:
+        """Set ray_submission_id / log_uri / artifact_uri / metrics without touching the status."""
+        with self.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise UnknownJob(f"unknown job id {job_id!r}")
+            for key, value in fields.items():
+                if key not in ("ray_submission_id", "metrics", "artifact_uri", "log_uri"):
+                    raise JobStoreError(f"unknown job field {key!r}")
+                setattr(job, key, value)
+
+    def for_runner(self, statuses: tuple[str, ...], submitted: bool, limit: int = 500) -> list[Job]:
+        """Jobs in these states with (or without) a Ray submission, oldest first: what the runner
+        dispatches (queued, not submitted) and what it reconciles with Ray (submitted)."""
+        with self.session() as s:
+            q = select(Job).where(Job.status.in_(statuses))
+            q = q.where(Job.ray_submission_id.is_not(None) if submitted else Job.ray_submission_id.is_(None))
+            jobs = list(s.scalars(q.order_by(Job.created_at, Job.id).limit(limit)))
+            for j in jobs:
+                _ = j.stages
+            return jobs
+
+    def requeue(self, job_id: str, reason: str) -> Job:
+        """A running job its cluster has no record of (the head was replaced): queue it again. The
+        resubmitted run resumes from its saved work and training state; the count is kept in metrics."""
+        with self.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise UnknownJob(f"unknown job id {job_id!r}")
+            if job.status not in ("queued", "running"):
+                raise BadTransition(f"job {job_id} is {job.status}; it cannot be queued again")
+            job.status, job.ray_submission_id, job.error = "queued", None, reason
+            job.metrics = {**(job.metrics or {}), "requeued": int((job.metrics or {}).get("requeued", 0)) + 1}
         return self.get(job_id)
 
     def set_stage(self, job_id: str, stage: str, status: str, error: str | None = None) -> None:

@@ -1,31 +1,60 @@
-"""One conversion job: load -> distill -> validate -> publish. A plain function; the Ray job calls it later."""
+"""One conversion job as three stages that hand over through files: distill -> validate -> publish.
+
+Each stage is a plain function of (recipe, paths) that the local `run` calls in turn and the Ray
+job runs as a task with the recipe's resources. A stage finishes by writing its result file last,
+so a retried or re-queued stage finds the earlier attempt's finished work and does not redo it.
+The work folder belongs to one run (its `owner`): another run's leftovers are wiped, never reused.
+"""
 
 from __future__ import annotations
 
-import tempfile
+import json
+import os
+import shutil
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from sea_convert.checkpoint import prepare_output_dir
+from sea_convert import checkpoint
+from sea_convert.checkpoint import CheckpointError, save_converted
 from sea_convert.data import build_splits
 from sea_convert.evaluate import attention_picture
 from sea_convert.integration import attach_sea, compile_predictors
 from sea_convert.lora import merge_lora
 from sea_convert.models import load_teacher, pick_device
+from sea_convert.provenance import data_provenance, model_provenance
 from sea_convert.recipe import Recipe
 from workers.distill import DistillResult, clear_state, default_state_dir, distill_stage
 from workers.publish import publish_stage
 from workers.storage import publish
 from workers.validate import ValidationReport, teacher_reference, validate_stage
 
+Log = Callable[[str], None]
+
 
 class GateFailure(RuntimeError):
     def __init__(self, report: dict, failures: list[str]):
         super().__init__("validation gates failed: " + "; ".join(failures))
         self.report = report
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its report
+        return (GateFailure, (self.report, self.report.get("gate_failures", [])))
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    destination: Path  # the converted checkpoint folder
+    work: Path  # stage hand-over files of one run
+    state: Path  # resumable training state (distill)
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, destination: Path | None = None) -> "JobPaths":
+        dest = Path(destination) if destination is not None else recipe.output.dir
+        return cls(dest, dest.with_name(dest.name + ".work"), default_state_dir(recipe, dest))
 
 
 @dataclass
@@ -80,11 +109,53 @@ def model_card(recipe: Recipe, report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool = False, log=print) -> PipelineResult:
-    t0 = time.perf_counter()
-    destination = Path(output_dir) if output_dir is not None else recipe.output.dir
-    prepare_output_dir(destination, recipe.output.overwrite)  # fail before any work, not after
-    state_dir = default_state_dir(recipe, destination)
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)  # a reader sees the whole file or none
+
+
+def _owner_of_checkpoint(path: Path) -> str | None:
+    try:
+        return json.loads((path / "report.json").read_text()).get("run", {}).get("owner")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_destination(recipe: Recipe, paths: JobPaths, owner: str) -> None:
+    """Fail before any work if the destination exists and may not be replaced (a folder this same
+    run already wrote, before a restart cut it short, is its own and may be)."""
+    if paths.destination.exists() and not recipe.output.overwrite and _owner_of_checkpoint(paths.destination) != owner:
+        raise CheckpointError(f"output folder {paths.destination} already exists (set output.overwrite or pass another --output)")
+
+
+def claim_work_dir(paths: JobPaths, owner: str) -> None:
+    """Keep this run's own work (a retried stage, a re-queued job); wipe anybody else's."""
+    marker = paths.work / "owner.json"
+    try:
+        if json.loads(marker.read_text())["owner"] == owner:
+            return
+    except (OSError, ValueError, KeyError):
+        pass
+    shutil.rmtree(paths.work, ignore_errors=True)
+    paths.work.mkdir(parents=True)
+    _write_json(marker, {"owner": owner, "started": time.time()})
+
+
+def _done(path: Path, log: Log, stage: str) -> dict | None:
+    if path.is_file():
+        log(f"{stage}: finished by an earlier attempt of this run ({path.name})")
+        return json.loads(path.read_text())
+    return None
+
+
+def stage_distill(recipe: Recipe, paths: JobPaths, progress: bool = False, log: Log = print,
+                  log_every: int | None = None) -> dict:
+    """Teacher reference numbers, then stage A (+ B); the trained model goes to work/model.
+    `log_every`: also log one line per that many steps (for logs followed from afar; no bars there)."""
+    done = _done(paths.work / "distill.json", log, "distill")
+    if done is not None:
+        return done
     torch.manual_seed(recipe.distill.seed)
     device = pick_device(recipe.distill.device)
     log(f"loading {recipe.model.describe()} on {device}")
@@ -97,32 +168,87 @@ def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool 
     log(f"training windows {tuple(splits.train.shape)}, held-out tokens {splits.held_out.numel()} ({splits.held_out_source})")
     reference = teacher_reference(recipe, model, tokenizer, splits, progress=progress)  # before stage B moves the base
     log(f"teacher perplexity {reference['teacher_ppl']:.3f}")
-    distilled: DistillResult = distill_stage(recipe, model, splits, progress=progress, state_dir=state_dir)
+    def on_step(stage: str, m) -> None:
+        if log_every and m.step % log_every == 0:
+            log(f"stage {stage.upper()} step {m.step}: loss {m.loss:.4f}, density {m.density:.3f}, {m.seconds:.2f} s/step")
+
+    distilled: DistillResult = distill_stage(recipe, model, splits, on_step=on_step, progress=progress, state_dir=paths.state)
     if distilled.resumed_from:
-        log(f"resumed from {state_dir} at stage {distilled.resumed_from['stage'].upper()} step {distilled.resumed_from['step']}")
+        log(f"resumed from {paths.state} at stage {distilled.resumed_from['stage'].upper()} step {distilled.resumed_from['step']}")
     log(f"distilled {distilled.steps} steps in {distilled.seconds:.0f} s")
-    validation: ValidationReport = validate_stage(recipe, model, tokenizer, splits, reference, progress=progress)
-    report = {
-        "recipe": recipe.model_dump(mode="json", by_alias=True),
-        "distill": distilled.summary(),
-        "distill_history": distilled.history,
-        **validation.as_dict(),
-    }
-    if not validation.passed:
-        raise GateFailure(report, validation.gate_failures)
     merged = merge_lora(model)  # a plain transformers checkpoint: adapters folded into the base weights
     if merged:
         log(f"merged {merged} LoRA adapters into the base weights")
-    with tempfile.TemporaryDirectory() as tmp:
-        extra = {}
-        if recipe.validate_.picture:
-            extra["attention.png"] = attention_picture(model, splits.held_out[:256], Path(tmp) / "attention.png")
-        report["seconds_total"] = round(time.perf_counter() - t0, 1)
-        path = publish_stage(recipe, model, tokenizer, report, model_card(recipe, report), destination, extra)
+    save_converted(model, tokenizer, recipe.sea, recipe.model, paths.work / "model", overwrite=True,
+                   base_finetuned=_base_finetuned(recipe))
+    result = {"reference": reference, "distill": distilled.summary(), "distill_history": distilled.history,
+              "provenance": {"model": model_provenance(recipe.model, model.config), "data": data_provenance(recipe.data)}}
+    _write_json(paths.work / "distill.json", result)
+    return result
+
+
+def _base_finetuned(recipe: Recipe) -> bool:
+    return recipe.distill.stage_b is not None and recipe.distill.stage_b.train_base != "none"
+
+
+def stage_validate(recipe: Recipe, paths: JobPaths, progress: bool = False, log: Log = print) -> dict:
+    """SEA's perplexity and MMLU on the trained model, the gates, and the attention picture."""
+    done = _done(paths.work / "validate.json", log, "validate")
+    if done is not None:
+        return done
+    distilled = json.loads((paths.work / "distill.json").read_text())
+    model, tokenizer = checkpoint.load(paths.work / "model", pick_device(recipe.distill.device))
+    splits = build_splits(recipe.data, tokenizer)
+    validation: ValidationReport = validate_stage(recipe, model, tokenizer, splits, distilled["reference"], progress=progress)
+    if recipe.validate_.picture:
+        attention_picture(model, splits.held_out[:256], paths.work / "attention.png")
+    report = {"recipe": recipe.model_dump(mode="json", by_alias=True), "distill": distilled["distill"],
+              "distill_history": distilled["distill_history"], "provenance": distilled["provenance"], **validation.as_dict()}
+    p = report["perplexity"]
+    log(f"SEA perplexity {p['sea_ppl']:.3f} (x{p['ppl_ratio']:.4f} the teacher), density {p['density']:.3f}"
+        + ("" if validation.passed else "; gates failed: " + "; ".join(validation.gate_failures)))
+    _write_json(paths.work / "validate.json", report)
+    return report
+
+
+def stage_publish(recipe: Recipe, paths: JobPaths, owner: str, log: Log = print) -> dict:
+    """Only a run that passed its gates gets here with something to write: the checkpoint folder
+    (atomically), then the dated version at output.publish_uri. Clears the run's work and state."""
+    report = json.loads((paths.work / "validate.json").read_text())
+    if not report["gates_passed"]:
+        raise GateFailure(report, report["gate_failures"])
+    started = json.loads((paths.work / "owner.json").read_text())["started"]
+    report["run"] = {"owner": owner}
+    report["seconds_total"] = round(time.time() - started, 1)
+    model, tokenizer = checkpoint.load(paths.work / "model")
+    extra = {"attention.png": paths.work / "attention.png"} if (paths.work / "attention.png").is_file() else {}
+    own = _owner_of_checkpoint(paths.destination) == owner  # a publish this run began before a restart
+    path = publish_stage(recipe, model, tokenizer, report, model_card(recipe, report), paths.destination, extra,
+                         overwrite=recipe.output.overwrite or own, base_finetuned=_base_finetuned(recipe))
+    log(f"checkpoint written to {path}")
+    out = {"checkpoint": str(path), "published": None}
     if recipe.output.publish_uri:
         pub = publish(path, recipe.output.publish_uri, promote=True, storage_options=recipe.output.storage_options)
-        report["published"] = asdict(pub)
+        out["published"] = asdict(pub)
         log(f"published {pub.uri}" + (" (same content as before: nothing uploaded)" if pub.reused else "")
             + ("; latest -> this version" if pub.promoted else ""))
-    clear_state(state_dir)
-    return PipelineResult(path, report, time.perf_counter() - t0)
+    clear_state(paths.state)
+    shutil.rmtree(paths.work, ignore_errors=True)
+    return out
+
+
+def run_pipeline(recipe: Recipe, output_dir: Path | None = None, progress: bool = False, log: Log = print,
+                 owner: str | None = None) -> PipelineResult:
+    """The three stages in this process, one after the other (the local `sea-convert run`)."""
+    t0 = time.perf_counter()
+    paths = JobPaths.for_recipe(recipe, output_dir)
+    owner = owner or uuid.uuid4().hex
+    check_destination(recipe, paths, owner)  # fail before any work, not after
+    claim_work_dir(paths, owner)
+    stage_distill(recipe, paths, progress=progress, log=log)
+    stage_validate(recipe, paths, progress=progress, log=log)
+    out = stage_publish(recipe, paths, owner, log=log)
+    report = json.loads((Path(out["checkpoint"]) / "report.json").read_text())
+    if out["published"]:
+        report["published"] = out["published"]
+    return PipelineResult(Path(out["checkpoint"]), report, time.perf_counter() - t0)

@@ -1,4 +1,4 @@
-"""The publish stage: write the converted checkpoint (local folder here; object storage comes later)."""
+"""The publish stage: write the converted checkpoint folder (object storage: workers/storage.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from sea_convert.recipe import Recipe
 
 
 def publish_stage(
-    recipe: Recipe, model, tokenizer, report: dict, card: str, destination: Path, extra_files: dict[str, Path]
+    recipe: Recipe, model, tokenizer, report: dict, card: str, destination: Path, extra_files: dict[str, Path],
+    overwrite: bool, base_finetuned: bool,
 ) -> Path:
     return save_converted(
         model,
@@ -21,6 +22,6 @@ def publish_stage(
         model_card=card,
         extra_files=extra_files,
         save_base_weights=recipe.output.save_base_weights,
-        overwrite=recipe.output.overwrite,
-        base_finetuned=recipe.distill.stage_b is not None and recipe.distill.stage_b.train_base != "none",
+        overwrite=overwrite,
+        base_finetuned=base_finetuned,
     )

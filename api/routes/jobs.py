@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 
 from api.deps import Reader, Store, Writer
@@ -12,6 +16,7 @@ from api.recipe_body import read_recipe
 from workers.jobstore import FINAL_STATES, JOB_STATES, BadTransition, Job, UnknownJob
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+log = logging.getLogger("sea_convert.api")
 
 
 class StageOut(BaseModel):
@@ -100,14 +105,49 @@ def get_job(job_id: str, store: Store, _: Reader) -> JobOut:
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel(job_id: str, store: Store, _: Writer) -> JobOut:
+async def cancel(job_id: str, request: Request, store: Store, _: Writer) -> JobOut:
+    """Record the job cancelled, then stop its Ray job (driver and stage tasks). Were Ray out of
+    reach now, the service loop stops it later: the record decides."""
     job = _job(store, job_id)
     if job.status in FINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {job.status}")
     try:
-        return JobOut.of(store.set_status(job_id, "cancelled"))
+        job = store.set_status(job_id, "cancelled")
     except BadTransition as err:
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    runner = request.app.state.runtime.runner
+    if runner is not None:
+        try:
+            await run_in_threadpool(runner.stop, job)
+        except Exception as err:  # noqa: BLE001
+            log.warning("job %s cancelled; stopping its Ray job failed for now (%s): the loop retries", job_id, err)
+    return JobOut.of(job)
+
+
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}}, 409: {"description": "this service runs no jobs"}})
+async def logs(job_id: str, request: Request, store: Store, _: Reader,
+               follow: Annotated[bool, Query(description="keep the connection open and stream new lines until the job ends")] = False):
+    """The job's log (its Ray job's driver and stage tasks). With follow, a queued job's log starts when it starts."""
+    job = _job(store, job_id)
+    runner = request.app.state.runtime.runner
+    if runner is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, "this service runs no jobs (runner: off), so it has no logs")
+    if not follow:
+        return PlainTextResponse(await run_in_threadpool(runner.logs, job))
+
+    async def stream():
+        current = job
+        while current.ray_submission_id is None and current.status not in FINAL_STATES:
+            await asyncio.sleep(1.0)
+            current = await run_in_threadpool(store.get, job_id)
+        if current.ray_submission_id is None:
+            yield f"job {job_id} is {current.status}; it never ran\n"
+            return
+        async for chunk in runner.follow(current):
+            yield chunk
+
+    return StreamingResponse(stream(), media_type="text/plain")
 
 
 @router.get("/jobs/{job_id}/artifacts")

@@ -1,0 +1,56 @@
+"""What runs beside the REST app: the Ray head (local, or a cluster's address), the job runner and
+the service loop. Started by the app's lifespan, stopped cleanly with it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from api.settings import Settings
+from workers.jobstore import JobStore
+from workers.orchestrator import LocalRayHead, RayRunner, RunnerConfig
+from workers.service_loop import ServiceLoop
+
+log = logging.getLogger("sea_convert.service")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, store: JobStore):
+        self.settings, self.store = settings, store
+        self.head: LocalRayHead | None = None
+        self.runner: RayRunner | None = None
+        self.loop: ServiceLoop | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        if s.runner == "ray":
+            dashboard = s.ray_address
+            if dashboard is None:
+                self.head = LocalRayHead(s.state_dir, s.ray_num_cpus, s.ray_num_gpus)
+                dashboard, _adopted = self.head.ensure()
+            local = s.ray_address is None
+            self.runner = RayRunner(self.store, RunnerConfig(
+                dashboard=dashboard, database_url=_absolute_sqlite(s.database_url), output_root=s.output_root.resolve(),
+                python=s.job_python or (sys.executable if local else "python"), workdir=Path.cwd() if local else None))
+        self.loop = ServiceLoop(self.store, self.runner, s.poll_interval_s)
+        self.loop.start()
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+        if self.head is None or self.settings.stop_local_ray == "never":
+            return
+        active = self.store.list(status="running", limit=1)[1] + self.store.list(status="queued", limit=1)[1]
+        if self.settings.stop_local_ray == "idle" and active:
+            log.warning("%d job(s) queued or running: the local Ray head stays up for them; the next start adopts it", active)
+            return
+        self.head.stop()
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A relative SQLite path means the service's folder, wherever the job driver runs."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url

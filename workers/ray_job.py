@@ -1,0 +1,177 @@
+"""One conversion as a Ray job: the entrypoint the orchestrator submits through JobSubmissionClient.
+
+    python -m workers.ray_job --job-id ID --output-root DIR     (database URL: SEA_CONVERT_DATABASE_URL)
+
+`run_job` reads the job's recipe from the database and runs distill -> validate -> publish, each
+through `execute(stage_function, args, options)`: in the Ray job that is a Ray task with the
+recipe's resources (GPUs, CPUs, memory, custom), in tests a plain call. A stage that raises runs
+again after backoff_s, 2 x backoff_s, ...; bad input and missed gates are not retried. Every
+stage, the metrics and the artifact are recorded in the database as they happen. A job cancelled
+while it runs (the service stops this Ray job) is never overwritten: a finished job never moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from sea_convert.checkpoint import CheckpointError
+from sea_convert.recipe import Recipe, RecipeError, parse_recipe
+from workers.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
+from workers.pipeline import GateFailure, JobPaths, check_destination, claim_work_dir, stage_distill, stage_publish, stage_validate
+
+NOT_RETRIED = (GateFailure, RecipeError, CheckpointError)
+Execute = Callable[[Callable, tuple, dict], object]
+
+
+def run_stage(stage: str, recipe: Recipe, paths: JobPaths, owner: str):
+    """The body of one stage task (module level, so Ray can ship it to a worker)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # bars are noise in a followed log; the stages log steps instead
+
+    def log(message: str) -> None:
+        print(f"[{stage}] {message}", flush=True)
+
+    if stage == "distill":
+        return stage_distill(recipe, paths, log=log, log_every=max(1, recipe.distill.stage_a.steps // 20))
+    if stage == "validate":
+        return stage_validate(recipe, paths, log=log)
+    return stage_publish(recipe, paths, owner, log=log)
+
+
+def stage_options(recipe: Recipe, stage: str) -> dict:
+    """Ray task options: the recipe's resources for the heavy stages, one CPU to publish."""
+    if stage == "publish":
+        return {"num_cpus": 1, "max_retries": 0}
+    r = recipe.resources
+    opts: dict = {"num_cpus": r.cpus, "num_gpus": r.gpus, "max_retries": 0}  # retries are ours, with backoff
+    if r.gpus > 0:
+        opts["max_calls"] = 1  # a fresh worker per GPU stage: the next stage starts with the GPU memory free
+    if r.memory_gb is not None:
+        opts["memory"] = int(r.memory_gb * 2**30)
+    if r.custom:
+        opts["resources"] = dict(r.custom)
+    return opts
+
+
+def plain_execute(fn: Callable, args: tuple, options: dict):
+    return fn(*args)
+
+
+def ray_execute(fn: Callable, args: tuple, options: dict):
+    import ray
+
+    try:
+        return ray.get(ray.remote(fn).options(**options).remote(*args))
+    except ray.exceptions.RayTaskError as err:  # the stage raised: hand back its own exception
+        cause = getattr(err, "cause", None)
+        raise (cause if isinstance(cause, BaseException) else err) from None
+
+
+def job_paths(recipe: Recipe, output_root: Path) -> JobPaths:
+    """A submitted recipe's output.dir is inside the service's output root (the API checked it)."""
+    dest = recipe.output.dir if recipe.output.dir.is_absolute() else Path(output_root) / recipe.output.dir
+    return JobPaths.for_recipe(recipe, dest)
+
+
+def _metrics(report: dict) -> dict:
+    keep = ("perplexity", "mmlu", "gates_passed", "gate_failures", "provenance", "distill")
+    return {k: report[k] for k in keep if k in report}
+
+
+def _finish(store: JobStore, job_id: str, status: str, log, **fields) -> str:
+    requeued = (store.get(job_id).metrics or {}).get("requeued")
+    if requeued and "metrics" in fields:
+        fields["metrics"] = {**fields["metrics"], "requeued": requeued}  # kept: how often Ray lost this job
+    try:
+        store.set_status(job_id, status, **fields)
+    except BadTransition:  # cancelled (or otherwise finished) meanwhile: that word stands
+        status = store.get(job_id).status
+        log(f"job {job_id} is already {status}; its record is left as it is")
+    return status
+
+
+def run_job(store: JobStore, job_id: str, output_root: Path, execute: Execute = plain_execute,
+            sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print) -> str:
+    """Run one job to a final status (succeeded, gated, failed) and return it."""
+    job = store.get(job_id)
+    if job.status in FINAL_STATES:
+        log(f"job {job_id} is {job.status} already: nothing to do")
+        return job.status
+    try:
+        recipe = parse_recipe(yaml.safe_load(job.recipe), source=f"job {job_id} recipe")  # JSON is YAML too
+    except (RecipeError, yaml.YAMLError) as err:
+        return _finish(store, job_id, "failed", log, error=str(err))
+    if job.status == "queued":
+        store.set_status(job_id, "running")
+    paths = job_paths(recipe, output_root)
+    try:
+        check_destination(recipe, paths, owner=job_id)
+        claim_work_dir(paths, owner=job_id)
+    except CheckpointError as err:
+        return _finish(store, job_id, "failed", log, error=str(err))
+
+    results: dict = {}
+    for i, stage in enumerate(STAGES):
+        pause = recipe.retries.backoff_s
+        for attempt in range(1, recipe.retries.attempts + 1):
+            store.set_stage(job_id, stage, "running")
+            log(f"stage {stage}: attempt {attempt} of {recipe.retries.attempts}")
+            try:
+                results[stage] = execute(run_stage, (stage, recipe, paths, job_id), stage_options(recipe, stage))
+                store.set_stage(job_id, stage, "succeeded")
+                break
+            except GateFailure as err:
+                store.set_stage(job_id, stage, "skipped", error=str(err))
+                log(f"{err}: nothing published")
+                return _finish(store, job_id, "gated", log, error=str(err), metrics=_metrics(err.report))
+            except Exception as err:  # noqa: BLE001  (any stage error is recorded, then retried or final)
+                message = f"{type(err).__name__}: {err}"
+                store.set_stage(job_id, stage, "failed", error=message)
+                log(f"stage {stage} attempt {attempt} failed: {message}")
+                if isinstance(err, NOT_RETRIED) or attempt == recipe.retries.attempts:
+                    traceback.print_exc()
+                    for later in STAGES[i + 1:]:
+                        store.set_stage(job_id, later, "skipped")
+                    return _finish(store, job_id, "failed", log, error=f"stage {stage}: {message}",
+                                   metrics=_metrics(results.get("validate", {})))
+                log(f"stage {stage}: retrying in {pause:g} s")
+                sleep(pause)
+                pause *= 2
+    published = results["publish"]
+    artifact = published["published"]["uri"] if published.get("published") else str(Path(published["checkpoint"]).resolve())
+    metrics = {**_metrics(results["validate"]), "checkpoint": published["checkpoint"], "published": published.get("published")}
+    log(f"job {job_id} succeeded: {artifact}")
+    return _finish(store, job_id, "succeeded", log, metrics=metrics, artifact_uri=artifact)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--output-root", type=Path, required=True)
+    parser.add_argument("--database-url", default=os.environ.get("SEA_CONVERT_DATABASE_URL"))
+    parser.add_argument("--no-ray", action="store_true", help="run the stages in this process (no cluster)")
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error("--database-url or SEA_CONVERT_DATABASE_URL is required")
+    store = JobStore(args.database_url)
+    execute = plain_execute
+    if not args.no_ray:
+        import ray
+
+        ray.init(log_to_driver=True)  # inside a Ray job: RAY_ADDRESS points at the cluster
+        execute = ray_execute
+    status = run_job(store, args.job_id, args.output_root, execute=execute)
+    return 0 if status in ("succeeded", "gated") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
