@@ -1,4 +1,5 @@
-"""`sea-convert`: the command line. Local commands run everything in-process."""
+"""`sea-convert`: the command line. Local commands (run, validate, eval, mmlu, pull) run in-process;
+serve starts the REST service; submit, status, logs, cancel, schedules talk to it (api/remote.py)."""
 
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def serve(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
     if not settings.admin_tokens and not settings.read_tokens:
         _fail("no tokens configured: set SEA_CONVERT_ADMIN_TOKENS (and optionally SEA_CONVERT_READ_TOKENS)")
-    uvicorn.run(create_app(settings), host=host, port=port)
+    # open log streams (follow) end after 5 s on shutdown, so the app's own shutdown (Ray head) runs
+    uvicorn.run(create_app(settings), host=host, port=port, timeout_graceful_shutdown=5)
 
 
 @app.command()
@@ -226,6 +228,10 @@ def mmlu(
     else:
         out.print(_table(f"MMLU {shots}-shot: {checkpoint}", [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in res.items()]))
 
+
+from api import remote  # noqa: E402  (submit, status, logs, cancel, schedules: the REST client commands)
+
+remote.register(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -11,6 +11,13 @@ from api.settings import Settings
 from sea_convert.recipe import Recipe, RecipeError, parse_recipe
 
 
+# The recipe is read from the raw body (YAML or JSON), so the route declares it for the OpenAPI document
+RECIPE_BODY = {"requestBody": {"required": True, "description": "a recipe (see recipes/*.yaml)", "content": {
+    "application/yaml": {"schema": {"type": "string"}},
+    "application/json": {"schema": {"type": "object", "additionalProperties": True}},
+}}}
+
+
 async def read_recipe(request: Request, settings: Settings) -> tuple[Recipe, str]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:

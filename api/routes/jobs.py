@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 
 from api.deps import Reader, Store, Writer
-from api.recipe_body import read_recipe
+from api.recipe_body import RECIPE_BODY, read_recipe
 from workers.jobstore import FINAL_STATES, JOB_STATES, BadTransition, Job, UnknownJob
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -70,7 +70,7 @@ def _job(store, job_id: str) -> Job:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
 
 
-@router.post("/recipes/validate", response_model=Validated)
+@router.post("/recipes/validate", response_model=Validated, openapi_extra=RECIPE_BODY)
 async def validate_recipe(request: Request, _: Reader) -> Validated:
     """Check a recipe (YAML, or JSON with Content-Type application/json) without running anything."""
     recipe, _text = await read_recipe(request, request.app.state.settings)
@@ -78,7 +78,7 @@ async def validate_recipe(request: Request, _: Reader) -> Validated:
                      stages=["a"] + (["b"] if recipe.distill.stage_b else []))
 
 
-@router.post("/jobs", response_model=JobOut, status_code=status.HTTP_201_CREATED)
+@router.post("/jobs", response_model=JobOut, status_code=status.HTTP_201_CREATED, openapi_extra=RECIPE_BODY)
 async def submit(request: Request, response: Response, store: Store, _: Writer,
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Queue a conversion. The same Idempotency-Key returns the first job (200) instead of a second one."""
@@ -94,7 +94,7 @@ def list_jobs(store: Store, _: Reader,
               status_: Annotated[str | None, Query(alias="status", pattern="^(" + "|".join(JOB_STATES) + ")$")] = None,
               name: Annotated[str | None, Query(max_length=100)] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobPage:
+              offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> JobPage:
     jobs, total = store.list(status=status_, name=name, limit=limit, offset=offset)
     return JobPage(items=[JobOut.of(j) for j in jobs], total=total, limit=limit, offset=offset)
 

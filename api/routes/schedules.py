@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, Field
 
 from api.deps import Reader, Store, Writer
-from api.recipe_body import read_recipe
+from api.recipe_body import RECIPE_BODY, read_recipe
 from workers.jobstore import JobStoreError, UnknownJob
 from workers.schedules import check_schedule
 
@@ -33,7 +33,7 @@ def _out(s) -> ScheduleOut:
                        last_fired_at=s.last_fired_at.isoformat() if s.last_fired_at else None)
 
 
-@router.post("", response_model=ScheduleOut, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=ScheduleOut, status_code=status.HTTP_201_CREATED, openapi_extra=RECIPE_BODY)
 async def create(request: Request, store: Store, _: Writer, name: str, cron: str, timezone: str = "UTC") -> ScheduleOut:
     """The recipe is the body (YAML or JSON); name, cron and timezone are query parameters."""
     try:

