@@ -23,7 +23,7 @@ def rows(model: type[BaseModel], prefix: str = ""):
         if sub is not None:
             yield from rows(sub, path + ".")
             continue
-        default = "required" if f.is_required() else repr(f.default)
+        default = "required" if f.is_required() else repr(f.default_factory() if f.default_factory else f.default)
         yield path, _type_name(ann), default, f.description or ""
 
 

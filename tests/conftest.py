@@ -119,6 +119,53 @@ def make_bucket(endpoint: str, name: str) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback (initdb + pg_ctl from the machine's PostgreSQL; as the
+    `nobody` user when the tests run as root, which PostgreSQL refuses). Skips where there is none."""
+    import shutil
+    import subprocess
+
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None or importlib.util.find_spec("psycopg") is None:
+        pytest.skip("PostgreSQL (initdb, pg_ctl) or psycopg is not installed")
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="sea-pg-"))  # not under pytest's 0700 folder: `nobody` must reach it
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "nobody")
+        as_user = ["runuser", "-u", "nobody", "--"]
+    port = _free_port()
+    data = folder / "data"
+    init = subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "sea"], capture_output=True, text=True)
+    if init.returncode != 0:
+        pytest.skip(f"initdb failed: {init.stderr[-300:]}")
+    start = subprocess.run([*as_user, pg_ctl, "-D", str(data), "-w", "-l", str(folder / "log"),
+                            "-o", f"-p {port} -h 127.0.0.1 -k {folder}", "start"], capture_output=True, text=True)
+    if start.returncode != 0:
+        pytest.skip(f"PostgreSQL did not start: {start.stderr[-300:]}")
+    yield f"postgresql+psycopg://sea@127.0.0.1:{port}"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request):
+    """A fresh database on the server for one test."""
+    import uuid
+
+    import sqlalchemy
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    engine = sqlalchemy.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return f"{postgres_server}/{name}"
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests are skipped (with the reason) where no CUDA device exists, as in CI."""
     import torch

@@ -1,5 +1,6 @@
-"""Job state in a real SQLite database: idempotent submissions under a concurrent burst, transitions,
-filters and pagination, and state that survives a restart of the service (a new JobStore on the file)."""
+"""Job state in real databases (a SQLite file, and a PostgreSQL server on loopback where the machine
+has one): idempotent submissions under a concurrent burst, transitions, filters and pagination, the
+runner's queries and re-queueing, and state that survives a restart (a new JobStore on the same URL)."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,9 +9,16 @@ import pytest
 from workers.jobstore import BadTransition, JobStore, JobStoreError, UnknownJob
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def store(tmp_path):
-    return JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(db_url):
+    return JobStore(db_url)
 
 
 def test_submit_creates_a_queued_job_with_its_stages(store):
@@ -55,8 +63,8 @@ def test_transitions_and_final_states(store):
         store.set_status(job.id, "succeeded", recipe="changed")
 
 
-def test_filters_pagination_and_restart(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_filters_pagination_and_restart(db_url):
+    url = db_url
     store = JobStore(url)
     ids = [store.submit("a" if i % 2 else "b", "x")[0].id for i in range(7)]
     store.set_status(ids[0], "running")
@@ -70,3 +78,21 @@ def test_filters_pagination_and_restart(tmp_path):
         store.list(status="exploded")
     again = JobStore(url)  # the service restarted: everything is still there
     assert again.get(ids[0]).status == "running" and again.list()[1] == 7
+
+
+def test_runner_queries_record_and_requeue(store):
+    a, _ = store.submit("a", "x")
+    b, _ = store.submit("b", "x")
+    assert [j.id for j in store.for_runner(("queued",), submitted=False)] == [a.id, b.id]  # oldest first
+    store.record(a.id, ray_submission_id=f"sea-{a.id}", log_uri="http://head/logs")
+    assert [j.id for j in store.for_runner(("queued",), submitted=False)] == [b.id]
+    assert store.get(a.id).status == "queued"  # recording a submission does not move the status
+    store.set_status(a.id, "running")
+    assert [j.id for j in store.for_runner(("queued", "running"), submitted=True)] == [a.id]
+    again = store.requeue(a.id, "Ray has no record of it")
+    assert again.status == "queued" and again.ray_submission_id is None and again.metrics["requeued"] == 1
+    store.set_status(b.id, "cancelled")
+    with pytest.raises(BadTransition, match="cannot be queued again"):
+        store.requeue(b.id, "no")
+    with pytest.raises(JobStoreError, match="unknown job field"):
+        store.record(a.id, status="succeeded")
