@@ -7,6 +7,7 @@ optimizer, the schedule and the step, so a run restored from it continues bit fo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ class TrainerBase:
     """Subclasses set `self.model` and call `_build_optimizer(groups, ...)` with named parameter groups."""
 
     model: nn.Module
+    # set from outside by a data-parallel runner (workers/parallel.py): averages gradients across ranks
+    grad_sync: Callable[[], None] | None = None
 
     def _build_optimizer(self, groups: list[dict], weight_decay: float, warmup: int, total_steps: int) -> None:
         self.total_steps, self.warmup = total_steps, warmup
@@ -42,6 +45,8 @@ class TrainerBase:
         self.total_steps = max(total, self.step_count)
 
     def _optimizer_step(self, grad_clip: float) -> float:
+        if self.grad_sync is not None:
+            self.grad_sync()  # before clipping: every rank then clips the same averaged gradient
         torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
