@@ -3,7 +3,6 @@ so jobs stay queued: running them is tests/test_service_ray.py's part)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 from api.app import create_app
 from api.cli import app
 from api.settings import Settings
+from conftest import _free_port
 from workers.jobstore import JobStore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -25,9 +25,7 @@ runner = CliRunner()
 def service(tmp_path):
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin", read_tokens="reader",
                         output_root=tmp_path / "outputs", runner="off")
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))

@@ -4,14 +4,13 @@ each with half of every global batch, end where one process with the whole batch
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_model
+from conftest import _free_port, tiny_model
 from sea_convert.distill import StageATrainer
 from sea_convert.integration import attach_sea, predictors
 from sea_convert.recipe import SEAConfig, StageAConfig
@@ -54,12 +53,6 @@ def _train(rank: int, world: int, out: str, port: int) -> None:
                     "losses": losses, "grads": grads}, out)
     if world > 1:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):

@@ -99,6 +99,16 @@ class BadTransition(JobStoreError):
     pass
 
 
+SETTABLE_FIELDS = ("ray_submission_id", "metrics", "artifact_uri", "log_uri")
+
+
+def _set_fields(job: Job, fields: dict) -> None:
+    for key, value in fields.items():
+        if key not in SETTABLE_FIELDS:
+            raise JobStoreError(f"unknown job field {key!r}")
+        setattr(job, key, value)
+
+
 class JobStore:
     """The database behind the service. One instance per process; sessions are short-lived."""
 
@@ -194,10 +204,7 @@ class JobStore:
                     job.finished_at = _now()
             if error is not None:
                 job.error = error
-            for key, value in fields.items():
-                if key not in ("ray_submission_id", "metrics", "artifact_uri", "log_uri"):
-                    raise JobStoreError(f"unknown job field {key!r}")
-                setattr(job, key, value)
+            _set_fields(job, fields)
         return self.get(job_id)
 
     def record(self, job_id: str, **fields) -> None:
@@ -206,10 +213,7 @@ class JobStore:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None:
                 raise UnknownJob(f"unknown job id {job_id!r}")
-            for key, value in fields.items():
-                if key not in ("ray_submission_id", "metrics", "artifact_uri", "log_uri"):
-                    raise JobStoreError(f"unknown job field {key!r}")
-                setattr(job, key, value)
+            _set_fields(job, fields)
 
     def for_runner(self, statuses: tuple[str, ...], submitted: bool, limit: int = 500) -> list[Job]:
         """Jobs in these states with (or without) a Ray submission, oldest first: what the runner
