@@ -41,6 +41,14 @@ def predictor_state(model) -> dict[str, torch.Tensor]:
     }
 
 
+def load_predictor_state(model, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of predictor_state: every layer's predictor from `layers.<i>.<name>` entries (strict)."""
+    for i, pred in enumerate(predictors(model)):
+        prefix = f"layers.{i}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        pred.load_state_dict(own, strict=True)
+
+
 def _without_predictors(model):
     """Detach predictor submodules for the duration of a base-weights save."""
     mods = attention_modules(model)
@@ -150,11 +158,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         model.config.sea = AutoConfig.from_pretrained(path).sea
     tokenizer = AutoTokenizer.from_pretrained(path)
     attach_sea(model, sea)
-    state = load_file(str(path / PREDICTORS_FILE))
-    for i, pred in enumerate(predictors(model)):
-        prefix = f"layers.{i}."
-        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        pred.load_state_dict(own, strict=True)
+    load_predictor_state(model, load_file(str(path / PREDICTORS_FILE)))
     model.to(device).eval().requires_grad_(False)
     model.set_attn_implementation("sea")
     return model, tokenizer

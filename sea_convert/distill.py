@@ -46,14 +46,20 @@ class StepMetrics:
     seconds: float
 
 
+def relative_mse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Mean over windows of each window's |out - ref|^2 / |ref|^2: relative, so layers are comparable, and
+    per window, so the loss is a mean over rows and data parallelism over rows computes it exactly."""
+    dims = tuple(range(1, out.ndim))
+    return ((out - ref).pow(2).mean(dims) / ref.pow(2).mean(dims).clamp_min(1e-12)).mean()
+
+
 def layer_loss(predictor: SEAPredictor, cap: Captured, sea_cfg: SEAConfig, stage: StageAConfig) -> LayerLoss:
     ops = dispatch.ops(sea_cfg.backend, cap.q.device)
     with torch.no_grad():
         target, _ = ops.teacher_target(cap.q, cap.k, cap.scale, sea_cfg.predictor_length, stage.query_chunk)
     res = sea_attention(cap.q, cap.k, cap.v, predictor, sea_cfg, cap.scale)
     kl = estimate_kl(target, res.estimate.log_probs)
-    ref = cap.out.float()
-    mse = (res.out - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)  # relative: comparable across layers
+    mse = relative_mse(res.out, cap.out.float())
     total = stage.kl_weight * kl + stage.output_mse_weight * mse
     kept, causal = res.selection.density()
     return LayerLoss(total, float(kl.detach()), float(mse.detach()), kept / causal)

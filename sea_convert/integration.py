@@ -135,12 +135,13 @@ def register_attention_functions() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
-def attach_sea(model: nn.Module, cfg: SEAConfig) -> list[SEAPredictor]:
-    """Give every attention module a fresh SEA predictor (fp32, on the model's device)."""
+def attach_sea(model: nn.Module, cfg: SEAConfig, device: torch.device | str | None = None) -> list[SEAPredictor]:
+    """Give every attention module a fresh SEA predictor (fp32, on `device`, default the model's device:
+    a teacher built on the meta device passes a real one so the predictors get real weights)."""
     register_attention_functions()
     heads, kv_heads, head_dim = head_shape(model.config)
     table_len = cfg.position_table_len or model.config.max_position_embeddings
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     predictors = []
     for idx, attn in enumerate(attention_modules(model)):
         pred = SEAPredictor(cfg, heads, kv_heads, head_dim, table_len, idx).to(device)

@@ -219,9 +219,42 @@ class StageBConfig(_Strict):
         return self
 
 
+class ParallelConfig(_Strict):
+    """Stage A over several processes (one per GPU): the frozen teacher sharded with FSDP2, the
+    predictors trained data-parallel, the recipe's global batch split over the workers."""
+
+    workers: int = Field(1, ge=1, description="training processes, one per GPU; 1 trains in the stage's own process")
+    launcher: Literal["ray", "torchrun"] = Field(
+        "ray", description="ray: Ray Train's TorchTrainer (restarts lost workers); torchrun: local processes"
+    )
+    param_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="dtype the sharded teacher computes in (FSDP2 mixed precision); None: model.dtype"
+    )
+    meta_init: bool = Field(
+        True, description="build the teacher on the meta device and read only each worker's shard of every"
+        " weight (safetensors folders); GGUF and hub-only sources load whole on every worker, then shard"
+    )
+    checkpoint_uri: str | None = Field(
+        None, description="where distributed checkpoints go (a folder or s3://bucket/prefix); default:"
+        " the state folder's 'dcp' subfolder"
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for checkpoint_uri")
+    keep_checkpoints: int = Field(2, ge=1, description="complete distributed checkpoints kept (oldest deleted)")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts after a lost worker (ray launcher)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPU cores each training worker reserves")
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and v.split("://", 1)[0] not in ("s3", "file"):
+            raise ValueError("use a local folder or s3://bucket/prefix")
+        return v
+
+
 class DistillConfig(_Strict):
     stage_a: StageAConfig = StageAConfig()
     stage_b: StageBConfig | None = Field(None, description="optional end-to-end fine-tuning after stage A")
+    parallel: ParallelConfig = ParallelConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     checkpoint_every: int | None = Field(
@@ -347,6 +380,13 @@ class Recipe(_Strict):
         if b is not None and b.train_base != "none" and not self.output.save_base_weights:
             raise ValueError(f"distill.stage_b.train_base is {b.train_base!r}: the base weights change, so"
                              " output.save_base_weights must be true")
+        par = self.distill.parallel
+        if par.workers > 1:
+            if b is not None:
+                raise ValueError("distill.parallel.workers > 1 runs stage A only: remove distill.stage_b or use 1 worker")
+            if self.distill.stage_a.batch_size % par.workers:
+                raise ValueError(f"distill.stage_a.batch_size ({self.distill.stage_a.batch_size}) must be a multiple of"
+                                 f" distill.parallel.workers ({par.workers}): every worker takes an equal share")
         return self
 
 

@@ -1,5 +1,5 @@
 """Data parallelism for the predictors over a FSDP2-sharded teacher, on CPU with gloo: two ranks,
-each with half of every global batch, end where one process with the whole batch ends."""
+each with half of every global batch, compute the gradient one process computes on the whole batch."""
 
 from __future__ import annotations
 
@@ -64,11 +64,11 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     worst = max((a["state"][k] - b["state"][k]).abs().max().item() for k in a["state"])
     print(f"gradient |1 rank - 2 ranks| / |1 rank| per step: {[f'{r:.2e}' for r in rel]};"
           f" predictor weights after {STEPS} AdamW steps (lr {STAGE.lr}): max diff {worst:.2e}")
-    # The averaged gradient is the global batch's gradient up to the loss terms that are not means over
-    # rows (the relative output MSE is a ratio of means): measured 5.8e-4 at step 1; AdamW's first steps move
-    # every weight by about lr whatever the gradient's size, so weights are compared against lr * steps.
-    assert rel[0] < 2e-3
-    assert worst < STAGE.lr * STEPS
+    # Every loss term is a mean over windows, so the averaged gradient is the global batch's gradient up to
+    # float32 summation order: measured 1.5e-7 .. 2.8e-7 per step. AdamW divides by sqrt(v): where a gradient
+    # entry is ~0 its rounding noise still moves the weight by up to lr, so weights are compared against lr.
+    assert max(rel) < 1e-5
+    assert worst < STAGE.lr
 
 
 def test_rank_rows_split_without_overlap():

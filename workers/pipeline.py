@@ -18,19 +18,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from sea_convert import checkpoint
-from sea_convert.checkpoint import CheckpointError, save_converted
+from safetensors.torch import load_file
+
+from sea_convert.checkpoint import PREDICTORS_FILE, CheckpointError, load_predictor_state, save_converted
 from sea_convert.data import build_splits
 from sea_convert.evaluate import attention_picture
 from sea_convert.integration import attach_sea, compile_predictors
 from sea_convert.lora import merge_lora
-from sea_convert.models import load_teacher, pick_device
+from sea_convert.models import DTYPES, load_teacher, pick_device, source_location
 from sea_convert.provenance import data_provenance, model_provenance
 from sea_convert.recipe import Recipe
+from workers.dist_checkpoint import DistCheckpoints
 from workers.distill import DistillResult, clear_state, default_state_dir, distill_stage
+from workers.sharded_load import build_skeleton
 from workers.publish import publish_stage
 from workers.storage import publish
+from workers.train_launch import launch_training
 from workers.validate import ValidationReport, teacher_reference, validate_stage
 
 Log = Callable[[str], None]
@@ -156,6 +162,26 @@ def stage_distill(recipe: Recipe, paths: JobPaths, progress: bool = False, log: 
     done = _done(paths.work / "distill.json", log, "distill")
     if done is not None:
         return done
+    if recipe.distill.parallel.workers > 1:
+        model, tokenizer, reference, distilled = _distill_parallel(recipe, paths, log)
+    else:
+        model, tokenizer, reference, distilled = _distill_here(recipe, paths, progress, log, log_every)
+    if distilled.resumed_from:
+        log(f"resumed at stage {distilled.resumed_from['stage'].upper()} step {distilled.resumed_from['step']}")
+    log(f"distilled {distilled.steps} steps in {distilled.seconds:.0f} s")
+    merged = merge_lora(model)  # a plain transformers checkpoint: adapters folded into the base weights
+    if merged:
+        log(f"merged {merged} LoRA adapters into the base weights")
+    save_converted(model, tokenizer, recipe.sea, recipe.model, paths.work / "model", overwrite=True,
+                   base_finetuned=_base_finetuned(recipe), save_base_weights=reference is not None)
+    result = {"reference": reference, "distill": distilled.summary(), "distill_history": distilled.history,
+              "provenance": {"model": model_provenance(recipe.model, model.config), "data": data_provenance(recipe.data)}}
+    _write_json(paths.work / "distill.json", result)
+    return result
+
+
+def _distill_here(recipe: Recipe, paths: JobPaths, progress: bool, log: Log, log_every: int | None):
+    """One process: teacher reference numbers first (stage B may move the base), then stage A (+ B)."""
     torch.manual_seed(recipe.distill.seed)
     device = pick_device(recipe.distill.device)
     log(f"loading {recipe.model.describe()} on {device}")
@@ -166,25 +192,30 @@ def stage_distill(recipe: Recipe, paths: JobPaths, progress: bool = False, log: 
     log(f"data: train {recipe.data.train.describe()}")
     splits = build_splits(recipe.data, tokenizer)
     log(f"training windows {tuple(splits.train.shape)}, held-out tokens {splits.held_out.numel()} ({splits.held_out_source})")
-    reference = teacher_reference(recipe, model, tokenizer, splits, progress=progress)  # before stage B moves the base
+    reference = teacher_reference(recipe, model, tokenizer, splits, progress=progress)
     log(f"teacher perplexity {reference['teacher_ppl']:.3f}")
+
     def on_step(stage: str, m) -> None:
         if log_every and m.step % log_every == 0:
             log(f"stage {stage.upper()} step {m.step}: loss {m.loss:.4f}, density {m.density:.3f}, {m.seconds:.2f} s/step")
 
-    distilled: DistillResult = distill_stage(recipe, model, splits, on_step=on_step, progress=progress, state_dir=paths.state)
-    if distilled.resumed_from:
-        log(f"resumed from {paths.state} at stage {distilled.resumed_from['stage'].upper()} step {distilled.resumed_from['step']}")
-    log(f"distilled {distilled.steps} steps in {distilled.seconds:.0f} s")
-    merged = merge_lora(model)  # a plain transformers checkpoint: adapters folded into the base weights
-    if merged:
-        log(f"merged {merged} LoRA adapters into the base weights")
-    save_converted(model, tokenizer, recipe.sea, recipe.model, paths.work / "model", overwrite=True,
-                   base_finetuned=_base_finetuned(recipe))
-    result = {"reference": reference, "distill": distilled.summary(), "distill_history": distilled.history,
-              "provenance": {"model": model_provenance(recipe.model, model.config), "data": data_provenance(recipe.data)}}
-    _write_json(paths.work / "distill.json", result)
-    return result
+    distilled = distill_stage(recipe, model, splits, on_step=on_step, progress=progress, state_dir=paths.state)
+    return model, tokenizer, reference, distilled
+
+
+def _distill_parallel(recipe: Recipe, paths: JobPaths, log: Log):
+    """Stage A on N workers (Ray Train or torchrun). This process never holds the teacher's weights:
+    work/model gets the predictors and a pointer to the base (the validate stage loads it from its
+    source, and measures the teacher's reference numbers there, stage A having left it unchanged)."""
+    result = launch_training(recipe, paths.work / "parallel", paths.state, paths.work / "train-runs", log=log)
+    where, kwargs = source_location(recipe.model)
+    model = build_skeleton(AutoConfig.from_pretrained(where, **kwargs), DTYPES[recipe.model.dtype])
+    attach_sea(model, recipe.sea, device="cpu")
+    load_predictor_state(model, load_file(str(paths.work / "parallel" / PREDICTORS_FILE)))
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    distilled = DistillResult(result["steps"], result["seconds"], result["tokens"], result["history"],
+                              result["held_out"], {"a": result["seconds"]}, result["resumed_from"])
+    return model, tokenizer, None, distilled
 
 
 def _base_finetuned(recipe: Recipe) -> bool:
@@ -199,6 +230,9 @@ def stage_validate(recipe: Recipe, paths: JobPaths, progress: bool = False, log:
     distilled = json.loads((paths.work / "distill.json").read_text())
     model, tokenizer = checkpoint.load(paths.work / "model", pick_device(recipe.distill.device))
     splits = build_splits(recipe.data, tokenizer)
+    if distilled["reference"] is None:  # a parallel stage A: the base is the unchanged teacher
+        distilled["reference"] = teacher_reference(recipe, model, tokenizer, splits, progress=progress)
+        log(f"teacher perplexity {distilled['reference']['teacher_ppl']:.3f}")
     validation: ValidationReport = validate_stage(recipe, model, tokenizer, splits, distilled["reference"], progress=progress)
     if recipe.validate_.picture:
         attention_picture(model, splits.held_out[:256], paths.work / "attention.png")
@@ -233,6 +267,8 @@ def stage_publish(recipe: Recipe, paths: JobPaths, owner: str, log: Log = print)
         log(f"published {pub.uri}" + (" (same content as before: nothing uploaded)" if pub.reused else "")
             + ("; latest -> this version" if pub.promoted else ""))
     clear_state(paths.state)
+    if recipe.distill.parallel.checkpoint_uri:  # distributed checkpoints kept elsewhere (e.g. S3)
+        DistCheckpoints(recipe.distill.parallel.checkpoint_uri, recipe.distill.parallel.storage_options).clear()
     shutil.rmtree(paths.work, ignore_errors=True)
     return out
 

@@ -52,6 +52,10 @@ def stage_options(recipe: Recipe, stage: str) -> dict:
     if stage == "publish":
         return {"num_cpus": 1, "max_retries": 0}
     r = recipe.resources
+    if stage == "distill" and recipe.distill.parallel.workers > 1:
+        # the stage only drives Ray Train, whose workers ask for the GPUs (and custom resources) themselves;
+        # holding them here would leave the workers waiting forever
+        return {"num_cpus": 1, "max_retries": 0}
     opts: dict = {"num_cpus": r.cpus, "num_gpus": r.gpus, "max_retries": 0}  # retries are ours, with backoff
     if r.gpus > 0:
         opts["max_calls"] = 1  # a fresh worker per GPU stage: the next stage starts with the GPU memory free

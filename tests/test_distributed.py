@@ -1,0 +1,246 @@
+"""The parallel stage A on CPU: the worker body alone, under Ray Train (2 gloo workers, a real local
+Ray) and under torchrun; distributed checkpoints (local and S3) and the resume after a killed worker;
+the teacher built on the meta device and read shard by shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import _free_port, make_bucket, s3_options
+from sea_convert.checkpoint import PREDICTORS_FILE
+from sea_convert.distill import StageATrainer
+from sea_convert.integration import attach_sea
+from sea_convert.recipe import Recipe, RecipeError, SEAConfig, StageAConfig, parse_recipe
+from sea_convert.train_state import ResumeError
+from workers.dist_checkpoint import DistCheckpoints
+from workers.parallel import shard_teacher
+from workers.sharded_load import build_skeleton, load_sharded_weights, materialize
+from workers.train_launch import launch_ray, launch_torchrun, worker_config
+from workers.train_worker import train_worker
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+STEPS, EVERY = 16, 4
+
+
+def _recipe(model_dir: Path, workers: int, launcher: str = "ray", **distill) -> Recipe:
+    return Recipe.model_validate({
+        "name": "tiny-parallel",
+        "model": {"path": str(model_dir)},
+        "sea": {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32},
+        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+                 "seq_len": 128, "held_out_tokens": 1024, "max_train_tokens": 40000},
+        "distill": {"stage_a": {"steps": STEPS, "batch_size": 4, "lr": 0.003, "warmup_steps": 2}, "device": "cpu",
+                    "checkpoint_every": EVERY, "parallel": {"workers": workers, "launcher": launcher}, **distill},
+        "validate": {"perplexity": {"ctx": 128, "max_windows": 2}, "mmlu": {"enabled": False}, "picture": False},
+    })
+
+
+def recipe_lr(model_dir: Path) -> float:
+    return _recipe(model_dir, 1).distill.stage_a.lr
+
+
+def _run(tmp_path: Path, name: str, recipe: Recipe) -> tuple[dict, dict]:
+    config = worker_config(recipe, tmp_path / name / "out", tmp_path / name / "state")
+    if recipe.distill.parallel.workers == 1:
+        result = train_worker(config)
+    elif recipe.distill.parallel.launcher == "ray":
+        result = launch_ray(recipe, config, tmp_path / name / "ray")
+    else:
+        result = launch_torchrun(recipe, config, tmp_path / name / "torchrun")
+    return result, load_file(str(Path(config["out_dir"]) / PREDICTORS_FILE))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_ray_workers(local_ray, tiny_model_dir, tmp_path_factory):
+    """The uninterrupted 2-worker Ray Train run that the other runs are compared with."""
+    return _run(tmp_path_factory.mktemp("ray2"), "ray2", _recipe(tiny_model_dir, 2))
+
+
+def test_two_ray_train_workers_match_one_worker_with_the_same_global_batch(two_ray_workers, tiny_model_dir, tmp_path):
+    (one, w1), (two, w2) = _run(tmp_path, "one", _recipe(tiny_model_dir, 1)), two_ray_workers
+    assert [h["workers"] for h in two["history"]] == [2] * STEPS and two["steps"] == STEPS
+    loss_gap = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(one["history"], two["history"]))
+    weight_gap = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    held = (one["held_out"]["a_after"]["loss"], two["held_out"]["a_after"]["loss"])
+    print(f"\n1 worker vs 2 Ray Train workers over {STEPS} steps: loss rel. gap max {loss_gap:.2e}; predictor weights"
+          f" max |diff| {weight_gap:.2e}; held-out loss after {held[0]:.5f} vs {held[1]:.5f};"
+          f" 2-worker tokens/s (last step) {two['history'][-1]['tokens_per_s']:.0f}")
+    # Every loss term is a mean over windows, so 2 workers compute the whole batch's loss and gradient up to
+    # float32 summation order: measured loss gap 8.6e-8. AdamW divides by sqrt(v), so an entry whose gradient
+    # is ~0 moves by up to lr on rounding noise alone: weights measured 2.0e-3 apart, bounded by lr (3e-3).
+    assert loss_gap < 1e-5
+    assert weight_gap < recipe_lr(tiny_model_dir)
+    assert abs(held[0] - held[1]) / held[0] < 1e-5
+    assert one["history"][-1]["loss"] < one["history"][0]["loss"]  # it did learn
+
+
+def _processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in (p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+class KillOneWorkerAfterTheFirstCheckpoint(threading.Thread):
+    """SIGKILL one training worker (a process whose command line names `marker`) as soon as the run has
+    a whole checkpoint: a lost node, as far as the worker group can tell."""
+
+    def __init__(self, ckpts: DistCheckpoints, marker: str):
+        super().__init__(daemon=True)
+        self.ckpts, self.marker, self.killed = ckpts, marker, None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            newest = self.ckpts.latest()
+            victims = _processes(self.marker) if newest is not None else []
+            if victims:
+                os.kill(victims[-1].pid, signal.SIGKILL)
+                self.killed = (victims[-1].pid, newest)
+                return
+            time.sleep(0.02)
+
+
+def _interrupted(tmp_path: Path, recipe: Recipe, marker: str) -> tuple[dict, dict, tuple]:
+    config = worker_config(recipe, tmp_path / "out", tmp_path / "state")
+    killer = KillOneWorkerAfterTheFirstCheckpoint(DistCheckpoints(config["checkpoint_uri"]), marker)
+    killer.start()
+    launch = launch_ray if recipe.distill.parallel.launcher == "ray" else launch_torchrun
+    result = launch(recipe, config, tmp_path / "run")
+    killer.join()
+    assert killer.killed is not None, "no worker was killed"
+    return result, load_file(str(tmp_path / "out" / PREDICTORS_FILE)), killer.killed
+
+
+def _same_run(result: dict, weights: dict, reference: dict, ref_weights: dict) -> float:
+    assert result["steps"] == STEPS and len(result["history"]) == STEPS
+    assert [h["loss"] for h in result["history"]] == pytest.approx([h["loss"] for h in reference["history"]], rel=1e-6)
+    return max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
+
+
+def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_ends_where_an_uninterrupted_run_ends(
+        two_ray_workers, tiny_model_dir, tmp_path):
+    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2), "RayTrainWorker")
+    gap = _same_run(result, weights, *two_ray_workers)
+    print(f"\nRay Train: killed worker pid {pid} when the newest checkpoint was step {newest}; the restarted group"
+          f" resumed from step {result['resumed_from']['step']} and ran to step {result['steps']};"
+          f" predictors vs the uninterrupted run: max |diff| {gap:.2e}")
+    assert result["resumed_from"] is not None and result["resumed_from"]["step"] >= EVERY
+    assert gap < 1e-6  # measured 0: the resumed run repeats the same arithmetic
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(two_ray_workers, tiny_model_dir, tmp_path):
+    """The launcher of hosts without Ray (the GPU host here): torchrun --max-restarts, the same worker body,
+    the same result as the uninterrupted Ray Train run."""
+    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2, "torchrun"), "workers.train_worker")
+    gap = _same_run(result, weights, *two_ray_workers)
+    print(f"\ntorchrun: killed worker pid {pid} at checkpoint step {newest}; resumed from step"
+          f" {result['resumed_from']['step']}; predictors vs the uninterrupted Ray run: max |diff| {gap:.2e}")
+    assert result["resumed_from"] is not None and result["resumed_from"]["step"] >= EVERY
+    assert gap < 1e-6
+
+
+def test_checkpoints_on_s3_round_trip_and_refuse_another_recipe(tiny_model_dir, s3_endpoint, tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval().requires_grad_(False)
+    sea = SEAConfig(mode="block", k=16, predictor_length=32, block_size=16, block_keys=32)
+    attach_sea(model, sea)
+    trainer = StageATrainer(model, sea, StageAConfig(steps=6, batch_size=2, lr=3e-3, warmup_steps=1))
+    batch = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        trainer.step(batch)
+    uri = f"s3://{make_bucket(s3_endpoint, 'dcp')}/runs/tiny"
+    ckpts = DistCheckpoints(uri, s3_options(s3_endpoint), keep=1)
+    ckpts.save(3, model, trainer, {"fingerprint": "abc", "note": "kept"})
+    trainer.step(batch)
+    ckpts.save(4, model, trainer, {"fingerprint": "abc", "note": "kept"})
+    ckpts.fs.pipe(f"{ckpts.root}/step-00000009/__0_0.distcp", b"half-written")  # no .metadata: not a checkpoint
+    assert ckpts.complete_steps() == [4]  # keep=1 pruned step 3
+    expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    adam = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    trainer.step(batch)  # move away from the saved state
+
+    extra = ckpts.load(ckpts.latest(), model, trainer, "abc")
+    assert extra["note"] == "kept" and trainer.step_count == 4
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, expected[n]), n
+    restored = trainer.optimizer.state_dict()["state"][0]
+    assert all(torch.equal(restored[k], adam[k]) for k in adam)
+    with pytest.raises(ResumeError, match="different recipe"):
+        ckpts.load(4, model, trainer, "another")
+
+
+def _meta_vs_whole(rank: int, world: int, folder: str, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = build_skeleton(AutoConfig.from_pretrained(folder), torch.float32)
+    attach_sea(model, SEAConfig(k=8, predictor_length=32, block_size=16, block_keys=16), device="cpu")
+    assert all(p.is_meta for n, p in model.named_parameters() if "sea_predictor" not in n)
+    shard_teacher(model)
+    materialize(model, torch.device("cpu"))
+    read = load_sharded_weights(model, Path(folder))
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([read]))
+    if rank == 0:
+        torch.save({"hidden": hidden, "read": [int(s) for s in sizes]}, out)
+    dist.destroy_process_group()
+
+
+def test_a_teacher_built_on_the_meta_device_reads_only_its_shard_and_computes_what_the_whole_model_does(
+        tiny_model_dir, tmp_path):
+    out = tmp_path / "meta.pt"
+    mp.spawn(_meta_vs_whole, args=(2, str(tiny_model_dir), str(out), _free_port()), nprocs=2)
+    whole = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = whole.model(input_ids=ids).last_hidden_state
+    got = torch.load(out)
+    total = sum(p.numel() * p.element_size() for p in whole.parameters())
+    print(f"\nmeta build over 2 ranks: bytes read per rank {got['read']} of {total};"
+          f" hidden states max |diff| {(got['hidden'] - expected).abs().max().item():.2e}")
+    assert sum(got["read"]) == total and max(got["read"]) < 0.6 * total
+    torch.testing.assert_close(got["hidden"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_settings_are_checked_when_the_recipe_is_read(tiny_model_dir):
+    base = _recipe(tiny_model_dir, 1).model_dump(mode="json", by_alias=True)
+    odd = json.loads(json.dumps(base))
+    odd["distill"]["parallel"]["workers"] = 3
+    with pytest.raises(RecipeError, match="batch_size .4. must be a multiple of distill.parallel.workers .3."):
+        parse_recipe(odd)
+    with_b = json.loads(json.dumps(base))
+    with_b["distill"]["parallel"]["workers"] = 2
+    with_b["distill"]["stage_b"] = {"steps": 2}
+    with pytest.raises(RecipeError, match="runs stage A only"):
+        parse_recipe(with_b)
+    bad_uri = json.loads(json.dumps(base))
+    bad_uri["distill"]["parallel"]["checkpoint_uri"] = "gs://bucket/x"
+    with pytest.raises(RecipeError, match="distill.parallel.checkpoint_uri"):
+        parse_recipe(bad_uri)

@@ -1,0 +1,240 @@
+"""The worker body of a parallel stage A: one process per GPU (or CPU rank with gloo).
+
+A plain function of a JSON-able config. Ray Train's TorchTrainer calls it (workers/train_launch.py),
+`python -m torch.distributed.run -m workers.train_worker CONFIG.json` calls it, and so does a plain
+`python -m workers.train_worker CONFIG.json` (one process, no process group).
+
+Per rank: the teacher (sharded with FSDP2 when there are several ranks), the predictors (whole,
+data-parallel), its rows of each global batch. Distributed checkpoints every
+`distill.checkpoint_every` steps; a restarted worker group resumes from the newest whole one.
+Rank 0 writes the trained predictors and the run's summary to `out_dir`, each file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import save_file
+
+from sea_convert.checkpoint import PREDICTORS_FILE, predictor_state
+from sea_convert.data import TrainBatches, build_splits
+from sea_convert.distill import StageATrainer
+from sea_convert.integration import attach_sea, check_supported
+from sea_convert.models import DTYPES, load_teacher, source_location
+from sea_convert.recipe import Recipe
+from sea_convert.train_state import recipe_fingerprint
+from workers.dist_checkpoint import DistCheckpoints
+from workers.parallel import gradient_averager, rank_rows, shard_teacher
+from workers.sharded_load import build_skeleton, init_random_weights, load_sharded_weights, materialize
+
+RESULT_FILE = "result.json"
+Report = Callable[[dict], None]
+
+
+class SyntheticTeacher(BaseModel):
+    """Benchmarks of shapes no checkpoint exists for here: a config, random weights, random tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, Any]  # transformers config fields, with model_type
+    windows: int = 64
+
+
+class WorkerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recipe: dict[str, Any]  # the validated recipe, dumped by alias (its paths absolute)
+    out_dir: str
+    checkpoint_uri: str | None = None
+    storage_options: dict[str, Any] = {}
+    synthetic: SyntheticTeacher | None = None
+    max_steps: int | None = None  # stop early (benchmarks time a few steps of a long schedule)
+    log_every: int = 10
+
+
+def init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
+    """(rank, world, device). Ray Train has already made the process group; torchrun leaves it to us."""
+    use_cuda = recipe.distill.device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _safetensors_folder(recipe: Recipe) -> Path | None:
+    if recipe.model.gguf_file or (recipe.model.path is None and recipe.model.package is None):
+        return None  # GGUF or hub id: no local safetensors to slice
+    folder = Path(source_location(recipe.model)[0])
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
+def build_teacher(cfg: WorkerConfig, recipe: Recipe, device: torch.device, world: int, log: Callable[[str], None]):
+    """(model with predictors on `device`, sharded when world > 1; tokenizer or None for synthetic)."""
+    par = recipe.distill.parallel
+    dtype = DTYPES[recipe.model.dtype]
+    param_dtype = DTYPES[par.param_dtype] if par.param_dtype else None
+    folder = None if cfg.synthetic else _safetensors_folder(recipe)
+    if cfg.synthetic or (par.meta_init and folder is not None and world > 1):
+        from transformers import AutoConfig, AutoTokenizer
+
+        if cfg.synthetic:
+            fields = dict(cfg.synthetic.config)
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        else:
+            config = AutoConfig.from_pretrained(folder)
+        check_supported(config)
+        model = build_skeleton(config, dtype)
+        attach_sea(model, recipe.sea, device="cpu")  # same seed on every rank: the same predictors
+        if world > 1:
+            shard_teacher(model, param_dtype=param_dtype)
+        materialize(model, device)
+        if cfg.synthetic:
+            init_random_weights(model, recipe.distill.seed)
+            log(f"built {config.num_hidden_layers} layers x {config.hidden_size} on the meta device, random weights")
+            return model, None
+        read = load_sharded_weights(model, folder)
+        log(f"read this rank's shard of every weight from {folder}: {read / 2**30:.2f} GiB")
+        return model, AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_teacher(recipe.model, "cpu")  # whole on every rank, then sharded
+    attach_sea(model, recipe.sea)
+    model.to(device)
+    if world > 1:
+        shard_teacher(model, param_dtype=param_dtype)
+    return model, tokenizer
+
+
+def _training_windows(cfg: WorkerConfig, recipe: Recipe, tokenizer):
+    """(training windows, held-out probe window)."""
+    seq = recipe.data.seq_len
+    if cfg.synthetic:
+        g = torch.Generator().manual_seed(recipe.distill.seed)
+        vocab = cfg.synthetic.config["vocab_size"]
+        windows = torch.randint(0, vocab, (cfg.synthetic.windows + 1, seq), generator=g)
+        return windows[:-1], windows[-1:]
+    splits = build_splits(recipe.data, tokenizer)
+    return splits.train, splits.held_out[:seq].unsqueeze(0)
+
+
+def _all_ranks(values: list[float], op) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _memory_per_rank(device: torch.device) -> list[float]:
+    """Peak GPU memory of this step on every rank, in GiB (empty on CPU)."""
+    if device.type != "cuda":
+        return []
+    mine = torch.cuda.max_memory_allocated(device) / 2**30
+    if not dist.is_initialized():
+        return [round(mine, 2)]
+    gathered = [torch.zeros(1, device=device, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor([mine], device=device, dtype=torch.float64))
+    return [round(t.item(), 2) for t in gathered]
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def train_worker(config: dict, report: Report | None = None) -> dict:
+    """Run (or resume) stage A on this rank; returns the run's summary (the same on every rank)."""
+    cfg = WorkerConfig.model_validate(config)
+    recipe = Recipe.model_validate(cfg.recipe)
+    stage, dcfg = recipe.distill.stage_a, recipe.distill
+    rank, world, device = init_distributed(recipe)
+    log = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    torch.manual_seed(dcfg.seed)
+    t_load = time.perf_counter()
+    model, tokenizer = build_teacher(cfg, recipe, device, world, log)
+    windows, probe = _training_windows(cfg, recipe, tokenizer)
+    log(f"{world} worker(s) on {device.type}; teacher ready in {time.perf_counter() - t_load:.1f} s;"
+        f" {windows.shape[0]} training windows of {windows.shape[1]} tokens, global batch {stage.batch_size}")
+
+    trainer = StageATrainer(model, recipe.sea, stage)
+    trainer.grad_sync = gradient_averager(trainer.params)
+    batches = TrainBatches(windows, stage.batch_size, dcfg.seed)
+    fingerprint = recipe_fingerprint(recipe)
+    ckpts = DistCheckpoints(cfg.checkpoint_uri, cfg.storage_options, dcfg.parallel.keep_checkpoints) \
+        if cfg.checkpoint_uri else None
+    latest = ckpts.latest() if ckpts is not None and dcfg.resume else None
+    history: list[dict] = []
+    held_out: dict = {}
+    resumed_from = None
+    if latest is not None:
+        extra = ckpts.load(latest, model, trainer, fingerprint)
+        batches.load_state_dict(extra["batches"])
+        history, held_out = extra["history"], extra["held_out"]
+        resumed_from = {"stage": "a", "step": trainer.step_count}
+        log(f"resumed from {ckpts.uri} at step {trainer.step_count}")
+    else:
+        held_out["a_before"] = asdict(trainer.evaluate(probe.to(device)))
+
+    stop = min(trainer.total_steps, cfg.max_steps) if cfg.max_steps else trainer.total_steps
+    while trainer.step_count < stop:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rows = rank_rows(batches.next(), rank, world).to(device)
+        m = trainer.step(rows)
+        loss, kl, mse, density = (v / world for v in _all_ranks([m.loss, m.kl, m.mse, m.density], dist.ReduceOp.SUM))
+        (seconds,) = _all_ranks([m.seconds], dist.ReduceOp.MAX)  # the step ends when the slowest rank does
+        tokens = m.tokens * world
+        entry = {"stage": "a", "step": m.step, "loss": loss, "kl": kl, "mse": mse, "density": density, "lr": m.lr,
+                 "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "workers": world,
+                 "memory_gib_per_rank": _memory_per_rank(device)}
+        history.append(entry)
+        if report is not None:
+            report(entry)
+        if m.step % cfg.log_every == 0 or trainer.step_count == stop:
+            log(f"step {m.step}: loss {loss:.4f}, {entry['tokens_per_s']:.0f} tokens/s, {seconds:.2f} s/step"
+                + (f", peak GiB per rank {entry['memory_gib_per_rank']}" if entry["memory_gib_per_rank"] else ""))
+        if ckpts is not None and dcfg.checkpoint_every and trainer.step_count % dcfg.checkpoint_every == 0:
+            ckpts.save(trainer.step_count, model, trainer, {"fingerprint": fingerprint, "batches": batches.state_dict(),
+                                                            "history": history, "held_out": held_out})
+    if trainer.step_count == trainer.total_steps:
+        held_out["a_after"] = asdict(trainer.evaluate(probe.to(device)))
+    summary = {"steps": trainer.step_count, "workers": world, "history": history, "held_out": held_out,
+               "seconds": sum(h["seconds"] for h in history), "tokens": sum(h["tokens"] for h in history),
+               "resumed_from": resumed_from, "fingerprint": fingerprint}
+    if rank == 0:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = predictor_state(model)
+        _write_atomic(out / PREDICTORS_FILE, lambda p: save_file(state, str(p), metadata={"format": "sea-predictors-v1"}))
+        _write_atomic(out / RESULT_FILE, lambda p: p.write_text(json.dumps(summary, indent=1) + "\n"))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m workers.train_worker CONFIG.json")
+    config = json.loads(Path(argv[0]).read_text())
+    try:
+        train_worker(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
