@@ -85,14 +85,24 @@ class StageATrainer(TrainerBase):
         return captured
 
     def _layer_losses(self, input_ids: torch.Tensor, backward: bool) -> dict[str, float]:
-        """One teacher pass, then each layer's loss (back-propagated at once if asked); means over layers."""
+        """Means over layers of each layer's loss, over micro-batches of the rows (each weighted by its
+        share of the rows: every loss term is a mean over windows, so this is the whole batch's loss)."""
+        means = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "density": 0.0}
+        rows = input_ids.shape[0]
+        for part in input_ids.split(self.stage.micro_batch_size or rows):
+            for key, value in self._micro_batch_losses(part, backward, part.shape[0] / rows).items():
+                means[key] += value * part.shape[0] / rows
+        return means
+
+    def _micro_batch_losses(self, input_ids: torch.Tensor, backward: bool, weight: float) -> dict[str, float]:
+        """One teacher pass, then each layer's loss (back-propagated at once, times `weight`, if asked)."""
         captured = self._teacher_pass(input_ids)
         n = len(self.predictors)
         means = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "density": 0.0}
         for idx in sorted(captured):
             ll = layer_loss(self.predictors[idx], captured.pop(idx), self.sea_cfg, self.stage)
             if backward and ll.total.requires_grad:  # False only when no loss term reaches a parameter
-                (ll.total / n).backward()
+                (ll.total * (weight / n)).backward()
             means["loss"] += float(ll.total.detach()) / n
             means["kl"] += ll.kl / n
             means["mse"] += ll.mse / n

@@ -162,7 +162,10 @@ class StageAConfig(_Strict):
     """Stage A: frozen teacher, all layers' predictors trained from one teacher pass per batch."""
 
     steps: int = Field(200, ge=1)
-    batch_size: int = Field(1, ge=1, description="windows per optimizer step")
+    batch_size: int = Field(1, ge=1, description="windows per optimizer step (over all workers)")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="windows per teacher pass on one worker, gradients accumulated (memory ~ this); None: all"
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     warmup_steps: int = Field(10, ge=0)

@@ -244,3 +244,21 @@ def test_parallel_settings_are_checked_when_the_recipe_is_read(tiny_model_dir):
     bad_uri["distill"]["parallel"]["checkpoint_uri"] = "gs://bucket/x"
     with pytest.raises(RecipeError, match="distill.parallel.checkpoint_uri"):
         parse_recipe(bad_uri)
+
+
+def test_the_pipeline_runs_a_parallel_stage_a_and_validates_and_publishes_its_result(tiny_model_dir, tmp_path):
+    """distill on 2 torchrun workers -> validate (the teacher's reference measured there) -> publish."""
+    from sea_convert import checkpoint
+    from workers.pipeline import run_pipeline
+
+    recipe = _recipe(tiny_model_dir, 2, "torchrun")
+    result = run_pipeline(recipe, tmp_path / "converted", log=lambda msg: print(msg, flush=True))
+    report = result.report
+    assert report["distill"]["steps"] == STEPS
+    assert report["distill_history"][0]["workers"] == 2
+    ppl = report["perplexity"]
+    assert ppl["teacher_ppl"] > 1 and ppl["sea_ppl"] > 1
+    model, _ = checkpoint.load(result.checkpoint)  # base weights written by publish, predictors from the workers
+    trained = load_file(str(result.checkpoint / PREDICTORS_FILE))
+    assert set(trained) and not (tmp_path / "converted.work").exists()
+    print(f"\npipeline with 2 workers: teacher ppl {ppl['teacher_ppl']:.3f}, SEA {ppl['sea_ppl']:.3f}")
