@@ -165,8 +165,9 @@ def train_worker(config: dict, report: Report | None = None) -> dict:
     torch.manual_seed(dcfg.seed)
     t_load = time.perf_counter()
     model, tokenizer = build_teacher(cfg, recipe, device, world, log)
+    load_s = time.perf_counter() - t_load
     windows, probe = _training_windows(cfg, recipe, tokenizer)
-    log(f"{world} worker(s) on {device.type}; teacher ready in {time.perf_counter() - t_load:.1f} s;"
+    log(f"{world} worker(s) on {device.type}; teacher ready in {load_s:.1f} s;"
         f" {windows.shape[0]} training windows of {windows.shape[1]} tokens, global batch {stage.batch_size}")
 
     trainer = StageATrainer(model, recipe.sea, stage)
@@ -207,13 +208,16 @@ def train_worker(config: dict, report: Report | None = None) -> dict:
             log(f"step {m.step}: loss {loss:.4f}, {entry['tokens_per_s']:.0f} tokens/s, {seconds:.2f} s/step"
                 + (f", peak GiB per rank {entry['memory_gib_per_rank']}" if entry["memory_gib_per_rank"] else ""))
         if ckpts is not None and dcfg.checkpoint_every and trainer.step_count % dcfg.checkpoint_every == 0:
+            t_save = time.perf_counter()
             ckpts.save(trainer.step_count, model, trainer, {"fingerprint": fingerprint, "batches": batches.state_dict(),
                                                             "history": history, "held_out": held_out})
+            entry["checkpoint_s"] = round(time.perf_counter() - t_save, 3)
+            log(f"checkpoint of step {trainer.step_count} saved to {ckpts.uri} in {entry['checkpoint_s']:.2f} s")
     if trainer.step_count == trainer.total_steps:
         held_out["a_after"] = asdict(trainer.evaluate(probe.to(device)))
     summary = {"steps": trainer.step_count, "workers": world, "history": history, "held_out": held_out,
                "seconds": sum(h["seconds"] for h in history), "tokens": sum(h["tokens"] for h in history),
-               "resumed_from": resumed_from, "fingerprint": fingerprint}
+               "resumed_from": resumed_from, "fingerprint": fingerprint, "teacher_load_s": round(load_s, 1)}
     if rank == 0:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)

