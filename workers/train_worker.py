@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from sea_convert.checkpoint import PREDICTORS_FILE, predictor_state
 from sea_convert.data import TrainBatches, build_splits
 from sea_convert.distill import StageATrainer
-from sea_convert.integration import attach_sea, check_supported
+from sea_convert.integration import attach_sea, check_supported, predictors
 from sea_convert.models import DTYPES, load_teacher, source_location
 from sea_convert.recipe import Recipe
 from sea_convert.train_state import recipe_fingerprint
@@ -87,7 +87,8 @@ def build_teacher(cfg: WorkerConfig, recipe: Recipe, device: torch.device, world
     dtype = DTYPES[recipe.model.dtype]
     param_dtype = DTYPES[par.param_dtype] if par.param_dtype else None
     folder = None if cfg.synthetic else _safetensors_folder(recipe)
-    if cfg.synthetic or (par.meta_init and folder is not None and world > 1):
+    shard = world > 1 and par.shard_teacher
+    if cfg.synthetic or (par.meta_init and folder is not None and shard):
         from transformers import AutoConfig, AutoTokenizer
 
         if cfg.synthetic:
@@ -98,7 +99,7 @@ def build_teacher(cfg: WorkerConfig, recipe: Recipe, device: torch.device, world
         check_supported(config)
         model = build_skeleton(config, dtype)
         attach_sea(model, recipe.sea, device="cpu")  # same seed on every rank: the same predictors
-        if world > 1:
+        if shard:
             shard_teacher(model, param_dtype=param_dtype)
         materialize(model, device)
         if cfg.synthetic:
@@ -111,8 +112,12 @@ def build_teacher(cfg: WorkerConfig, recipe: Recipe, device: torch.device, world
     model, tokenizer = load_teacher(recipe.model, "cpu")  # whole on every rank, then sharded
     attach_sea(model, recipe.sea)
     model.to(device)
-    if world > 1:
+    if shard:
         shard_teacher(model, param_dtype=param_dtype)
+    elif param_dtype is not None:
+        model.to(param_dtype)
+        for pred in predictors(model):
+            pred.float()  # the predictors train in fp32 whatever the teacher computes in
     return model, tokenizer
 
 

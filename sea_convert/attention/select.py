@@ -32,11 +32,17 @@ class Selection:
             return ops.block_sparse_attention(q, k, v, self.block_index, self.block_count, self.block_size, scale)
         return ops.per_query_sparse_attention(q, k, v, self.bin_mask, scale)
 
+    def causal_entries(self) -> float:
+        T = self.kept.shape[-1]
+        return T * (T + 1) / 2 * self.kept.shape[0] * self.kept.shape[1]
+
     def density(self) -> tuple[float, float]:
         """(kept entries, causal entries) summed over batch and KV heads."""
-        T = self.kept.shape[-1]
-        causal = T * (T + 1) / 2 * self.kept.shape[0] * self.kept.shape[1]
-        return float(self.kept.sum()), causal
+        return float(self.kept.sum()), self.causal_entries()
+
+    def kept_fraction(self) -> torch.Tensor:
+        """kept / causal as a device tensor (no host sync)."""
+        return self.kept.sum() / self.causal_entries()
 
 
 def kept_from_blocks(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, T: int) -> torch.Tensor:
