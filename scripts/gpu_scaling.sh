@@ -3,10 +3,11 @@
 # benchmarks/distributed_scaling.py with its JSON and log under $OUT.
 #   bash scripts/gpu_scaling.sh llama13b:2,llama13b:1          (carry .stage1 .whl; no GGUF needed)
 #   bash scripts/gpu_scaling.sh smollm2:1,smollm2:2            (carry .stage2 next, while the machine is warm)
+#   ARGS="--batch 32 --compile" bash scripts/gpu_scaling.sh ...  (options of the benchmark)
 set -euo pipefail
 source scripts/gpu_setup.sh
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'GPUs', torch.cuda.device_count())"
-python3 benchmarks/distributed_scaling.py --runs "$1" --steps "${STEPS:-8}" --out "$OUT/scaling" 2>&1 \
-  | grep --line-buffered -v "Loading weights\|Writing model" | tee "$OUT/scaling-$(echo "$1" | tr ':,' '-_').log"
+python3 benchmarks/distributed_scaling.py --runs "$1" --steps "${STEPS:-8}" --out "$OUT/scaling" ${ARGS:-} 2>&1 \
+  | grep --line-buffered -v "Loading weights\|Writing model" | tee -a "$OUT/scaling-$(echo "$1" | tr ':,' '-_').log"
