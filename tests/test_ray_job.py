@@ -71,6 +71,12 @@ def test_stage_tasks_ask_for_the_recipes_resources():
     assert stage_options(r, "distill") == {"num_cpus": 2, "num_gpus": 1, "max_retries": 0, "max_calls": 1,
                                            "memory": 4 * 2**30, "resources": {"big_disk": 1}}
     assert stage_options(r, "publish") == {"num_cpus": 1, "max_retries": 0}
+    # a parallel stage A: the distill task only drives Ray Train; its workers ask for the GPUs themselves
+    body = _recipe(Path(__file__).parent) | {"model": {"hub": "x/y"}}
+    body["distill"] = body["distill"] | {"stage_a": {"steps": 3, "batch_size": 2}, "parallel": {"workers": 2}}
+    parallel = parse_recipe(body)
+    assert stage_options(parallel, "distill") == {"num_cpus": 1, "max_retries": 0}
+    assert stage_options(parallel, "validate")["num_gpus"] == 1
 
 
 def test_service_loop_fires_a_due_schedule_once(tmp_path, tiny_model_dir):

@@ -64,7 +64,12 @@ def init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
     """(rank, world, device). Ray Train has already made the process group; torchrun leaves it to us."""
     use_cuda = recipe.distill.device != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        store, rank, world = next(dist.rendezvous("env://"))
+        # torchrun restarts reuse the agent's store: without a per-attempt prefix a restarted rank can read
+        # a dead peer's address from the attempt before (seen: gloo "connection refused" on every restart)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"sea/attempt-{attempt}", store),
+                                rank=rank, world_size=world)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
