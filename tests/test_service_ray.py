@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -210,3 +211,17 @@ def test_job_lost_by_ray_is_queued_again_and_completes(settings, tiny_model_dir)
         done = _wait(client, job.id)
     assert done["status"] == "succeeded" and done["metrics"]["requeued"] == 1
     assert store.get(job.id).ray_submission_id == f"sea-{job.id}"
+
+
+def test_a_head_with_token_authentication_is_seen_alive_and_stopped(tmp_path, monkeypatch):
+    """RAY_AUTH_MODE=token (a user's choice, and what ray.init leaves in its process's environment): the
+    dashboard answers 401 to a client without Ray's token, so the health check sends it as Ray's job client does."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    head = LocalRayHead(tmp_path / "state", num_cpus=1)
+    dashboard, adopted = head.ensure(timeout=90)
+    try:
+        assert not adopted
+        assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 401  # without the token
+        assert LocalRayHead(tmp_path / "state").ensure(timeout=10) == (dashboard, True)  # seen alive: adopted
+    finally:
+        assert head.stop()

@@ -8,7 +8,6 @@ an uninterrupted run ends (same weights, same data order, same random state).
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -39,9 +39,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _auth_headers() -> dict:
+    """Ray's token header when the cluster uses token authentication, as Ray's own job client sends it.
+    Since Ray 2.5x a local head turns token mode on by itself once ~/.ray/auth_token exists (any
+    ray.init() on the machine writes one); this process then follows the same rule, so its health
+    checks and its JobSubmissionClient carry the token instead of getting 401s."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    except ImportError:  # a Ray without token authentication
+        return {}
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return get_auth_headers_if_auth_enabled({})
+
+
 def _alive(dashboard: str) -> bool:
     try:
-        return httpx.get(f"{dashboard}/api/version", timeout=2).status_code == 200
+        return httpx.get(f"{dashboard}/api/version", headers=_auth_headers(), timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
