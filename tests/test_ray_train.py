@@ -26,7 +26,8 @@ def local_ray():
     import ray
 
     saved = dict(os.environ)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster of our own, even where /tmp/ray/ray_current_cluster names another
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
     # ray.init leaves RAY_AUTH_MODE=token (and more) in os.environ: a `ray start` launched later by
