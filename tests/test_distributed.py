@@ -106,6 +106,10 @@ def _meta_vs_whole(rank: int, world: int, folder: str, out: str, port: int) -> N
     dist.all_gather(sizes, torch.tensor([read]))
     if rank == 0:
         torch.save({"hidden": hidden, "read": [int(s) for s in sizes]}, out)
+    # every rank done with the sharded model before the group goes: a rank that tore its gloo pairs down
+    # while its peer still held FSDP state aborted in CI ("terminate called without an active exception")
+    del model
+    dist.barrier()
     dist.destroy_process_group()
 
 
