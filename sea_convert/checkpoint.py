@@ -41,6 +41,11 @@ def predictor_state(model) -> dict[str, torch.Tensor]:
     }
 
 
+def write_predictors(model, path: str | Path) -> None:
+    """Every layer's predictor weights as one safetensors file (the format load() reads)."""
+    save_file(predictor_state(model), str(path), metadata={"format": "sea-predictors-v1"})
+
+
 def load_predictor_state(model, state: dict[str, torch.Tensor]) -> None:
     """The inverse of predictor_state: every layer's predictor from `layers.<i>.<name>` entries (strict)."""
     for i, pred in enumerate(predictors(model)):
@@ -108,7 +113,7 @@ def save_converted(
                     model.config.save_pretrained(tmp)
         finally:
             model.config._attn_implementation_internal = attn_before
-        save_file(predictor_state(model), str(tmp / PREDICTORS_FILE), metadata={"format": "sea-predictors-v1"})
+        write_predictors(model, tmp / PREDICTORS_FILE)
         tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -90,8 +90,9 @@ class StageATrainer(TrainerBase):
         means = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "density": 0.0}
         rows = input_ids.shape[0]
         for part in input_ids.split(self.stage.micro_batch_size or rows):
-            for key, value in self._micro_batch_losses(part, backward, part.shape[0] / rows).items():
-                means[key] += value * part.shape[0] / rows
+            share = part.shape[0] / rows
+            for key, value in self._micro_batch_losses(part, backward, share).items():
+                means[key] += value * share
         return means
 
     def _micro_batch_losses(self, input_ids: torch.Tensor, backward: bool, weight: float) -> dict[str, float]:

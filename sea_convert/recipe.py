@@ -247,7 +247,7 @@ class ParallelConfig(_Strict):
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for checkpoint_uri")
     keep_checkpoints: int = Field(2, ge=1, description="complete distributed checkpoints kept (oldest deleted)")
-    max_failures: int = Field(3, ge=0, description="worker-group restarts after a lost worker (ray launcher)")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts after a lost worker (Ray Train or torchrun)")
     cpus_per_worker: float = Field(1, gt=0, description="CPU cores each training worker reserves")
 
     @field_validator("checkpoint_uri")

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import save_file
 
-from sea_convert.checkpoint import PREDICTORS_FILE, predictor_state
+from sea_convert.checkpoint import PREDICTORS_FILE, write_predictors
 from sea_convert.data import TrainBatches, build_splits
 from sea_convert.distill import StageATrainer
 from sea_convert.integration import attach_sea, check_supported, compile_predictors, predictors
@@ -34,7 +33,7 @@ from sea_convert.models import DTYPES, load_teacher, source_location
 from sea_convert.recipe import Recipe
 from sea_convert.train_state import recipe_fingerprint
 from workers.dist_checkpoint import DistCheckpoints
-from workers.parallel import gradient_averager, rank_rows, shard_teacher
+from workers.parallel import gradient_averager, rank_and_world, rank_rows, shard_teacher
 from workers.sharded_load import build_skeleton, init_random_weights, load_sharded_weights, materialize
 
 RESULT_FILE = "result.json"
@@ -70,7 +69,7 @@ def init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"sea/attempt-{attempt}", store),
                                 rank=rank, world_size=world)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -138,25 +137,15 @@ def _training_windows(cfg: WorkerConfig, recipe: Recipe, tokenizer):
     return splits.train, splits.held_out[:seq].unsqueeze(0)
 
 
-def _all_ranks(values: list[float], op) -> list[float]:
+def _per_rank(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's `values` (one all-gather per step; NCCL gathers GPU tensors, gloo CPU ones)."""
     if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def _memory_per_rank(device: torch.device) -> list[float]:
-    """Peak GPU memory of this step on every rank, in GiB (empty on CPU)."""
-    if device.type != "cuda":
-        return []
-    mine = torch.cuda.max_memory_allocated(device) / 2**30
-    if not dist.is_initialized():
-        return [round(mine, 2)]
-    gathered = [torch.zeros(1, device=device, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, torch.tensor([mine], device=device, dtype=torch.float64))
-    return [round(t.item(), 2) for t in gathered]
+        return [values]
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(values, dtype=torch.float64, device=where)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [t.tolist() for t in gathered]
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -207,12 +196,14 @@ def train_worker(config: dict, report: Report | None = None) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         rows = rank_rows(batches.next(), rank, world).to(device)
         m = trainer.step(rows)
-        loss, kl, mse, density = (v / world for v in _all_ranks([m.loss, m.kl, m.mse, m.density], dist.ReduceOp.SUM))
-        (seconds,) = _all_ranks([m.seconds], dist.ReduceOp.MAX)  # the step ends when the slowest rank does
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        ranks = _per_rank([m.loss, m.kl, m.mse, m.density, m.seconds, peak], device)
+        loss, kl, mse, density = (sum(r[i] for r in ranks) / world for i in range(4))
+        seconds = max(r[4] for r in ranks)  # the step ends when the slowest rank does
         tokens = m.tokens * world
         entry = {"stage": "a", "step": m.step, "loss": loss, "kl": kl, "mse": mse, "density": density, "lr": m.lr,
                  "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "workers": world,
-                 "memory_gib_per_rank": _memory_per_rank(device)}
+                 "memory_gib_per_rank": [round(r[5], 2) for r in ranks] if device.type == "cuda" else []}
         history.append(entry)
         if report is not None:
             report(entry)
@@ -233,8 +224,7 @@ def train_worker(config: dict, report: Report | None = None) -> dict:
     if rank == 0:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = predictor_state(model)
-        _write_atomic(out / PREDICTORS_FILE, lambda p: save_file(state, str(p), metadata={"format": "sea-predictors-v1"}))
+        _write_atomic(out / PREDICTORS_FILE, lambda p: write_predictors(model, p))
         _write_atomic(out / RESULT_FILE, lambda p: p.write_text(json.dumps(summary, indent=1) + "\n"))
     if dist.is_initialized():
         dist.barrier()
