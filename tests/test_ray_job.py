@@ -89,3 +89,37 @@ def test_service_loop_fires_a_due_schedule_once(tmp_path, tiny_model_dir):
     jobs, total = store.list(schedule_id=sched.id)
     assert total == 1 and jobs[0].name == "tiny-plain" and jobs[0].status == "queued"
     assert loop.tick(later)["fired"] == [] and store.list(schedule_id=sched.id)[1] == 1
+
+
+def test_a_recipe_file_runs_as_a_job_of_its_own_with_relative_paths_from_its_folder(tmp_path, tiny_model_dir, capsys):
+    """The entrypoint of the KubeRay RayJob (docker/kuberay/rayjob.yaml): one recipe, no service."""
+    import json
+
+    from workers.ray_job import main
+
+    recipe = _recipe(tiny_model_dir)
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "foldoc.txt").write_text((DATA / "foldoc.txt").read_text())
+    recipe["data"]["train"]["path"] = "foldoc.txt"  # relative to the recipe file, as `sea-convert run` reads it
+    (folder / "job.yaml").write_text(yaml.safe_dump(recipe))
+    code = main(["--recipe", str(folder / "job.yaml"), "--output-root", str(tmp_path / "out"), "--no-ray"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    outcome = json.loads(out[out.rindex("\n{") + 1:])  # the last thing printed: the job's outcome
+    assert outcome["status"] == "succeeded" and outcome["error"] is None
+    assert outcome["perplexity"]["sea_ppl"] > 0
+    assert (Path(outcome["artifact"]) / "sea_predictors.safetensors").exists()
+    assert Path(outcome["artifact"]).is_relative_to(tmp_path / "out")
+    assert (tmp_path / "out" / "sea-convert-jobs.db").exists()  # the job's own record
+
+
+def test_a_bad_recipe_file_exits_2_naming_the_file_and_field(tmp_path, capsys):
+    from workers.ray_job import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {path: /nowhere}\ndata: {train: {path: a.txt}}\nsea: {k: -3}\n")
+    code = main(["--recipe", str(bad), "--output-root", str(tmp_path / "out"), "--no-ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.yaml" in err and "sea.k" in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written

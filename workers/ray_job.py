@@ -1,6 +1,7 @@
 """One conversion as a Ray job: the entrypoint the orchestrator submits through JobSubmissionClient.
 
     python -m workers.ray_job --job-id ID --output-root DIR     (database URL: SEA_CONVERT_DATABASE_URL)
+    python -m workers.ray_job --recipe FILE --output-root DIR   (one recipe, no service: a KubeRay RayJob)
 
 `run_job` reads the job's recipe from the database and runs distill -> validate -> publish, each
 through `execute(stage_function, args, options)`: in the Ray job that is a Ray task with the
@@ -13,6 +14,7 @@ while it runs (the service stops this Ray job) is never overwritten: a finished 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from sea_convert.checkpoint import CheckpointError
-from sea_convert.recipe import Recipe, RecipeError, parse_recipe
+from sea_convert.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from workers.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
 from workers.pipeline import GateFailure, JobPaths, check_destination, claim_work_dir, stage_distill, stage_publish, stage_validate
 
@@ -157,24 +159,54 @@ def run_job(store: JobStore, job_id: str, output_root: Path, execute: Execute = 
     return _finish(store, job_id, "succeeded", log, metrics=metrics, artifact_uri=artifact)
 
 
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_GATED = 1, 2, 3
+
+
+def standalone_job(recipe_path: Path, database_url: str | None, workdir: Path) -> tuple[JobStore, str]:
+    """A job for one recipe file, outside the service (a KubeRay RayJob, `ray job submit`): the recipe
+    is validated here, with its relative paths resolved against its own folder, and recorded in a
+    job store of its own (SQLite in `workdir` unless a URL is given) so that run_job drives it
+    exactly as it drives the service's jobs."""
+    recipe = load_recipe(recipe_path)  # RecipeError names the file and the field; nothing written yet
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    store = JobStore(database_url or f"sqlite:///{Path(workdir).resolve() / 'sea-convert-jobs.db'}")
+    text = json.dumps(recipe.model_dump(mode="json", by_alias=True))
+    job, _ = store.submit(recipe.name, text)
+    return store, job.id
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--job-id", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job-id", help="a job the service recorded in the database")
+    which.add_argument("--recipe", type=Path, help="a recipe file: run it as a job of its own (no service)")
     parser.add_argument("--output-root", type=Path, required=True)
     parser.add_argument("--database-url", default=os.environ.get("SEA_CONVERT_DATABASE_URL"))
     parser.add_argument("--no-ray", action="store_true", help="run the stages in this process (no cluster)")
     args = parser.parse_args(argv)
-    if not args.database_url:
-        parser.error("--database-url or SEA_CONVERT_DATABASE_URL is required")
-    store = JobStore(args.database_url)
+    if args.recipe is not None:
+        try:
+            store, job_id = standalone_job(args.recipe, args.database_url, args.output_root)
+        except RecipeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    elif not args.database_url:
+        parser.error("--database-url or SEA_CONVERT_DATABASE_URL is required with --job-id")
+    else:
+        store, job_id = JobStore(args.database_url), args.job_id
     execute = plain_execute
     if not args.no_ray:
         import ray
 
         ray.init(log_to_driver=True)  # inside a Ray job: RAY_ADDRESS points at the cluster
         execute = ray_execute
-    status = run_job(store, args.job_id, args.output_root, execute=execute)
-    return 0 if status in ("succeeded", "gated") else 1
+    status = run_job(store, job_id, args.output_root, execute=execute)
+    if args.recipe is not None:  # no service reads the store: the outcome goes to the log and the exit code
+        job = store.get(job_id)
+        print(json.dumps({"job": job_id, "status": status, "error": job.error, "artifact": job.artifact_uri,
+                          "perplexity": (job.metrics or {}).get("perplexity")}, indent=2))
+        return {"succeeded": 0, "gated": EXIT_GATED}.get(status, EXIT_FAILED)
+    return 0 if status in ("succeeded", "gated") else EXIT_FAILED
 
 
 if __name__ == "__main__":

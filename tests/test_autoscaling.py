@@ -1,0 +1,108 @@
+"""The autoscaler for real on this machine: Ray's fake multi-node provider (docker/ray/fake-cluster.yaml)
+starts worker "nodes" as local Ray processes. The worker type offers the custom resource `sea_gpu`,
+which the head lacks; a conversion submitted to the service with `resources.custom: {sea_gpu: 1}` is
+pending demand the autoscaler must meet: workers go 0 -> 1, the job's heavy stages run there, and the
+worker is removed once idle for idle_timeout_minutes. Prints the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from api.app import create_app  # noqa: E402
+from api.settings import Settings  # noqa: E402
+from test_service_ray import ADMIN, _recipe, _submit, _wait  # noqa: E402
+from workers.orchestrator import _auth_headers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_CLUSTER = ROOT / "docker" / "ray" / "fake-cluster.yaml"
+DASHBOARD = "http://127.0.0.1:8265"
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _ray_stop() -> None:
+    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory):
+    config = yaml.safe_load(FAKE_CLUSTER.read_text())
+    path = tmp_path_factory.mktemp("fake-cluster") / "cluster.yaml"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    _ray_stop()  # the fake provider's nodes join the GCS at port 6379: nothing else may hold it
+    subprocess.run([RAY, "start", "--head", f"--autoscaling-config={path}", "--num-cpus=1", "--port=6379",
+                    "--dashboard-port=8265", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    try:
+        yield config
+    finally:
+        _ray_stop()
+
+
+def _sea_gpu_workers() -> int:
+    from ray.util.state import list_nodes
+
+    _auth_headers()  # turns this process's token mode on when the head uses it, as the service does
+    nodes = list_nodes(address=DASHBOARD, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return sum(1 for n in nodes if n.resources_total.get("sea_gpu"))
+
+
+def _until(predicate, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not happen within {timeout:g} s")
+
+
+def test_gpu_demand_scales_workers_up_from_zero_and_idle_workers_are_removed(fake_cluster, tiny_model_dir, tmp_path):
+    idle_s = 60 * fake_cluster["idle_timeout_minutes"]
+    assert fake_cluster["available_node_types"]["gpu_worker"]["min_workers"] == 0
+    assert _sea_gpu_workers() == 0, "the cluster must start with no GPU workers"
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin",
+                        output_root=tmp_path / "outputs", state_dir=tmp_path / "state", ray_address=DASHBOARD,
+                        job_python=sys.executable, poll_interval_s=0.5)
+    recipe = _recipe(tiny_model_dir, "autoscaled", resources={"cpus": 1, "custom": {"sea_gpu": 1}})
+    with TestClient(create_app(settings)) as client:
+        t_submit = time.monotonic()
+        job_id = _submit(client, recipe)
+        scale_up_s = _until(lambda: _sea_gpu_workers() >= 1, 120, "scale-up to a sea_gpu worker")
+        job = _wait(client, job_id, timeout=300)
+        job_s = time.monotonic() - t_submit
+        log = client.get(f"/v1/jobs/{job_id}/logs", headers=ADMIN).text
+    assert job["status"] == "succeeded", job
+    assert [(s["name"], s["status"]) for s in job["stages"]] == [
+        ("distill", "succeeded"), ("validate", "succeeded"), ("publish", "succeeded")]
+    assert "[distill] stage A step 8" in log and "[validate] SEA perplexity" in log
+    assert job["metrics"]["perplexity"]["sea_ppl"] > 0
+    # The head offers no sea_gpu: distill and validate can only have run on the added worker.
+    workers_at_end = _sea_gpu_workers()
+    assert 1 <= workers_at_end <= fake_cluster["available_node_types"]["gpu_worker"]["max_workers"]
+
+    scale_down_s = _until(lambda: _sea_gpu_workers() == 0, idle_s + 90, "scale-down of the idle worker")
+    monitor = Path("/tmp/ray/session_latest/logs/monitor.log")
+    events = monitor.read_text() if monitor.exists() else ""
+    # the autoscaler's own account: it launched for the demand and removed the worker for being idle
+    assert "Adding 1 node(s) of type gpu_worker" in events and "gpu_worker (idle)" in events
+
+    rows = [("submit -> first sea_gpu worker alive", scale_up_s), ("submit -> job succeeded", job_s),
+            ("job end -> workers back to 0", scale_down_s), ("idle timeout (config)", idle_s)]
+    print("\nfake multi-node autoscaling (workers min 0, max 2):")
+    for name, seconds in rows:
+        print(f"  {name:40s} {seconds:7.1f} s")
+    print(f"  job {job_id}: {job['status']}, SEA ppl {job['metrics']['perplexity']['sea_ppl']:.3f}; the worker's idle"
+          " clock starts when validate ends, publish runs on the head after it")
