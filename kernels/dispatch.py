@@ -26,6 +26,11 @@ OP_NAMES = (
     "pool_key_block_scores",
     "select_key_blocks",
     "select_bins_per_query",
+    # decoding (sea_convert.attention.decode)
+    "linear_attention_step",
+    "spread_bins_to_key_blocks",
+    "sparse_decode_attention",
+    "per_query_sparse_decode",
 )
 
 

@@ -67,6 +67,26 @@ def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch
     return out.reshape(B, H, nc * chunk, dv)[:, :, :T]
 
 
+def linear_attention_step(
+    q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, state: torch.Tensor, norm: torch.Tensor
+) -> torch.Tensor:
+    """One new position of causal_linear_attention from its running state (decoding).
+
+    q_feat (B, H, 1, m); k_feat (B, Hk, 1, m); v (B, Hk, 1, dv); state (B, Hk, m, dv) and norm
+    (B, Hk, m): sums over the earlier keys of kf^T v and kf, fp32, updated in place with the new
+    key. Returns the new row's output (B, H, 1, dv), what causal_linear_attention gives for it.
+    """
+    B, H, _, m = q_feat.shape
+    Hk = k_feat.shape[1]
+    kf = k_feat.float()
+    state += kf.transpose(-1, -2) @ v.float()
+    norm += kf[:, :, 0]
+    qf = q_feat.float().view(B, Hk, H // Hk, m)
+    num = qf @ state  # (B, Hk, G, dv)
+    den = (qf @ norm.unsqueeze(-1)).clamp_min(1e-30)
+    return (num / den).view(B, H, 1, -1)
+
+
 # ---------------------------------------------------------------------------
 # the teacher target: dense causal attention pooled into K bins, chunk by chunk
 
@@ -233,42 +253,54 @@ def pool_key_block_scores(est: torch.Tensor, block_size: int, lengths: torch.Ten
     block_start = torch.arange(nb, device=dev) * block_size
     rows_in_block = torch.clamp(lengths[:, None] - block_start, min=1, max=block_size)  # (B, NQB)
     pooled = e.sum(3) / rows_in_block.view(B, 1, nb, 1)  # (B, H, NQB, K)
-    cdf = torch.nn.functional.pad(pooled.cumsum(-1), (1, 0))  # mass before each bin edge, (.., K+1)
     n = torch.minimum(block_start + block_size, lengths[:, None]).clamp_min(1).float()  # (B, NQB) last real row's prefix
-    edges = torch.arange(nb + 1, device=dev).float() * block_size  # key block edges
-    u = torch.clamp(edges[None, None, :] * K / n[:, :, None], max=K)  # (B, NQB, NKB+1) in bin units
-    lo = torch.clamp(u.floor().long(), max=K - 1)
-    frac = (u - lo).unsqueeze(1)
-    lo_e = lo.unsqueeze(1).expand(B, H, -1, -1)
-    F = torch.gather(cdf, -1, lo_e) + frac * torch.gather(pooled, -1, lo_e)
-    scores = F[..., 1:] - F[..., :-1]
+    scores = spread_bins_to_key_blocks(pooled, n, block_size, nb)
     causal = torch.arange(nb, device=dev)[None, :] <= torch.arange(nb, device=dev)[:, None]
     return scores.masked_fill(~causal, float("-inf"))
 
 
+def spread_bins_to_key_blocks(pooled: torch.Tensor, n: torch.Tensor, block_size: int, num_key_blocks: int) -> torch.Tensor:
+    """pooled (B, H, R, K) probabilities over the K bins of a prefix of n (B, R) keys -> (B, H, R, NKB)
+    mass per key block: each bin's mass spread evenly over its keys. Shared by the prefill's pooling
+    and the decoder's one query block, so both score blocks with the same arithmetic."""
+    B, H, R, K = pooled.shape
+    cdf = torch.nn.functional.pad(pooled.cumsum(-1), (1, 0))  # mass before each bin edge, (.., K+1)
+    edges = torch.arange(num_key_blocks + 1, device=pooled.device).float() * block_size  # key block edges
+    u = torch.clamp(edges[None, None, :] * K / n[:, :, None], max=K)  # (B, R, NKB+1) in bin units
+    lo = torch.clamp(u.floor().long(), max=K - 1)
+    frac = (u - lo).unsqueeze(1)
+    lo_e = lo.unsqueeze(1).expand(B, H, -1, -1)
+    F = torch.gather(cdf, -1, lo_e) + frac * torch.gather(pooled, -1, lo_e)
+    return F[..., 1:] - F[..., :-1]
+
+
 def select_key_blocks(
-    scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int
+    scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int,
+    block_pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped top-k over key blocks: the KV heads of a query block share one budget.
 
     scores: (B, Hkv, NQB, NKB) with -inf for non-causal blocks. blocks_per_head: an int, or a
-    (NQB,) tensor for a budget that varies by query block. Query block i keeps
-    min(blocks_per_head, i + 1) * Hkv blocks in all (never fewer than the forced ones), always
-    including the sink blocks and the local (diagonal) blocks of every head. Returns
-    (block_index (B, Hkv, NQB, MAXB) int32 sorted and -1 padded, block_count (B, Hkv, NQB) int32).
+    tensor broadcastable to the query blocks' positions for a budget that varies by query block.
+    Query block i keeps min(blocks_per_head, i + 1) * Hkv blocks in all (never fewer than the
+    forced ones), always including the sink blocks and the local (diagonal) blocks of every head.
+    block_pos: (B or 1, NQB) position i of each row of scores (default 0..NQB-1; the decoder passes
+    each sequence's current query block). Returns (block_index (B, Hkv, NQB, MAXB) int32 sorted and
+    -1 padded, block_count (B, Hkv, NQB) int32).
     """
     B, Hkv, nqb, nkb = scores.shape
-    i = torch.arange(nqb, device=scores.device)[:, None]
-    j = torch.arange(nkb, device=scores.device)[None, :]
-    forced = ((j < sink_blocks) | ((j <= i) & (j > i - local_blocks))) & (j <= i)
-    s = scores.float().masked_fill(forced, float("inf"))
+    i = torch.arange(nqb, device=scores.device)[None, :] if block_pos is None else block_pos.to(scores.device)
+    i = i[..., None]  # (B or 1, NQB, 1)
+    j = torch.arange(nkb, device=scores.device)
+    forced = ((j < sink_blocks) | ((j <= i) & (j > i - local_blocks))) & (j <= i)  # (B or 1, NQB, NKB)
+    s = scores.float().masked_fill(forced[:, None], float("inf"))
     per_head = torch.as_tensor(blocks_per_head, device=scores.device)
-    budget = torch.minimum(i[:, 0] + 1, per_head).clamp_min(forced.sum(-1)) * Hkv  # (NQB,)
+    budget = torch.minimum(i[..., 0] + 1, per_head).clamp_min(forced.sum(-1)) * Hkv  # (B or 1, NQB)
     flat = s.permute(0, 2, 1, 3).reshape(B, nqb, Hkv * nkb)
     # top-k of the largest budget instead of a full sort: the budget is far below Hkv * NKB at long T
     kmax = min(int(budget.max()), Hkv * nkb)
     values, picked = flat.topk(kmax, dim=-1, sorted=True)
-    keep = (torch.arange(kmax, device=s.device) < budget.view(1, nqb, 1)) & (values > float("-inf"))
+    keep = (torch.arange(kmax, device=s.device) < budget[..., None]) & (values > float("-inf"))
     chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked, keep)
     chosen = chosen.view(B, nqb, Hkv, nkb).permute(0, 2, 1, 3)
     return blocks_to_index(chosen)
@@ -288,24 +320,82 @@ def blocks_to_index(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx[..., :maxb].contiguous(), count.to(torch.int32)
 
 
-def select_bins_per_query(est: torch.Tensor, k: int) -> torch.Tensor:
+def select_bins_per_query(est: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's grouped per-query top-k over bins.
 
     est: (B, Hkv, T, K) group-pooled estimate. Row t keeps about Hkv * k * K / (t+1) bins in
     all (about k keys per head), shared by the heads; empty bins are never chosen; each head
     always keeps the bin holding the row's own key (so no head is left with no key).
-    Returns bin_mask (B, Hkv, T, K) bool.
+    rows: the rows' positions, (T,) or per sequence (B, T) (default 0..T-1; the decoder passes
+    each sequence's new position). Returns bin_mask (B, Hkv, T, K) bool.
     """
     B, Hkv, T, K = est.shape
-    rows = torch.arange(T, device=est.device)
+    rows = torch.arange(T, device=est.device) if rows is None else rows.to(est.device)
     starts = bin_starts(rows, K)
-    nonempty = starts[:, 1:] > starts[:, :-1]  # (T, K)
-    own_bin = key_bins(rows, T, K).gather(-1, rows[:, None])  # bin of key t in row t: (T, 1)
-    forced = torch.zeros(T, K, dtype=torch.bool, device=est.device).scatter_(-1, own_bin, True)
-    s = est.float().masked_fill(~nonempty, float("-inf")).masked_fill(forced, float("inf"))
-    budget = torch.ceil(Hkv * k * K / (rows + 1).float()).long().clamp_min(Hkv)  # (T,), never below the forced bins
+    nonempty = starts[..., 1:] > starts[..., :-1]  # (.., T, K)
+    own_bin = torch.clamp((rows * K) // (rows + 1), max=K - 1)  # bin of key t in row t
+    forced = torch.zeros(nonempty.shape, dtype=torch.bool, device=est.device).scatter_(-1, own_bin[..., None], True)
+    per_seq = (lambda x: x[:, None]) if rows.dim() == 2 else (lambda x: x[None, None])
+    s = est.float().masked_fill(~per_seq(nonempty), float("-inf")).masked_fill(per_seq(forced), float("inf"))
+    budget = torch.ceil(Hkv * k * K / (rows + 1).float()).long().clamp_min(Hkv)  # never below the forced bins
     flat = s.permute(0, 2, 1, 3).reshape(B, T, Hkv * K)
     order = flat.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(Hkv * K, device=est.device).expand_as(order))
-    chosen = (ranks < budget.view(1, T, 1)) & (flat > float("-inf"))
+    chosen = (ranks < budget.view(-1, T, 1)) & (flat > float("-inf"))
     return chosen.view(B, T, Hkv, K).permute(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------------------
+# decoding: one new query per sequence against a KV cache
+
+
+def _masked_decode(q, k, v, keep, scale):
+    B, Hq, _, d = q.shape
+    Hkv = k.shape[1]
+    s = (q.float().view(B, Hkv, Hq // Hkv, d) @ k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, S)
+    s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    out = (p @ v.float()).view(B, Hq, 1, d)
+    return out.to(q.dtype), lse.view(B, Hq, 1)
+
+
+def _logical_keys(start: torch.Tensor, length: torch.Tensor, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logical index of every cache slot (B, S), whether it holds one of the sequence's keys (B, S))."""
+    logical = torch.arange(cache_len, device=start.device)[None, :] - start[:, None]
+    return logical, (logical >= 0) & (logical < length[:, None])
+
+
+def sparse_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor,
+    block_size: int, scale: float, start: torch.Tensor, length: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new query of each sequence over its selected key blocks of the cache.
+
+    q (B, Hq, 1, d); k, v (B, Hkv, S, d): the cache, sequence b's keys 0..length[b]-1 at slots
+    start[b] + j (left padding before them; the new key included). block_index (B, Hkv, MAXB) the
+    selected key blocks in the sequence's own positions, sorted, -1 padded; block_count (B, Hkv).
+    Returns (out (B, Hq, 1, d) in q.dtype, lse (B, Hq, 1) fp32): block_sparse_attention's last row.
+    """
+    B, Hkv, S, _ = k.shape
+    nkb = math.ceil(S / block_size)
+    valid = torch.arange(block_index.shape[-1], device=q.device) < block_count.unsqueeze(-1)
+    blocks = torch.zeros(B, Hkv, nkb + 1, dtype=torch.bool, device=q.device)
+    blocks.scatter_(-1, torch.where(valid, block_index.long(), nkb), True)
+    logical, inside = _logical_keys(start, length, S)
+    keep = blocks.gather(-1, (logical.clamp(0, S - 1) // block_size)[:, None, :].expand(B, Hkv, S)) & inside[:, None, :]
+    return _masked_decode(q, k, v, keep, scale)
+
+
+def per_query_sparse_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bin_mask: torch.Tensor, scale: float,
+    start: torch.Tensor, length: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new query of each sequence over the keys of its selected bins (bin_mask (B, Hkv, K) over
+    its prefix of length[b] keys): per_query_sparse_attention's last row. Cache layout as above."""
+    B, Hkv, S, _ = k.shape
+    K = bin_mask.shape[-1]
+    logical, inside = _logical_keys(start, length, S)
+    bins = torch.clamp((logical.clamp_min(0) * K) // length[:, None], max=K - 1)  # key_bins of row length-1
+    keep = bin_mask.gather(-1, bins[:, None, :].expand(B, Hkv, S)) & inside[:, None, :]
+    return _masked_decode(q, k, v, keep, scale)

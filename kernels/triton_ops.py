@@ -21,16 +21,26 @@ from kernels.teacher_target import teacher_target
 #   (irregular key sets per row; the GPU path is block-sparse). No Triton version yet.
 # - pool_key_block_scores, select_key_blocks, select_bins_per_query: O(T x K) or O(NQB x NKB)
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
+# - decoding: linear_attention_step (an (F x 2d) update per head), spread_bins_to_key_blocks (O(K + NKB)),
+#   per_query_sparse_decode (the reference mode). sparse_decode_attention has its kernel.
 from kernels.reference import (
+    linear_attention_step,
     per_query_sparse_attention,
+    per_query_sparse_decode,
     pool_key_block_scores,
     select_bins_per_query,
     select_key_blocks,
+    spread_bins_to_key_blocks,
 )
+from kernels.reference import sparse_decode_attention  # replaced by its kernel below, once written
 
 __all__ = [
     "block_sparse_attention",
     "causal_linear_attention",
+    "linear_attention_step",
+    "per_query_sparse_decode",
+    "sparse_decode_attention",
+    "spread_bins_to_key_blocks",
     "per_query_sparse_attention",
     "pool_key_block_scores",
     "select_bins_per_query",

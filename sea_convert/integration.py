@@ -19,8 +19,11 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from kernels import dispatch
 from kernels.reference import dense_causal_attention
 from sea_convert.attention import SEAPredictor, sea_attention
+from sea_convert.attention.decode import prefill
+from sea_convert.attention.decode import step as decode_step
 from sea_convert.attention.layer import oracle_attention
 from sea_convert.recipe import SEAConfig
 
@@ -71,7 +74,8 @@ _capture_sink: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sea
 
 
 def _check_plain_causal(module, query, key, attention_mask) -> torch.Tensor | None:
-    """None for a plain causal batch, else the (B, T) bool validity of each position of a right-padded one.
+    """None for a plain causal batch, else the (B, T) bool validity of each position of a padded one
+    (right padding: each sequence's real tokens first; left padding: last, as for generation).
 
     transformers (5.x, through `sdpa_mask`) passes None when nothing is padded, and with padding a
     (B, 1, T, T) bool mask: causal and the padding keys masked out, so a pad query row cannot see
@@ -79,27 +83,42 @@ def _check_plain_causal(module, query, key, attention_mask) -> torch.Tensor | No
     """
     if query.shape[2] != key.shape[2]:
         raise ValueError(
-            "SEA attention got a KV cache (incremental decoding), which this version does not support;"
-            " run full sequences with use_cache=False"
+            "SEA attention got more keys than queries without its decoding state: incremental decoding runs"
+            " through a transformers Cache passed as past_key_values (generate() does this)"
         )
     if attention_mask is None:
         return None
     B, T = query.shape[0], query.shape[2]
     if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (B, 1, T, T):
         raise ValueError(
-            f"SEA attention takes no mask or the (B, 1, T, T) bool mask of a right-padded batch;"
+            f"SEA attention takes no mask or the (B, 1, T, T) bool mask of a padded batch;"
             f" got {attention_mask.dtype} {tuple(attention_mask.shape)}"
         )
     mask = attention_mask[:, 0]
     valid = mask.diagonal(dim1=-2, dim2=-1)  # (B, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
-    prefix = bool((valid[:, 1:] <= valid[:, :-1]).all())
-    if not prefix or not torch.equal(mask, causal & valid[:, None, :]):
+    right = bool((valid[:, 1:] <= valid[:, :-1]).all())
+    left = bool((valid[:, 1:] >= valid[:, :-1]).all())
+    if not (right or left) or not torch.equal(mask, causal & valid[:, None, :]) or not bool(valid.any(-1).all()):
         raise ValueError(
-            "SEA attention supports causal batches with right padding only (each sequence's real tokens first,"
-            " pads after); left padding and incremental decoding come with issue 8"
+            "SEA attention supports causal batches padded on one side (each sequence's real tokens in one run,"
+            " first or last) with at least one real token per sequence"
         )
     return None if bool(valid.all()) else valid
+
+
+def _own_positions(valid: torch.Tensor | None, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) per sequence: its first real slot and its real tokens."""
+    if valid is None:
+        return torch.zeros(B, dtype=torch.long, device=device), torch.full((B,), T, dtype=torch.long, device=device)
+    return valid.int().argmax(-1), valid.sum(-1)
+
+
+def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Row t of sequence b <- row (t + shift[b]) mod T: a left-padded batch's real tokens to the front and back."""
+    T = x.shape[2]
+    idx = (torch.arange(T, device=x.device)[None, :] + shift[:, None]) % T
+    return x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
 def _capture_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -114,17 +133,83 @@ def _capture_forward(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    valid = _check_plain_causal(module, query, key, attention_mask)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    res = sea_attention(query, key, value, module.sea_predictor, module.sea_config, scale, module.sea_layer_idx, valid=valid)
-    return res.out.to(query.dtype).transpose(1, 2), None
+    cache = getattr(module, "_sea_cache", None)
+    states = decode_states(cache) if cache is not None else None
+    layer = module.sea_layer_idx
+    if states is not None and layer in states:
+        return _decode_forward(module, query, key, value, scale, states[layer]), None
+    valid = _check_plain_causal(module, query, key, attention_mask)
+    B, T = query.shape[0], query.shape[2]
+    start, length = _own_positions(valid, B, T, query.device)
+    # every sequence in its own positions (real tokens first), where the right-padded path is exact
+    q, k, v = (_roll_rows(x, start) for x in (query, key, value))
+    own_valid = None if valid is None else torch.arange(T, device=q.device)[None, :] < length[:, None]
+    if states is not None:  # the prefill of a generation: keep what decoding continues from
+        res, states[layer] = prefill(q, k, v, module.sea_predictor, module.sea_config, scale,
+                                     dispatch.ops(module.sea_config.backend, q.device), length, start, layer)
+    else:
+        res = sea_attention(q, k, v, module.sea_predictor, module.sea_config, scale, layer, valid=own_valid)
+    out = _roll_rows(res.out, -start)
+    return out.to(query.dtype).transpose(1, 2), None
+
+
+def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
+    """New tokens against the cache, one at a time (generate() sends one; assisted decoding more)."""
+    new = query.shape[2]
+    seen = int((state.start + state.length).max())
+    if seen + new != key.shape[2]:
+        raise ValueError(f"SEA decoding state covers {seen} cache slots but the cache has {key.shape[2]} with"
+                         f" {new} new: a cache cropped or reused across generations is not supported")
+    ops = dispatch.ops(module.sea_config.backend, query.device)
+    outs = []
+    for i in range(new):
+        end = seen + i + 1
+        outs.append(decode_step(query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], module.sea_predictor,
+                                module.sea_config, scale, ops, state))
+    return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2)
+
+
+def decode_states(cache) -> dict:
+    """The SEA decoding states {layer: DecodeState} that live with a transformers Cache object (so a new
+    generation starts fresh). Beam search's reordering reorders them too; cropping is refused."""
+    states = getattr(cache, "_sea_states", None)
+    if states is None:
+        states = cache._sea_states = {}
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is not None:
+            def reorder_with_sea(beam_idx, _reorder=reorder):
+                _reorder(beam_idx)
+                for st in states.values():
+                    st.select(beam_idx)
+            cache.reorder_cache = reorder_with_sea
+        if hasattr(cache, "crop"):
+            def crop_refused(*args, **kwargs):
+                raise NotImplementedError("SEA decoding cannot crop its cache (assisted decoding, prompt lookup)")
+            cache.crop = crop_refused
+    return states
+
+
+def _remember_cache(module, args, kwargs):
+    """Forward pre-hook of each attention module: the attention function is not handed the Cache, so
+    the module holds it for the duration of its forward."""
+    module._sea_cache = kwargs.get("past_key_values")
+
+
+def _forget_cache(module, args, kwargs, output):
+    module._sea_cache = None
 
 
 def _oracle_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if getattr(module, "_sea_cache", None) is not None and query.shape[2] != key.shape[2]:
+        raise ValueError("oracle attention is for scoring full sequences: run it with use_cache=False")
     valid = _check_plain_causal(module, query, key, attention_mask)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = oracle_attention(query, key, value, module.sea_config, scale, module.sea_layer_idx, valid=valid)
-    return out.to(query.dtype).transpose(1, 2), None
+    start, length = _own_positions(valid, query.shape[0], query.shape[2], query.device)
+    q, k, v = (_roll_rows(x, start) for x in (query, key, value))
+    own_valid = None if valid is None else torch.arange(q.shape[2], device=q.device)[None, :] < length[:, None]
+    out = oracle_attention(q, k, v, module.sea_config, scale, module.sea_layer_idx, valid=own_valid)
+    return _roll_rows(out, -start).to(query.dtype).transpose(1, 2), None
 
 
 def register_attention_functions() -> None:
@@ -148,6 +233,9 @@ def attach_sea(model: nn.Module, cfg: SEAConfig, device: torch.device | str | No
         attn.sea_predictor = pred
         attn.sea_config = cfg
         attn.sea_layer_idx = idx
+        if not hasattr(attn, "_sea_hooks"):
+            attn._sea_hooks = (attn.register_forward_pre_hook(_remember_cache, with_kwargs=True),
+                               attn.register_forward_hook(_forget_cache, with_kwargs=True, always_call=True))
         predictors.append(pred)
     model.config.sea = cfg.model_dump(mode="json")
     return predictors

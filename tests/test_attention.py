@@ -132,18 +132,15 @@ def test_unsupported_architecture_names_supported_ones():
         attach_sea(model, SEAConfig())
 
 
-def test_sea_refuses_padding_and_kv_cache():
+def test_sea_refuses_a_cache_it_did_not_prefill():
+    """Decoding continues a SEA prefill; a cache filled by dense attention has no SEA state to continue."""
     model = tiny_model("llama")
     attach_sea(model, SEAConfig(k=16, predictor_length=64, block_size=16))
     ids = torch.randint(0, 128, (2, 40))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with attention_mode(model, "sea"), pytest.raises(ValueError, match="right padding only"):  # left padding
-        model(ids, attention_mask=mask, use_cache=False)
-    # cached decoding: the prefill works, the next single-token step is refused clearly
-    with attention_mode(model, "sea"), torch.no_grad():
-        prefill = model(ids[:1], use_cache=True)
-        with pytest.raises(ValueError, match="KV cache"):
+    with torch.no_grad():
+        with attention_mode(model, "dense"):
+            prefill = model(ids[:1], use_cache=True)
+        with attention_mode(model, "sea"), pytest.raises(ValueError, match="without its decoding state"):
             model(ids[:1, :1], past_key_values=prefill.past_key_values, use_cache=True)
 
 

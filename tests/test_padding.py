@@ -95,17 +95,18 @@ def test_huge_later_keys_cannot_move_earlier_estimates():
     assert max(est_errs) < 1e-5
 
 
-def test_full_mask_is_no_mask_and_left_padding_is_refused():
+def test_full_mask_is_no_mask_and_a_mask_with_a_hole_is_refused():
+    """Padding on one side is supported (left padding: tests/test_decoding.py); a gap inside a sequence is not."""
     model = _sea_model("llama", "block")
     ids, _ = _right_padded((40, 40))
-    left = torch.ones_like(ids)
-    left[0, :5] = 0
+    holed = torch.ones_like(ids)
+    holed[0, 10:15] = 0
     with torch.no_grad(), attention_mode(model, "sea"):
         assert torch.equal(model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits,
                            model(ids, use_cache=False).logits)
     for attention in ("sea", "oracle"):
-        with attention_mode(model, attention), torch.no_grad(), pytest.raises(ValueError, match="right padding only"):
-            model(ids, attention_mask=left, use_cache=False)
+        with attention_mode(model, attention), torch.no_grad(), pytest.raises(ValueError, match="padded on one side"):
+            model(ids, attention_mask=holed, use_cache=False)
 
 
 def test_capture_refuses_padding():

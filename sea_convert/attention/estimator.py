@@ -30,21 +30,27 @@ def orthogonal_random_projection(num_features: int, dim: int, seed: int) -> torc
     return rows * norms
 
 
-def positive_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool) -> torch.Tensor:
+def positive_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool, key_shift: torch.Tensor | None = None) -> torch.Tensor:
     """phi(x) = exp(w.x - |x|^2/2 - c): E[phi(q).phi(k)] is proportional to exp(q.k).
 
     The stabiliser c cancels in the estimator's ratio as long as it is shared by every key
     a query sees: per row for queries; for keys, per (batch, head) and taken from the first key
-    alone, which every row sees. A max over all keys would let a later key change earlier rows
-    (through the 1e-6 floor): not causal, and not reproducible token by token when decoding.
+    alone, which every row sees (`key_shift`; the decoder keeps it from the prefill). A max over
+    all keys would let a later key change earlier rows (through the 1e-6 floor): not causal, and
+    not reproducible token by token when decoding.
     """
     wx = x @ projection.T
     half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
     if is_query:
         c = wx.amax(-1, keepdim=True)
     else:
-        c = wx[..., :1, :].amax(-1, keepdim=True)
+        c = key_shift if key_shift is not None else wx[..., :1, :].amax(-1, keepdim=True)
     return torch.exp(wx - half_sq - c.detach()) + 1e-6
+
+
+def key_shift(first_key: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """The keys' stabiliser c from a sequence's first key, already scaled: (B, H, 1, d) -> (B, H, 1, 1)."""
+    return (first_key @ projection.T).amax(-1, keepdim=True)
 
 
 def sinusoid_table(length: int, dim: int) -> torch.Tensor:
@@ -72,10 +78,29 @@ class LinearAttentionEstimator(nn.Module):
                 f"sequence of {T} tokens exceeds the SEA position table ({self.position_values.shape[0]} rows);"
                 " raise sea.position_table_len"
             )
-        root = math.sqrt(scale)
-        proj = self.projection.float()
-        qf = positive_features(q.float() * root, proj, is_query=True)
-        kf = positive_features(k.float() * root, proj, is_query=False)
-        pos = self.position_values[:T].float().expand(B, Hkv, T, d)
-        values = torch.cat([v.float(), pos], dim=-1)
+        qf, kf = self.features(q, k, scale)
+        values = torch.cat([v.float(), self.positions(torch.arange(T, device=q.device)).expand(B, Hkv, T, d)], dim=-1)
         return ops.causal_linear_attention(qf, kf, values)  # GQA: query heads read their KV head's kf, values
+
+    def features(self, q: torch.Tensor, k: torch.Tensor, scale: float, shift: torch.Tensor | None = None):
+        root, proj = math.sqrt(scale), self.projection.float()
+        return (positive_features(q.float() * root, proj, is_query=True),
+                positive_features(k.float() * root, proj, is_query=False, key_shift=shift))
+
+    def positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """The learned positional values of positions `rows` ((T,) or (B, T)), fp32, as (.., 1, T, d)."""
+        table = self.position_values.float()
+        return table[rows][:, None] if rows.dim() == 2 else table[rows][None, None]
+
+    def shift(self, first_key: torch.Tensor, scale: float) -> torch.Tensor:
+        return key_shift(first_key.float() * math.sqrt(scale), self.projection.float())
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops) -> torch.Tensor:
+        """The new position of each sequence (q (B, Hq, 1, d), k/v (B, Hkv, 1, d), at positions pos (B,))
+        from the running state (shift, kv, norm; updated): what forward() gives for that row."""
+        if int(pos.max()) >= self.position_values.shape[0]:
+            raise ValueError(f"position {int(pos.max())} is past the SEA position table ({self.position_values.shape[0]} rows);"
+                             " raise sea.position_table_len")
+        qf, kf = self.features(q, k, scale, shift=state.shift)
+        values = torch.cat([v.float(), self.positions(pos[:, None]).expand(-1, k.shape[1], -1, -1)], dim=-1)
+        return ops.linear_attention_step(qf, kf, values, state.kv, state.norm)

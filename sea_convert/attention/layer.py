@@ -61,23 +61,26 @@ def running_mean(v: torch.Tensor) -> torch.Tensor:
     return (v.float().transpose(-1, -2).contiguous().cumsum(-1) / count).transpose(-1, -2)
 
 
-def mix_output(sparse_out, gates, kept, v) -> torch.Tensor:
+def mix_output(sparse_out, gates, kept, v, mean_v=None, rows=None) -> torch.Tensor:
     """The paper's output gates, tied to what the selection left out.
 
     u = 1 - kept / (t+1) is the share of causal keys not attended. The probability scale is
     1 + (2 sigmoid(s0) - 1) u and the weight of the running mean of v is sigmoid(s1) u: with
     every causal key kept (u = 0) the output is exactly dense attention, whatever the gates learned.
+    The decoder passes one row per sequence: its running mean of v (mean_v (B, Hkv, 1, d)) and its
+    t+1 (rows, broadcastable to kept (B, Hkv, 1)) instead of v.
     """
     B, Hq, T, d = sparse_out.shape
     Hkv = kept.shape[1]
     G = Hq // Hkv
-    rows = torch.arange(1, T + 1, device=kept.device, dtype=torch.float32)
+    if rows is None:
+        rows = torch.arange(1, T + 1, device=kept.device, dtype=torch.float32)
     # per KV head, broadcast over its G query heads (no repeat_interleave copies)
     u = (1.0 - kept.float() / rows).clamp_min(0.0).view(B, Hkv, 1, T, 1)
     s0, s1 = gates.view(B, Hkv, G, T, 2).unbind(-1)
     w = torch.sigmoid(s1.unsqueeze(-1)) * u
     sparse_weight = (1.0 - w) * (1.0 + (2.0 * torch.sigmoid(s0.unsqueeze(-1)) - 1.0) * u)
-    mean_v = running_mean(v).unsqueeze(2)  # (B, Hkv, 1, T, d)
+    mean_v = (running_mean(v) if mean_v is None else mean_v).unsqueeze(2)  # (B, Hkv, 1, T, d)
     out = sparse_weight * sparse_out.float().view(B, Hkv, G, T, d) + w * mean_v
     return out.view(B, Hq, T, d)
 
@@ -97,16 +100,17 @@ class SEAOutput:
 
 def sea_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig, scale: float, layer: int = -1,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, keep_image: bool = False,
 ) -> SEAOutput:
     """One SEA layer on (B, Hq, T, d) queries and (B, Hkv, T, d) keys/values, causal.
 
     valid: (B, T) bool of a right-padded batch (real tokens first): pads then leave the real
-    positions' outputs as they are without them (see `select`)."""
+    positions' outputs as they are without them (see `select`). keep_image: keep the CNN's input
+    on the estimate (the decoder's prefill takes its last rows)."""
     ops = dispatch.ops(cfg.backend, q.device)
     # The predictor reads the attention inputs detached: in stage B the base weights learn from the
     # sparse attention and the model-level losses, not from making the predictor's task easier.
-    est = predictor(q.detach(), k.detach(), v.detach(), scale, ops)
+    est = predictor(q.detach(), k.detach(), v.detach(), scale, ops, keep_image=keep_image)
     sink = active_sink()
     if sink is not None:
         with torch.no_grad():

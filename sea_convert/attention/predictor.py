@@ -22,6 +22,7 @@ from sea_convert.recipe import SEAConfig
 class Estimate:
     log_probs: torch.Tensor  # (B, Hq, T, K); -inf on empty bins of short rows
     gates: torch.Tensor | None  # (B, Hq, T, 2): s0 (probability scale), s1 (running-mean mix)
+    image: torch.Tensor | None = None  # the CNN's input (B, Hq*C, T, K/4), when asked for (decoding's prefill)
 
 
 class CausalCNN(nn.Module):
@@ -48,6 +49,19 @@ class CausalCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + F.relu(self._causal(self.conv1, x))
         x = x + F.relu(self._causal(self.conv2, x))
+        return self._out(x)
+
+    def last_row(self, window: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
+        """forward()'s output for the last row of `window` (B, C, receptive_rows, W): the rows that feed it.
+        absent (B, receptive_rows) marks rows before the sequence's start: zero, as forward()'s padding
+        is, at the input of both convolutions."""
+        gone = absent[:, None, :, None]
+        x = window.masked_fill(gone, 0.0)
+        x = (x + F.relu(self._causal(self.conv1, x))).masked_fill(gone, 0.0)
+        x = x + F.relu(self._causal(self.conv2, x))
+        return self._out(x[:, :, -1:])
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
         # = norm(to_heads(upsample_x4(x))), computed at width K/4: a 1x1 conv commutes with nearest
         # upsampling, and a row repeated 4 times has the same mean and variance. 4x less work.
         y = F.layer_norm(self.to_heads(x), (x.shape[-1],), eps=self.norm.eps)
@@ -77,21 +91,46 @@ class SEAPredictor(nn.Module):
             with torch.no_grad():
                 self.gates.bias[1] = -3.0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops) -> Estimate:
-        B, Hq, T, d = q.shape
-        G = Hq // k.shape[1]
-        wdtype = self.row_decoder.weight.dtype
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, keep_image: bool = False) -> Estimate:
         lin = self.estimator(q, k, v, scale, ops)  # (B, Hq, T, 2d) fp32
-        h = self._encode(lin.to(wdtype), v.to(wdtype), G)  # (B, Hq, T, hidden)
-        rows = self.row_decoder(h).view(B, Hq, T, self.channels, self.K // 4)
-        image = rows.permute(0, 1, 3, 2, 4).reshape(B, Hq * self.channels, T, self.K // 4)
+        h, image = self._rows(lin, v, q.shape[1] // k.shape[1])
         logits = self.cnn(image).float()  # (B, Hq, T, K)
+        T = q.shape[2]
         short = min(T, self.K)  # only rows shorter than K have empty bins (that hold no key)
-        starts = bin_starts(torch.arange(short, device=q.device), self.K)
-        logits[:, :, :short].masked_fill_(starts[:, 1:] == starts[:, :-1], float("-inf"))
-        log_probs = torch.log_softmax(logits, dim=-1)
+        logits[:, :, :short].masked_fill_(self.empty_bins(torch.arange(short, device=q.device)), float("-inf"))
+        est = self._estimate(logits, h)
+        est.image = image if keep_image else None
+        return est
+
+    def _rows(self, lin: torch.Tensor, v: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-local part: encoder state h (B, Hq, T, hidden) and the CNN's input image (B, Hq*C, T, K/4)."""
+        B, Hq, T, _ = lin.shape
+        wdtype = self.row_decoder.weight.dtype
+        h = self._encode(lin.to(wdtype), v.to(wdtype), G)
+        rows = self.row_decoder(h).view(B, Hq, T, self.channels, self.K // 4)
+        return h, rows.permute(0, 1, 3, 2, 4).reshape(B, Hq * self.channels, T, self.K // 4)
+
+    def _estimate(self, logits: torch.Tensor, h: torch.Tensor) -> Estimate:
         gates = self.gates(h).float() if self.gates is not None else None
-        return Estimate(log_probs, gates)
+        return Estimate(torch.log_softmax(logits, dim=-1), gates)
+
+    def empty_bins(self, rows: torch.Tensor) -> torch.Tensor:
+        """Bins holding no key for rows at positions `rows` (shape S): (S.., K) bool."""
+        starts = bin_starts(rows, self.K)
+        return starts[..., 1:] == starts[..., :-1]
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops) -> Estimate:
+        """forward()'s rows for one new position per sequence (q (B, Hq, 1, d), k/v (B, Hkv, 1, d) at
+        positions pos (B,)), from the running state (estimator sums; the CNN's last rows; updated)."""
+        lin = self.estimator.step(q, k, v, scale, pos, state, ops)
+        h, row = self._rows(lin, v, q.shape[1] // k.shape[1])
+        window = torch.cat([state.image, row], dim=2)  # (B, C, receptive_rows, K/4)
+        state.image = window[:, :, 1:]
+        R = window.shape[2]
+        absent = torch.arange(R, device=q.device)[None, :] < (R - 1 - pos)[:, None]
+        logits = self.cnn.last_row(window, absent).float()  # (B, Hq, 1, K)
+        logits.masked_fill_(self.empty_bins(pos)[:, None, None, :], float("-inf"))
+        return self._estimate(logits, h)
 
     def _encode(self, lin: torch.Tensor, v: torch.Tensor, G: int) -> torch.Tensor:
         """encoder([lin, v]) without repeating v to the query heads: its part of the first Linear

@@ -64,13 +64,28 @@ def kept_from_bins(bin_mask: torch.Tensor) -> torch.Tensor:
     return (bin_mask * widths).sum(-1)
 
 
-def blocks_per_head(cfg: SEAConfig, num_query_blocks: int, device) -> torch.Tensor:
-    """Key blocks each KV head may keep, per query block (before the forced sink/local blocks are counted in)."""
-    i = torch.arange(num_query_blocks, device=device)
+def blocks_per_head(cfg: SEAConfig, block_pos: torch.Tensor) -> torch.Tensor:
+    """Key blocks each KV head may keep in query blocks at positions `block_pos` (any shape; before
+    the forced sink/local blocks are counted in)."""
     if cfg.block_density is not None:
-        return torch.ceil(cfg.block_density * (i + 1).float()).long()
+        return torch.ceil(cfg.block_density * (block_pos + 1).float()).long()
     keys = cfg.block_keys if cfg.block_keys is not None else cfg.k
-    return torch.full_like(i, math.ceil(keys / cfg.block_size))
+    return torch.full_like(block_pos, math.ceil(keys / cfg.block_size))
+
+
+def kept_from_blocks_row(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, pos: torch.Tensor) -> torch.Tensor:
+    """kept_from_blocks for one row per sequence at position pos (B,): block lists (B, Hkv, MAXB) -> (B, Hkv)."""
+    qb = (pos // block_size)[:, None, None]
+    valid = torch.arange(block_index.shape[-1], device=block_index.device) < block_count.unsqueeze(-1)
+    full = (valid & (block_index < qb)).sum(-1)
+    diag = (valid & (block_index == qb)).any(-1)
+    return full * block_size + diag * (pos % block_size + 1)[:, None]
+
+
+def kept_from_bins_row(bin_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """kept_from_bins for one row per sequence at position pos (B,): bin_mask (B, Hkv, K) -> (B, Hkv)."""
+    starts = bin_starts(pos, bin_mask.shape[-1])  # (B, K+1)
+    return (bin_mask * (starts[:, 1:] - starts[:, :-1])[:, None, :]).sum(-1)
 
 
 def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, valid: torch.Tensor | None = None) -> Selection:
@@ -86,7 +101,7 @@ def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, vali
     if cfg.mode == "block":
         lengths = None if valid is None else valid.sum(-1)
         scores = ops.pool_key_block_scores(grouped, cfg.block_size, lengths)
-        index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, scores.shape[2], scores.device),
+        index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, torch.arange(scores.shape[2], device=scores.device)),
                                              cfg.sink_blocks, cfg.local_blocks)
         kept = kept_from_blocks(index, count, cfg.block_size, T)
         return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
@@ -112,6 +127,7 @@ def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig
                 i = length // bs
                 alone = block_attention_mass(q[b : b + 1, :, :length], k[b : b + 1, :, :length], scale, bs)
                 mass[b, :, i, : i + 1] = alone[0, :, i]
-    index, count = select_key_blocks(mass, blocks_per_head(cfg, mass.shape[2], mass.device), cfg.sink_blocks, cfg.local_blocks)
+    index, count = select_key_blocks(mass, blocks_per_head(cfg, torch.arange(mass.shape[2], device=mass.device)),
+                                     cfg.sink_blocks, cfg.local_blocks)
     kept = kept_from_blocks(index, count, cfg.block_size, q.shape[2])
     return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)

@@ -1,0 +1,115 @@
+"""Incremental SEA decoding: the prefill builds a small state per layer, each new token updates it.
+
+What a full re-run of the prefix computes for its last position, the decoder computes from:
+- the estimator's running sums (kf^T [v, position] and kf; the keys' stabiliser from the first key);
+- the causal CNN's last receptive_rows - 1 input rows (a ring: it sees rows t-6..t);
+- block mode: the sum of the current query block's estimate rows (the prefix re-run pools the rows
+  of its last, partial block: the same rows);
+- the running sum of v (the output gates' mean).
+It reads the KV cache only in the selected key blocks. Sequences are in their own positions: a
+left-padded batch keeps each sequence's first key slot (`start`) and its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from sea_convert.attention.layer import SEAOutput, mix_output, sea_attention
+from sea_convert.attention.predictor import SEAPredictor
+from sea_convert.attention.select import blocks_per_head, kept_from_bins_row, kept_from_blocks_row
+from sea_convert.recipe import SEAConfig
+
+
+@dataclass
+class DecodeState:
+    """One layer's decoding state for a batch (every tensor has the batch first)."""
+
+    shift: torch.Tensor  # (B, Hkv, 1, 1) the keys' feature stabiliser (from each sequence's first key)
+    kv: torch.Tensor  # (B, Hkv, F, 2d) sum of kf^T [v, position], fp32
+    norm: torch.Tensor  # (B, Hkv, F) sum of kf, fp32
+    image: torch.Tensor  # (B, Hq*C, receptive_rows - 1, K/4) the CNN's last input rows (zeros before the start)
+    v_sum: torch.Tensor  # (B, Hkv, 1, d) fp32
+    block_sum: torch.Tensor  # (B, Hkv, K) fp32: the current query block's estimate rows, summed
+    start: torch.Tensor  # (B,) cache slot of each sequence's first key
+    length: torch.Tensor  # (B,) keys so far
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search reorders its beams)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name).index_select(0, index.to(self.start.device)))
+
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig, scale: float,
+            ops, lengths: torch.Tensor, start: torch.Tensor, layer: int = -1) -> tuple[SEAOutput, DecodeState]:
+    """sea_attention over a batch in its own positions (q/k/v real rows first: lengths (B,) of them),
+    and the state that continues it. start: each sequence's first slot in the KV cache."""
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    valid = torch.arange(T, device=q.device)[None, :] < lengths[:, None]
+    res = sea_attention(q, k, v, predictor, cfg, scale, layer, valid=None if bool(valid.all()) else valid, keep_image=True)
+    est = predictor.estimator
+    shift = est.shift(k[:, :, :1], scale)
+    _, kf = est.features(q[:, :, :1], k, scale, shift=shift)
+    kf = kf * valid[:, None, :, None]
+    values = torch.cat([v.float(), est.positions(torch.arange(T, device=q.device)).expand(B, Hkv, T, d)], dim=-1)
+    R = predictor.cnn.receptive_rows - 1
+    rows = lengths[:, None] - R + torch.arange(R, device=q.device)  # the last R rows of each sequence
+    image = res.estimate.image
+    kept_rows = image.gather(2, rows.clamp_min(0)[:, None, :, None].expand(-1, image.shape[1], -1, image.shape[3]))
+    last = lengths - 1
+    in_block = valid & (torch.arange(T, device=q.device)[None, :] >= (last - last % cfg.block_size)[:, None])
+    grouped = _grouped(res.estimate.log_probs, Hkv)
+    state = DecodeState(
+        shift=shift, kv=kf.transpose(-1, -2) @ values, norm=kf.sum(-2),
+        image=kept_rows.masked_fill((rows < 0)[:, None, :, None], 0.0),
+        v_sum=(v.float() * valid[:, None, :, None]).sum(-2, keepdim=True),
+        block_sum=(grouped * in_block[:, None, :, None]).sum(-2),
+        start=start.clone(), length=lengths.clone(),
+    )
+    res.estimate.image = None
+    return res, state
+
+
+def _grouped(log_probs: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """(B, Hq, T, K) log-probabilities -> (B, Hkv, T, K) probabilities pooled over each KV head's group."""
+    B, Hq, T, K = log_probs.shape
+    return log_probs.exp().view(B, Hkv, Hq // Hkv, T, K).mean(2)
+
+
+def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig,
+         scale: float, ops, state: DecodeState) -> torch.Tensor:
+    """One new token per sequence: q (B, Hq, 1, d); the cache (B, Hkv, S, d) with the new key and value
+    in its last slot. Returns (B, Hq, 1, d) fp32, what the prefix's full re-run gives for that row."""
+    B, Hq, _, d = q.shape
+    Hkv = k_cache.shape[1]
+    pos = state.length  # the new token's position in its sequence
+    k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
+    est = predictor.step(q, k_new, v_new, scale, pos, state, ops)
+    grouped = _grouped(est.log_probs, Hkv)  # (B, Hkv, 1, K)
+    state.length = pos + 1
+    state.v_sum += v_new.float()
+    n = state.length
+    if cfg.mode == "block":
+        bs = cfg.block_size
+        qb = pos // bs
+        fresh = (pos % bs == 0).view(B, 1, 1)  # a new query block starts: forget the last one's rows
+        state.block_sum = torch.where(fresh, 0.0, state.block_sum) + grouped[:, :, 0]
+        pooled = state.block_sum / (pos % bs + 1).view(B, 1, 1).float()
+        nkb = int(qb.max()) + 1
+        scores = ops.spread_bins_to_key_blocks(pooled[:, :, None], n[:, None].float(), bs, nkb)
+        scores = scores.masked_fill(torch.arange(nkb, device=q.device)[None, None, None, :] > qb.view(B, 1, 1, 1), float("-inf"))
+        index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, qb[:, None]), cfg.sink_blocks,
+                                             cfg.local_blocks, block_pos=qb[:, None])
+        index, count = index[:, :, 0], count[:, :, 0]
+        kept = kept_from_blocks_row(index, count, bs, pos)
+        sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, bs, scale, state.start, n)
+    else:
+        bin_mask = ops.select_bins_per_query(grouped, cfg.k, rows=pos[:, None])[:, :, 0]  # (B, Hkv, K)
+        kept = kept_from_bins_row(bin_mask, pos)
+        sparse_out, _ = ops.per_query_sparse_decode(q, k_cache, v_cache, bin_mask, scale, state.start, n)
+    if est.gates is None:
+        return sparse_out.float()
+    nf = n.float().view(B, 1, 1)
+    return mix_output(sparse_out, est.gates, kept[..., None], None, mean_v=state.v_sum / nf.unsqueeze(-1), rows=nf)
