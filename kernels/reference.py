@@ -276,7 +276,7 @@ def spread_bins_to_key_blocks(pooled: torch.Tensor, n: torch.Tensor, block_size:
 
 def select_key_blocks(
     scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int,
-    block_pos: torch.Tensor | None = None,
+    block_pos: torch.Tensor | None = None, max_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped top-k over key blocks: the KV heads of a query block share one budget.
 
@@ -285,8 +285,10 @@ def select_key_blocks(
     Query block i keeps min(blocks_per_head, i + 1) * Hkv blocks in all (never fewer than the
     forced ones), always including the sink blocks and the local (diagonal) blocks of every head.
     block_pos: (B or 1, NQB) position i of each row of scores (default 0..NQB-1; the decoder passes
-    each sequence's current query block). Returns (block_index (B, Hkv, NQB, MAXB) int32 sorted and
-    -1 padded, block_count (B, Hkv, NQB) int32).
+    each sequence's current query block). max_budget: a bound on the largest budget known on the
+    host (the decoder's), which spares a device sync and fixes the output's shape (MAXB =
+    min(NKB, max_budget), -1 padded). Returns (block_index (B, Hkv, NQB, MAXB) int32 sorted and -1
+    padded, block_count (B, Hkv, NQB) int32).
     """
     B, Hkv, nqb, nkb = scores.shape
     i = torch.arange(nqb, device=scores.device)[None, :] if block_pos is None else block_pos.to(scores.device)
@@ -298,22 +300,24 @@ def select_key_blocks(
     budget = torch.minimum(i[..., 0] + 1, per_head).clamp_min(forced.sum(-1)) * Hkv  # (B or 1, NQB)
     flat = s.permute(0, 2, 1, 3).reshape(B, nqb, Hkv * nkb)
     # top-k of the largest budget instead of a full sort: the budget is far below Hkv * NKB at long T
-    kmax = min(int(budget.max()), Hkv * nkb)
+    kmax = min(int(budget.max()) if max_budget is None else max_budget, Hkv * nkb)
     values, picked = flat.topk(kmax, dim=-1, sorted=True)
     keep = (torch.arange(kmax, device=s.device) < budget[..., None]) & (values > float("-inf"))
     chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked, keep)
     chosen = chosen.view(B, nqb, Hkv, nkb).permute(0, 2, 1, 3)
-    return blocks_to_index(chosen)
+    return blocks_to_index(chosen, None if max_budget is None else min(nkb, kmax))
 
 
-def blocks_to_index(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def blocks_to_index(chosen: torch.Tensor, maxb: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(…, NKB) bool -> (sorted index lists, -1 padded, (…, MAXB) int32; counts (…) int32).
 
     No sort: each chosen block's place in its list is the running count of chosen blocks before it.
+    maxb: the lists' width when a bound is known (no device sync), else the largest count.
     """
     nkb = chosen.shape[-1]
     count = chosen.sum(-1)
-    maxb = max(int(count.max()), 1) if count.numel() else 1
+    if maxb is None:
+        maxb = max(int(count.max()), 1) if count.numel() else 1
     place = torch.where(chosen, chosen.cumsum(-1) - 1, maxb)  # unchosen go to a spare column
     idx = torch.full((*chosen.shape[:-1], maxb + 1), -1, dtype=torch.int32, device=chosen.device)
     idx.scatter_(-1, place, torch.arange(nkb, dtype=torch.int32, device=chosen.device).expand_as(place))

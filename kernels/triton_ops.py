@@ -14,6 +14,7 @@ except Exception as exc:  # a broken install can raise more than ImportError; di
 
 from kernels.block_sparse_attention import block_sparse_attention
 from kernels.linear_attention import causal_linear_attention
+from kernels.sparse_decode import sparse_decode_attention
 from kernels.teacher_target import teacher_target
 
 # Re-exported from the reference on purpose:
@@ -32,7 +33,6 @@ from kernels.reference import (
     select_key_blocks,
     spread_bins_to_key_blocks,
 )
-from kernels.reference import sparse_decode_attention  # replaced by its kernel below, once written
 
 __all__ = [
     "block_sparse_attention",

@@ -157,7 +157,7 @@ def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropou
 def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
     """New tokens against the cache, one at a time (generate() sends one; assisted decoding more)."""
     new = query.shape[2]
-    seen = int((state.start + state.length).max())
+    seen = state.slots
     if seen + new != key.shape[2]:
         raise ValueError(f"SEA decoding state covers {seen} cache slots but the cache has {key.shape[2]} with"
                          f" {new} new: a cache cropped or reused across generations is not supported")

@@ -41,6 +41,7 @@ from kernels import block_sparse_attention as bsa  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels import linear_attention as la  # noqa: E402
 from kernels import reference as ref  # noqa: E402
+from kernels import sparse_decode as sd  # noqa: E402
 from kernels import teacher_target as tt  # noqa: E402
 from kernels import triton_ops  # noqa: E402
 
@@ -51,6 +52,7 @@ if IN_PROCESS and not ON_GPU and not isinstance(bsa._fwd_kernel, InterpretedFunc
     bsa = importlib.reload(bsa)
     tt = importlib.reload(tt)
     la = importlib.reload(la)
+    sd = importlib.reload(sd)
     triton_ops = importlib.reload(triton_ops)
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_TEST = "test_whole_file_in_interpreter_subprocess"
@@ -324,3 +326,75 @@ def test_linear_attention_segments_agree(segments):
     want = ref.causal_linear_attention(qf.double(), kf.double(), v.double(), chunk=16).float()
     tol = 5e-3 if ON_GPU else 1e-5  # interpreter: measured max abs error 3.3e-7 (as above)
     assert torch.allclose(got, want, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------
+# decode: one new query per sequence against its selected blocks of a left-padded KV cache
+
+
+def _decode_case(B, Hq, Hkv, S, d, bs, per_head, dtype, seed, lengths=None):
+    g = torch.Generator().manual_seed(seed)
+    q = _randn(B, Hq, 1, d, gen=g).to(dtype)
+    k, v = _randn(B, Hkv, S, d, gen=g).to(dtype), _randn(B, Hkv, S, d, gen=g).to(dtype)
+    lengths = lengths or [S - 37 * b for b in range(B)]  # the others left-padded by 37, 74, ...
+    length = torch.tensor(lengths, device=DEV)
+    start = S - length  # the new key sits in the last slot of every row
+    lists = []
+    for b in range(B):
+        nkb = math.ceil(lengths[b] / bs)
+        for _ in range(Hkv):
+            others = torch.randperm(nkb - 1, generator=g)[: max(0, per_head - 1)] if nkb > 1 else torch.tensor([], dtype=torch.long)
+            lists.append(sorted(set(others.tolist()) | {nkb - 1}))  # the local block always, as select_key_blocks does
+    maxb = max(len(x) for x in lists)
+    index = torch.full((B * Hkv, maxb), -1, dtype=torch.int32)
+    for r, x in enumerate(lists):
+        index[r, : len(x)] = torch.tensor(x, dtype=torch.int32)
+    count = torch.tensor([len(x) for x in lists], dtype=torch.int32).view(B, Hkv)
+    index = index.view(B, Hkv, maxb).to(DEV)
+    count = count.to(DEV)
+    scale = d**-0.5
+    got = dict(zip(("out", "lse"), sd.sparse_decode_attention(q, k, v, index, count, bs, scale, start, length)))
+    exact = dict(zip(("out", "lse"), ref.sparse_decode_attention(q.float(), k.float(), v.float(), index, count, bs, scale, start, length)))
+    low = None if dtype == torch.float32 else dict(zip(("out", "lse"), ref.sparse_decode_attention(q, k, v, index, count, bs, scale, start, length)))
+    _check_rule(got, exact, low, dtype)
+    return got, exact
+
+
+# B, Hq, Hkv, S, d, block: GQA ratios 1, 3, 4; caches never a multiple of the block; odd d
+DECODE_CASES = [
+    (1, 2, 2, 77, 16, 16),
+    (3, 6, 2, 203, 24, 16),
+    (2, 8, 2, 300, 32, 32),
+    (2, 4, 4, 150, 40, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("per_head", [1, 3, 100], ids=["local-only", "bph3", "all"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_sparse_decode_matches_reference(case, per_head, dtype):
+    B, Hq, Hkv, S, d, bs = case
+    got, exact = _decode_case(B, Hq, Hkv, S, d, bs, per_head, dtype, seed=S + per_head)
+    assert torch.isfinite(got["out"]).all()
+
+
+def test_sparse_decode_splits_agree():
+    """Any cut of the block lists into splits combines to the same result (the flash-decoding reduction)."""
+    outs = []
+    for sms in (1, 3, 50):
+        original = sd.num_splits
+        sd.num_splits = lambda bh, maxb, _sms, _o=original, _s=sms: _o(bh, maxb, _s)
+        try:
+            got, exact = _decode_case(2, 4, 2, 260, 16, 16, 100, torch.float32, seed=4)
+        finally:
+            sd.num_splits = original
+        outs.append(got["out"])
+    assert all(torch.allclose(o, outs[0], atol=1e-6) for o in outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [8192, 32768])
+def test_sparse_decode_bf16_gpu_model_shapes(S):
+    """H=32 query heads, 8 KV heads, d=128, blocks of 64, 32 blocks per head (2048 keys), batch 2."""
+    _decode_case(2, 32, 8, S, 128, 64, 32, torch.bfloat16, seed=S, lengths=[S, S - 1000])
+

@@ -12,6 +12,7 @@ left-padded batch keeps each sequence's first key slot (`start`) and its length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,11 +35,16 @@ class DecodeState:
     block_sum: torch.Tensor  # (B, Hkv, K) fp32: the current query block's estimate rows, summed
     start: torch.Tensor  # (B,) cache slot of each sequence's first key
     length: torch.Tensor  # (B,) keys so far
+    # host copies, so that a step needs no device sync (and can be captured in a CUDA graph)
+    slots: int = 0  # cache slots covered: max(start + length); every sequence ends in the last slot
+    max_length: int = 0  # max(length)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reorders its beams)."""
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name).index_select(0, index.to(self.start.device)))
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, value.index_select(0, index.to(self.start.device)))
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig, scale: float,
@@ -66,10 +72,18 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
         image=kept_rows.masked_fill((rows < 0)[:, None, :, None], 0.0),
         v_sum=(v.float() * valid[:, None, :, None]).sum(-2, keepdim=True),
         block_sum=(grouped * in_block[:, None, :, None]).sum(-2),
-        start=start.clone(), length=lengths.clone(),
+        start=start.clone(), length=lengths.clone(), slots=T, max_length=int(lengths.max()),
     )
     res.estimate.image = None
     return res, state
+
+
+def _budget_bound(cfg: SEAConfig, nkb: int) -> int:
+    """Most key blocks one KV head's share of a query block's budget can be (select_key_blocks' rule),
+    for query blocks up to nkb - 1, from host numbers."""
+    per_head = math.ceil(cfg.block_density * nkb) if cfg.block_density is not None else math.ceil(
+        (cfg.block_keys if cfg.block_keys is not None else cfg.k) / cfg.block_size)
+    return max(min(nkb, per_head), min(nkb, cfg.sink_blocks + cfg.local_blocks))
 
 
 def _grouped(log_probs: torch.Tensor, Hkv: int) -> torch.Tensor:
@@ -86,9 +100,11 @@ def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predicto
     Hkv = k_cache.shape[1]
     pos = state.length  # the new token's position in its sequence
     k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
-    est = predictor.step(q, k_new, v_new, scale, pos, state, ops)
+    est = predictor.step(q, k_new, v_new, scale, pos, state, ops, max_pos=state.max_length)
     grouped = _grouped(est.log_probs, Hkv)  # (B, Hkv, 1, K)
     state.length = pos + 1
+    state.slots += 1
+    state.max_length += 1
     state.v_sum += v_new.float()
     n = state.length
     if cfg.mode == "block":
@@ -97,11 +113,12 @@ def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predicto
         fresh = (pos % bs == 0).view(B, 1, 1)  # a new query block starts: forget the last one's rows
         state.block_sum = torch.where(fresh, 0.0, state.block_sum) + grouped[:, :, 0]
         pooled = state.block_sum / (pos % bs + 1).view(B, 1, 1).float()
-        nkb = int(qb.max()) + 1
+        nkb = (state.max_length - 1) // bs + 1
         scores = ops.spread_bins_to_key_blocks(pooled[:, :, None], n[:, None].float(), bs, nkb)
         scores = scores.masked_fill(torch.arange(nkb, device=q.device)[None, None, None, :] > qb.view(B, 1, 1, 1), float("-inf"))
         index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, qb[:, None]), cfg.sink_blocks,
-                                             cfg.local_blocks, block_pos=qb[:, None])
+                                             cfg.local_blocks, block_pos=qb[:, None],
+                                             max_budget=_budget_bound(cfg, nkb) * Hkv)
         index, count = index[:, :, 0], count[:, :, 0]
         kept = kept_from_blocks_row(index, count, bs, pos)
         sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, bs, scale, state.start, n)

