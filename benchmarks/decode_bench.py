@@ -87,18 +87,29 @@ def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128)
         def sea():
             return step(q, k, v, pred, cfg, scale, ops, copy.copy(state0))  # shallow: tensors updated in place
 
+        cfg_c = cfg.model_copy(update={"compile": True})
+
+        def sea_compiled():
+            return step(q, k, v, pred, cfg_c, scale, ops, copy.copy(state0))
+
+        compiled_err = (sea_compiled() - want).abs().max().item()
+
         def kernel():
             return ops.sparse_decode_attention(q, k, v, idx, cnt, cfg.block_size, scale, start, length)
 
         row = {"context": T, "step_max_abs_err_vs_reference": step_err, "kernel_max_abs_err_vs_reference": kernel_err,
                "dense_eager_ms": median_ms(dense, runs=50), "sea_eager_ms": median_ms(sea, runs=50),
                "kernel_eager_ms": median_ms(kernel, runs=50),
-               "dense_graph_ms": graph_ms(dense), "sea_graph_ms": graph_ms(sea), "kernel_graph_ms": graph_ms(kernel)}
+               "dense_graph_ms": graph_ms(dense), "sea_graph_ms": graph_ms(sea), "kernel_graph_ms": graph_ms(kernel),
+               "sea_compiled_eager_ms": median_ms(sea_compiled, runs=50), "sea_compiled_graph_ms": graph_ms(sea_compiled),
+               "compiled_step_max_abs_err_vs_reference": compiled_err}
     row["speedup_graph"] = row["dense_graph_ms"] / row["sea_graph_ms"]
-    row["speedup_eager"] = row["dense_eager_ms"] / row["sea_eager_ms"]
-    print(f"{T:>7} | {row['dense_eager_ms'] * 1e3:8.1f} {row['sea_eager_ms'] * 1e3:8.1f} | "
-          f"{row['dense_graph_ms'] * 1e3:8.1f} {row['sea_graph_ms'] * 1e3:8.1f} {row['kernel_graph_ms'] * 1e3:8.1f} | "
-          f"{row['speedup_eager']:6.2f}x {row['speedup_graph']:6.2f}x | {step_err:.1e} {kernel_err:.1e}", flush=True)
+    row["speedup_compiled_graph"] = row["dense_graph_ms"] / row["sea_compiled_graph_ms"]
+    us = {key: row[key] * 1e3 for key in row if key.endswith("_ms")}
+    print(f"{T:>7} | {us['dense_eager_ms']:7.1f} {us['sea_eager_ms']:8.1f} {us['sea_compiled_eager_ms']:8.1f} | "
+          f"{us['dense_graph_ms']:7.1f} {us['sea_graph_ms']:7.1f} {us['sea_compiled_graph_ms']:7.1f} {us['kernel_graph_ms']:7.1f} | "
+          f"{row['speedup_graph']:5.2f}x {row['speedup_compiled_graph']:5.2f}x | {step_err:.1e} {compiled_err:.1e} {kernel_err:.1e}",
+          flush=True)
     return row
 
 
@@ -116,7 +127,11 @@ def e2e_bench(gguf: Path, ctx: int, new_tokens: int) -> list[dict]:
     model.generation_config.pad_token_id = model.generation_config.eos_token_id
     ids = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     rows = []
-    for mode, label in (("dense", "SDPA (dense)"), ("sea", "SEA block, 256 keys/query")):
+    for mode, label, compiled in (("dense", "SDPA (dense)", False), ("sea", "SEA block, 256 keys/query", False),
+                                  ("sea", "SEA block, 256 keys/query + compile", True)):
+        from sea_convert.integration import set_sea_config
+        set_sea_config(model, cfg.model_copy(update={"compile": compiled}))
+
         def gen(n):
             with torch.no_grad(), attention_mode(model, mode):
                 return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
@@ -149,7 +164,8 @@ def main() -> None:
     cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=256, backend="triton")
     print(f"one attention layer, H=32, Hkv=8, d=128, bf16, batch 1; SEA: blocks of {cfg.block_size}, "
           f"{cfg.block_keys} keys per head, K={cfg.predictor_length}")
-    print(" context |  eager us: dense      SEA |  graph us: dense      SEA   kernel | speedup eager  graph | step err, kernel err")
+    print(" context | eager us: dense      SEA  SEA+cmp | graph us: dense     SEA SEA+cmp  kernel | dense/SEA graph, +cmp |"
+          " err: step, compiled step, kernel")
     layers = [layer_bench(T, cfg) for T in a.contexts]
     e2e = e2e_bench(a.gguf, a.e2e_context, a.new_tokens) if a.gguf else []
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sea": cfg.model_dump(mode="json"),

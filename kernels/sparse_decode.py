@@ -9,7 +9,7 @@ Layout of the work
   block is read once for the whole group. Keys are addressed in the sequence's own positions:
   slot = start[b] + position, so left-padded caches need no copy.
 - Each split keeps an online softmax in fp32 (base 2) and writes its partial output, max and sum;
-  a few PyTorch ops combine the splits (B x Hq x splits x d numbers: negligible next to the reads).
+  a second kernel, one program per (batch, KV head), combines the splits.
 - The number of splits gives about two programs per SM: long lists are cut finer when the batch
   and the KV heads alone would leave the GPU idle.
 """
@@ -85,6 +85,38 @@ def _decode_kernel(
     tl.store(PartL + part, l_i)
 
 
+@triton.jit
+def _combine_kernel(
+    PartOut, PartM, PartL, Out, Lse, sob, soh, sod,
+    Hkv, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
+):
+    """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits of one (batch, KV head)."""
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    hk = pid % Hkv
+    g = tl.arange(0, GP)
+    dcol = tl.arange(0, BLOCK_D)
+    base = pid * NSPLIT * GP
+    m = tl.full([GP], float("-inf"), tl.float32)
+    for sp in range(NSPLIT):
+        m = tl.maximum(m, tl.load(PartM + base + sp * GP + g))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK_D], tl.float32)
+    for sp in range(NSPLIT):
+        w = tl.exp2(tl.load(PartM + base + sp * GP + g) - m_use)
+        l_sum += w * tl.load(PartL + base + sp * GP + g)
+        acc += w[:, None] * tl.load(PartOut + (base + sp * GP + g)[:, None] * BLOCK_D + dcol[None, :])
+    has = l_sum > 0.0
+    out = acc / tl.where(has, l_sum, 1.0)[:, None]
+    lse = tl.where(has, (m_use + tl.log2(tl.where(has, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+    head = (hk * G + g).to(tl.int64)
+    ok = g < G
+    tl.store(Out + b.to(tl.int64) * sob + head[:, None] * soh + dcol[None, :] * sod, out.to(Out.dtype.element_ty),
+             mask=ok[:, None] & (dcol < D)[None, :])
+    tl.store(Lse + b * Hkv * G + head, lse, mask=ok)
+
+
 def num_splits(batch_heads: int, max_blocks: int, sms: int) -> int:
     """Splits of each block list: about two programs per SM, at least one block per split."""
     return max(1, min(max_blocks, math.ceil(2 * sms / max(1, batch_heads))))
@@ -124,12 +156,8 @@ def sparse_decode_attention(
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
-    # combine the splits: out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s
-    m = part_m.amax(1, keepdim=True)
-    w = torch.exp2(part_m - torch.where(m == float("-inf"), 0.0, m))
-    l_sum = (w * part_l).sum(1)  # (B*Hkv, GP)
-    acc = (w.unsqueeze(-1) * part_out).sum(1)
-    has = l_sum > 0
-    out = (acc / torch.where(has, l_sum, 1.0).unsqueeze(-1))[:, :G, :d]
-    lse = torch.where(has, (m.squeeze(1) + torch.log2(torch.where(has, l_sum, 1.0))) / LOG2E, float("-inf"))[:, :G]
-    return out.reshape(B, Hq, 1, d).to(q.dtype), lse.reshape(B, Hq, 1)
+    out = torch.empty(B, Hq, 1, d, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=dev)
+    _combine_kernel[(B * Hkv,)](part_out, part_m, part_l, out, lse, out.stride(0), out.stride(1), out.stride(3),
+                                Hkv, G=G, GP=GP, D=d, BLOCK_D=BLOCK_D, NSPLIT=nsplit, num_warps=4)
+    return out, lse

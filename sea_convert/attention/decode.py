@@ -12,6 +12,7 @@ left-padded batch keeps each sequence's first key slot (`start`) and its length.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -95,30 +96,51 @@ def _grouped(log_probs: torch.Tensor, Hkv: int) -> torch.Tensor:
 def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig,
          scale: float, ops, state: DecodeState) -> torch.Tensor:
     """One new token per sequence: q (B, Hq, 1, d); the cache (B, Hkv, S, d) with the new key and value
-    in its last slot. Returns (B, Hq, 1, d) fp32, what the prefix's full re-run gives for that row."""
-    B, Hq, _, d = q.shape
-    Hkv = k_cache.shape[1]
-    pos = state.length  # the new token's position in its sequence
-    k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
-    est = predictor.step(q, k_new, v_new, scale, pos, state, ops, max_pos=state.max_length)
-    grouped = _grouped(est.log_probs, Hkv)  # (B, Hkv, 1, K)
-    state.length = pos + 1
+    in its last slot. Returns (B, Hq, 1, d) fp32, what the prefix's full re-run gives for that row.
+
+    Every tensor shape here is fixed for a generation (block scores cover the key blocks of the whole
+    position table, masked past each sequence's own), the state is updated in place and nothing
+    waits for the device: the step can be captured in a CUDA graph once and replayed."""
+    table = predictor.estimator.position_values.shape[0]
+    if state.max_length >= table:
+        raise ValueError(f"position {state.max_length} is past the SEA position table ({table} rows);"
+                         " raise sea.position_table_len")
+    key_blocks = math.ceil(table / cfg.block_size)
+    run = _compiled_step() if cfg.compile and q.is_cuda else _step
+    out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, key_blocks)
     state.slots += 1
     state.max_length += 1
-    state.v_sum += v_new.float()
-    n = state.length
+    return out
+
+
+@functools.cache
+def _compiled_step():
+    """The step's ~100 small ops fused by inductor (sea.compile on CUDA): decoding is launch-bound."""
+    return torch.compile(_step, dynamic=False)
+
+
+def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: float, ops, state: DecodeState,
+          key_blocks: int) -> torch.Tensor:
+    B, Hq, _, d = q.shape
+    Hkv = k_cache.shape[1]
+    pos = state.length.clone()  # the new token's position in its sequence
+    k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
+    est = predictor.step(q, k_new, v_new, scale, pos, state, ops)
+    grouped = _grouped(est.log_probs, Hkv)  # (B, Hkv, 1, K)
+    state.length.add_(1)
+    state.v_sum.add_(v_new.float())
+    n = pos + 1
     if cfg.mode == "block":
         bs = cfg.block_size
         qb = pos // bs
         fresh = (pos % bs == 0).view(B, 1, 1)  # a new query block starts: forget the last one's rows
-        state.block_sum = torch.where(fresh, 0.0, state.block_sum) + grouped[:, :, 0]
+        state.block_sum.masked_fill_(fresh, 0.0).add_(grouped[:, :, 0])
         pooled = state.block_sum / (pos % bs + 1).view(B, 1, 1).float()
-        nkb = (state.max_length - 1) // bs + 1
-        scores = ops.spread_bins_to_key_blocks(pooled[:, :, None], n[:, None].float(), bs, nkb)
-        scores = scores.masked_fill(torch.arange(nkb, device=q.device)[None, None, None, :] > qb.view(B, 1, 1, 1), float("-inf"))
-        index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, qb[:, None]), cfg.sink_blocks,
-                                             cfg.local_blocks, block_pos=qb[:, None],
-                                             max_budget=_budget_bound(cfg, nkb) * Hkv)
+        scores = ops.spread_bins_to_key_blocks(pooled[:, :, None], n[:, None].float(), bs, key_blocks)
+        future = torch.arange(key_blocks, device=q.device)[None, None, None, :] > qb.view(B, 1, 1, 1)
+        index, count = ops.select_key_blocks(scores.masked_fill(future, float("-inf")), blocks_per_head(cfg, qb[:, None]),
+                                             cfg.sink_blocks, cfg.local_blocks, block_pos=qb[:, None],
+                                             max_budget=_budget_bound(cfg, key_blocks) * Hkv)
         index, count = index[:, :, 0], count[:, :, 0]
         kept = kept_from_blocks_row(index, count, bs, pos)
         sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, bs, scale, state.start, n)

@@ -95,14 +95,10 @@ class LinearAttentionEstimator(nn.Module):
     def shift(self, first_key: torch.Tensor, scale: float) -> torch.Tensor:
         return key_shift(first_key.float() * math.sqrt(scale), self.projection.float())
 
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops,
-             max_pos: int) -> torch.Tensor:
-        """The new position of each sequence (q (B, Hq, 1, d), k/v (B, Hkv, 1, d), at positions pos (B,);
-        max_pos: their largest, known on the host) from the running state (shift, kv, norm; updated):
-        what forward() gives for that row."""
-        if max_pos >= self.position_values.shape[0]:
-            raise ValueError(f"position {max_pos} is past the SEA position table ({self.position_values.shape[0]} rows);"
-                             " raise sea.position_table_len")
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops) -> torch.Tensor:
+        """The new position of each sequence (q (B, Hq, 1, d), k/v (B, Hkv, 1, d), at positions pos (B,),
+        inside the position table: the caller checks) from the running state (shift, kv, norm; updated
+        in place): what forward() gives for that row."""
         qf, kf = self.features(q, k, scale, shift=state.shift)
         values = torch.cat([v.float(), self.positions(pos[:, None]).expand(-1, k.shape[1], -1, -1)], dim=-1)
         return ops.linear_attention_step(qf, kf, values, state.kv, state.norm)

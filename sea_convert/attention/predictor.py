@@ -119,14 +119,13 @@ class SEAPredictor(nn.Module):
         starts = bin_starts(rows, self.K)
         return starts[..., 1:] == starts[..., :-1]
 
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops,
-             max_pos: int) -> Estimate:
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops) -> Estimate:
         """forward()'s rows for one new position per sequence (q (B, Hq, 1, d), k/v (B, Hkv, 1, d) at
-        positions pos (B,), at most max_pos), from the running state (estimator sums; the CNN's last rows; updated)."""
-        lin = self.estimator.step(q, k, v, scale, pos, state, ops, max_pos)
+        positions pos (B,)), from the running state (estimator sums; the CNN's last rows; updated in place)."""
+        lin = self.estimator.step(q, k, v, scale, pos, state, ops)
         h, row = self._rows(lin, v, q.shape[1] // k.shape[1])
         window = torch.cat([state.image, row], dim=2)  # (B, C, receptive_rows, K/4)
-        state.image = window[:, :, 1:]
+        state.image.copy_(window[:, :, 1:])
         R = window.shape[2]
         absent = torch.arange(R, device=q.device)[None, :] < (R - 1 - pos)[:, None]
         logits = self.cnn.last_row(window, absent).float()  # (B, Hq, 1, K)
