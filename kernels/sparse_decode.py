@@ -122,6 +122,7 @@ def num_splits(batch_heads: int, max_blocks: int, sms: int) -> int:
     return max(1, min(max_blocks, math.ceil(2 * sms / max(1, batch_heads))))
 
 
+@torch.compiler.disable  # launched as is inside a compiled decode step (inductor's re-typing of it fails to build)
 def sparse_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor,
     block_size: int, scale: float, start: torch.Tensor, length: torch.Tensor,
