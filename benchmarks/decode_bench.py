@@ -8,7 +8,7 @@
    - SEA: the whole decode step of sea_convert.attention.decode (estimator state update, row
      decoder, CNN row, estimate, block scores, grouped top-k, the block-sparse decode kernel, gates)
      at the GPU recipe's settings scaled to long context: blocks of 64, 2048 keys per head, K = 256.
-   The state comes from a real SEA prefill of the context. Each is timed eagerly and as a
+   Predictor weights in bf16. The state comes from a real SEA prefill of the context. Each is timed eagerly and as a
    replayed CUDA graph (launch overhead removed: how a serving loop runs it). Before timing, the
    step is checked against the same step on the PyTorch reference ops, and the decode kernel
    against its reference at that context.
@@ -58,7 +58,7 @@ def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128)
     q_ctx = torch.randn(1, H, T, d, device="cuda", dtype=dt, generator=g)
     q = torch.randn(1, H, 1, d, device="cuda", dtype=dt, generator=g)
     scale = d**-0.5
-    pred = SEAPredictor(cfg, H, Hkv, d, T + 64, 0).cuda()
+    pred = SEAPredictor(cfg, H, Hkv, d, T + 64, 0).cuda().to(torch.bfloat16)  # as converted models run
     ops = dispatch.ops("triton", q.device)
     with torch.no_grad():
         _, state0 = prefill(q_ctx, k[:, :, :T], v[:, :, :T], pred, cfg, scale, ops,

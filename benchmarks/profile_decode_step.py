@@ -30,7 +30,7 @@ def main() -> None:
     k = torch.randn(1, Hkv, T + 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn_like(k)
     q = torch.randn(1, H, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    pred = SEAPredictor(cfg, H, Hkv, d, T + 64, 0).cuda()
+    pred = SEAPredictor(cfg, H, Hkv, d, T + 64, 0).cuda().to(torch.bfloat16)
     ops = dispatch.ops("triton", q.device)
     with torch.no_grad():
         _, state0 = prefill(torch.randn(1, H, T, d, device="cuda", dtype=torch.bfloat16, generator=g), k[:, :, :T],

@@ -301,11 +301,24 @@ def select_key_blocks(
     flat = s.permute(0, 2, 1, 3).reshape(B, nqb, Hkv * nkb)
     # top-k of the largest budget instead of a full sort: the budget is far below Hkv * NKB at long T
     kmax = min(int(budget.max()) if max_budget is None else max_budget, Hkv * nkb)
-    values, picked = flat.topk(kmax, dim=-1, sorted=True)
+    values, picked = _grouped_topk(s.permute(0, 2, 1, 3), kmax)
     keep = (torch.arange(kmax, device=s.device) < budget[..., None]) & (values > float("-inf"))
     chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked, keep)
     chosen = chosen.view(B, nqb, Hkv, nkb).permute(0, 2, 1, 3)
     return blocks_to_index(chosen, None if max_budget is None else min(nkb, kmax))
+
+
+def _grouped_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k over the heads' blocks together: s (B, NQB, Hkv, NKB) -> (values, flat indices h * NKB + j),
+    sorted. Two stages: each head's own top k, then the top k of those; every overall top-k entry is in
+    its head's top k. One long row per query block is slow for torch.topk on a GPU (a single block
+    of threads): 8 x 2049 blocks took 90 us at 128k context; short rows run in parallel."""
+    B, nqb, Hkv, nkb = s.shape
+    k1 = min(k, nkb)
+    v1, i1 = s.topk(k1, dim=-1, sorted=False)  # (B, NQB, Hkv, k1)
+    i1 = i1 + torch.arange(Hkv, device=s.device).view(1, 1, Hkv, 1) * nkb
+    values, j = v1.reshape(B, nqb, Hkv * k1).topk(k, dim=-1, sorted=True)
+    return values, i1.reshape(B, nqb, Hkv * k1).gather(-1, j)
 
 
 def blocks_to_index(chosen: torch.Tensor, maxb: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
