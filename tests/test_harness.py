@@ -14,6 +14,7 @@ import yaml
 lm_eval = pytest.importorskip("lm_eval")
 
 from conftest import tiny_model  # noqa: E402
+from test_ray_job import _recipe as plain_recipe  # noqa: E402
 from sea_convert import harness  # noqa: E402
 from sea_convert.checkpoint import save_converted  # noqa: E402
 from sea_convert.integration import attach_sea  # noqa: E402
@@ -106,17 +107,11 @@ def test_validate_stage_runs_the_recipes_harness_tasks(tiny_model_dir, tasks, tm
     from sea_convert.recipe import parse_recipe
     from workers.pipeline import run_pipeline
 
-    recipe = parse_recipe({
-        "name": "tiny-harness",
-        "model": {"path": str(tiny_model_dir)},
-        "sea": {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32},
-        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
-                 "seq_len": 128, "held_out_tokens": 1024, "max_train_tokens": 10000},
-        "distill": {"stage_a": {"steps": 2, "batch_size": 2, "lr": 0.003, "warmup_steps": 1}, "device": "cpu"},
-        "validate": {"perplexity": {"ctx": 128, "max_windows": 2}, "mmlu": {"enabled": False}, "picture": False,
-                     "harness": {"tasks": ["sea_text_ppl"], "limit": 2, "include_path": str(tasks)}},
-        "output": {"dir": str(tmp_path / "out")},
-    })
+    raw = plain_recipe(tiny_model_dir)
+    raw["distill"]["stage_a"]["steps"] = 2
+    raw["validate"]["harness"] = {"tasks": ["sea_text_ppl"], "limit": 2, "include_path": str(tasks)}
+    raw["output"] = {"dir": str(tmp_path / "out")}
+    recipe = parse_recipe(raw)
     report = run_pipeline(recipe).report
     row = report["harness"]["sea_text_ppl"]
     assert row["metric"] == "word_perplexity" and row["teacher"] > 1 and row["sea"] > 1
