@@ -160,7 +160,8 @@ def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
     seen = state.slots
     if seen + new != key.shape[2]:
         raise ValueError(f"SEA decoding state covers {seen} cache slots but the cache has {key.shape[2]} with"
-                         f" {new} new: a cache cropped or reused across generations is not supported")
+                         f" {new} new: SEA decodes with a growing cache (DynamicCache, generate()'s default), not a"
+                         " static or sliding one, nor one cropped or reused across generations")
     ops = dispatch.ops(module.sea_config.backend, query.device)
     outs = []
     for i in range(new):
