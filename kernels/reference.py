@@ -298,12 +298,11 @@ def select_key_blocks(
     s = scores.float().masked_fill(forced[:, None], float("inf"))
     per_head = torch.as_tensor(blocks_per_head, device=scores.device)
     budget = torch.minimum(i[..., 0] + 1, per_head).clamp_min(forced.sum(-1)) * Hkv  # (B or 1, NQB)
-    flat = s.permute(0, 2, 1, 3).reshape(B, nqb, Hkv * nkb)
     # top-k of the largest budget instead of a full sort: the budget is far below Hkv * NKB at long T
     kmax = min(int(budget.max()) if max_budget is None else max_budget, Hkv * nkb)
     values, picked = _grouped_topk(s.permute(0, 2, 1, 3), kmax)
     keep = (torch.arange(kmax, device=s.device) < budget[..., None]) & (values > float("-inf"))
-    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked, keep)
+    chosen = torch.zeros(B, nqb, Hkv * nkb, dtype=torch.bool, device=s.device).scatter_(-1, picked, keep)
     chosen = chosen.view(B, nqb, Hkv, nkb).permute(0, 2, 1, 3)
     return blocks_to_index(chosen, None if max_budget is None else min(nkb, kmax))
 

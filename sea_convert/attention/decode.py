@@ -82,8 +82,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
 def _budget_bound(cfg: SEAConfig, nkb: int) -> int:
     """Most key blocks one KV head's share of a query block's budget can be (select_key_blocks' rule),
     for query blocks up to nkb - 1, from host numbers."""
-    per_head = math.ceil(cfg.block_density * nkb) if cfg.block_density is not None else math.ceil(
-        (cfg.block_keys if cfg.block_keys is not None else cfg.k) / cfg.block_size)
+    per_head = int(blocks_per_head(cfg, torch.tensor(nkb - 1)))  # a CPU scalar: the rule itself, no device sync
     return max(min(nkb, per_head), min(nkb, cfg.sink_blocks + cfg.local_blocks))
 
 
