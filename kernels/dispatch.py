@@ -31,6 +31,10 @@ OP_NAMES = (
     "spread_bins_to_key_blocks",
     "sparse_decode_attention",
     "per_query_sparse_decode",
+    "decode_predictor_rows",
+    "decode_cnn_probs",
+    "decode_select_blocks",
+    "decode_mix_output",
 )
 
 

@@ -415,3 +415,18 @@ def per_query_sparse_decode(
     bins = torch.clamp((logical.clamp_min(0) * K) // length[:, None], max=K - 1)  # key_bins of row length-1
     keep = bin_mask.gather(-1, bins[:, None, :].expand(B, Hkv, S)) & inside[:, None, :]
     return _masked_decode(q, k, v, keep, scale)
+
+
+# ---------------------------------------------------------------------------
+# the fused decode step's ops: their reference lives beside the predictor's math in
+# kernels.reference_decode, which builds on the ops above (hence looked up lazily, no import cycle)
+
+_DECODE_STEP_OPS = ("decode_predictor_rows", "decode_cnn_probs", "decode_select_blocks", "decode_mix_output")
+
+
+def __getattr__(name: str):
+    if name in _DECODE_STEP_OPS:
+        from kernels import reference_decode
+
+        return getattr(reference_decode, name)
+    raise AttributeError(f"module 'kernels.reference' has no attribute {name!r}")

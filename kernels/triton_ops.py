@@ -13,6 +13,7 @@ except Exception as exc:  # a broken install can raise more than ImportError; di
     raise ImportError(f"triton is not usable: {exc}") from exc
 
 from kernels.block_sparse_attention import block_sparse_attention
+from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
 from kernels.linear_attention import causal_linear_attention
 from kernels.sparse_decode import sparse_decode_attention
 from kernels.teacher_target import teacher_target
@@ -22,8 +23,8 @@ from kernels.teacher_target import teacher_target
 #   (irregular key sets per row; the GPU path is block-sparse). No Triton version yet.
 # - pool_key_block_scores, select_key_blocks, select_bins_per_query: O(T x K) or O(NQB x NKB)
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
-# - decoding: linear_attention_step (an (F x 2d) update per head), spread_bins_to_key_blocks (O(K + NKB)),
-#   per_query_sparse_decode (the reference mode). sparse_decode_attention has its kernel.
+# - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
+#   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
 from kernels.reference import (
     linear_attention_step,
     per_query_sparse_attention,
@@ -36,6 +37,10 @@ from kernels.reference import (
 
 __all__ = [
     "block_sparse_attention",
+    "decode_cnn_probs",
+    "decode_mix_output",
+    "decode_predictor_rows",
+    "decode_select_blocks",
     "causal_linear_attention",
     "linear_attention_step",
     "per_query_sparse_decode",

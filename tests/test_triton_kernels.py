@@ -17,6 +17,7 @@ the P @ V style products, as every flash kernel does, hence the absolute term.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -38,6 +39,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels import block_sparse_attention as bsa  # noqa: E402
+from kernels import decode_step as ds  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels import linear_attention as la  # noqa: E402
 from kernels import reference as ref  # noqa: E402
@@ -53,6 +55,7 @@ if IN_PROCESS and not ON_GPU and not isinstance(bsa._fwd_kernel, InterpretedFunc
     tt = importlib.reload(tt)
     la = importlib.reload(la)
     sd = importlib.reload(sd)
+    ds = importlib.reload(ds)
     triton_ops = importlib.reload(triton_ops)
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_TEST = "test_whole_file_in_interpreter_subprocess"
@@ -398,3 +401,202 @@ def test_sparse_decode_bf16_gpu_model_shapes(S):
     """H=32 query heads, 8 KV heads, d=128, blocks of 64, 32 blocks per head (2048 keys), batch 2."""
     _decode_case(2, 32, 8, S, 128, 64, 32, torch.bfloat16, seed=S, lengths=[S, S - 1000])
 
+
+
+# ---------------------------------------------------------------------------
+# the decode step's fused kernels (kernels.decode_step) from a real prefill's state
+
+
+def _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed, mode="block", bs=16, **cfg_kw):
+    """A SEA predictor with trained-looking weights, a left-padded prefill on the reference ops, and
+    the next token's q / cache: what a decode step starts from."""
+    from sea_convert.attention.decode import prefill
+    from sea_convert.attention.predictor import SEAPredictor
+    from sea_convert.recipe import SEAConfig
+
+    torch.manual_seed(seed)
+    cfg = SEAConfig(mode=mode, k=K // 2, block_keys=48, block_size=bs, predictor_length=K, nbf=2, **cfg_kw)
+    S = max(lengths)
+    pred = SEAPredictor(cfg, Hq, Hkv, d, S + 40, 0)
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    pred = pred.to(DEV, dtype)
+    g = torch.Generator().manual_seed(seed)
+    q = _randn(B, Hq, S + 1, d, gen=g).to(dtype)
+    k, v = _randn(B, Hkv, S + 1, d, gen=g).to(dtype), _randn(B, Hkv, S + 1, d, gen=g).to(dtype)
+    length = torch.tensor(lengths, device=DEV)
+    start = S - length
+    # prefill takes each prompt's rows first (right-padded); the cache below holds them left-padded
+    qf, kf, vf = (torch.stack([torch.nn.functional.pad(x[b, :, : lengths[b]], (0, 0, 0, S - lengths[b])) for b in range(B)])
+                  for x in (q, k, v))
+    with torch.no_grad():
+        _, state = prefill(qf, kf, vf, pred, cfg, d**-0.5, ref, length, start)
+    # the cache: sequence b's keys at slots start[b] .. S-1, the new token at slot S
+    kc = torch.zeros(B, Hkv, S + 1, d, device=DEV, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    for b in range(B):
+        kc[b, :, int(start[b]) : S] = k[b, :, : lengths[b]]
+        vc[b, :, int(start[b]) : S] = v[b, :, : lengths[b]]
+        kc[b, :, S] = k[b, :, lengths[b]]
+        vc[b, :, S] = v[b, :, lengths[b]]
+    q_new = torch.stack([q[b, :, lengths[b] : lengths[b] + 1] for b in range(B)])
+    return cfg, pred, state, q_new, kc, vc
+
+
+def _state_copy(state):
+    return copy.deepcopy(state)
+
+
+# B, Hq, Hkv, d, K, lengths: GQA 3 and 1, odd d, rows shorter than the CNN's receptive field
+# (pos < 6) and than K (empty bins), a length on a block edge (the step opens a new query block)
+STEP_CASES = [
+    (2, 6, 2, 24, 32, [70, 3]),
+    (3, 4, 4, 16, 16, [48, 17, 5]),
+    (1, 8, 2, 40, 64, [129]),
+]
+# Max error of the kernels vs the reference, measured over these cases in the interpreter: fp32 rows
+# (relative to their largest value) 3.6e-7, gates 9.5e-7, probs 1.5e-7, three whole steps 7.2e-7. In
+# fp16 the reference rounds every op's output to fp16 and the kernels keep fp32 inside: rows 8.6e-4,
+# gates 2.3e-3, probs 2.8e-4, steps 9.8e-4. Bounds: about 5x the measured worst.
+STEP_TOL = {
+    torch.float32: {"rows": 2e-6, "gates": 5e-6, "probs": 1e-6, "step": 5e-6},
+    torch.float16: {"rows": 5e-3, "gates": 1e-2, "probs": 2e-3, "step": 5e-3},
+    # bf16 (GPU only): fp16's bounds x 8, bf16's epsilon over fp16's
+    torch.bfloat16: {"rows": 4e-2, "gates": 8e-2, "probs": 1.6e-2, "step": 4e-2},
+}
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_decode_predictor_rows_and_cnn_match_reference(case, dtype):
+    _check_rows_and_cnn(case, dtype)
+
+
+@pytest.mark.gpu
+def test_decode_predictor_rows_and_cnn_bf16_gpu_model_shapes():
+    """H=32 query heads, 8 KV heads, d=128, K=256 bins, 2 channels per head, 4k-token prompts."""
+    _check_rows_and_cnn((2, 32, 8, 128, 256, [4096, 3001]), torch.bfloat16, bs=64)
+
+
+def _check_rows_and_cnn(case, dtype, bs=16):
+    B, Hq, Hkv, d, K, lengths = case
+    cfg, pred, state, q, kc, vc = _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed=sum(lengths), bs=bs)
+    ks, vs = kc[:, :, -1:], vc[:, :, -1:]
+    a, b = _state_copy(state), _state_copy(state)
+    with torch.no_grad():
+        row_k, gates_k = ds.decode_predictor_rows(q, ks, vs, a.length, a.shift, a.kv, a.norm, a.v_sum, pred.row_weights(), d**-0.5)
+        row_r, gates_r = ref.decode_predictor_rows(q, ks, vs, b.length, b.shift, b.kv, b.norm, b.v_sum, pred.row_weights(), d**-0.5)
+    tol = STEP_TOL[dtype]
+    assert row_k.shape == row_r.shape and row_k.dtype == row_r.dtype
+    assert (row_k.float() - row_r.float()).abs().max().item() <= tol["rows"] * row_r.float().abs().max().item()
+    assert (gates_k - gates_r).abs().max().item() <= tol["gates"]
+    for name in ("kv", "norm", "v_sum"):  # the running sums, updated in place
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item()), name
+    # the CNN on the same new row (the reference's), from the same ring
+    with torch.no_grad():
+        probs_k = ds.decode_cnn_probs(a.image, row_r, a.length, pred.cnn.weights(), Hkv)
+        probs_r = ref.decode_cnn_probs(b.image, row_r, b.length, pred.cnn.weights(), Hkv)
+    assert probs_k.shape == (B, Hkv, K)
+    assert (probs_k - probs_r).abs().max().item() <= tol["probs"]
+    assert torch.allclose(probs_k.sum(-1), torch.ones(B, Hkv, device=DEV), atol=1e-5)
+    assert torch.equal(a.image, b.image)  # the ring took the new row in the same slot
+
+
+def _select_case(B, Hkv, K, lengths, nkb, seed, pooled=False, **kw):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(_randn(B, Hkv, K, gen=g) * 2, -1)
+    block_sum = torch.rand(B, Hkv, K, generator=g).to(DEV)
+    args = dict(block_size=16, num_key_blocks=nkb, per_head=3, density=None, sink_blocks=1, local_blocks=1,
+                max_budget=3 * Hkv)
+    args.update(kw)
+    la, lb = torch.tensor(lengths, device=DEV), torch.tensor(lengths, device=DEV)
+    sa, sb = block_sum.clone(), block_sum.clone()
+    got = ds.decode_select_blocks(probs, sa, la, **args)
+    want = ref.decode_select_blocks(probs, sb, lb, **args)
+    assert torch.equal(la, lb) and torch.equal(la.cpu(), torch.tensor(lengths) + 1)
+    assert torch.allclose(sa, sb, atol=1e-6)
+    if pooled:  # the current query block's mean estimate, which the scores spread
+        return got, want, sb / (torch.tensor(lengths, device=DEV) % args["block_size"] + 1).view(-1, 1, 1).float()
+    return got, want
+
+
+# lengths: the new rows' positions (32 and 48 open a query block: block_sum resets); bound: the host's
+# bound on one KV head's budget (max_budget = bound x Hkv, the lists' width min(nkb, that))
+SELECT_CASES = [
+    dict(lengths=[100, 32, 7], nkb=9, bound=3),
+    dict(lengths=[48, 131], nkb=11, sink_blocks=2, local_blocks=2, per_head=2, bound=4),
+    dict(lengths=[150], nkb=12, density=0.3, bound=12),
+    dict(lengths=[90, 60], nkb=8, per_head=100, bound=100),  # budget above the causal blocks: all kept
+]
+
+
+@pytest.mark.parametrize("Hkv", [1, 3])
+@pytest.mark.parametrize("case", range(len(SELECT_CASES)), ids=["fixed", "sink2-local2", "density", "all"])
+def test_decode_select_blocks_matches_reference(case, Hkv):
+    kw = dict(SELECT_CASES[case])
+    lengths, nkb = kw.pop("lengths"), kw.pop("nkb")
+    kw["max_budget"] = kw.pop("bound") * Hkv
+    (index, count, kept), (ri, rc, rk) = _select_case(len(lengths), Hkv, 32, lengths, nkb, seed=case * 7 + Hkv, **kw)
+    assert torch.equal(count, rc) and torch.equal(kept, rk)
+    assert torch.equal(index, ri)  # sorted, -1 padded, same width
+    causal = torch.tensor(lengths, device=DEV) // 16 + 1
+    if case != 3:  # the budget drops blocks of the longer rows: the selection is not trivial
+        assert (rc.sum(-1) < causal * Hkv).any()
+
+
+def test_decode_select_blocks_long_rows_keep_the_same_mass():
+    """Rows of 3000 keys in 32 bins: many key blocks lie inside one bin and score alike up to rounding,
+    so which of them the top-k takes may differ (the kernel's prefix sum rounds in another order)."""
+    _check_long_rows(B=2, Hkv=4, K=32, lengths=[3000, 2047], nkb=200, bs=16, per_head=12)
+
+
+@pytest.mark.gpu
+def test_decode_select_blocks_gpu_128k():
+    """The benchmark's shapes: 8 KV heads, K=256, blocks of 64 over a 131136-row position table (2049
+    key blocks: the scores of 8 x 4096 padded entries in one program), 32 blocks per head."""
+    _check_long_rows(B=2, Hkv=8, K=256, lengths=[131072, 70001], nkb=2049, bs=64, per_head=32)
+
+
+def _check_long_rows(B, Hkv, K, lengths, nkb, bs, per_head):
+    """Counts, kept keys and the selected score mass agree with the reference; sink and local blocks are in."""
+    (index, count, kept), (ri, rc, rk), pooled = _select_case(B, Hkv, K, lengths, nkb, seed=3, block_size=bs,
+                                                              per_head=per_head, max_budget=per_head * Hkv, pooled=True)
+    assert torch.equal(count.sum(-1), rc.sum(-1)) and torch.equal(kept.sum(-1), rk.sum(-1))
+    n = torch.tensor(lengths, device=DEV) + 1
+    scores = ref.spread_bins_to_key_blocks(pooled[:, :, None], n[:, None].float(), bs, nkb)[:, :, 0]
+
+    def mass(idx, cnt):
+        valid = torch.arange(idx.shape[-1], device=DEV) < cnt[..., None]
+        return (scores.gather(-1, idx.clamp_min(0).long()) * valid).sum((-1, -2))
+
+    # measured (interpreter, fp32): |mass difference| 0 to 3e-8 of a total mass of 1
+    assert torch.allclose(mass(index, count), mass(ri, rc), atol=1e-5)
+    for b, pos in enumerate(lengths):
+        qb = pos // bs
+        for h in range(Hkv):
+            blocks = set(index[b, h, : int(count[b, h])].tolist())
+            assert {0, qb} <= blocks and max(blocks) <= qb
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("mode", ["block", "per_query"])
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_decode_step_on_kernels_matches_reference_step(case, mode, dtype):
+    """decode.step three tokens in a row on the Triton ops vs on the reference ops, from one prefill."""
+    from sea_convert.attention.decode import step
+
+    B, Hq, Hkv, d, K, lengths = case
+    cfg, pred, state, q, kc, vc = _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed=sum(lengths) + 1, mode=mode)
+    a, b = _state_copy(state), _state_copy(state)
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(3):
+            qt = q * (1 + 0.1 * t)
+            got = step(qt, kc, vc, pred, cfg, d**-0.5, triton_ops, a)
+            want = step(qt, kc, vc, pred, cfg, d**-0.5, ref, b)
+            worst = max(worst, (got - want).abs().max().item())
+            kc, vc = torch.cat([kc, kc[:, :, -1:] * 0.5], 2), torch.cat([vc, vc[:, :, -1:] * 0.5], 2)
+    assert worst <= STEP_TOL[dtype]["step"], worst
+    assert torch.equal(a.length, b.length)

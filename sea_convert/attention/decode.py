@@ -18,9 +18,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from sea_convert.attention.layer import SEAOutput, mix_output, sea_attention
+from sea_convert.attention.layer import SEAOutput, sea_attention
 from sea_convert.attention.predictor import SEAPredictor
-from sea_convert.attention.select import blocks_per_head, kept_from_bins_row, kept_from_blocks_row
+from sea_convert.attention.select import blocks_per_head, fixed_blocks_per_head, kept_from_bins_row
 from sea_convert.recipe import SEAConfig
 
 
@@ -31,7 +31,7 @@ class DecodeState:
     shift: torch.Tensor  # (B, Hkv, 1, 1) the keys' feature stabiliser (from each sequence's first key)
     kv: torch.Tensor  # (B, Hkv, F, 2d) sum of kf^T [v, position], fp32
     norm: torch.Tensor  # (B, Hkv, F) sum of kf, fp32
-    image: torch.Tensor  # (B, Hq*C, receptive_rows - 1, K/4) the CNN's last input rows (zeros before the start)
+    image: torch.Tensor  # (B, Hq*C, R, K/4) ring of the CNN's last R = receptive_rows - 1 input rows: position p in slot p % R
     v_sum: torch.Tensor  # (B, Hkv, 1, d) fp32
     block_sum: torch.Tensor  # (B, Hkv, K) fp32: the current query block's estimate rows, summed
     start: torch.Tensor  # (B,) cache slot of each sequence's first key
@@ -64,13 +64,15 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
     R = predictor.cnn.receptive_rows - 1
     rows = lengths[:, None] - R + torch.arange(R, device=q.device)  # the last R rows of each sequence
     image = res.estimate.image
-    kept_rows = image.gather(2, rows.clamp_min(0)[:, None, :, None].expand(-1, image.shape[1], -1, image.shape[3]))
+    index = rows.clamp_min(0)[:, None, :, None].expand(-1, image.shape[1], -1, image.shape[3])
+    kept_rows = image.gather(2, index).masked_fill((rows < 0)[:, None, :, None], 0.0)
+    ring = torch.empty_like(kept_rows).scatter_(2, (rows % R)[:, None, :, None].expand_as(index), kept_rows)
     last = lengths - 1
     in_block = valid & (torch.arange(T, device=q.device)[None, :] >= (last - last % cfg.block_size)[:, None])
     grouped = _grouped(res.estimate.log_probs, Hkv)
     state = DecodeState(
         shift=shift, kv=kf.transpose(-1, -2) @ values, norm=kf.sum(-2),
-        image=kept_rows.masked_fill((rows < 0)[:, None, :, None], 0.0),
+        image=ring,
         v_sum=(v.float() * valid[:, None, :, None]).sum(-2, keepdim=True),
         block_sum=(grouped * in_block[:, None, :, None]).sum(-2),
         start=start.clone(), length=lengths.clone(), slots=T, max_length=int(lengths.max()),
@@ -120,34 +122,26 @@ def _compiled_step():
 
 def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: float, ops, state: DecodeState,
           key_blocks: int) -> torch.Tensor:
-    B, Hq, _, d = q.shape
+    """Five ops (one kernel each on the GPU, see kernels.reference_decode): predictor rows, CNN row and
+    pooled estimate, selection, sparse attention, gates."""
     Hkv = k_cache.shape[1]
-    pos = state.length.clone()  # the new token's position in its sequence
     k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
-    est = predictor.step(q, k_new, v_new, scale, pos, state, ops)
-    grouped = _grouped(est.log_probs, Hkv)  # (B, Hkv, 1, K)
-    state.length.add_(1)
-    state.v_sum.add_(v_new.float())
-    n = pos + 1
+    row, gates = ops.decode_predictor_rows(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
+                                           predictor.row_weights(), scale)
+    probs = ops.decode_cnn_probs(state.image, row, state.length, predictor.cnn.weights(), Hkv)  # (B, Hkv, K)
     if cfg.mode == "block":
-        bs = cfg.block_size
-        qb = pos // bs
-        fresh = (pos % bs == 0).view(B, 1, 1)  # a new query block starts: forget the last one's rows
-        state.block_sum.masked_fill_(fresh, 0.0).add_(grouped[:, :, 0])
-        pooled = state.block_sum / (pos % bs + 1).view(B, 1, 1).float()
-        scores = ops.spread_bins_to_key_blocks(pooled[:, :, None], n[:, None].float(), bs, key_blocks)
-        future = torch.arange(key_blocks, device=q.device)[None, None, None, :] > qb.view(B, 1, 1, 1)
-        index, count = ops.select_key_blocks(scores.masked_fill(future, float("-inf")), blocks_per_head(cfg, qb[:, None]),
-                                             cfg.sink_blocks, cfg.local_blocks, block_pos=qb[:, None],
-                                             max_budget=_budget_bound(cfg, key_blocks) * Hkv)
-        index, count = index[:, :, 0], count[:, :, 0]
-        kept = kept_from_blocks_row(index, count, bs, pos)
-        sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, bs, scale, state.start, n)
+        # counts the new token in: state.length is n = pos + 1 from here on
+        index, count, kept = ops.decode_select_blocks(
+            probs, state.block_sum, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg),
+            cfg.block_density, cfg.sink_blocks, cfg.local_blocks, _budget_bound(cfg, key_blocks) * Hkv)
+        sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, cfg.block_size, scale,
+                                                    state.start, state.length)
     else:
-        bin_mask = ops.select_bins_per_query(grouped, cfg.k, rows=pos[:, None])[:, :, 0]  # (B, Hkv, K)
+        pos = state.length.clone()
+        bin_mask = ops.select_bins_per_query(probs[:, :, None], cfg.k, rows=pos[:, None])[:, :, 0]  # (B, Hkv, K)
         kept = kept_from_bins_row(bin_mask, pos)
-        sparse_out, _ = ops.per_query_sparse_decode(q, k_cache, v_cache, bin_mask, scale, state.start, n)
-    if est.gates is None:
+        state.length.add_(1)
+        sparse_out, _ = ops.per_query_sparse_decode(q, k_cache, v_cache, bin_mask, scale, state.start, state.length)
+    if gates is None:
         return sparse_out.float()
-    nf = n.float().view(B, 1, 1)
-    return mix_output(sparse_out, est.gates, kept[..., None], None, mean_v=state.v_sum / nf.unsqueeze(-1), rows=nf)
+    return ops.decode_mix_output(sparse_out, gates, kept, state.v_sum, state.length)

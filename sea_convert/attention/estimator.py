@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from kernels.reference_decode import positive_features
+
 
 def num_random_features(head_dim: int, nbf: float) -> int:
     """d * ln(d) / nbf, as the reference (nbf=8 -> 33 features at d=64)."""
@@ -28,24 +30,6 @@ def orthogonal_random_projection(num_features: int, dim: int, seed: int) -> torc
     rows = torch.cat(blocks)[:num_features]
     norms = torch.randn(num_features, dim, generator=g).norm(dim=1, keepdim=True)
     return rows * norms
-
-
-def positive_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool, key_shift: torch.Tensor | None = None) -> torch.Tensor:
-    """phi(x) = exp(w.x - |x|^2/2 - c): E[phi(q).phi(k)] is proportional to exp(q.k).
-
-    The stabiliser c cancels in the estimator's ratio as long as it is shared by every key
-    a query sees: per row for queries; for keys, per (batch, head) and taken from the first key
-    alone, which every row sees (`key_shift`; the decoder keeps it from the prefill). A max over
-    all keys would let a later key change earlier rows (through the 1e-6 floor): not causal, and
-    not reproducible token by token when decoding.
-    """
-    wx = x @ projection.T
-    half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
-    if is_query:
-        c = wx.amax(-1, keepdim=True)
-    else:
-        c = key_shift if key_shift is not None else wx[..., :1, :].amax(-1, keepdim=True)
-    return torch.exp(wx - half_sq - c.detach()) + 1e-6
 
 
 def key_shift(first_key: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -94,11 +78,3 @@ class LinearAttentionEstimator(nn.Module):
 
     def shift(self, first_key: torch.Tensor, scale: float) -> torch.Tensor:
         return key_shift(first_key.float() * math.sqrt(scale), self.projection.float())
-
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops) -> torch.Tensor:
-        """The new position of each sequence (q (B, Hq, 1, d), k/v (B, Hkv, 1, d), at positions pos (B,),
-        inside the position table: the caller checks) from the running state (shift, kv, norm; updated
-        in place): what forward() gives for that row."""
-        qf, kf = self.features(q, k, scale, shift=state.shift)
-        values = torch.cat([v.float(), self.positions(pos[:, None]).expand(-1, k.shape[1], -1, -1)], dim=-1)
-        return ops.linear_attention_step(qf, kf, values, state.kv, state.norm)

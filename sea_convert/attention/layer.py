@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import dispatch
+from kernels.reference_decode import mix_gated
 from sea_convert.attention.losses import active_sink, estimate_kl
 from sea_convert.attention.predictor import Estimate, SEAPredictor
 from sea_convert.attention.select import Selection, select
@@ -61,28 +62,12 @@ def running_mean(v: torch.Tensor) -> torch.Tensor:
     return (v.float().transpose(-1, -2).contiguous().cumsum(-1) / count).transpose(-1, -2)
 
 
-def mix_output(sparse_out, gates, kept, v, mean_v=None, rows=None) -> torch.Tensor:
-    """The paper's output gates, tied to what the selection left out.
-
-    u = 1 - kept / (t+1) is the share of causal keys not attended. The probability scale is
-    1 + (2 sigmoid(s0) - 1) u and the weight of the running mean of v is sigmoid(s1) u: with
-    every causal key kept (u = 0) the output is exactly dense attention, whatever the gates learned.
-    The decoder passes one row per sequence: its running mean of v (mean_v (B, Hkv, 1, d)) and its
-    t+1 (rows, broadcastable to kept (B, Hkv, 1)) instead of v.
-    """
-    B, Hq, T, d = sparse_out.shape
-    Hkv = kept.shape[1]
-    G = Hq // Hkv
-    if rows is None:
-        rows = torch.arange(1, T + 1, device=kept.device, dtype=torch.float32)
-    # per KV head, broadcast over its G query heads (no repeat_interleave copies)
-    u = (1.0 - kept.float() / rows).clamp_min(0.0).view(B, Hkv, 1, T, 1)
-    s0, s1 = gates.view(B, Hkv, G, T, 2).unbind(-1)
-    w = torch.sigmoid(s1.unsqueeze(-1)) * u
-    sparse_weight = (1.0 - w) * (1.0 + (2.0 * torch.sigmoid(s0.unsqueeze(-1)) - 1.0) * u)
-    mean_v = (running_mean(v) if mean_v is None else mean_v).unsqueeze(2)  # (B, Hkv, 1, T, d)
-    out = sparse_weight * sparse_out.float().view(B, Hkv, G, T, d) + w * mean_v
-    return out.view(B, Hq, T, d)
+def mix_output(sparse_out, gates, kept, v) -> torch.Tensor:
+    """The output gates (kernels.reference_decode.mix_gated) over whole sequences: kept (B, Hkv, T),
+    the running mean of v (B, Hkv, T, d) and row t's t+1 from the rows themselves."""
+    T = sparse_out.shape[2]
+    rows = torch.arange(1, T + 1, device=kept.device, dtype=torch.float32)
+    return mix_gated(sparse_out, gates, kept, running_mean(v), rows)
 
 
 @functools.cache

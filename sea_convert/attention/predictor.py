@@ -10,10 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import bin_starts
+from kernels.reference_decode import (
+    CNN_RECEPTIVE_ROWS,
+    CNNWeights,
+    RowWeights,
+    cnn_forward,
+    decode_rows,
+    empty_bins,
+    encode_rows,
+)
 from sea_convert.attention.estimator import LinearAttentionEstimator
 from sea_convert.recipe import SEAConfig
 
@@ -39,33 +46,14 @@ class CausalCNN(nn.Module):
         self.conv2 = nn.Conv2d(c, c, 3, dilation=2)
         self.to_heads = nn.Conv2d(c, heads, 1)
         self.norm = nn.LayerNorm(K)
-        self.receptive_rows = 1 + 2 * 1 + 2 * 2  # rows t-6..t feed row t
-
-    @staticmethod
-    def _causal(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        d = conv.dilation[0]
-        return conv(F.pad(x, (d, d, 2 * d, 0)))
+        self.receptive_rows = CNN_RECEPTIVE_ROWS  # rows t-6..t feed row t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + F.relu(self._causal(self.conv1, x))
-        x = x + F.relu(self._causal(self.conv2, x))
-        return self._out(x)
+        return cnn_forward(x, self.weights())
 
-    def last_row(self, window: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
-        """forward()'s output for the last row of `window` (B, C, receptive_rows, W): the rows that feed it.
-        absent (B, receptive_rows) marks rows before the sequence's start: zero, as forward()'s padding
-        is, at the input of both convolutions."""
-        gone = absent[:, None, :, None]
-        x = window.masked_fill(gone, 0.0)
-        x = (x + F.relu(self._causal(self.conv1, x))).masked_fill(gone, 0.0)
-        x = x + F.relu(self._causal(self.conv2, x))
-        return self._out(x[:, :, -1:])
-
-    def _out(self, x: torch.Tensor) -> torch.Tensor:
-        # = norm(to_heads(upsample_x4(x))), computed at width K/4: a 1x1 conv commutes with nearest
-        # upsampling, and a row repeated 4 times has the same mean and variance. 4x less work.
-        y = F.layer_norm(self.to_heads(x), (x.shape[-1],), eps=self.norm.eps)
-        return y.repeat_interleave(4, dim=-1) * self.norm.weight + self.norm.bias
+    def weights(self) -> CNNWeights:
+        return CNNWeights(self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
+                          self.to_heads.weight, self.to_heads.bias, self.norm.weight, self.norm.bias, self.norm.eps)
 
 
 class SEAPredictor(nn.Module):
@@ -104,11 +92,17 @@ class SEAPredictor(nn.Module):
 
     def _rows(self, lin: torch.Tensor, v: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-local part: encoder state h (B, Hq, T, hidden) and the CNN's input image (B, Hq*C, T, K/4)."""
-        B, Hq, T, _ = lin.shape
-        wdtype = self.row_decoder.weight.dtype
-        h = self._encode(lin.to(wdtype), v.to(wdtype), G)
-        rows = self.row_decoder(h).view(B, Hq, T, self.channels, self.K // 4)
-        return h, rows.permute(0, 1, 3, 2, 4).reshape(B, Hq * self.channels, T, self.K // 4)
+        w = self.row_weights()
+        wdtype = w.dec_weight.dtype
+        h = encode_rows(lin.to(wdtype), v.to(wdtype), G, w)
+        return h, decode_rows(h, w)
+
+    def row_weights(self) -> RowWeights:
+        est, (first, norm, _) = self.estimator, self.encoder
+        gates = self.gates
+        return RowWeights(est.projection, est.position_values, first.weight, first.bias, norm.weight, norm.bias, norm.eps,
+                          self.row_decoder.weight, self.row_decoder.bias,
+                          None if gates is None else gates.weight, None if gates is None else gates.bias, self.channels)
 
     def _estimate(self, logits: torch.Tensor, h: torch.Tensor) -> Estimate:
         gates = self.gates(h).float() if self.gates is not None else None
@@ -116,29 +110,4 @@ class SEAPredictor(nn.Module):
 
     def empty_bins(self, rows: torch.Tensor) -> torch.Tensor:
         """Bins holding no key for rows at positions `rows` (shape S): (S.., K) bool."""
-        starts = bin_starts(rows, self.K)
-        return starts[..., 1:] == starts[..., :-1]
-
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos: torch.Tensor, state, ops) -> Estimate:
-        """forward()'s rows for one new position per sequence (q (B, Hq, 1, d), k/v (B, Hkv, 1, d) at
-        positions pos (B,)), from the running state (estimator sums; the CNN's last rows; updated in place)."""
-        lin = self.estimator.step(q, k, v, scale, pos, state, ops)
-        h, row = self._rows(lin, v, q.shape[1] // k.shape[1])
-        window = torch.cat([state.image, row], dim=2)  # (B, C, receptive_rows, K/4)
-        state.image.copy_(window[:, :, 1:])
-        R = window.shape[2]
-        absent = torch.arange(R, device=q.device)[None, :] < (R - 1 - pos)[:, None]
-        logits = self.cnn.last_row(window, absent).float()  # (B, Hq, 1, K)
-        logits.masked_fill_(self.empty_bins(pos)[:, None, None, :], float("-inf"))
-        return self._estimate(logits, h)
-
-    def _encode(self, lin: torch.Tensor, v: torch.Tensor, G: int) -> torch.Tensor:
-        """encoder([lin, v]) without repeating v to the query heads: its part of the first Linear
-        is computed once per KV head and broadcast over the group (same weights, same result)."""
-        first, norm, act = self.encoder
-        d2 = lin.shape[-1]
-        x = F.linear(lin, first.weight[:, :d2], first.bias)
-        B, Hq, T, hidden = x.shape
-        xv = F.linear(v, first.weight[:, d2:])  # (B, Hkv, T, hidden)
-        x = (x.view(B, Hq // G, G, T, hidden) + xv.unsqueeze(2)).view(B, Hq, T, hidden)
-        return act(norm(x))
+        return empty_bins(rows, self.K)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.reference import bin_starts
+from kernels.reference_decode import blocks_per_head_rule
 from sea_convert.recipe import SEAConfig
 
 
@@ -67,19 +68,13 @@ def kept_from_bins(bin_mask: torch.Tensor) -> torch.Tensor:
 def blocks_per_head(cfg: SEAConfig, block_pos: torch.Tensor) -> torch.Tensor:
     """Key blocks each KV head may keep in query blocks at positions `block_pos` (any shape; before
     the forced sink/local blocks are counted in)."""
-    if cfg.block_density is not None:
-        return torch.ceil(cfg.block_density * (block_pos + 1).float()).long()
+    return blocks_per_head_rule(block_pos, fixed_blocks_per_head(cfg), cfg.block_density)
+
+
+def fixed_blocks_per_head(cfg: SEAConfig) -> int:
+    """The per-head block budget when it does not scale with position (no block_density)."""
     keys = cfg.block_keys if cfg.block_keys is not None else cfg.k
-    return torch.full_like(block_pos, math.ceil(keys / cfg.block_size))
-
-
-def kept_from_blocks_row(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, pos: torch.Tensor) -> torch.Tensor:
-    """kept_from_blocks for one row per sequence at position pos (B,): block lists (B, Hkv, MAXB) -> (B, Hkv)."""
-    qb = (pos // block_size)[:, None, None]
-    valid = torch.arange(block_index.shape[-1], device=block_index.device) < block_count.unsqueeze(-1)
-    full = (valid & (block_index < qb)).sum(-1)
-    diag = (valid & (block_index == qb)).any(-1)
-    return full * block_size + diag * (pos % block_size + 1)[:, None]
+    return math.ceil(keys / cfg.block_size)
 
 
 def kept_from_bins_row(bin_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

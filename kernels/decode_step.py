@@ -1,0 +1,483 @@
+"""The decode step's predictor and selection in Triton: four kernels instead of ~100 small ops.
+
+Contract: `kernels.reference_decode` (same signatures, same outputs; the reference is the math
+the prefill runs, so decoding on these kernels continues a prefill as a full re-run would).
+
+Decoding one token is launch-bound: the work per layer is a few small matrix products and
+O(K + key blocks) elementwise work. Each kernel is one program per sequence (or per KV head)
+that keeps its rows in registers:
+- rows: one program per (sequence, KV head). The key's random features update the running
+  sums (F x 2d, fp32, read and written once), the G query heads' features read them, and the
+  encoder, row decoder and gates run on those G rows (padded to 16, the smallest dot tile).
+- cnn: one program per sequence (the CNN mixes every head's channels). The window's 7 rows are
+  read from the ring in place; conv1 at rows t-4, t-2, t goes through a scratch buffer so that
+  conv2 can read it shifted along the width; then the 1x1 to heads, LayerNorm, softmax over K
+  bins, the mean over each KV head's query heads.
+- select: one program per sequence. The block scores of every KV head (NKB of them: the whole
+  position table, fixed shapes) sit in registers as order-preserving int32 keys; the grouped
+  top-k's threshold is found by bisection on the key (32 counting passes, no sort), then the
+  chosen blocks are compacted into sorted lists with a prefix sum. Exact ties at the threshold
+  are broken by the lowest (KV head, block) (torch.topk's order among equal values is unspecified).
+- mix: the output gates, one program per (sequence, KV head).
+Dots on fp32 inputs run in IEEE fp32 (the estimator's sums and fp32 models); on 16-bit weights
+the activations are rounded to the weights' dtype before each product, as the reference does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
+from kernels.reference_decode import CNNWeights, RowWeights
+
+MIN_ROWS = 16  # tl.dot needs at least 16 rows (and columns)
+GATE_COLS = tl.constexpr(16)  # the 2 gates, padded to a dot tile
+INT32_MIN = tl.constexpr(-2147483648)
+INT32_MAX = tl.constexpr(2147483647)
+
+
+def _p2(n: int, least: int = MIN_ROWS) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+# ---------------------------------------------------------------------------
+# 1. rows: estimator step -> encoder -> row decoder, gates
+
+
+@triton.jit
+def _rows_kernel(
+    Q, Kn, Vn, Pos, Shift, KV, Norm, VSum, Proj, PosTable,
+    EncW, EncB, LnW, LnB, DecW, DecB, GateW, GateB, Row, Gates,
+    sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
+    Hkv, root, ln_eps,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, FP: tl.constexpr,
+    HID: tl.constexpr, HP: tl.constexpr, OUT: tl.constexpr, OC: tl.constexpr, NOC: tl.constexpr,
+    HAS_GATES: tl.constexpr, LOW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    hk = pid % Hkv
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    dc = tl.arange(0, BD)
+    d_ok = dc < D
+    f = tl.arange(0, FP)
+    f_ok = f < NF
+    pos = tl.load(Pos + b)
+
+    # random features of the new key (stabiliser from the sequence's first key) and of the G queries
+    proj = tl.load(Proj + f[:, None] * D + dc[None, :], mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    k = tl.load(Kn + b * skb + hk * skh + dc * skd, mask=d_ok, other=0.0).to(tl.float32) * root
+    wk = tl.sum(proj * k[None, :], 1)
+    kf = tl.exp(wk - 0.5 * tl.sum(k * k, 0) - tl.load(Shift + pid)) + 1e-6
+    kf = tl.where(f_ok, kf, 0.0)
+    q = tl.load(Q + b * sqb + (hk * G + g)[:, None] * sqh + dc[None, :] * sqd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * root
+    wq = tl.dot(q, tl.trans(proj), input_precision="ieee")  # (GP, FP)
+    c = tl.max(tl.where(f_ok[None, :], wq, float("-inf")), 1)
+    qf = tl.exp(wq - 0.5 * tl.sum(q * q, 1)[:, None] - c[:, None]) + 1e-6
+    qf = tl.where(f_ok[None, :], qf, 0.0)
+
+    norm = tl.load(Norm + pid * NF + f, mask=f_ok, other=0.0) + kf
+    tl.store(Norm + pid * NF + f, norm, mask=f_ok)
+    den = tl.maximum(tl.sum(qf * norm[None, :], 1), 1e-30)
+
+    # values [v, position]: update the running sums, read them with the queries' features, and feed
+    # each half straight into the encoder's first Linear (its columns 0..d-1 and d..2d-1)
+    v = tl.load(Vn + b * svb + hk * svh + dc * svd, mask=d_ok, other=0.0).to(tl.float32)
+    vs = VSum + pid * D + dc
+    tl.store(vs, tl.load(vs, mask=d_ok, other=0.0) + v, mask=d_ok)
+    pv = tl.load(PosTable + pos * D + dc, mask=d_ok, other=0.0).to(tl.float32)
+    hr = tl.arange(0, HP)
+    h_ok = hr < HID
+    kv_base = KV + pid * NF * 2 * D
+    x = tl.zeros([GP, HP], tl.float32)
+    for part in tl.static_range(2):
+        val = v if part == 0 else pv
+        ptr = kv_base + f[:, None] * (2 * D) + part * D + dc[None, :]
+        m2 = f_ok[:, None] & d_ok[None, :]
+        kv = tl.load(ptr, mask=m2, other=0.0) + kf[:, None] * val[None, :]
+        tl.store(ptr, kv, mask=m2)
+        lin = tl.dot(qf, kv, input_precision="ieee") / den[:, None]  # (GP, BD)
+        w = tl.load(EncW + hr[:, None] * (3 * D) + part * D + dc[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        if LOW:
+            x += tl.dot(lin.to(w.dtype), tl.trans(w))
+        else:
+            x += tl.dot(lin, tl.trans(w), input_precision="ieee")
+    wv = tl.load(EncW + hr[:, None] * (3 * D) + 2 * D + dc[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    v_low = v.to(wv.dtype).to(tl.float32)
+    x += (tl.sum(wv.to(tl.float32) * v_low[None, :], 1) + tl.load(EncB + hr, mask=h_ok, other=0.0).to(tl.float32))[None, :]
+
+    # LayerNorm over the hidden width, GELU (exact, erf)
+    mean = tl.sum(x, 1) / HID
+    xc = tl.where(h_ok[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / HID + ln_eps)
+    y = xc * rstd[:, None] * tl.load(LnW + hr, mask=h_ok, other=0.0).to(tl.float32)[None, :] \
+        + tl.load(LnB + hr, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    h = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    h = tl.where(h_ok[None, :], h, 0.0)
+    h_in = h.to(EncW.dtype.element_ty) if LOW else h
+
+    # row decoder: the head's C*K/4 outputs are its C channels' rows, contiguous in Row (B, Hq*C, 1, K/4)
+    oc = tl.arange(0, OC)
+    for chunk in tl.static_range(NOC):
+        o = chunk * OC + oc
+        o_ok = o < OUT
+        wd = tl.load(DecW + o[:, None] * HID + hr[None, :], mask=o_ok[:, None] & h_ok[None, :], other=0.0)
+        if LOW:
+            r = tl.dot(h_in, tl.trans(wd))
+        else:
+            r = tl.dot(h_in, tl.trans(wd), input_precision="ieee")
+        r += tl.load(DecB + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        dst = Row + (b * Hkv * G + hk * G + g)[:, None] * OUT + o[None, :]
+        tl.store(dst, r.to(Row.dtype.element_ty), mask=g_ok[:, None] & o_ok[None, :])
+    if HAS_GATES:
+        two = tl.arange(0, GATE_COLS)
+        gw = tl.load(GateW + two[:, None] * HID + hr[None, :], mask=(two < 2)[:, None] & h_ok[None, :], other=0.0)
+        if LOW:
+            s = tl.dot(h_in, tl.trans(gw))
+        else:
+            s = tl.dot(h_in, tl.trans(gw), input_precision="ieee")
+        s += tl.load(GateB + two, mask=two < 2, other=0.0).to(tl.float32)[None, :]
+        dst = Gates + (b * Hkv * G + hk * G + g)[:, None] * 2 + two[None, :]
+        tl.store(dst, s, mask=g_ok[:, None] & (two < 2)[None, :])
+
+
+@torch.compiler.disable
+def decode_predictor_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, shift: torch.Tensor,
+    kv: torch.Tensor, norm: torch.Tensor, v_sum: torch.Tensor, w: RowWeights, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    B, Hq, _, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    nf = w.projection.shape[0]
+    hid = w.enc_weight.shape[0]
+    out = w.dec_weight.shape[0]  # C * K/4
+    for name, t in (("kv", kv), ("norm", norm), ("v_sum", v_sum), ("shift", shift)):
+        if not t.is_contiguous() or t.dtype != torch.float32:
+            raise ValueError(f"decode_predictor_rows: {name} must be contiguous fp32 (it is updated in place)")
+    wdtype = w.dec_weight.dtype
+    row = torch.empty(B, Hq * w.channels, 1, out // w.channels, dtype=wdtype, device=q.device)
+    gates = torch.empty(B, Hq, 1, 2, dtype=torch.float32, device=q.device) if w.gate_weight is not None else None
+    OC = min(_p2(out), 64)
+    weights = [t.contiguous() for t in (w.projection, w.position_values, w.enc_weight, w.enc_bias, w.ln_weight,
+                                        w.ln_bias, w.dec_weight, w.dec_bias)]
+    gw, gb = (w.gate_weight.contiguous(), w.gate_bias.contiguous()) if gates is not None else (weights[6], weights[7])
+    _rows_kernel[(B * Hkv,)](
+        q, k, v, pos.contiguous(), shift, kv, norm, v_sum, *weights, gw, gb, row, gates if gates is not None else row,
+        q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
+        Hkv, math.sqrt(scale), w.ln_eps,
+        G=G, GP=_p2(G), D=d, BD=_p2(d), NF=nf, FP=_p2(nf), HID=hid, HP=_p2(hid), OUT=out, OC=OC,
+        NOC=triton.cdiv(out, OC), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=8,
+    )
+    return row, gates
+
+
+# ---------------------------------------------------------------------------
+# 2. cnn: the CNN's new row from its ring, softmax over bins, mean over each KV head's group
+
+
+@triton.jit
+def _conv_tap_input(Image, Row, Scratch, b, pos, row: tl.constexpr, shift: tl.constexpr, ch, ch_ok, col,
+                    CH: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, FROM_SCRATCH: tl.constexpr):
+    """Window row `row` (0..R; R is the new one) shifted by `shift` along the width, zero outside it."""
+    c = col + shift
+    m = ch_ok[:, None] & ((c >= 0) & (c < W))[None, :]
+    if FROM_SCRATCH:  # conv1's output rows, scratch slot row // 2 - 1 (rows 2, 4, 6)
+        return tl.load(Scratch + (b * 3 + row // 2 - 1) * CH * WP + ch[:, None] * WP + c[None, :], mask=m, other=0.0)
+    if row == R:
+        return tl.load(Row + b * CH * W + ch[:, None] * W + c[None, :], mask=m, other=0.0).to(tl.float32)
+    slot = (pos + row) % R
+    return tl.load(Image + ((b * CH + ch[:, None]) * R + slot) * W + c[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cnn_kernel(
+    Image, Row, Pos, C1W, C1B, C2W, C2B, HW, HB, LnW, LnB, Scratch, ProbScratch, Probs,
+    ln_eps,
+    CH: tl.constexpr, CHP: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+    HQ: tl.constexpr, HQP: tl.constexpr, HKV: tl.constexpr, HKVP: tl.constexpr, G: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, PS: tl.constexpr, LOW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pos = tl.load(Pos + b)
+    ch = tl.arange(0, CHP)
+    ch_ok = ch < CH
+    col = tl.arange(0, WP)
+    col_ok = col < W
+    wmask = ch_ok[:, None] & ch_ok[None, :]
+    wptr = ch[:, None] * (CH * 9) + ch[None, :] * 9  # conv weights (out, in, 3, 3)
+    bias1 = tl.load(C1B + ch, mask=ch_ok, other=0.0).to(tl.float32)
+
+    # conv1 (dilation 1) at window rows 2, 4, 6: rows t-4, t-2, t, what conv2's last row reads
+    acc2 = tl.zeros([CHP, WP], tl.float32)
+    acc4 = tl.zeros([CHP, WP], tl.float32)
+    acc6 = tl.zeros([CHP, WP], tl.float32)
+    for ky in tl.static_range(3):
+        for kx in tl.static_range(3):
+            wt = tl.load(C1W + wptr + ky * 3 + kx, mask=wmask, other=0.0)
+            wd = wt if LOW else wt.to(tl.float32)
+            for r in tl.static_range(3):
+                xin = _conv_tap_input(Image, Row, Scratch, b, pos, 2 * r + ky, kx - 1, ch, ch_ok, col, CH, R, W, WP, False)
+                xin = tl.where(2 * r + ky >= R - pos, xin, 0.0)  # rows before the sequence's start are zero
+                if LOW:
+                    part = tl.dot(wd, xin.to(wd.dtype))
+                else:
+                    part = tl.dot(wd, xin, input_precision="ieee")
+                if r == 0:
+                    acc2 += part
+                elif r == 1:
+                    acc4 += part
+                else:
+                    acc6 += part
+    for r in tl.static_range(3):
+        acc = acc2 if r == 0 else (acc4 if r == 1 else acc6)
+        row = 2 * r + 2
+        x = _conv_tap_input(Image, Row, Scratch, b, pos, row, 0, ch, ch_ok, col, CH, R, W, WP, False)
+        x1 = x + tl.maximum(acc + bias1[:, None], 0.0)
+        x1 = tl.where(row >= R - pos, x1, 0.0)
+        if LOW:  # the reference keeps conv1's output in the weights' dtype
+            x1 = x1.to(C1W.dtype.element_ty).to(tl.float32)
+        tl.store(Scratch + (b * 3 + r) * CH * WP + ch[:, None] * WP + col[None, :], x1, mask=ch_ok[:, None] & col_ok[None, :])
+    tl.debug_barrier()  # conv2 reads the scratch rows shifted along the width: other threads' writes
+
+    # conv2 (dilation 2) at row t, over conv1's rows t-4, t-2, t
+    acc = tl.zeros([CHP, WP], tl.float32)
+    for ky in tl.static_range(3):
+        for kx in tl.static_range(3):
+            wt = tl.load(C2W + wptr + ky * 3 + kx, mask=wmask, other=0.0)
+            xin = _conv_tap_input(Image, Row, Scratch, b, pos, 2 * ky + 2, 2 * (kx - 1), ch, ch_ok, col, CH, R, W, WP, True)
+            if LOW:
+                acc += tl.dot(wt, xin.to(wt.dtype))
+            else:
+                acc += tl.dot(wt.to(tl.float32), xin, input_precision="ieee")
+    x1_last = _conv_tap_input(Image, Row, Scratch, b, pos, 6, 0, ch, ch_ok, col, CH, R, W, WP, True)
+    x2 = x1_last + tl.maximum(acc + tl.load(C2B + ch, mask=ch_ok, other=0.0).to(tl.float32)[:, None], 0.0)
+    x2 = tl.where(col_ok[None, :], x2, 0.0)
+
+    # to heads (1x1), LayerNorm over the width K/4 (= over K after the x4 upsampling)
+    hq = tl.arange(0, HQP)
+    hq_ok = hq < HQ
+    hw = tl.load(HW + hq[:, None] * CH + ch[None, :], mask=hq_ok[:, None] & ch_ok[None, :], other=0.0)
+    if LOW:
+        o = tl.dot(hw, x2.to(hw.dtype))
+    else:
+        o = tl.dot(hw.to(tl.float32), x2, input_precision="ieee")
+    o += tl.load(HB + hq, mask=hq_ok, other=0.0).to(tl.float32)[:, None]
+    mean = tl.sum(tl.where(col_ok[None, :], o, 0.0), 1) / W
+    oc = tl.where(col_ok[None, :], o - mean[:, None], 0.0)
+    y = oc / tl.sqrt(tl.sum(oc * oc, 1) / W + ln_eps)[:, None]
+    tl.store(ProbScratch + (b * HQP + hq[:, None]) * PS + col[None, :], y)
+    tl.debug_barrier()  # the upsampled read below gathers other threads' entries
+
+    # logits over the K bins: bin j reads column j // 4; empty bins of a short row are -inf
+    kk = tl.arange(0, KP)
+    k_ok = kk < K
+    yk = tl.load(ProbScratch + (b * HQP + hq[:, None]) * PS + (kk // 4)[None, :], mask=k_ok[None, :], other=0.0)
+    logit = yk * tl.load(LnW + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :] \
+        + tl.load(LnB + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    n = pos + 1
+    empty = (kk * n + K - 1) // K == ((kk + 1) * n + K - 1) // K
+    logit = tl.where((k_ok & ~empty)[None, :], logit, float("-inf"))
+    m = tl.max(logit, 1)
+    p = tl.exp(logit - m[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    tl.debug_barrier()  # ProbScratch is reused: every thread has read its y entries
+    tl.store(ProbScratch + (b * HQP + hq[:, None]) * PS + kk[None, :], p, mask=hq_ok[:, None])
+    tl.debug_barrier()
+    hk = tl.arange(0, HKVP)
+    hk_ok = hk < HKV
+    total = tl.zeros([HKVP, KP], tl.float32)
+    for gi in tl.static_range(G):
+        total += tl.load(ProbScratch + (b * HQP + hk[:, None] * G + gi) * PS + kk[None, :], mask=hk_ok[:, None], other=0.0)
+    tl.store(Probs + (b * HKV + hk[:, None]) * K + kk[None, :], total / G, mask=hk_ok[:, None] & k_ok[None, :])
+
+    # the new row takes the ring slot of row t-R (every read of the ring is done)
+    tl.debug_barrier()
+    new = tl.load(Row + b * CH * W + ch[:, None] * W + col[None, :], mask=ch_ok[:, None] & col_ok[None, :])
+    tl.store(Image + ((b * CH + ch[:, None]) * R + pos % R) * W + col[None, :], new, mask=ch_ok[:, None] & col_ok[None, :])
+
+
+@torch.compiler.disable
+def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, w: CNNWeights, num_kv_heads: int) -> torch.Tensor:
+    B, CH, R, W = image.shape
+    Hq = w.head_weight.shape[0]
+    K = w.ln_weight.shape[0]
+    if not image.is_contiguous():
+        raise ValueError("decode_cnn_probs: image must be contiguous (it is updated in place)")
+    if R + 1 != 7:
+        raise ValueError(f"decode_cnn_probs: the ring holds 6 rows (the CNN's receptive field less one), got {R}")
+    CHP, WP, HQP, KP = _p2(CH), _p2(W), _p2(Hq), _p2(K)
+    scratch = torch.empty(B, 3, CHP, WP, dtype=torch.float32, device=image.device)
+    prob_scratch = torch.empty(B, HQP, max(WP, KP), dtype=torch.float32, device=image.device)
+    probs = torch.empty(B, num_kv_heads, K, dtype=torch.float32, device=image.device)
+    _cnn_kernel[(B,)](
+        image, row.contiguous(), pos.contiguous(), *(t.contiguous() for t in w[:8]), scratch, prob_scratch, probs, w.ln_eps,
+        CH=CH, CHP=CHP, R=R, W=W, WP=WP, HQ=Hq, HQP=HQP, HKV=num_kv_heads, HKVP=triton.next_power_of_2(num_kv_heads),
+        G=Hq // num_kv_heads, K=K, KP=KP, PS=max(WP, KP), LOW=w.conv1_weight.dtype != torch.float32, num_warps=8,
+    )
+    return probs
+
+
+# ---------------------------------------------------------------------------
+# 3. select: pooled estimate -> key block scores -> grouped top-k -> sorted lists
+
+
+@triton.jit
+def _select_kernel(
+    Probs, BlockSum, Length, CdfScratch, Index, Count, Kept,
+    density,
+    HKV: tl.constexpr, HKVP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NKB: tl.constexpr, NKBP: tl.constexpr,
+    MAXB: tl.constexpr, MAXBP: tl.constexpr, BS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_DENSITY: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pos = tl.load(Length + b)
+    n = pos + 1
+    qb = pos // BS
+    within = pos % BS
+    h = tl.arange(0, HKVP)
+    h_ok = h < HKV
+    kk = tl.arange(0, KP)
+    m2 = h_ok[:, None] & (kk < K)[None, :]
+    # the current query block's rows so far (reset when this row opens the block), their mean
+    ptr = (b * HKV + h[:, None]) * K + kk[None, :]
+    block = tl.load(BlockSum + ptr, mask=m2, other=0.0)
+    block = tl.where(within == 0, 0.0, block) + tl.load(Probs + ptr, mask=m2, other=0.0)
+    tl.store(BlockSum + ptr, block, mask=m2)
+    pooled = block / (within + 1).to(tl.float32)
+    # mass before each bin edge: cdf[0] = 0, cdf[m] = pooled[0] + .. + pooled[m-1]; scratch for the gathers
+    base = CdfScratch + (b * HKVP + h[:, None]) * (2 * KP + 2)
+    tl.store(base + 1 + kk[None, :], tl.cumsum(pooled, 1), mask=(kk < K)[None, :])
+    tl.store(base + kk[None, :], tl.zeros([HKVP, KP], tl.float32), mask=(kk == 0)[None, :])
+    tl.store(base + KP + 1 + kk[None, :], pooled, mask=(kk < K)[None, :])
+    tl.debug_barrier()
+
+    # each key block's share: bins spread evenly over their keys (spread_bins_to_key_blocks)
+    j = tl.arange(0, NKBP)
+    nf = n.to(tl.float32)
+    u0 = tl.minimum((j * BS).to(tl.float32) * K / nf, K * 1.0)
+    u1 = tl.minimum(((j + 1) * BS).to(tl.float32) * K / nf, K * 1.0)
+    lo0 = tl.minimum(tl.floor(u0).to(tl.int32), K - 1)
+    lo1 = tl.minimum(tl.floor(u1).to(tl.int32), K - 1)
+    f0 = tl.load(base + lo0[None, :]) + (u0 - lo0)[None, :] * tl.load(base + KP + 1 + lo0[None, :])
+    f1 = tl.load(base + lo1[None, :]) + (u1 - lo1)[None, :] * tl.load(base + KP + 1 + lo1[None, :])
+    score = f1 - f0  # (HKVP, NKBP)
+
+    # order-preserving int32 keys: forced (sink, local) blocks on top, future / padding at the bottom
+    causal = (j <= qb) & (j < NKB)
+    forced = causal & ((j < SINK) | (j > qb - LOCAL))
+    bits = score.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(forced[None, :], INT32_MAX, key)
+    key = tl.where(causal[None, :] & h_ok[:, None], key, INT32_MIN)
+    if HAS_DENSITY:
+        per_head = tl.ceil(density * (qb + 1).to(tl.float32)).to(tl.int32)
+    else:
+        per_head = PER_HEAD
+    budget = tl.maximum(tl.minimum(qb + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
+
+    # the budget-th largest key: the largest t with #(key >= t) >= budget (fixed 32 halvings of int32)
+    lo = tl.full([], INT32_MIN + 1, tl.int64)
+    hi = tl.full([], INT32_MAX, tl.int64) + 1
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum(tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 1), 0) >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    threshold = lo.to(tl.int32)
+    above = key > threshold
+    tie = (key == threshold).to(tl.int32)
+    need = budget - tl.sum(tl.sum(above.to(tl.int32), 1), 0)
+    tie_rows = tl.sum(tie, 1)
+    tie_rank = tl.cumsum(tie, 1) - tie + (tl.cumsum(tie_rows, 0) - tie_rows)[:, None]
+    take = above | ((tie > 0) & (tie_rank < need))
+
+    # sorted lists: a chosen block's place is the count of chosen blocks before it
+    take_i = take.to(tl.int32)
+    place = tl.cumsum(take_i, 1) - 1
+    count = tl.sum(take_i, 1)
+    out = Index + (b * HKV + h[:, None]) * MAXB
+    tl.store(out + place, (j[None, :] + tl.zeros([HKVP, NKBP], tl.int32)), mask=take)
+    s = tl.arange(0, MAXBP)
+    tl.store(out + s[None, :], tl.full([HKVP, MAXBP], -1, tl.int32),
+             mask=h_ok[:, None] & (s[None, :] >= count[:, None]) & (s < MAXB)[None, :])
+    tl.store(Count + b * HKV + h, count, mask=h_ok)
+    full = tl.sum((take & (j < qb)[None, :]).to(tl.int64), 1)
+    diag = tl.sum((take & (j == qb)[None, :]).to(tl.int64), 1)
+    tl.store(Kept + b * HKV + h, full * BS + diag * (within + 1), mask=h_ok)
+    tl.store(Length + b, n)
+
+
+@torch.compiler.disable
+def decode_select_blocks(
+    probs: torch.Tensor, block_sum: torch.Tensor, length: torch.Tensor, block_size: int, num_key_blocks: int,
+    per_head: int, density: float | None, sink_blocks: int, local_blocks: int, max_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, Hkv, K = probs.shape
+    if not (block_sum.is_contiguous() and length.is_contiguous()):
+        raise ValueError("decode_select_blocks: block_sum and length must be contiguous (they are updated in place)")
+    maxb = min(num_key_blocks, max_budget)
+    HKVP, KP = triton.next_power_of_2(Hkv), triton.next_power_of_2(K)
+    dev = probs.device
+    index = torch.empty(B, Hkv, maxb, dtype=torch.int32, device=dev)
+    count = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    kept = torch.empty(B, Hkv, dtype=torch.int64, device=dev)
+    scratch = torch.empty(B, HKVP, 2 * KP + 2, dtype=torch.float32, device=dev)
+    nkbp = triton.next_power_of_2(num_key_blocks)
+    _select_kernel[(B,)](
+        probs.contiguous(), block_sum, length, scratch, index, count, kept, 0.0 if density is None else float(density),
+        HKV=Hkv, HKVP=HKVP, K=K, KP=KP, NKB=num_key_blocks, NKBP=nkbp, MAXB=maxb,
+        MAXBP=triton.next_power_of_2(maxb), BS=block_size, PER_HEAD=per_head, HAS_DENSITY=density is not None,
+        SINK=sink_blocks, LOCAL=local_blocks, num_warps=min(16, max(4, HKVP * nkbp // 1024)),
+    )
+    return index, count, kept
+
+
+# ---------------------------------------------------------------------------
+# 4. mix: the output gates
+
+
+@triton.jit
+def _mix_kernel(
+    SparseOut, Gates, Kept, VSum, Length, Out, sob, soh, sod, Hkv,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    dc = tl.arange(0, BD)
+    d_ok = dc < D
+    head = pid * G + g  # = b * Hq + hk * G + g
+    nf = tl.load(Length + b).to(tl.float32)
+    u = tl.maximum(1.0 - tl.load(Kept + pid).to(tl.float32) / nf, 0.0)
+    s0 = tl.load(Gates + head * 2, mask=g_ok, other=0.0)
+    s1 = tl.load(Gates + head * 2 + 1, mask=g_ok, other=0.0)
+    w = tl.sigmoid(s1) * u
+    sparse_weight = (1.0 - w) * (1.0 + (2.0 * tl.sigmoid(s0) - 1.0) * u)
+    m2 = g_ok[:, None] & d_ok[None, :]
+    so = tl.load(SparseOut + b * sob + (head - b * Hkv * G)[:, None] * soh + dc[None, :] * sod, mask=m2, other=0.0)
+    mean_v = tl.load(VSum + pid * D + dc, mask=d_ok, other=0.0) / nf
+    out = sparse_weight[:, None] * so.to(tl.float32) + w[:, None] * mean_v[None, :]
+    tl.store(Out + head[:, None] * D + dc[None, :], out, mask=m2)
+
+
+@torch.compiler.disable
+def decode_mix_output(sparse_out: torch.Tensor, gates: torch.Tensor, kept: torch.Tensor, v_sum: torch.Tensor,
+                      length: torch.Tensor) -> torch.Tensor:
+    B, Hq, _, d = sparse_out.shape
+    Hkv = kept.shape[1]
+    G = Hq // Hkv
+    out = torch.empty(B, Hq, 1, d, dtype=torch.float32, device=sparse_out.device)
+    _mix_kernel[(B * Hkv,)](
+        sparse_out, gates.contiguous(), kept.contiguous(), v_sum.contiguous(), length.contiguous(), out,
+        sparse_out.stride(0), sparse_out.stride(1), sparse_out.stride(3), Hkv,
+        G=G, GP=triton.next_power_of_2(G), D=d, BD=triton.next_power_of_2(d), num_warps=4,
+    )
+    return out
