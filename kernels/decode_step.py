@@ -45,20 +45,23 @@ def _p2(n: int, least: int = MIN_ROWS) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 1. rows: estimator step -> encoder -> row decoder, gates
+# 1. rows: the estimator's step (per KV head and column chunk), then encoder -> row decoder, gates
+#    (per query head)
 
 
 @triton.jit
-def _rows_kernel(
-    Q, Kn, Vn, Pos, Shift, KV, Norm, VSum, Proj, PosTable,
-    EncW, EncB, LnW, LnB, DecW, DecB, GateW, GateB, Row, Gates,
+def _estimator_kernel(
+    Q, Kn, Vn, Pos, Shift, KV, Norm, Proj, PosTable, Lin, KfOut,
     sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
-    Hkv, root, ln_eps,
+    Hkv, root,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, FP: tl.constexpr,
-    HID: tl.constexpr, HP: tl.constexpr, OUT: tl.constexpr, OC: tl.constexpr, NOC: tl.constexpr,
-    HAS_GATES: tl.constexpr, LOW: tl.constexpr,
+    DC: tl.constexpr,
 ):
+    """Columns [chunk * DC, chunk * DC + DC) of [v, position]: the running sum kf^T value (updated in
+    place) and the G query heads' rows of the estimator's output. Every program computes the features
+    (cheap); the norm is read here and updated by the encoder kernel, after every program here ran."""
     pid = tl.program_id(0)
+    chunk = tl.program_id(1)
     b = pid // Hkv
     hk = pid % Hkv
     g = tl.arange(0, GP)
@@ -68,83 +71,96 @@ def _rows_kernel(
     f = tl.arange(0, FP)
     f_ok = f < NF
     pos = tl.load(Pos + b)
-
-    # random features of the new key (stabiliser from the sequence's first key) and of the G queries
     proj = tl.load(Proj + f[:, None] * D + dc[None, :], mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     k = tl.load(Kn + b * skb + hk * skh + dc * skd, mask=d_ok, other=0.0).to(tl.float32) * root
-    wk = tl.sum(proj * k[None, :], 1)
-    kf = tl.exp(wk - 0.5 * tl.sum(k * k, 0) - tl.load(Shift + pid)) + 1e-6
+    kf = tl.exp(tl.sum(proj * k[None, :], 1) - 0.5 * tl.sum(k * k, 0) - tl.load(Shift + pid)) + 1e-6
     kf = tl.where(f_ok, kf, 0.0)
-    q = tl.load(Q + b * sqb + (hk * G + g)[:, None] * sqh + dc[None, :] * sqd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * root
-    wq = tl.dot(q, tl.trans(proj), input_precision="ieee")  # (GP, FP)
+    # the queries' projections one head at a time (row reductions: no (F x d) dot operand in shared memory)
+    wq = tl.zeros([GP, FP], tl.float32)
+    half_q = tl.zeros([GP], tl.float32)
+    for gi in tl.static_range(G):
+        qg = tl.load(Q + b * sqb + (hk * G + gi) * sqh + dc * sqd, mask=d_ok, other=0.0).to(tl.float32) * root
+        wq = tl.where(g[:, None] == gi, tl.sum(proj * qg[None, :], 1)[None, :], wq)
+        half_q = tl.where(g == gi, 0.5 * tl.sum(qg * qg, 0), half_q)
     c = tl.max(tl.where(f_ok[None, :], wq, float("-inf")), 1)
-    qf = tl.exp(wq - 0.5 * tl.sum(q * q, 1)[:, None] - c[:, None]) + 1e-6
-    qf = tl.where(f_ok[None, :], qf, 0.0)
-
+    qf = tl.exp(wq - half_q[:, None] - c[:, None]) + 1e-6
+    qf = tl.where(f_ok[None, :] & g_ok[:, None], qf, 0.0)
     norm = tl.load(Norm + pid * NF + f, mask=f_ok, other=0.0) + kf
-    tl.store(Norm + pid * NF + f, norm, mask=f_ok)
     den = tl.maximum(tl.sum(qf * norm[None, :], 1), 1e-30)
+    if chunk == 0:
+        tl.store(KfOut + pid * FP + f, kf)
 
-    # values [v, position]: update the running sums, read them with the queries' features, and feed
-    # each half straight into the encoder's first Linear (its columns 0..d-1 and d..2d-1)
-    v = tl.load(Vn + b * svb + hk * svh + dc * svd, mask=d_ok, other=0.0).to(tl.float32)
-    vs = VSum + pid * D + dc
-    tl.store(vs, tl.load(vs, mask=d_ok, other=0.0) + v, mask=d_ok)
-    pv = tl.load(PosTable + pos * D + dc, mask=d_ok, other=0.0).to(tl.float32)
+    col = chunk * DC + tl.arange(0, DC)
+    is_v = col < D
+    val = tl.where(is_v, tl.load(Vn + b * svb + hk * svh + col * svd, mask=is_v, other=0.0).to(tl.float32),
+                   tl.load(PosTable + pos * D + col - D, mask=~is_v & (col < 2 * D), other=0.0).to(tl.float32))
+    m2 = f_ok[:, None] & (col < 2 * D)[None, :]
+    ptr = KV + pid * NF * 2 * D + f[:, None] * (2 * D) + col[None, :]
+    kv = tl.load(ptr, mask=m2, other=0.0) + kf[:, None] * val[None, :]
+    tl.store(ptr, kv, mask=m2)
+    lin = tl.dot(qf, kv, input_precision="ieee") / den[:, None]  # (GP, DC)
+    tl.store(Lin + (b * Hkv * G + hk * G + g)[:, None] * (2 * D) + col[None, :], lin,
+             mask=g_ok[:, None] & (col < 2 * D)[None, :])
+
+
+@triton.jit
+def _encoder_kernel(
+    Lin, Vn, KfIn, Norm, VSum, EncW, EncB, LnW, LnB, DecW, DecB, GateW, GateB, Row, Gates,
+    svb, svh, svd,
+    Hq, ln_eps,
+    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, FP: tl.constexpr,
+    HID: tl.constexpr, HP: tl.constexpr, KC: tl.constexpr, OUT: tl.constexpr, OC: tl.constexpr,
+    HAS_GATES: tl.constexpr, LOW: tl.constexpr,
+):
+    """One query head's row: encoder([lin, v]) -> LayerNorm -> GELU -> row decoder, gates (products as
+    row-times-matrix reductions: one row per program, the weights read from L2 by every head)."""
+    pid = tl.program_id(0)
+    b = pid // Hq
+    h = pid % Hq
+    hk = h // G
     hr = tl.arange(0, HP)
     h_ok = hr < HID
-    kv_base = KV + pid * NF * 2 * D
-    x = tl.zeros([GP, HP], tl.float32)
-    for part in tl.static_range(2):
-        val = v if part == 0 else pv
-        ptr = kv_base + f[:, None] * (2 * D) + part * D + dc[None, :]
-        m2 = f_ok[:, None] & d_ok[None, :]
-        kv = tl.load(ptr, mask=m2, other=0.0) + kf[:, None] * val[None, :]
-        tl.store(ptr, kv, mask=m2)
-        lin = tl.dot(qf, kv, input_precision="ieee") / den[:, None]  # (GP, BD)
-        w = tl.load(EncW + hr[:, None] * (3 * D) + part * D + dc[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-        if LOW:
-            x += tl.dot(lin.to(w.dtype), tl.trans(w))
-        else:
-            x += tl.dot(lin, tl.trans(w), input_precision="ieee")
-    wv = tl.load(EncW + hr[:, None] * (3 * D) + 2 * D + dc[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-    v_low = v.to(wv.dtype).to(tl.float32)
-    x += (tl.sum(wv.to(tl.float32) * v_low[None, :], 1) + tl.load(EncB + hr, mask=h_ok, other=0.0).to(tl.float32))[None, :]
-
-    # LayerNorm over the hidden width, GELU (exact, erf)
-    mean = tl.sum(x, 1) / HID
-    xc = tl.where(h_ok[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / HID + ln_eps)
-    y = xc * rstd[:, None] * tl.load(LnW + hr, mask=h_ok, other=0.0).to(tl.float32)[None, :] \
-        + tl.load(LnB + hr, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    h = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-    h = tl.where(h_ok[None, :], h, 0.0)
-    h_in = h.to(EncW.dtype.element_ty) if LOW else h
-
-    # row decoder: the head's C*K/4 outputs are its C channels' rows, contiguous in Row (B, Hq*C, 1, K/4)
+    x = tl.load(EncB + hr, mask=h_ok, other=0.0).to(tl.float32)
+    kc = tl.arange(0, KC)
+    for start in tl.static_range(0, 3 * D, KC):
+        col = start + kc
+        is_lin = col < 2 * D
+        inp = tl.where(is_lin, tl.load(Lin + pid * (2 * D) + col, mask=is_lin, other=0.0),
+                       tl.load(Vn + b * svb + hk * svh + (col - 2 * D) * svd, mask=~is_lin & (col < 3 * D), other=0.0).to(tl.float32))
+        if LOW:  # the reference feeds the encoder in the weights' dtype
+            inp = inp.to(EncW.dtype.element_ty).to(tl.float32)
+        w = tl.load(EncW + hr[:, None] * (3 * D) + col[None, :], mask=h_ok[:, None] & (col < 3 * D)[None, :], other=0.0)
+        x += tl.sum(w.to(tl.float32) * inp[None, :], 1)
+    mean = tl.sum(x, 0) / HID
+    xc = tl.where(h_ok, x - mean, 0.0)
+    y = xc / tl.sqrt(tl.sum(xc * xc, 0) / HID + ln_eps)
+    y = y * tl.load(LnW + hr, mask=h_ok, other=0.0).to(tl.float32) + tl.load(LnB + hr, mask=h_ok, other=0.0).to(tl.float32)
+    hid = tl.where(h_ok, 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476)), 0.0)
+    if LOW:
+        hid = hid.to(EncW.dtype.element_ty).to(tl.float32)
     oc = tl.arange(0, OC)
-    for chunk in tl.static_range(NOC):
-        o = chunk * OC + oc
+    for start in tl.static_range(0, OUT, OC):
+        o = start + oc
         o_ok = o < OUT
         wd = tl.load(DecW + o[:, None] * HID + hr[None, :], mask=o_ok[:, None] & h_ok[None, :], other=0.0)
-        if LOW:
-            r = tl.dot(h_in, tl.trans(wd))
-        else:
-            r = tl.dot(h_in, tl.trans(wd), input_precision="ieee")
-        r += tl.load(DecB + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-        dst = Row + (b * Hkv * G + hk * G + g)[:, None] * OUT + o[None, :]
-        tl.store(dst, r.to(Row.dtype.element_ty), mask=g_ok[:, None] & o_ok[None, :])
+        r = tl.sum(wd.to(tl.float32) * hid[None, :], 1) + tl.load(DecB + o, mask=o_ok, other=0.0).to(tl.float32)
+        tl.store(Row + pid * OUT + o, r.to(Row.dtype.element_ty), mask=o_ok)  # the head's C channel rows, contiguous
     if HAS_GATES:
-        two = tl.arange(0, GATE_COLS)
-        gw = tl.load(GateW + two[:, None] * HID + hr[None, :], mask=(two < 2)[:, None] & h_ok[None, :], other=0.0)
-        if LOW:
-            s = tl.dot(h_in, tl.trans(gw))
-        else:
-            s = tl.dot(h_in, tl.trans(gw), input_precision="ieee")
-        s += tl.load(GateB + two, mask=two < 2, other=0.0).to(tl.float32)[None, :]
-        dst = Gates + (b * Hkv * G + hk * G + g)[:, None] * 2 + two[None, :]
-        tl.store(dst, s, mask=g_ok[:, None] & (two < 2)[None, :])
+        two = tl.arange(0, 2)
+        gw = tl.load(GateW + two[:, None] * HID + hr[None, :], mask=h_ok[None, :], other=0.0)
+        s = tl.sum(gw.to(tl.float32) * hid[None, :], 1) + tl.load(GateB + two).to(tl.float32)
+        tl.store(Gates + pid * 2 + two, s)
+    if h % G == 0:  # the KV head's running sums, once (every estimator program has read the norm)
+        kvh = b * (Hq // G) + hk
+        f = tl.arange(0, FP)
+        f_ok = f < NF
+        nptr = Norm + kvh * NF + f
+        tl.store(nptr, tl.load(nptr, mask=f_ok, other=0.0) + tl.load(KfIn + kvh * FP + f), mask=f_ok)
+        dc = tl.arange(0, BD)
+        d_ok = dc < D
+        vs = VSum + kvh * D + dc
+        v = tl.load(Vn + b * svb + hk * svh + dc * svd, mask=d_ok, other=0.0).to(tl.float32)
+        tl.store(vs, tl.load(vs, mask=d_ok, other=0.0) + v, mask=d_ok)
 
 
 @torch.compiler.disable
@@ -161,106 +177,116 @@ def decode_predictor_rows(
     for name, t in (("kv", kv), ("norm", norm), ("v_sum", v_sum), ("shift", shift)):
         if not t.is_contiguous() or t.dtype != torch.float32:
             raise ValueError(f"decode_predictor_rows: {name} must be contiguous fp32 (it is updated in place)")
+    dev = q.device
     wdtype = w.dec_weight.dtype
-    row = torch.empty(B, Hq * w.channels, 1, out // w.channels, dtype=wdtype, device=q.device)
-    gates = torch.empty(B, Hq, 1, 2, dtype=torch.float32, device=q.device) if w.gate_weight is not None else None
-    OC = min(_p2(out), 64)
-    weights = [t.contiguous() for t in (w.projection, w.position_values, w.enc_weight, w.enc_bias, w.ln_weight,
-                                        w.ln_bias, w.dec_weight, w.dec_bias)]
-    gw, gb = (w.gate_weight.contiguous(), w.gate_bias.contiguous()) if gates is not None else (weights[6], weights[7])
-    _rows_kernel[(B * Hkv,)](
-        q, k, v, pos.contiguous(), shift, kv, norm, v_sum, *weights, gw, gb, row, gates if gates is not None else row,
+    FP, BD = _p2(nf), _p2(d)
+    DC = 32 if d >= 32 else 16
+    lin = torch.empty(B, Hq, 2 * d, dtype=torch.float32, device=dev)
+    kf = torch.empty(B, Hkv, FP, dtype=torch.float32, device=dev)
+    _estimator_kernel[(B * Hkv, triton.cdiv(2 * d, DC))](
+        q, k, v, pos.contiguous(), shift, kv, norm, w.projection.contiguous(), w.position_values.contiguous(), lin, kf,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
-        Hkv, math.sqrt(scale), w.ln_eps,
-        G=G, GP=_p2(G), D=d, BD=_p2(d), NF=nf, FP=_p2(nf), HID=hid, HP=_p2(hid), OUT=out, OC=OC,
-        NOC=triton.cdiv(out, OC), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=8,
+        Hkv, math.sqrt(scale), G=G, GP=_p2(G), D=d, BD=BD, NF=nf, FP=FP, DC=DC, num_warps=8 if FP * BD >= 16384 else 4,
+    )
+    row = torch.empty(B, Hq * w.channels, 1, out // w.channels, dtype=wdtype, device=dev)
+    gates = torch.empty(B, Hq, 1, 2, dtype=torch.float32, device=dev) if w.gate_weight is not None else None
+    weights = [t.contiguous() for t in (w.enc_weight, w.enc_bias, w.ln_weight, w.ln_bias, w.dec_weight, w.dec_bias)]
+    gw, gb = (w.gate_weight.contiguous(), w.gate_bias.contiguous()) if gates is not None else (weights[4], weights[5])
+    HP = _p2(hid, 1)
+    _encoder_kernel[(B * Hq,)](
+        lin, v, kf, norm, v_sum, *weights, gw, gb, row, gates if gates is not None else row,
+        v.stride(0), v.stride(1), v.stride(3), Hq, w.ln_eps,
+        G=G, D=d, BD=BD, NF=nf, FP=FP, HID=hid, HP=HP, KC=max(1, min(32, 8192 // HP)), OUT=out,
+        OC=max(1, min(_p2(out, 1), 8192 // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=4,
     )
     return row, gates
 
 
 # ---------------------------------------------------------------------------
-# 2. cnn: the CNN's new row from its ring, softmax over bins, mean over each KV head's group
+# 2. cnn: the CNN's new row from its ring (conv1 and conv2 split over output channels), then softmax
+#    over bins and the mean over each KV head's group
 
 
 @triton.jit
-def _conv_tap_input(Image, Row, Scratch, b, pos, row: tl.constexpr, shift: tl.constexpr, ch, ch_ok, col,
-                    CH: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, FROM_SCRATCH: tl.constexpr):
-    """Window row `row` (0..R; R is the new one) shifted by `shift` along the width, zero outside it."""
+def _conv_tap_input(Image, Row, X1, b, pos, row, shift: tl.constexpr, ch, ch_ok, col,
+                    CH: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, FROM_X1: tl.constexpr):
+    """Window row `row` (0..R; R is the new one) shifted by `shift` along the width, zero outside it:
+    the CNN's input from the ring, or conv1's output (rows 2, 4, 6 in X1's slots 0, 1, 2)."""
     c = col + shift
     m = ch_ok[:, None] & ((c >= 0) & (c < W))[None, :]
-    if FROM_SCRATCH:  # conv1's output rows, scratch slot row // 2 - 1 (rows 2, 4, 6)
-        return tl.load(Scratch + (b * 3 + row // 2 - 1) * CH * WP + ch[:, None] * WP + c[None, :], mask=m, other=0.0)
-    if row == R:
-        return tl.load(Row + b * CH * W + ch[:, None] * W + c[None, :], mask=m, other=0.0).to(tl.float32)
+    if FROM_X1:
+        return tl.load(X1 + (b * 3 + row // 2 - 1) * CH * WP + ch[:, None] * WP + c[None, :], mask=m, other=0.0)
     slot = (pos + row) % R
-    return tl.load(Image + ((b * CH + ch[:, None]) * R + slot) * W + c[None, :], mask=m, other=0.0).to(tl.float32)
+    ring = tl.load(Image + ((b * CH + ch[:, None]) * R + slot) * W + c[None, :], mask=m & (row < R), other=0.0)
+    new = tl.load(Row + b * CH * W + ch[:, None] * W + c[None, :], mask=m & (row == R), other=0.0)
+    return tl.where(row == R, new.to(tl.float32), ring.to(tl.float32))
 
 
 @triton.jit
-def _cnn_kernel(
-    Image, Row, Pos, C1W, C1B, C2W, C2B, HW, HB, LnW, LnB, Scratch, ProbScratch, Probs,
+def _conv_kernel(
+    Image, Row, Pos, Wt, Bias, X1, X2,
+    CH: tl.constexpr, CHP: tl.constexpr, OCB: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+    SECOND: tl.constexpr, LOW: tl.constexpr,
+):
+    """OCB output channels of one output row. conv1 (dilation 1) at window rows 2, 4, 6 (t-4, t-2, t:
+    what conv2's last row reads) -> X1, zero on rows before the sequence's start; conv2 (dilation 2)
+    at row t over them -> X2. Each adds its input (the residual) after the ReLU."""
+    b = tl.program_id(0)
+    job = tl.program_id(1)
+    nblk: tl.constexpr = (CH + OCB - 1) // OCB
+    r = job // nblk  # conv1: output row 2r + 2
+    oc = (job % nblk) * OCB + tl.arange(0, OCB)
+    oc_ok = oc < CH
+    pos = tl.load(Pos + b)
+    ch = tl.arange(0, CHP)
+    ch_ok = ch < CH
+    col = tl.arange(0, WP)
+    col_ok = col < W
+    acc = tl.zeros([OCB, WP], tl.float32)
+    for ky in tl.static_range(3):
+        for kx in tl.static_range(3):
+            wt = tl.load(Wt + oc[:, None] * (CH * 9) + ch[None, :] * 9 + ky * 3 + kx, mask=oc_ok[:, None] & ch_ok[None, :], other=0.0)
+            if SECOND:
+                xin = _conv_tap_input(Image, Row, X1, b, pos, 2 * ky + 2, 2 * (kx - 1), ch, ch_ok, col, CH, R, W, WP, True)
+            else:
+                xin = _conv_tap_input(Image, Row, X1, b, pos, 2 * r + ky, kx - 1, ch, ch_ok, col, CH, R, W, WP, False)
+                xin = tl.where(2 * r + ky >= R - pos, xin, 0.0)  # rows before the sequence's start are zero
+            if LOW:
+                acc += tl.dot(wt, xin.to(wt.dtype))
+            else:
+                acc += tl.dot(wt.to(tl.float32), xin, input_precision="ieee")
+    out_ch = oc[:, None]
+    m = oc_ok[:, None] & col_ok[None, :]
+    bias = tl.load(Bias + oc, mask=oc_ok, other=0.0).to(tl.float32)[:, None]
+    if SECOND:
+        res = tl.load(X1 + (b * 3 + 2) * CH * WP + out_ch * WP + col[None, :], mask=m, other=0.0)
+        tl.store(X2 + b * CH * WP + out_ch * WP + col[None, :], res + tl.maximum(acc + bias, 0.0), mask=m)
+    else:
+        row = 2 * r + 2
+        res = _conv_tap_input(Image, Row, X1, b, pos, row, 0, oc, oc_ok, col, CH, R, W, WP, False)
+        x1 = tl.where(row >= R - pos, res + tl.maximum(acc + bias, 0.0), 0.0)
+        if LOW:  # the reference keeps conv1's output in the weights' dtype
+            x1 = x1.to(Wt.dtype.element_ty).to(tl.float32)
+        tl.store(X1 + (b * 3 + r) * CH * WP + out_ch * WP + col[None, :], x1, mask=m)
+
+
+@triton.jit
+def _cnn_head_kernel(
+    Image, Row, Pos, X2, HW, HB, LnW, LnB, ProbScratch, Probs,
     ln_eps,
     CH: tl.constexpr, CHP: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
     HQ: tl.constexpr, HQP: tl.constexpr, HKV: tl.constexpr, HKVP: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, KP: tl.constexpr, PS: tl.constexpr, LOW: tl.constexpr,
 ):
+    """To heads (1x1), LayerNorm over K/4 (= over K after the x4 upsampling), softmax over the K bins
+    (empty bins of a short row 0), the mean over each KV head's group; the new row into the ring."""
     b = tl.program_id(0)
     pos = tl.load(Pos + b)
     ch = tl.arange(0, CHP)
     ch_ok = ch < CH
     col = tl.arange(0, WP)
     col_ok = col < W
-    wmask = ch_ok[:, None] & ch_ok[None, :]
-    wptr = ch[:, None] * (CH * 9) + ch[None, :] * 9  # conv weights (out, in, 3, 3)
-    bias1 = tl.load(C1B + ch, mask=ch_ok, other=0.0).to(tl.float32)
-
-    # conv1 (dilation 1) at window rows 2, 4, 6: rows t-4, t-2, t, what conv2's last row reads
-    acc2 = tl.zeros([CHP, WP], tl.float32)
-    acc4 = tl.zeros([CHP, WP], tl.float32)
-    acc6 = tl.zeros([CHP, WP], tl.float32)
-    for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            wt = tl.load(C1W + wptr + ky * 3 + kx, mask=wmask, other=0.0)
-            wd = wt if LOW else wt.to(tl.float32)
-            for r in tl.static_range(3):
-                xin = _conv_tap_input(Image, Row, Scratch, b, pos, 2 * r + ky, kx - 1, ch, ch_ok, col, CH, R, W, WP, False)
-                xin = tl.where(2 * r + ky >= R - pos, xin, 0.0)  # rows before the sequence's start are zero
-                if LOW:
-                    part = tl.dot(wd, xin.to(wd.dtype))
-                else:
-                    part = tl.dot(wd, xin, input_precision="ieee")
-                if r == 0:
-                    acc2 += part
-                elif r == 1:
-                    acc4 += part
-                else:
-                    acc6 += part
-    for r in tl.static_range(3):
-        acc = acc2 if r == 0 else (acc4 if r == 1 else acc6)
-        row = 2 * r + 2
-        x = _conv_tap_input(Image, Row, Scratch, b, pos, row, 0, ch, ch_ok, col, CH, R, W, WP, False)
-        x1 = x + tl.maximum(acc + bias1[:, None], 0.0)
-        x1 = tl.where(row >= R - pos, x1, 0.0)
-        if LOW:  # the reference keeps conv1's output in the weights' dtype
-            x1 = x1.to(C1W.dtype.element_ty).to(tl.float32)
-        tl.store(Scratch + (b * 3 + r) * CH * WP + ch[:, None] * WP + col[None, :], x1, mask=ch_ok[:, None] & col_ok[None, :])
-    tl.debug_barrier()  # conv2 reads the scratch rows shifted along the width: other threads' writes
-
-    # conv2 (dilation 2) at row t, over conv1's rows t-4, t-2, t
-    acc = tl.zeros([CHP, WP], tl.float32)
-    for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            wt = tl.load(C2W + wptr + ky * 3 + kx, mask=wmask, other=0.0)
-            xin = _conv_tap_input(Image, Row, Scratch, b, pos, 2 * ky + 2, 2 * (kx - 1), ch, ch_ok, col, CH, R, W, WP, True)
-            if LOW:
-                acc += tl.dot(wt, xin.to(wt.dtype))
-            else:
-                acc += tl.dot(wt.to(tl.float32), xin, input_precision="ieee")
-    x1_last = _conv_tap_input(Image, Row, Scratch, b, pos, 6, 0, ch, ch_ok, col, CH, R, W, WP, True)
-    x2 = x1_last + tl.maximum(acc + tl.load(C2B + ch, mask=ch_ok, other=0.0).to(tl.float32)[:, None], 0.0)
-    x2 = tl.where(col_ok[None, :], x2, 0.0)
-
-    # to heads (1x1), LayerNorm over the width K/4 (= over K after the x4 upsampling)
+    x2 = tl.load(X2 + b * CH * WP + ch[:, None] * WP + col[None, :], mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
     hq = tl.arange(0, HQP)
     hq_ok = hq < HQ
     hw = tl.load(HW + hq[:, None] * CH + ch[None, :], mask=hq_ok[:, None] & ch_ok[None, :], other=0.0)
@@ -297,8 +323,7 @@ def _cnn_kernel(
         total += tl.load(ProbScratch + (b * HQP + hk[:, None] * G + gi) * PS + kk[None, :], mask=hk_ok[:, None], other=0.0)
     tl.store(Probs + (b * HKV + hk[:, None]) * K + kk[None, :], total / G, mask=hk_ok[:, None] & k_ok[None, :])
 
-    # the new row takes the ring slot of row t-R (every read of the ring is done)
-    tl.debug_barrier()
+    # the new row takes the ring slot of row t-R (conv1, an earlier kernel, has read the ring)
     new = tl.load(Row + b * CH * W + ch[:, None] * W + col[None, :], mask=ch_ok[:, None] & col_ok[None, :])
     tl.store(Image + ((b * CH + ch[:, None]) * R + pos % R) * W + col[None, :], new, mask=ch_ok[:, None] & col_ok[None, :])
 
@@ -313,13 +338,24 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
     if R + 1 != 7:
         raise ValueError(f"decode_cnn_probs: the ring holds 6 rows (the CNN's receptive field less one), got {R}")
     CHP, WP, HQP, KP = _p2(CH), _p2(W), _p2(Hq), _p2(K)
-    scratch = torch.empty(B, 3, CHP, WP, dtype=torch.float32, device=image.device)
-    prob_scratch = torch.empty(B, HQP, max(WP, KP), dtype=torch.float32, device=image.device)
-    probs = torch.empty(B, num_kv_heads, K, dtype=torch.float32, device=image.device)
-    _cnn_kernel[(B,)](
-        image, row.contiguous(), pos.contiguous(), *(t.contiguous() for t in w[:8]), scratch, prob_scratch, probs, w.ln_eps,
+    dev = image.device
+    x1 = torch.empty(B, 3, CH, WP, dtype=torch.float32, device=dev)
+    x2 = torch.empty(B, CH, WP, dtype=torch.float32, device=dev)
+    row, pos = row.contiguous(), pos.contiguous()
+    low = w.conv1_weight.dtype != torch.float32
+    OCB = 16
+    nblk = triton.cdiv(CH, OCB)
+    for second, (wt, bias) in enumerate(((w.conv1_weight, w.conv1_bias), (w.conv2_weight, w.conv2_bias))):
+        _conv_kernel[(B, (1 if second else 3) * nblk)](
+            image, row, pos, wt.contiguous(), bias.contiguous(), x1, x2,
+            CH=CH, CHP=CHP, OCB=OCB, R=R, W=W, WP=WP, SECOND=bool(second), LOW=low, num_warps=4,
+        )
+    prob_scratch = torch.empty(B, HQP, max(WP, KP), dtype=torch.float32, device=dev)
+    probs = torch.empty(B, num_kv_heads, K, dtype=torch.float32, device=dev)
+    _cnn_head_kernel[(B,)](
+        image, row, pos, x2, *(t.contiguous() for t in w[4:8]), prob_scratch, probs, w.ln_eps,
         CH=CH, CHP=CHP, R=R, W=W, WP=WP, HQ=Hq, HQP=HQP, HKV=num_kv_heads, HKVP=triton.next_power_of_2(num_kv_heads),
-        G=Hq // num_kv_heads, K=K, KP=KP, PS=max(WP, KP), LOW=w.conv1_weight.dtype != torch.float32, num_warps=8,
+        G=Hq // num_kv_heads, K=K, KP=KP, PS=max(WP, KP), LOW=low, num_warps=8,
     )
     return probs
 
@@ -434,7 +470,7 @@ def decode_select_blocks(
         probs.contiguous(), block_sum, length, scratch, index, count, kept, 0.0 if density is None else float(density),
         HKV=Hkv, HKVP=HKVP, K=K, KP=KP, NKB=num_key_blocks, NKBP=nkbp, MAXB=maxb,
         MAXBP=triton.next_power_of_2(maxb), BS=block_size, PER_HEAD=per_head, HAS_DENSITY=density is not None,
-        SINK=sink_blocks, LOCAL=local_blocks, num_warps=min(16, max(4, HKVP * nkbp // 1024)),
+        SINK=sink_blocks, LOCAL=local_blocks, num_warps=min(32, max(4, HKVP * nkbp // 1024)),
     )
     return index, count, kept
 
