@@ -15,7 +15,7 @@ that keeps its rows in registers:
   bins, the mean over each KV head's query heads.
 - select: one program per sequence. The block scores of every KV head (NKB of them: the whole
   position table, fixed shapes) sit in registers as order-preserving int32 keys; the grouped
-  top-k's threshold is found by bisection on the key (32 counting passes, no sort), then the
+  top-k's threshold is found by radix select (4 passes of a 256-bin histogram, no sort), then the
   chosen blocks are compacted into sorted lists with a prefix sum. Exact ties at the threshold
   are broken by the lowest (KV head, block) (torch.topk's order among equal values is unspecified).
 - mix: the output gates, one program per (sequence, KV head).
@@ -197,7 +197,7 @@ def decode_predictor_rows(
         lin, v, kf, norm, v_sum, *weights, gw, gb, row, gates if gates is not None else row,
         v.stride(0), v.stride(1), v.stride(3), Hq, w.ln_eps,
         G=G, D=d, BD=BD, NF=nf, FP=FP, HID=hid, HP=HP, KC=max(1, min(32, 8192 // HP)), OUT=out,
-        OC=max(1, min(_p2(out, 1), 8192 // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=4,
+        OC=max(1, min(_p2(out, 1), 8192 // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=8,
     )
     return row, gates
 
@@ -272,39 +272,42 @@ def _conv_kernel(
 
 @triton.jit
 def _cnn_head_kernel(
-    Image, Row, Pos, X2, HW, HB, LnW, LnB, ProbScratch, Probs,
+    Image, Row, Pos, X2, HW, HB, LnW, LnB, YScratch, Probs,
     ln_eps,
     CH: tl.constexpr, CHP: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-    HQ: tl.constexpr, HQP: tl.constexpr, HKV: tl.constexpr, HKVP: tl.constexpr, G: tl.constexpr,
-    K: tl.constexpr, KP: tl.constexpr, PS: tl.constexpr, LOW: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, LOW: tl.constexpr,
 ):
-    """To heads (1x1), LayerNorm over K/4 (= over K after the x4 upsampling), softmax over the K bins
-    (empty bins of a short row 0), the mean over each KV head's group; the new row into the ring."""
-    b = tl.program_id(0)
+    """One KV head's G query heads: to heads (1x1), LayerNorm over K/4 (= over K after the x4
+    upsampling), softmax over the K bins (empty bins of a short row 0), their mean. The first KV
+    head's program also puts the new row into the ring."""
+    pid = tl.program_id(0)
+    b = pid // HKV
+    hk = pid % HKV
     pos = tl.load(Pos + b)
     ch = tl.arange(0, CHP)
     ch_ok = ch < CH
     col = tl.arange(0, WP)
     col_ok = col < W
     x2 = tl.load(X2 + b * CH * WP + ch[:, None] * WP + col[None, :], mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
-    hq = tl.arange(0, HQP)
-    hq_ok = hq < HQ
-    hw = tl.load(HW + hq[:, None] * CH + ch[None, :], mask=hq_ok[:, None] & ch_ok[None, :], other=0.0)
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    hq = hk * G + g
+    hw = tl.load(HW + hq[:, None] * CH + ch[None, :], mask=g_ok[:, None] & ch_ok[None, :], other=0.0)
     if LOW:
         o = tl.dot(hw, x2.to(hw.dtype))
     else:
         o = tl.dot(hw.to(tl.float32), x2, input_precision="ieee")
-    o += tl.load(HB + hq, mask=hq_ok, other=0.0).to(tl.float32)[:, None]
+    o += tl.load(HB + hq, mask=g_ok, other=0.0).to(tl.float32)[:, None]
     mean = tl.sum(tl.where(col_ok[None, :], o, 0.0), 1) / W
     oc = tl.where(col_ok[None, :], o - mean[:, None], 0.0)
     y = oc / tl.sqrt(tl.sum(oc * oc, 1) / W + ln_eps)[:, None]
-    tl.store(ProbScratch + (b * HQP + hq[:, None]) * PS + col[None, :], y)
+    tl.store(YScratch + (pid * GP + g[:, None]) * WP + col[None, :], y)
     tl.debug_barrier()  # the upsampled read below gathers other threads' entries
 
     # logits over the K bins: bin j reads column j // 4; empty bins of a short row are -inf
     kk = tl.arange(0, KP)
     k_ok = kk < K
-    yk = tl.load(ProbScratch + (b * HQP + hq[:, None]) * PS + (kk // 4)[None, :], mask=k_ok[None, :], other=0.0)
+    yk = tl.load(YScratch + (pid * GP + g[:, None]) * WP + (kk // 4)[None, :], mask=k_ok[None, :], other=0.0)
     logit = yk * tl.load(LnW + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :] \
         + tl.load(LnB + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     n = pos + 1
@@ -312,20 +315,12 @@ def _cnn_head_kernel(
     logit = tl.where((k_ok & ~empty)[None, :], logit, float("-inf"))
     m = tl.max(logit, 1)
     p = tl.exp(logit - m[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    tl.debug_barrier()  # ProbScratch is reused: every thread has read its y entries
-    tl.store(ProbScratch + (b * HQP + hq[:, None]) * PS + kk[None, :], p, mask=hq_ok[:, None])
-    tl.debug_barrier()
-    hk = tl.arange(0, HKVP)
-    hk_ok = hk < HKV
-    total = tl.zeros([HKVP, KP], tl.float32)
-    for gi in tl.static_range(G):
-        total += tl.load(ProbScratch + (b * HQP + hk[:, None] * G + gi) * PS + kk[None, :], mask=hk_ok[:, None], other=0.0)
-    tl.store(Probs + (b * HKV + hk[:, None]) * K + kk[None, :], total / G, mask=hk_ok[:, None] & k_ok[None, :])
+    p = tl.where(g_ok[:, None], p / tl.sum(p, 1)[:, None], 0.0)
+    tl.store(Probs + pid * K + kk, tl.sum(p, 0) / G, mask=k_ok)
 
-    # the new row takes the ring slot of row t-R (conv1, an earlier kernel, has read the ring)
-    new = tl.load(Row + b * CH * W + ch[:, None] * W + col[None, :], mask=ch_ok[:, None] & col_ok[None, :])
-    tl.store(Image + ((b * CH + ch[:, None]) * R + pos % R) * W + col[None, :], new, mask=ch_ok[:, None] & col_ok[None, :])
+    if hk == 0:  # the new row takes the ring slot of row t-R (conv1, an earlier kernel, has read the ring)
+        new = tl.load(Row + b * CH * W + ch[:, None] * W + col[None, :], mask=ch_ok[:, None] & col_ok[None, :])
+        tl.store(Image + ((b * CH + ch[:, None]) * R + pos % R) * W + col[None, :], new, mask=ch_ok[:, None] & col_ok[None, :])
 
 
 @torch.compiler.disable
@@ -337,7 +332,7 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
         raise ValueError("decode_cnn_probs: image must be contiguous (it is updated in place)")
     if R + 1 != 7:
         raise ValueError(f"decode_cnn_probs: the ring holds 6 rows (the CNN's receptive field less one), got {R}")
-    CHP, WP, HQP, KP = _p2(CH), _p2(W), _p2(Hq), _p2(K)
+    CHP, WP, KP = _p2(CH), _p2(W), _p2(K)
     dev = image.device
     x1 = torch.empty(B, 3, CH, WP, dtype=torch.float32, device=dev)
     x2 = torch.empty(B, CH, WP, dtype=torch.float32, device=dev)
@@ -350,12 +345,13 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
             image, row, pos, wt.contiguous(), bias.contiguous(), x1, x2,
             CH=CH, CHP=CHP, OCB=OCB, R=R, W=W, WP=WP, SECOND=bool(second), LOW=low, num_warps=4,
         )
-    prob_scratch = torch.empty(B, HQP, max(WP, KP), dtype=torch.float32, device=dev)
+    G = Hq // num_kv_heads
+    GP = _p2(G)
+    y_scratch = torch.empty(B * num_kv_heads, GP, WP, dtype=torch.float32, device=dev)
     probs = torch.empty(B, num_kv_heads, K, dtype=torch.float32, device=dev)
-    _cnn_head_kernel[(B,)](
-        image, row, pos, x2, *(t.contiguous() for t in w[4:8]), prob_scratch, probs, w.ln_eps,
-        CH=CH, CHP=CHP, R=R, W=W, WP=WP, HQ=Hq, HQP=HQP, HKV=num_kv_heads, HKVP=triton.next_power_of_2(num_kv_heads),
-        G=Hq // num_kv_heads, K=K, KP=KP, PS=max(WP, KP), LOW=low, num_warps=8,
+    _cnn_head_kernel[(B * num_kv_heads,)](
+        image, row, pos, x2, *(t.contiguous() for t in w[4:8]), y_scratch, probs, w.ln_eps,
+        CH=CH, CHP=CHP, R=R, W=W, WP=WP, HKV=num_kv_heads, G=G, GP=GP, K=K, KP=KP, LOW=low, num_warps=4,
     )
     return probs
 
@@ -394,59 +390,75 @@ def _select_kernel(
     tl.store(base + KP + 1 + kk[None, :], pooled, mask=(kk < K)[None, :])
     tl.debug_barrier()
 
-    # each key block's share: bins spread evenly over their keys (spread_bins_to_key_blocks)
-    j = tl.arange(0, NKBP)
+    # each key block's share: bins spread evenly over their keys (spread_bins_to_key_blocks). All KV
+    # heads' blocks in one flat row, head-major: e = head * NKBP + block
+    e = tl.arange(0, HKVP * NKBP)
+    eh = e // NKBP
+    j = e % NKBP
     nf = n.to(tl.float32)
     u0 = tl.minimum((j * BS).to(tl.float32) * K / nf, K * 1.0)
     u1 = tl.minimum(((j + 1) * BS).to(tl.float32) * K / nf, K * 1.0)
     lo0 = tl.minimum(tl.floor(u0).to(tl.int32), K - 1)
     lo1 = tl.minimum(tl.floor(u1).to(tl.int32), K - 1)
-    f0 = tl.load(base + lo0[None, :]) + (u0 - lo0)[None, :] * tl.load(base + KP + 1 + lo0[None, :])
-    f1 = tl.load(base + lo1[None, :]) + (u1 - lo1)[None, :] * tl.load(base + KP + 1 + lo1[None, :])
-    score = f1 - f0  # (HKVP, NKBP)
+    row = CdfScratch + (b * HKVP + eh) * (2 * KP + 2)
+    f0 = tl.load(row + lo0) + (u0 - lo0) * tl.load(row + KP + 1 + lo0)
+    f1 = tl.load(row + lo1) + (u1 - lo1) * tl.load(row + KP + 1 + lo1)
+    score = f1 - f0
 
     # order-preserving int32 keys: forced (sink, local) blocks on top, future / padding at the bottom
     causal = (j <= qb) & (j < NKB)
     forced = causal & ((j < SINK) | (j > qb - LOCAL))
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(forced[None, :], INT32_MAX, key)
-    key = tl.where(causal[None, :] & h_ok[:, None], key, INT32_MIN)
+    key = tl.where(forced, INT32_MAX, key)
+    key = tl.where(causal & (eh < HKV), key, INT32_MIN)
     if HAS_DENSITY:
         per_head = tl.ceil(density * (qb + 1).to(tl.float32)).to(tl.int32)
     else:
         per_head = PER_HEAD
-    budget = tl.maximum(tl.minimum(qb + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
+    forced_per_head = tl.sum((forced & (eh == 0)).to(tl.int32), 0)
+    budget = (tl.maximum(tl.minimum(qb + 1, per_head), forced_per_head) * HKV).to(tl.int32)
 
-    # the budget-th largest key: the largest t with #(key >= t) >= budget (fixed 32 halvings of int32)
-    lo = tl.full([], INT32_MIN + 1, tl.int64)
-    hi = tl.full([], INT32_MAX, tl.int64) + 1
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
-        enough = tl.sum(tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 1), 0) >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
-    threshold = lo.to(tl.int32)
+    # the budget-th largest key by radix select: 4 passes of 8 bits, each a 256-bin histogram of the
+    # keys that share the digits found so far (unsigned order: the sign bit flipped)
+    ukey = key.to(tl.uint32, bitcast=True) ^ 0x80000000
+    bins = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.uint32)
+    remaining = budget
+    for p in tl.static_range(4):
+        digit = ((ukey >> (24 - 8 * p)) & 255).to(tl.int32)
+        if p == 0:
+            hist = tl.histogram(digit, 256)
+        else:
+            high: tl.constexpr = (0xFFFFFFFF << (32 - 8 * p)) & 0xFFFFFFFF
+            hist = tl.histogram(digit, 256, mask=(ukey & high) == prefix)
+        at_least = tl.cumsum(hist, 0, reverse=True)  # keys with this digit or a larger one
+        d = tl.max(tl.where(at_least >= remaining, bins, -1), 0)
+        remaining -= tl.sum(tl.where(bins == d, at_least - hist, 0), 0)  # those strictly above are all in
+        prefix = prefix | (d.to(tl.uint32) << (24 - 8 * p))
+    threshold = (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
     above = key > threshold
-    tie = (key == threshold).to(tl.int32)
-    need = budget - tl.sum(tl.sum(above.to(tl.int32), 1), 0)
-    tie_rows = tl.sum(tie, 1)
-    tie_rank = tl.cumsum(tie, 1) - tie + (tl.cumsum(tie_rows, 0) - tie_rows)[:, None]
-    take = above | ((tie > 0) & (tie_rank < need))
+    tie = ((key == threshold) & (key != INT32_MIN)).to(tl.int32)
+    need = budget - tl.sum(above.to(tl.int32), 0)
+    take = above | ((tie > 0) & (tl.cumsum(tie, 0) - tie < need))  # ties: the lowest (head, block) first
 
-    # sorted lists: a chosen block's place is the count of chosen blocks before it
+    # sorted lists: a chosen block's place is the count of chosen blocks of its head before it
     take_i = take.to(tl.int32)
-    place = tl.cumsum(take_i, 1) - 1
-    count = tl.sum(take_i, 1)
-    out = Index + (b * HKV + h[:, None]) * MAXB
-    tl.store(out + place, (j[None, :] + tl.zeros([HKVP, NKBP], tl.int32)), mask=take)
-    s = tl.arange(0, MAXBP)
-    tl.store(out + s[None, :], tl.full([HKVP, MAXBP], -1, tl.int32),
-             mask=h_ok[:, None] & (s[None, :] >= count[:, None]) & (s < MAXB)[None, :])
-    tl.store(Count + b * HKV + h, count, mask=h_ok)
-    full = tl.sum((take & (j < qb)[None, :]).to(tl.int64), 1)
-    diag = tl.sum((take & (j == qb)[None, :]).to(tl.int64), 1)
-    tl.store(Kept + b * HKV + h, full * BS + diag * (within + 1), mask=h_ok)
+    before = tl.cumsum(take_i, 0) - take_i
+    head_start = tl.zeros([HKVP * NKBP], tl.int32)
+    done = 0
+    for hh in tl.static_range(HKV):
+        in_head = eh == hh
+        head_start = tl.where(in_head, done, head_start)
+        count = tl.sum((take & in_head).to(tl.int32), 0)
+        full = tl.sum((take & in_head & (j < qb)).to(tl.int64), 0)
+        diag = tl.sum((take & in_head & (j == qb)).to(tl.int64), 0)
+        tl.store(Count + b * HKV + hh, count)
+        tl.store(Kept + b * HKV + hh, full * BS + diag * (within + 1))
+        s = tl.arange(0, MAXBP)
+        tl.store(Index + (b * HKV + hh) * MAXB + s, tl.full([MAXBP], -1, tl.int32), mask=(s >= count) & (s < MAXB))
+        done += count
+    tl.store(Index + (b * HKV + eh) * MAXB + before - head_start, j, mask=take)
     tl.store(Length + b, n)
 
 

@@ -97,21 +97,21 @@ def _combine_kernel(
     g = tl.arange(0, GP)
     dcol = tl.arange(0, BLOCK_D)
     base = pid * NSPLIT * GP
+    ok = g < G  # only the real query rows (the GP - G padding rows are never read)
     m = tl.full([GP], float("-inf"), tl.float32)
     for sp in range(NSPLIT):
-        m = tl.maximum(m, tl.load(PartM + base + sp * GP + g))
+        m = tl.maximum(m, tl.load(PartM + base + sp * GP + g, mask=ok, other=float("-inf")))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_D], tl.float32)
     for sp in range(NSPLIT):
-        w = tl.exp2(tl.load(PartM + base + sp * GP + g) - m_use)
-        l_sum += w * tl.load(PartL + base + sp * GP + g)
-        acc += w[:, None] * tl.load(PartOut + (base + sp * GP + g)[:, None] * BLOCK_D + dcol[None, :])
+        w = tl.exp2(tl.load(PartM + base + sp * GP + g, mask=ok, other=float("-inf")) - m_use)
+        l_sum += w * tl.load(PartL + base + sp * GP + g, mask=ok, other=0.0)
+        acc += w[:, None] * tl.load(PartOut + (base + sp * GP + g)[:, None] * BLOCK_D + dcol[None, :], mask=ok[:, None], other=0.0)
     has = l_sum > 0.0
     out = acc / tl.where(has, l_sum, 1.0)[:, None]
     lse = tl.where(has, (m_use + tl.log2(tl.where(has, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
     head = (hk * G + g).to(tl.int64)
-    ok = g < G
     tl.store(Out + b.to(tl.int64) * sob + head[:, None] * soh + dcol[None, :] * sod, out.to(Out.dtype.element_ty),
              mask=ok[:, None] & (dcol < D)[None, :])
     tl.store(Lse + b * Hkv * G + head, lse, mask=ok)
