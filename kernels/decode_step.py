@@ -430,8 +430,8 @@ def _select_kernel(
         if p == 0:
             hist = tl.histogram(digit, 256)
         else:
-            high: tl.constexpr = (0xFFFFFFFF << (32 - 8 * p)) & 0xFFFFFFFF
-            hist = tl.histogram(digit, 256, mask=(ukey & high) == prefix)
+            same_high_digits = (ukey & ((0xFFFFFFFF << (32 - 8 * p)) & 0xFFFFFFFF)) == prefix
+            hist = tl.histogram(digit, 256, mask=same_high_digits)
         at_least = tl.cumsum(hist, 0, reverse=True)  # keys with this digit or a larger one
         d = tl.max(tl.where(at_least >= remaining, bins, -1), 0)
         remaining -= tl.sum(tl.where(bins == d, at_least - hist, 0), 0)  # those strictly above are all in
