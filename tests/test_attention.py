@@ -178,8 +178,9 @@ def test_cnn_shortcut_equals_upsample_then_project():
     torch.nn.init.normal_(cnn.norm.weight)
     torch.nn.init.normal_(cnn.norm.bias)
     x = torch.randn(2, 6, 40, 8)
-    h = x + F.relu(cnn._causal(cnn.conv1, x))
-    h = h + F.relu(cnn._causal(cnn.conv2, h))
+    # the paper's order, with the module's own layers (causal: padding on top only)
+    h = x + F.relu(cnn.conv1(F.pad(x, (1, 1, 2, 0))))
+    h = h + F.relu(cnn.conv2(F.pad(h, (2, 2, 4, 0))))
     paper = cnn.norm(cnn.to_heads(F.interpolate(h, scale_factor=(1, 4), mode="nearest")))
     assert torch.allclose(cnn(x), paper, atol=1e-5)
 
