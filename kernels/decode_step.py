@@ -39,7 +39,6 @@ import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels.reference_decode import CNNWeights, RowWeights
 
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and columns)
-GATE_COLS = tl.constexpr(16)  # the 2 gates, padded to a dot tile
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
 

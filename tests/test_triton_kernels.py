@@ -444,10 +444,6 @@ def _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed, mode="block", bs=16, nbf
     return cfg, pred, state, q_new, kc, vc
 
 
-def _state_copy(state):
-    return copy.deepcopy(state)
-
-
 # B, Hq, Hkv, d, K, lengths: GQA 3 and 1, odd d, rows shorter than the CNN's receptive field
 # (pos < 6) and than K (empty bins), a length on a block edge (the step opens a new query block)
 STEP_CASES = [
@@ -484,7 +480,7 @@ def _check_rows_and_cnn(case, dtype, bs=16, nbf=2):
     B, Hq, Hkv, d, K, lengths = case
     cfg, pred, state, q, kc, vc = _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed=sum(lengths), bs=bs, nbf=nbf)
     ks, vs = kc[:, :, -1:], vc[:, :, -1:]
-    a, b = _state_copy(state), _state_copy(state)
+    a, b = copy.deepcopy(state), copy.deepcopy(state)
     with torch.no_grad():
         row_k, gates_k = ds.decode_predictor_rows(q, ks, vs, a.length, a.shift, a.kv, a.norm, a.v_sum, pred.row_weights(), d**-0.5)
         row_r, gates_r = ref.decode_predictor_rows(q, ks, vs, b.length, b.shift, b.kv, b.norm, b.v_sum, pred.row_weights(), d**-0.5)
@@ -590,7 +586,7 @@ def test_decode_step_on_kernels_matches_reference_step(case, mode, dtype):
 
     B, Hq, Hkv, d, K, lengths = case
     cfg, pred, state, q, kc, vc = _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed=sum(lengths) + 1, mode=mode)
-    a, b = _state_copy(state), _state_copy(state)
+    a, b = copy.deepcopy(state), copy.deepcopy(state)
     worst = 0.0
     with torch.no_grad():
         for t in range(3):
