@@ -364,33 +364,36 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
 
 
 @triton.jit
-def _select_kernel(
-    Probs, BlockSum, Length, CdfScratch, Index, Count, Kept,
+def _select_candidates_kernel(
+    Probs, BlockSum, Length, CdfScratch, Keys, Cand, Thr, Ties, Step,
     density,
-    HKV: tl.constexpr, HKVP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NKB: tl.constexpr, NKBP: tl.constexpr,
+    HKV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NKB: tl.constexpr, NKBP: tl.constexpr,
     MAXB: tl.constexpr, MAXBP: tl.constexpr, BS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_DENSITY: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    """One KV head: its key block scores as order-preserving int32 keys (-> Keys), the budget-th
+    largest of them t_h (bisection), and its candidates: the keys above t_h (fewer than the budget,
+    -> Cand) and how many equal t_h (-> Thr, Ties). The grouped threshold is at least every t_h, so
+    the candidates hold every key the group can keep."""
+    pid = tl.program_id(0)
+    b = pid // HKV
     pos = tl.load(Length + b)
     n = pos + 1
     qb = pos // BS
     within = pos % BS
-    h = tl.arange(0, HKVP)
-    h_ok = h < HKV
     kk = tl.arange(0, KP)
-    m2 = h_ok[:, None] & (kk < K)[None, :]
+    k_ok = kk < K
     # the current query block's rows so far (reset when this row opens the block), their mean
-    ptr = (b * HKV + h[:, None]) * K + kk[None, :]
-    block = tl.load(BlockSum + ptr, mask=m2, other=0.0)
-    block = tl.where(within == 0, 0.0, block) + tl.load(Probs + ptr, mask=m2, other=0.0)
-    tl.store(BlockSum + ptr, block, mask=m2)
+    ptr = pid * K + kk
+    block = tl.load(BlockSum + ptr, mask=k_ok, other=0.0)
+    block = tl.where(within == 0, 0.0, block) + tl.load(Probs + ptr, mask=k_ok, other=0.0)
+    tl.store(BlockSum + ptr, block, mask=k_ok)
     pooled = block / (within + 1).to(tl.float32)
     # mass before each bin edge: cdf[0] = 0, cdf[m] = pooled[0] + .. + pooled[m-1]; scratch for the gathers
-    base = CdfScratch + (b * HKVP + h[:, None]) * (2 * KP + 2)
-    tl.store(base + 1 + kk[None, :], tl.cumsum(pooled, 1), mask=(kk < K)[None, :])
-    tl.store(base + kk[None, :], tl.zeros([HKVP, KP], tl.float32), mask=(kk == 0)[None, :])
-    tl.store(base + KP + 1 + kk[None, :], pooled, mask=(kk < K)[None, :])
+    base = CdfScratch + pid * (2 * KP + 2)
+    tl.store(base + 1 + kk, tl.cumsum(pooled, 0), mask=k_ok)
+    tl.store(base + kk, tl.zeros([KP], tl.float32), mask=kk == 0)
+    tl.store(base + KP + 1 + kk, pooled, mask=k_ok)
     tl.debug_barrier()
 
     # each key block's share: bins spread evenly over their keys (spread_bins_to_key_blocks)
@@ -400,53 +403,102 @@ def _select_kernel(
     u1 = tl.minimum(((j + 1) * BS).to(tl.float32) * K / nf, K * 1.0)
     lo0 = tl.minimum(tl.floor(u0).to(tl.int32), K - 1)
     lo1 = tl.minimum(tl.floor(u1).to(tl.int32), K - 1)
-    f0 = tl.load(base + lo0[None, :]) + (u0 - lo0)[None, :] * tl.load(base + KP + 1 + lo0[None, :])
-    f1 = tl.load(base + lo1[None, :]) + (u1 - lo1)[None, :] * tl.load(base + KP + 1 + lo1[None, :])
-    score = f1 - f0  # (HKVP, NKBP)
+    f0 = tl.load(base + lo0) + (u0 - lo0) * tl.load(base + KP + 1 + lo0)
+    f1 = tl.load(base + lo1) + (u1 - lo1) * tl.load(base + KP + 1 + lo1)
+    score = f1 - f0
 
     # order-preserving int32 keys: forced (sink, local) blocks on top, future / padding at the bottom
     causal = (j <= qb) & (j < NKB)
     forced = causal & ((j < SINK) | (j > qb - LOCAL))
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(forced[None, :], INT32_MAX, key)
-    key = tl.where(causal[None, :] & h_ok[:, None], key, INT32_MIN)
+    key = tl.where(forced, INT32_MAX, key)
+    key = tl.where(causal, key, INT32_MIN)
+    tl.store(Keys + pid * NKBP + j, key)
     if HAS_DENSITY:
         per_head = tl.ceil(density * (qb + 1).to(tl.float32)).to(tl.int32)
     else:
         per_head = PER_HEAD
     budget = tl.maximum(tl.minimum(qb + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
 
-    # the budget-th largest key: the largest t with #(key >= t) >= budget (fixed 32 halvings of int32)
+    # the budget-th largest key of this head: the largest t with #(key >= t) >= budget (32 halvings)
     lo = tl.full([], INT32_MIN + 1, tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64) + 1
     for _ in range(32):
         mid = lo + (hi - lo) // 2
-        enough = tl.sum(tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 1), 0) >= budget
+        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    t_h = lo.to(tl.int32)
+    above = key > t_h  # fewer than the budget (<= MAXB, the host's bound on it)
+    place = tl.cumsum(above.to(tl.int32), 0) - 1
+    tl.store(Cand + pid * MAXB + place, key, mask=above & (place < MAXB))
+    s = tl.arange(0, MAXBP)
+    tl.store(Cand + pid * MAXB + s, tl.full([MAXBP], INT32_MIN, tl.int32),
+             mask=(s >= tl.sum(above.to(tl.int32), 0)) & (s < MAXB))
+    tl.store(Thr + pid, t_h)
+    tl.store(Ties + pid, tl.sum((key == t_h).to(tl.int32), 0))
+    if pid % HKV == 0:  # the row's position and budget for the second kernel (which moves Length on)
+        tl.store(Step + b * 2, pos)
+        tl.store(Step + b * 2 + 1, budget)
+
+
+@triton.jit
+def _select_lists_kernel(
+    Keys, Cand, Thr, Ties, Step, Length, Index, Count, Kept,
+    HKV: tl.constexpr, HKVP: tl.constexpr, NKBP: tl.constexpr, MAXB: tl.constexpr, MAXBP: tl.constexpr,
+    BS: tl.constexpr,
+):
+    """One KV head's sorted list. Every program of a sequence finds the same grouped threshold T
+    (the budget-th largest key over all heads) from the heads' candidates, by bisection above the
+    largest t_h; exact ties at T go to the lowest (KV head, block)."""
+    pid = tl.program_id(0)
+    b = pid // HKV
+    hk = pid % HKV
+    pos = tl.load(Step + b * 2)
+    budget = tl.load(Step + b * 2 + 1)
+    hh = tl.arange(0, HKVP)
+    h_ok = hh < HKV
+    s = tl.arange(0, MAXBP)
+    cand = tl.load(Cand + (b * HKV + hh[:, None]) * MAXB + s[None, :], mask=h_ok[:, None] & (s < MAXB)[None, :],
+                   other=INT32_MIN)
+    thr = tl.load(Thr + b * HKV + hh, mask=h_ok, other=INT32_MIN)
+    ties = tl.load(Ties + b * HKV + hh, mask=h_ok, other=0)
+    # #(key >= t) over all heads, for t >= max t_h: the candidates >= t, plus head h's ties when t == t_h
+    lo = tl.max(thr, 0).to(tl.int64)
+    hi = tl.full([], INT32_MAX, tl.int64) + 1
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        m32 = mid.to(tl.int32)
+        n_ge = tl.sum(tl.sum((cand >= m32).to(tl.int32), 1), 0) + tl.sum(tl.where(thr >= m32, ties, 0), 0)
+        enough = n_ge >= budget
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
     threshold = lo.to(tl.int32)
-    above = key > threshold
-    tie = (key == threshold).to(tl.int32)
-    need = budget - tl.sum(tl.sum(above.to(tl.int32), 1), 0)
-    tie_rows = tl.sum(tie, 1)
-    tie_rank = tl.cumsum(tie, 1) - tie + (tl.cumsum(tie_rows, 0) - tie_rows)[:, None]
-    take = above | ((tie > 0) & (tie_rank < need))
+    need = budget - tl.sum(tl.sum((cand > threshold).to(tl.int32), 1), 0)
+    tie_heads = tl.sum((cand == threshold).to(tl.int32), 1) + tl.where(thr == threshold, ties, 0)
+    ties_before = tl.sum(tl.where(hh < hk, tie_heads, 0), 0)
 
-    # sorted lists: a chosen block's place is the count of chosen blocks before it
+    j = tl.arange(0, NKBP)
+    key = tl.load(Keys + pid * NKBP + j)
+    tie = (key == threshold).to(tl.int32)
+    tie_rank = tl.cumsum(tie, 0) - tie + ties_before
+    take = (key > threshold) | ((tie > 0) & (tie_rank < need))
+    # the sorted list: a chosen block's place is the count of chosen blocks before it
     take_i = take.to(tl.int32)
-    place = tl.cumsum(take_i, 1) - 1
-    count = tl.sum(take_i, 1)
-    out = Index + (b * HKV + h[:, None]) * MAXB
-    tl.store(out + place, (j[None, :] + tl.zeros([HKVP, NKBP], tl.int32)), mask=take)
-    s = tl.arange(0, MAXBP)
-    tl.store(out + s[None, :], tl.full([HKVP, MAXBP], -1, tl.int32),
-             mask=h_ok[:, None] & (s[None, :] >= count[:, None]) & (s < MAXB)[None, :])
-    tl.store(Count + b * HKV + h, count, mask=h_ok)
-    full = tl.sum((take & (j < qb)[None, :]).to(tl.int64), 1)
-    diag = tl.sum((take & (j == qb)[None, :]).to(tl.int64), 1)
-    tl.store(Kept + b * HKV + h, full * BS + diag * (within + 1), mask=h_ok)
-    tl.store(Length + b, n)
+    place = tl.cumsum(take_i, 0) - 1
+    count = tl.sum(take_i, 0)
+    out = Index + pid * MAXB
+    tl.store(out + place, j, mask=take)
+    m = tl.arange(0, MAXBP)
+    tl.store(out + m, tl.full([MAXBP], -1, tl.int32), mask=(m >= count) & (m < MAXB))
+    tl.store(Count + pid, count)
+    qb = pos // BS
+    full = tl.sum((take & (j < qb)).to(tl.int64), 0)
+    diag = tl.sum((take & (j == qb)).to(tl.int64), 0)
+    tl.store(Kept + pid, full * BS + diag * (pos % BS + 1))
+    if hk == 0:
+        tl.store(Length + b, pos + 1)
 
 
 @torch.compiler.disable
@@ -459,17 +511,28 @@ def decode_select_blocks(
         raise ValueError("decode_select_blocks: block_sum and length must be contiguous (they are updated in place)")
     maxb = min(num_key_blocks, max_budget)
     HKVP, KP = triton.next_power_of_2(Hkv), triton.next_power_of_2(K)
+    nkbp, maxbp = triton.next_power_of_2(num_key_blocks), triton.next_power_of_2(maxb)
     dev = probs.device
     index = torch.empty(B, Hkv, maxb, dtype=torch.int32, device=dev)
     count = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
     kept = torch.empty(B, Hkv, dtype=torch.int64, device=dev)
-    scratch = torch.empty(B, HKVP, 2 * KP + 2, dtype=torch.float32, device=dev)
-    nkbp = triton.next_power_of_2(num_key_blocks)
-    _select_kernel[(B,)](
-        probs.contiguous(), block_sum, length, scratch, index, count, kept, 0.0 if density is None else float(density),
-        HKV=Hkv, HKVP=HKVP, K=K, KP=KP, NKB=num_key_blocks, NKBP=nkbp, MAXB=maxb,
-        MAXBP=triton.next_power_of_2(maxb), BS=block_size, PER_HEAD=per_head, HAS_DENSITY=density is not None,
-        SINK=sink_blocks, LOCAL=local_blocks, num_warps=min(16, max(4, HKVP * nkbp // 1024)),
+    cdf = torch.empty(B * Hkv, 2 * KP + 2, dtype=torch.float32, device=dev)
+    keys = torch.empty(B * Hkv, nkbp, dtype=torch.int32, device=dev)
+    cand = torch.empty(B * Hkv, maxb, dtype=torch.int32, device=dev)
+    thr = torch.empty(B * Hkv, dtype=torch.int32, device=dev)
+    ties = torch.empty(B * Hkv, dtype=torch.int32, device=dev)
+    step = torch.empty(B, 2, dtype=torch.int32, device=dev)
+    _select_candidates_kernel[(B * Hkv,)](
+        probs.contiguous(), block_sum, length, cdf, keys, cand, thr, ties, step,
+        0.0 if density is None else float(density),
+        HKV=Hkv, K=K, KP=KP, NKB=num_key_blocks, NKBP=nkbp, MAXB=maxb, MAXBP=maxbp, BS=block_size,
+        PER_HEAD=per_head, HAS_DENSITY=density is not None, SINK=sink_blocks, LOCAL=local_blocks,
+        num_warps=min(8, max(4, nkbp // 512)),
+    )
+    _select_lists_kernel[(B * Hkv,)](
+        keys, cand, thr, ties, step, length, index, count, kept,
+        HKV=Hkv, HKVP=HKVP, NKBP=nkbp, MAXB=maxb, MAXBP=maxbp, BS=block_size,
+        num_warps=min(8, max(4, max(nkbp, HKVP * maxbp) // 512)),
     )
     return index, count, kept
 

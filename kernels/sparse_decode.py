@@ -11,7 +11,9 @@ Layout of the work
 - Each split keeps an online softmax in fp32 (base 2) and writes its partial output, max and sum;
   a second kernel, one program per (batch, KV head), combines the splits.
 - The number of splits gives about two programs per SM: long lists are cut finer when the batch
-  and the KV heads alone would leave the GPU idle.
+  and the KV heads alone would leave the GPU idle. Each split takes an equal share of the list's
+  real length (read on the device), not of its padded width: a 32-block list under a 256-wide
+  bound is spread over all the splits rather than the first four.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _decode_kernel(
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sib, sih, sij,
-    Hkv, S, per_split, qk_scale,
+    Hkv, S, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     NSPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -56,6 +58,7 @@ def _decode_kernel(
     start = tl.load(Start + b)
     length = tl.load(Length + b)
     count = tl.load(BlockCount + b * Hkv + hk)
+    per_split = tl.cdiv(count, NSPLIT)  # the list's real length (a grouped top-k's lists differ per head)
     first = split * per_split
     last = tl.minimum(first + per_split, count)
     idx = BlockIndex + b * sib + hk * sih
@@ -140,7 +143,6 @@ def sparse_decode_attention(
     maxb = block_index.shape[-1]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     nsplit = num_splits(B * Hkv, maxb, sms)
-    per_split = math.ceil(maxb / nsplit)
     dev = q.device
     part_out = torch.empty(B * Hkv, nsplit, GP, BLOCK_D, dtype=torch.float32, device=dev)
     part_m = torch.empty(B * Hkv, nsplit, GP, dtype=torch.float32, device=dev)
@@ -152,7 +154,7 @@ def sparse_decode_attention(
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(), *v.stride(),
         index.stride(0), index.stride(1), index.stride(2),
-        Hkv, S, per_split, scale * LOG2E,
+        Hkv, S, scale * LOG2E,
         G=G, GP=GP, BLOCK=block_size, D=d, BLOCK_D=BLOCK_D, NSPLIT=nsplit,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,

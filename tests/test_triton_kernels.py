@@ -543,6 +543,25 @@ def test_decode_select_blocks_matches_reference(case, Hkv):
         assert (rc.sum(-1) < causal * Hkv).any()
 
 
+def test_decode_select_blocks_exact_ties_go_to_the_lowest_head_and_block():
+    """Uniform estimate at 512 keys in 32 bins of 16-key blocks: every block scores exactly 2^-5 in
+    every KV head, so the whole grouped budget beyond the forced blocks is one tie across heads; the
+    kernel gives it to the lowest (KV head, block), head 0's blocks 1.. (torch.topk's order among
+    equal values is unspecified, so the reference is not the oracle here)."""
+    Hkv, K, per_head = 3, 32, 3
+    probs = torch.full((1, Hkv, K), 1 / K, device=DEV)
+    block_sum = torch.full((1, Hkv, K), 15 / K, device=DEV)  # 15 rows of the query block before this one
+    length = torch.tensor([511], device=DEV)
+    index, count, kept = ds.decode_select_blocks(probs, block_sum, length, block_size=16, num_key_blocks=32,
+                                                 per_head=per_head, density=None, sink_blocks=1, local_blocks=1,
+                                                 max_budget=per_head * Hkv)
+    assert count.tolist() == [[2 + Hkv, 2, 2]]  # sink + local each, the Hkv tied slots to head 0
+    assert index[0, 0].tolist() == [0, 1, 2, 3, 31, -1, -1, -1, -1]
+    assert index[0, 1].tolist() == index[0, 2].tolist() == [0, 31, -1, -1, -1, -1, -1, -1, -1]
+    assert kept.tolist() == [[4 * 16 + 16, 16 + 16, 16 + 16]]  # the row's own block 31 is whole (pos 511)
+    assert length.tolist() == [512]
+
+
 def test_decode_select_blocks_long_rows_keep_the_same_mass():
     """Rows of 3000 keys in 32 bins: many key blocks lie inside one bin and score alike up to rounding,
     so which of them the top-k takes may differ (the kernel's prefix sum rounds in another order)."""
