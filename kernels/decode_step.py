@@ -39,6 +39,10 @@ import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels.reference_decode import CNNWeights, RowWeights
 
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and columns)
+# weight elements per round of the encoder's row-times-matrix products (64 fp32 registers a thread at 8 warps):
+# fewer, larger rounds of loads; 8192 (12 + 4 rounds at hidden 256) took 10 us on an H100
+ENC_TILE = 16384
+PACK16_MAX = 16384  # counts up to this fit two to an int32 (low field < 2^16, high field < 2^31)
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
 
@@ -199,8 +203,8 @@ def decode_predictor_rows(
     _encoder_kernel[(B * Hq,)](
         lin, v, kf, norm, v_sum, *weights, gw, gb, row, gates if gates is not None else row,
         v.stride(0), v.stride(1), v.stride(3), Hq, w.ln_eps,
-        G=G, D=d, BD=BD, NF=nf, FP=FP, HID=hid, HP=HP, KC=max(1, min(32, 8192 // HP)), OUT=out,
-        OC=max(1, min(_p2(out, 1), 8192 // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=8,
+        G=G, D=d, BD=BD, NF=nf, FP=FP, HID=hid, HP=HP, KC=max(1, min(128, ENC_TILE // HP)), OUT=out,
+        OC=max(1, min(_p2(out, 1), ENC_TILE // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=8,
     )
     return row, gates
 
@@ -211,17 +215,18 @@ def decode_predictor_rows(
 
 
 @triton.jit
-def _conv_tap_input(Image, Row, X1, b, pos, row, shift: tl.constexpr, ch, ch_ok, col,
-                    CH: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, FROM_X1: tl.constexpr):
-    """Window row `row` (0..R; R is the new one) shifted by `shift` along the width, zero outside it:
-    the CNN's input from the ring, or conv1's output (rows 2, 4, 6 in X1's slots 0, 1, 2)."""
-    c = col + shift
-    m = ch_ok[:, None] & ((c >= 0) & (c < W))[None, :]
+def _conv_rows_input(Image, Row, X1, b, pos, row, ch, shift, ok, col,
+                     CH: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, FROM_X1: tl.constexpr):
+    """Window row `row` (0..R; R is the new one) of channels ch, each shifted by its own `shift` along
+    the width, zero outside it (and where not ok): the CNN's input from the ring, or conv1's output
+    (rows 2, 4, 6 in X1's slots 0, 1, 2)."""
+    c = col[None, :] + shift[:, None]
+    m = ok[:, None] & (c >= 0) & (c < W)
     if FROM_X1:
-        return tl.load(X1 + (b * 3 + row // 2 - 1) * CH * WP + ch[:, None] * WP + c[None, :], mask=m, other=0.0)
+        return tl.load(X1 + (b * 3 + row // 2 - 1) * CH * WP + ch[:, None] * WP + c, mask=m, other=0.0)
     slot = (pos + row) % R
-    ring = tl.load(Image + ((b * CH + ch[:, None]) * R + slot) * W + c[None, :], mask=m & (row < R), other=0.0)
-    new = tl.load(Row + b * CH * W + ch[:, None] * W + c[None, :], mask=m & (row == R), other=0.0)
+    ring = tl.load(Image + ((b * CH + ch[:, None]) * R + slot) * W + c, mask=m & (row < R), other=0.0)
+    new = tl.load(Row + b * CH * W + ch[:, None] * W + c, mask=m & (row == R), other=0.0)
     return tl.where(row == R, new.to(tl.float32), ring.to(tl.float32))
 
 
@@ -233,7 +238,10 @@ def _conv_kernel(
 ):
     """OCB output channels of one output row. conv1 (dilation 1) at window rows 2, 4, 6 (t-4, t-2, t:
     what conv2's last row reads) -> X1, zero on rows before the sequence's start; conv2 (dilation 2)
-    at row t over them -> X2. Each adds its input (the residual) after the ReLU."""
+    at row t over them -> X2. Each adds its input (the residual) after the ReLU.
+    One product per kernel row ky: the three taps kx of every input channel stacked along the
+    reduction (channel-major, a fourth zero tap to keep it a power of two), so a program makes three
+    rounds of loads instead of nine (nine took 10 us per conv on an H100)."""
     b = tl.program_id(0)
     job = tl.program_id(1)
     nblk: tl.constexpr = (CH + OCB - 1) // OCB
@@ -241,23 +249,25 @@ def _conv_kernel(
     oc = (job % nblk) * OCB + tl.arange(0, OCB)
     oc_ok = oc < CH
     pos = tl.load(Pos + b)
-    ch = tl.arange(0, CHP)
-    ch_ok = ch < CH
+    t = tl.arange(0, 4 * CHP)
+    ci = t // 4
+    kx = t % 4
+    t_ok = (ci < CH) & (kx < 3)
     col = tl.arange(0, WP)
     col_ok = col < W
     acc = tl.zeros([OCB, WP], tl.float32)
     for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            wt = tl.load(Wt + oc[:, None] * (CH * 9) + ch[None, :] * 9 + ky * 3 + kx, mask=oc_ok[:, None] & ch_ok[None, :], other=0.0)
-            if SECOND:
-                xin = _conv_tap_input(Image, Row, X1, b, pos, 2 * ky + 2, 2 * (kx - 1), ch, ch_ok, col, CH, R, W, WP, True)
-            else:
-                xin = _conv_tap_input(Image, Row, X1, b, pos, 2 * r + ky, kx - 1, ch, ch_ok, col, CH, R, W, WP, False)
-                xin = tl.where(2 * r + ky >= R - pos, xin, 0.0)  # rows before the sequence's start are zero
-            if LOW:
-                acc += tl.dot(wt, xin.to(wt.dtype))
-            else:
-                acc += tl.dot(wt.to(tl.float32), xin, input_precision="ieee")
+        wt = tl.load(Wt + oc[:, None] * (CH * 9) + ci[None, :] * 9 + ky * 3 + kx[None, :],
+                     mask=oc_ok[:, None] & t_ok[None, :], other=0.0)
+        if SECOND:
+            xin = _conv_rows_input(Image, Row, X1, b, pos, 2 * ky + 2, ci, 2 * (kx - 1), t_ok, col, CH, R, W, WP, True)
+        else:
+            xin = _conv_rows_input(Image, Row, X1, b, pos, 2 * r + ky, ci, kx - 1, t_ok, col, CH, R, W, WP, False)
+            xin = tl.where(2 * r + ky >= R - pos, xin, 0.0)  # rows before the sequence's start are zero
+        if LOW:
+            acc += tl.dot(wt, xin.to(wt.dtype))
+        else:
+            acc += tl.dot(wt.to(tl.float32), xin, input_precision="ieee")
     out_ch = oc[:, None]
     m = oc_ok[:, None] & col_ok[None, :]
     bias = tl.load(Bias + oc, mask=oc_ok, other=0.0).to(tl.float32)[:, None]
@@ -266,7 +276,8 @@ def _conv_kernel(
         tl.store(X2 + b * CH * WP + out_ch * WP + col[None, :], res + tl.maximum(acc + bias, 0.0), mask=m)
     else:
         row = 2 * r + 2
-        res = _conv_tap_input(Image, Row, X1, b, pos, row, 0, oc, oc_ok, col, CH, R, W, WP, False)
+        res = _conv_rows_input(Image, Row, X1, b, pos, row, oc, tl.zeros([OCB], tl.int32), oc_ok, col, CH, R, W, WP,
+                               False)
         x1 = tl.where(row >= R - pos, res + tl.maximum(acc + bias, 0.0), 0.0)
         if LOW:  # the reference keeps conv1's output in the weights' dtype
             x1 = x1.to(Wt.dtype.element_ty).to(tl.float32)
@@ -346,7 +357,7 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
     for second, (wt, bias) in enumerate(((w.conv1_weight, w.conv1_bias), (w.conv2_weight, w.conv2_bias))):
         _conv_kernel[(B, (1 if second else 3) * nblk)](
             image, row, pos, wt.contiguous(), bias.contiguous(), x1, x2,
-            CH=CH, CHP=CHP, OCB=OCB, R=R, W=W, WP=WP, SECOND=bool(second), LOW=low, num_warps=4,
+            CH=CH, CHP=CHP, OCB=OCB, R=R, W=W, WP=WP, SECOND=bool(second), LOW=low, num_warps=8,
         )
     G = Hq // num_kv_heads
     GP = _p2(G)
@@ -364,12 +375,47 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
 
 
 @triton.jit
+def _thirds(lo, hi):
+    """Two cut points splitting [lo, hi) into thirds (int64), and them as int32 compare values."""
+    third = (hi - lo + 2) // 3
+    m1 = lo + third
+    m2 = lo + 2 * third
+    return m1, m2, tl.minimum(m1, INT32_MAX).to(tl.int32), tl.minimum(m2, INT32_MAX).to(tl.int32)
+
+
+@triton.jit
+def _narrow(lo, hi, m1, m2, n1, n2, budget):
+    """One ternary step of the threshold search: keep the third holding the largest t with
+    #(key >= t) >= budget (counts n1, n2 at the cuts; cuts at or past hi count as too few)."""
+    e1 = (m1 < hi) & (n1 >= budget)
+    e2 = (m2 < hi) & (n2 >= budget)
+    new_lo = tl.where(e2, m2, tl.where(e1, m1, lo))
+    new_hi = tl.where(e2, hi, tl.where(e1, tl.minimum(m2, hi), tl.minimum(m1, hi)))
+    return new_lo, new_hi
+
+
+@triton.jit
+def _count_at_cuts(key, c1, c2, WIDE: tl.constexpr):
+    """#(key >= c1) and #(key >= c2) over all of key, in one reduction: both counts packed in one
+    integer (16-bit fields, 32-bit ones when WIDE), so each search step pays a single block-wide sum."""
+    if WIDE:
+        packed = tl.sum(tl.reshape((key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << 32), [key.numel]), 0)
+        return packed & 0xFFFFFFFF, packed >> 32
+    else:
+        packed = tl.sum(tl.reshape((key >= c1).to(tl.int32) + ((key >= c2).to(tl.int32) << 16), [key.numel]), 0)
+        return packed & 0xFFFF, packed >> 16
+
+
+SEARCH_STEPS = tl.constexpr(21)  # ternary steps from 2^32 - 1 candidates to one: 3^21 > 2^32
+
+
+@triton.jit
 def _select_candidates_kernel(
     Probs, BlockSum, Length, CdfScratch, Keys, Cand, Thr, Ties, Step,
     density,
     HKV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NKB: tl.constexpr, NKBP: tl.constexpr,
     MAXB: tl.constexpr, MAXBP: tl.constexpr, BS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_DENSITY: tl.constexpr,
-    SINK: tl.constexpr, LOCAL: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One KV head: its key block scores as order-preserving int32 keys (-> Keys), the budget-th
     largest of them t_h (bisection), and its candidates: the keys above t_h (fewer than the budget,
@@ -424,11 +470,10 @@ def _select_candidates_kernel(
     # the budget-th largest key of this head: the largest t with #(key >= t) >= budget (32 halvings)
     lo = tl.full([], INT32_MIN + 1, tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64) + 1
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
-        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+    for _ in range(SEARCH_STEPS):
+        m1, m2, c1, c2 = _thirds(lo, hi)
+        n1, n2 = _count_at_cuts(key, c1, c2, WIDE)
+        lo, hi = _narrow(lo, hi, m1, m2, n1, n2, budget)
     t_h = lo.to(tl.int32)
     above = key > t_h  # fewer than the budget (<= MAXB, the host's bound on it)
     place = tl.cumsum(above.to(tl.int32), 0) - 1
@@ -447,7 +492,7 @@ def _select_candidates_kernel(
 def _select_lists_kernel(
     Keys, Cand, Thr, Ties, Step, Length, Index, Count, Kept,
     HKV: tl.constexpr, HKVP: tl.constexpr, NKBP: tl.constexpr, MAXB: tl.constexpr, MAXBP: tl.constexpr,
-    BS: tl.constexpr,
+    BS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One KV head's sorted list. Every program of a sequence finds the same grouped threshold T
     (the budget-th largest key over all heads) from the heads' candidates, by bisection above the
@@ -465,15 +510,15 @@ def _select_lists_kernel(
     thr = tl.load(Thr + b * HKV + hh, mask=h_ok, other=INT32_MIN)
     ties = tl.load(Ties + b * HKV + hh, mask=h_ok, other=0)
     # #(key >= t) over all heads, for t >= max t_h: the candidates >= t, plus head h's ties when t == t_h
+    ties_capped = tl.minimum(ties, budget)  # same verdict (>= budget), bounded counts for the packing
     lo = tl.max(thr, 0).to(tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64) + 1
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
-        m32 = mid.to(tl.int32)
-        n_ge = tl.sum(tl.sum((cand >= m32).to(tl.int32), 1), 0) + tl.sum(tl.where(thr >= m32, ties, 0), 0)
-        enough = n_ge >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+    for _ in range(SEARCH_STEPS):
+        m1, m2, c1, c2 = _thirds(lo, hi)
+        n1, n2 = _count_at_cuts(cand, c1, c2, WIDE)
+        n1 += tl.sum(tl.where(thr >= c1, ties_capped, 0), 0)
+        n2 += tl.sum(tl.where(thr >= c2, ties_capped, 0), 0)
+        lo, hi = _narrow(lo, hi, m1, m2, n1, n2, budget)
     threshold = lo.to(tl.int32)
     need = budget - tl.sum(tl.sum((cand > threshold).to(tl.int32), 1), 0)
     tie_heads = tl.sum((cand == threshold).to(tl.int32), 1) + tl.where(thr == threshold, ties, 0)
@@ -527,12 +572,12 @@ def decode_select_blocks(
         0.0 if density is None else float(density),
         HKV=Hkv, K=K, KP=KP, NKB=num_key_blocks, NKBP=nkbp, MAXB=maxb, MAXBP=maxbp, BS=block_size,
         PER_HEAD=per_head, HAS_DENSITY=density is not None, SINK=sink_blocks, LOCAL=local_blocks,
-        num_warps=min(8, max(4, nkbp // 512)),
+        WIDE=nkbp > PACK16_MAX, num_warps=min(8, max(4, nkbp // 512)),
     )
     _select_lists_kernel[(B * Hkv,)](
         keys, cand, thr, ties, step, length, index, count, kept,
         HKV=Hkv, HKVP=HKVP, NKBP=nkbp, MAXB=maxb, MAXBP=maxbp, BS=block_size,
-        num_warps=min(8, max(4, max(nkbp, HKVP * maxbp) // 512)),
+        WIDE=Hkv * (maxb + max_budget) > PACK16_MAX, num_warps=min(8, max(4, max(nkbp, HKVP * maxbp) // 512)),
     )
     return index, count, kept
 

@@ -543,6 +543,14 @@ def test_decode_select_blocks_matches_reference(case, Hkv):
         assert (rc.sum(-1) < causal * Hkv).any()
 
 
+def test_decode_select_blocks_wide_count_packing(monkeypatch):
+    """Very long position tables pack the search's two counts in 32-bit fields of an int64; force that
+    path on a small case (the 16-bit path runs in every other case)."""
+    monkeypatch.setattr(ds, "PACK16_MAX", 0)
+    (index, count, kept), (ri, rc, rk) = _select_case(3, 3, 32, [100, 32, 7], 9, seed=11, max_budget=9)
+    assert torch.equal(index, ri) and torch.equal(count, rc) and torch.equal(kept, rk)
+
+
 def test_decode_select_blocks_exact_ties_go_to_the_lowest_head_and_block():
     """Uniform estimate at 512 keys in 32 bins of 16-key blocks: every block scores exactly 2^-5 in
     every KV head, so the whole grouped budget beyond the forced blocks is one tie across heads; the
