@@ -36,8 +36,6 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
-from kernels import dependent_launch
-from kernels.dependent_launch import wait_for_predecessor
 from kernels.reference_decode import CNNWeights, RowWeights
 
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and columns)
@@ -64,12 +62,11 @@ def _estimator_kernel(
     sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
     Hkv, root,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, FP: tl.constexpr,
-    DC: tl.constexpr, PDL: tl.constexpr,
+    DC: tl.constexpr,
 ):
     """Columns [chunk * DC, chunk * DC + DC) of [v, position]: the running sum kf^T value (updated in
     place) and the G query heads' rows of the estimator's output. Every program computes the features
     (cheap); the norm is read here and updated by the encoder kernel, after every program here ran."""
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     b = pid // Hkv
@@ -120,11 +117,10 @@ def _encoder_kernel(
     Hq, ln_eps,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, FP: tl.constexpr,
     HID: tl.constexpr, HP: tl.constexpr, KC: tl.constexpr, OUT: tl.constexpr, OC: tl.constexpr,
-    HAS_GATES: tl.constexpr, LOW: tl.constexpr, PDL: tl.constexpr,
+    HAS_GATES: tl.constexpr, LOW: tl.constexpr,
 ):
     """One query head's row: encoder([lin, v]) -> LayerNorm -> GELU -> row decoder, gates (products as
     row-times-matrix reductions: one row per program, the weights read from L2 by every head)."""
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq
@@ -189,7 +185,6 @@ def decode_predictor_rows(
         if not t.is_contiguous() or t.dtype != torch.float32:
             raise ValueError(f"decode_predictor_rows: {name} must be contiguous fp32 (it is updated in place)")
     dev = q.device
-    pdl = dependent_launch.enabled(dev)
     wdtype = w.dec_weight.dtype
     FP, BD = _p2(nf), _p2(d)
     DC = 32 if d >= 32 else 16
@@ -198,8 +193,7 @@ def decode_predictor_rows(
     _estimator_kernel[(B * Hkv, triton.cdiv(2 * d, DC))](
         q, k, v, pos.contiguous(), shift, kv, norm, w.projection.contiguous(), w.position_values.contiguous(), lin, kf,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
-        Hkv, math.sqrt(scale), G=G, GP=_p2(G), D=d, BD=BD, NF=nf, FP=FP, DC=DC,
-        PDL=pdl, launch_pdl=pdl, num_warps=8 if FP * BD >= 16384 else 4,
+        Hkv, math.sqrt(scale), G=G, GP=_p2(G), D=d, BD=BD, NF=nf, FP=FP, DC=DC, num_warps=8 if FP * BD >= 16384 else 4,
     )
     row = torch.empty(B, Hq * w.channels, 1, out // w.channels, dtype=wdtype, device=dev)
     gates = torch.empty(B, Hq, 1, 2, dtype=torch.float32, device=dev) if w.gate_weight is not None else None
@@ -210,8 +204,7 @@ def decode_predictor_rows(
         lin, v, kf, norm, v_sum, *weights, gw, gb, row, gates if gates is not None else row,
         v.stride(0), v.stride(1), v.stride(3), Hq, w.ln_eps,
         G=G, D=d, BD=BD, NF=nf, FP=FP, HID=hid, HP=HP, KC=max(1, min(128, ENC_TILE // HP)), OUT=out,
-        OC=max(1, min(_p2(out, 1), ENC_TILE // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32,
-        PDL=pdl, launch_pdl=pdl, num_warps=8,
+        OC=max(1, min(_p2(out, 1), ENC_TILE // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=8,
     )
     return row, gates
 
@@ -241,7 +234,7 @@ def _conv_rows_input(Image, Row, X1, b, pos, row, ch, shift, ok, col,
 def _conv_kernel(
     Image, Row, Pos, Wt, Bias, X1, X2,
     CH: tl.constexpr, CHP: tl.constexpr, OCB: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-    SECOND: tl.constexpr, LOW: tl.constexpr, PDL: tl.constexpr,
+    SECOND: tl.constexpr, LOW: tl.constexpr,
 ):
     """OCB output channels of one output row. conv1 (dilation 1) at window rows 2, 4, 6 (t-4, t-2, t:
     what conv2's last row reads) -> X1, zero on rows before the sequence's start; conv2 (dilation 2)
@@ -249,7 +242,6 @@ def _conv_kernel(
     One product per kernel row ky: the three taps kx of every input channel stacked along the
     reduction (channel-major, a fourth zero tap to keep it a power of two), so a program makes three
     rounds of loads instead of nine (nine took 10 us per conv on an H100)."""
-    wait_for_predecessor(PDL)
     b = tl.program_id(0)
     job = tl.program_id(1)
     nblk: tl.constexpr = (CH + OCB - 1) // OCB
@@ -298,12 +290,10 @@ def _cnn_head_kernel(
     ln_eps,
     CH: tl.constexpr, CHP: tl.constexpr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, LOW: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One KV head's G query heads: to heads (1x1), LayerNorm over K/4 (= over K after the x4
     upsampling), softmax over the K bins (empty bins of a short row 0), their mean. The first KV
     head's program also puts the new row into the ring."""
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     b = pid // HKV
     hk = pid % HKV
@@ -358,7 +348,6 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
         raise ValueError(f"decode_cnn_probs: the ring holds 6 rows (the CNN's receptive field less one), got {R}")
     CHP, WP, KP = _p2(CH), _p2(W), _p2(K)
     dev = image.device
-    pdl = dependent_launch.enabled(dev)
     x1 = torch.empty(B, 3, CH, WP, dtype=torch.float32, device=dev)
     x2 = torch.empty(B, CH, WP, dtype=torch.float32, device=dev)
     row, pos = row.contiguous(), pos.contiguous()
@@ -368,8 +357,7 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
     for second, (wt, bias) in enumerate(((w.conv1_weight, w.conv1_bias), (w.conv2_weight, w.conv2_bias))):
         _conv_kernel[(B, (1 if second else 3) * nblk)](
             image, row, pos, wt.contiguous(), bias.contiguous(), x1, x2,
-            CH=CH, CHP=CHP, OCB=OCB, R=R, W=W, WP=WP, SECOND=bool(second), LOW=low,
-            PDL=pdl, launch_pdl=pdl, num_warps=8,
+            CH=CH, CHP=CHP, OCB=OCB, R=R, W=W, WP=WP, SECOND=bool(second), LOW=low, num_warps=8,
         )
     G = Hq // num_kv_heads
     GP = _p2(G)
@@ -377,8 +365,7 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
     probs = torch.empty(B, num_kv_heads, K, dtype=torch.float32, device=dev)
     _cnn_head_kernel[(B * num_kv_heads,)](
         image, row, pos, x2, *(t.contiguous() for t in w[4:8]), y_scratch, probs, w.ln_eps,
-        CH=CH, CHP=CHP, R=R, W=W, WP=WP, HKV=num_kv_heads, G=G, GP=GP, K=K, KP=KP, LOW=low,
-        PDL=pdl, launch_pdl=pdl, num_warps=4,
+        CH=CH, CHP=CHP, R=R, W=W, WP=WP, HKV=num_kv_heads, G=G, GP=GP, K=K, KP=KP, LOW=low, num_warps=4,
     )
     return probs
 
@@ -428,13 +415,12 @@ def _select_candidates_kernel(
     density,
     HKV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NKB: tl.constexpr, NKBP: tl.constexpr,
     MAXB: tl.constexpr, MAXBP: tl.constexpr, BS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_DENSITY: tl.constexpr,
-    SINK: tl.constexpr, LOCAL: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One KV head: its key block scores as order-preserving int32 keys (-> Keys), the budget-th
     largest of them t_h (bisection), and its candidates: the keys above t_h (fewer than the budget,
     -> Cand) and how many equal t_h (-> Thr, Ties). The grouped threshold is at least every t_h, so
     the candidates hold every key the group can keep."""
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     b = pid // HKV
     pos = tl.load(Length + b)
@@ -506,12 +492,11 @@ def _select_candidates_kernel(
 def _select_lists_kernel(
     Keys, Cand, Thr, Ties, Step, Length, Index, Count, Kept,
     HKV: tl.constexpr, HKVP: tl.constexpr, NKBP: tl.constexpr, MAXB: tl.constexpr, MAXBP: tl.constexpr,
-    BS: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr,
+    BS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One KV head's sorted list. Every program of a sequence finds the same grouped threshold T
     (the budget-th largest key over all heads) from the heads' candidates, by bisection above the
     largest t_h; exact ties at T go to the lowest (KV head, block)."""
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     b = pid // HKV
     hk = pid % HKV
@@ -573,7 +558,6 @@ def decode_select_blocks(
     HKVP, KP = triton.next_power_of_2(Hkv), triton.next_power_of_2(K)
     nkbp, maxbp = triton.next_power_of_2(num_key_blocks), triton.next_power_of_2(maxb)
     dev = probs.device
-    pdl = dependent_launch.enabled(dev)
     index = torch.empty(B, Hkv, maxb, dtype=torch.int32, device=dev)
     count = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
     kept = torch.empty(B, Hkv, dtype=torch.int64, device=dev)
@@ -588,13 +572,12 @@ def decode_select_blocks(
         0.0 if density is None else float(density),
         HKV=Hkv, K=K, KP=KP, NKB=num_key_blocks, NKBP=nkbp, MAXB=maxb, MAXBP=maxbp, BS=block_size,
         PER_HEAD=per_head, HAS_DENSITY=density is not None, SINK=sink_blocks, LOCAL=local_blocks,
-        WIDE=nkbp > PACK16_MAX, PDL=pdl, launch_pdl=pdl, num_warps=min(8, max(4, nkbp // 512)),
+        WIDE=nkbp > PACK16_MAX, num_warps=min(8, max(4, nkbp // 512)),
     )
     _select_lists_kernel[(B * Hkv,)](
         keys, cand, thr, ties, step, length, index, count, kept,
         HKV=Hkv, HKVP=HKVP, NKBP=nkbp, MAXB=maxb, MAXBP=maxbp, BS=block_size,
-        WIDE=Hkv * (maxb + max_budget) > PACK16_MAX,
-        PDL=pdl, launch_pdl=pdl, num_warps=min(8, max(4, max(nkbp, HKVP * maxbp) // 512)),
+        WIDE=Hkv * (maxb + max_budget) > PACK16_MAX, num_warps=min(8, max(4, max(nkbp, HKVP * maxbp) // 512)),
     )
     return index, count, kept
 
@@ -606,9 +589,8 @@ def decode_select_blocks(
 @triton.jit
 def _mix_kernel(
     SparseOut, Gates, Kept, VSum, Length, Out, sob, soh, sod, Hkv,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     b = pid // Hkv
     g = tl.arange(0, GP)
@@ -636,10 +618,9 @@ def decode_mix_output(sparse_out: torch.Tensor, gates: torch.Tensor, kept: torch
     Hkv = kept.shape[1]
     G = Hq // Hkv
     out = torch.empty(B, Hq, 1, d, dtype=torch.float32, device=sparse_out.device)
-    pdl = dependent_launch.enabled(sparse_out.device)
     _mix_kernel[(B * Hkv,)](
         sparse_out, gates.contiguous(), kept.contiguous(), v_sum.contiguous(), length.contiguous(), out,
         sparse_out.stride(0), sparse_out.stride(1), sparse_out.stride(3), Hkv,
-        G=G, GP=triton.next_power_of_2(G), D=d, BD=triton.next_power_of_2(d), PDL=pdl, launch_pdl=pdl, num_warps=4,
+        G=G, GP=triton.next_power_of_2(G), D=d, BD=triton.next_power_of_2(d), num_warps=4,
     )
     return out

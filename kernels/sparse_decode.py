@@ -26,8 +26,6 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
-from kernels import dependent_launch
-from kernels.dependent_launch import wait_for_predecessor
 
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
@@ -42,9 +40,8 @@ def _decode_kernel(
     sib, sih, sij,
     Hkv, S, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    NSPLIT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    NSPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -96,11 +93,10 @@ def _decode_kernel(
 def _combine_kernel(
     PartOut, PartM, PartL, Out, Lse, sob, soh, sod,
     Hq, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
-    NSP: tl.constexpr, PDL: tl.constexpr,
+    NSP: tl.constexpr,
 ):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits, one query head per
     program (every split's partial is read in one go: no loop of dependent loads over the splits)."""
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq
@@ -146,7 +142,6 @@ def sparse_decode_attention(
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     nsplit = num_splits(B * Hkv, maxb, sms)
     dev = q.device
-    pdl = dependent_launch.enabled(dev)
     part_out = torch.empty(B * Hkv, nsplit, GP, BLOCK_D, dtype=torch.float32, device=dev)
     part_m = torch.empty(B * Hkv, nsplit, GP, dtype=torch.float32, device=dev)
     part_l = torch.empty(B * Hkv, nsplit, GP, dtype=torch.float32, device=dev)
@@ -160,11 +155,11 @@ def sparse_decode_attention(
         Hkv, S, scale * LOG2E,
         G=G, GP=GP, BLOCK=block_size, D=d, BLOCK_D=BLOCK_D, NSPLIT=nsplit,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        PDL=pdl, launch_pdl=pdl, num_warps=4,
+        num_warps=4,
     )
     out = torch.empty(B, Hq, 1, d, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=dev)
     _combine_kernel[(B * Hq,)](part_out, part_m, part_l, out, lse, out.stride(0), out.stride(1), out.stride(3),
                                Hq, G=G, GP=GP, D=d, BLOCK_D=BLOCK_D, NSPLIT=nsplit, NSP=triton.next_power_of_2(nsplit),
-                               PDL=pdl, launch_pdl=pdl, num_warps=4)
+                               num_warps=4)
     return out, lse
