@@ -39,9 +39,10 @@ import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels.reference_decode import CNNWeights, RowWeights
 
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and columns)
-# weight elements per round of the encoder's row-times-matrix products (64 fp32 registers a thread at 8 warps):
-# fewer, larger rounds of loads; 8192 (12 + 4 rounds at hidden 256) took 10 us on an H100
-ENC_TILE = 16384
+# weight elements per round of the encoder's row-times-matrix products (64 fp32 registers a thread at
+# ENC_WARPS): fewer, larger rounds of loads. H100, hidden 256: 8192 at 8 warps (12 + 4 rounds) 10.2 us,
+# 16384 at 8 warps (6 + 2 rounds) 7.8 us
+ENC_TILE, ENC_WARPS = 32768, 16
 PACK16_MAX = 16384  # counts up to this fit two to an int32 (low field < 2^16, high field < 2^31)
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -204,7 +205,8 @@ def decode_predictor_rows(
         lin, v, kf, norm, v_sum, *weights, gw, gb, row, gates if gates is not None else row,
         v.stride(0), v.stride(1), v.stride(3), Hq, w.ln_eps,
         G=G, D=d, BD=BD, NF=nf, FP=FP, HID=hid, HP=HP, KC=max(1, min(128, ENC_TILE // HP)), OUT=out,
-        OC=max(1, min(_p2(out, 1), ENC_TILE // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32, num_warps=8,
+        OC=max(1, min(_p2(out, 1), ENC_TILE // HP)), HAS_GATES=gates is not None, LOW=wdtype != torch.float32,
+        num_warps=ENC_WARPS,
     )
     return row, gates
 

@@ -35,6 +35,7 @@ OP_NAMES = (
     "decode_cnn_probs",
     "decode_select_blocks",
     "decode_mix_output",
+    "sparse_decode_mixed",
 )
 
 

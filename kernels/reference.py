@@ -421,7 +421,8 @@ def per_query_sparse_decode(
 # the fused decode step's ops: their reference lives beside the predictor's math in
 # kernels.reference_decode, which builds on the ops above (hence looked up lazily, no import cycle)
 
-_DECODE_STEP_OPS = ("decode_predictor_rows", "decode_cnn_probs", "decode_select_blocks", "decode_mix_output")
+_DECODE_STEP_OPS = ("decode_predictor_rows", "decode_cnn_probs", "decode_select_blocks", "decode_mix_output",
+                    "sparse_decode_mixed")
 
 
 def __getattr__(name: str):

@@ -269,3 +269,16 @@ def decode_mix_output(sparse_out: torch.Tensor, gates: torch.Tensor, kept: torch
     Returns (B, Hq, 1, d) fp32."""
     n = length.float().view(-1, 1, 1)
     return mix_gated(sparse_out, gates, kept[..., None], v_sum / n.unsqueeze(-1), n)
+
+
+def sparse_decode_mixed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor,
+    block_size: int, scale: float, start: torch.Tensor, length: torch.Tensor, gates: torch.Tensor, kept: torch.Tensor,
+    v_sum: torch.Tensor,
+) -> torch.Tensor:
+    """The block mode's last two ops as one: sparse_decode_attention (output in q's dtype), then
+    decode_mix_output with gates (B, Hq, 1, 2), kept (B, Hkv), v_sum (B, Hkv, 1, d) over length (B,)
+    keys. (On the GPU the gates are applied where the splits are combined: one launch less.)
+    Returns (B, Hq, 1, d) fp32."""
+    out, _ = ops.sparse_decode_attention(q, k, v, block_index, block_count, block_size, scale, start, length)
+    return decode_mix_output(out, gates, kept, v_sum, length)

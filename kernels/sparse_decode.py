@@ -91,12 +91,14 @@ def _decode_kernel(
 
 @triton.jit
 def _combine_kernel(
-    PartOut, PartM, PartL, Out, Lse, sob, soh, sod,
+    PartOut, PartM, PartL, Out, Lse, sob, soh, sod, Gates, Kept, VSum, Length,
     Hq, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
-    NSP: tl.constexpr,
+    NSP: tl.constexpr, MIX: tl.constexpr, ROUND_TO: tl.constexpr,
 ):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits, one query head per
-    program (every split's partial is read in one go: no loop of dependent loads over the splits)."""
+    program (every split's partial is read in one go: no loop of dependent loads over the splits).
+    MIX: then the output gates (reference_decode.mix_gated) on out rounded to ROUND_TO (the
+    attention output's dtype, as the unfused ops give it), written fp32; no log-sum-exp."""
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq
@@ -113,9 +115,18 @@ def _combine_kernel(
     has = l_sum > 0.0
     out = acc / tl.where(has, l_sum, 1.0)
     lse = tl.where(has, (m_use + tl.log2(tl.where(has, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+    if MIX:
+        hk = h // G
+        nf = tl.load(Length + b).to(tl.float32)
+        u = tl.maximum(1.0 - tl.load(Kept + b * (Hq // G) + hk).to(tl.float32) / nf, 0.0)
+        w = tl.sigmoid(tl.load(Gates + pid * 2 + 1)) * u
+        sparse_weight = (1.0 - w) * (1.0 + (2.0 * tl.sigmoid(tl.load(Gates + pid * 2)) - 1.0) * u)
+        mean_v = tl.load(VSum + (b * (Hq // G) + hk) * D + dcol, mask=dcol < D, other=0.0) / nf
+        out = sparse_weight * out.to(ROUND_TO).to(tl.float32) + w * mean_v
     tl.store(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + dcol * sod, out.to(Out.dtype.element_ty),
              mask=dcol < D)
-    tl.store(Lse + pid, lse)
+    if not MIX:
+        tl.store(Lse + pid, lse)
 
 
 def num_splits(batch_heads: int, max_blocks: int, sms: int) -> int:
@@ -128,6 +139,19 @@ def sparse_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor,
     block_size: int, scale: float, start: torch.Tensor, length: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attend(q, k, v, block_index, block_count, block_size, scale, start, length, None)
+
+
+@torch.compiler.disable
+def sparse_decode_mixed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor,
+    block_size: int, scale: float, start: torch.Tensor, length: torch.Tensor, gates: torch.Tensor, kept: torch.Tensor,
+    v_sum: torch.Tensor,
+) -> torch.Tensor:
+    return _attend(q, k, v, block_index, block_count, block_size, scale, start, length, (gates, kept, v_sum))[0]
+
+
+def _attend(q, k, v, block_index, block_count, block_size, scale, start, length, mix):
     B, Hq, one, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if one != 1:
@@ -146,9 +170,10 @@ def sparse_decode_attention(
     part_m = torch.empty(B * Hkv, nsplit, GP, dtype=torch.float32, device=dev)
     part_l = torch.empty(B * Hkv, nsplit, GP, dtype=torch.float32, device=dev)
     index = block_index.to(torch.int32)
+    length = length.to(torch.int64).contiguous()
     _decode_kernel[(B * Hkv, nsplit)](
         q, k, v, part_out, part_m, part_l, index, block_count.to(torch.int32).contiguous(),
-        start.to(torch.int64).contiguous(), length.to(torch.int64).contiguous(),
+        start.to(torch.int64).contiguous(), length,
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(), *v.stride(),
         index.stride(0), index.stride(1), index.stride(2),
@@ -157,9 +182,14 @@ def sparse_decode_attention(
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
-    out = torch.empty(B, Hq, 1, d, dtype=q.dtype, device=dev)
+    out = torch.empty(B, Hq, 1, d, dtype=q.dtype if mix is None else torch.float32, device=dev)
     lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=dev)
+    gates, kept, v_sum = (t.contiguous() for t in mix) if mix is not None else (lse, lse, lse)
     _combine_kernel[(B * Hq,)](part_out, part_m, part_l, out, lse, out.stride(0), out.stride(1), out.stride(3),
+                               gates, kept, v_sum, length,
                                Hq, G=G, GP=GP, D=d, BLOCK_D=BLOCK_D, NSPLIT=nsplit, NSP=triton.next_power_of_2(nsplit),
-                               num_warps=4)
+                               MIX=mix is not None, ROUND_TO=_TL_DTYPES[q.dtype], num_warps=4)
     return out, lse
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

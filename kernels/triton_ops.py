@@ -15,7 +15,7 @@ except Exception as exc:  # a broken install can raise more than ImportError; di
 from kernels.block_sparse_attention import block_sparse_attention
 from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
 from kernels.linear_attention import causal_linear_attention
-from kernels.sparse_decode import sparse_decode_attention
+from kernels.sparse_decode import sparse_decode_attention, sparse_decode_mixed
 from kernels.teacher_target import teacher_target
 
 # Re-exported from the reference on purpose:
@@ -45,6 +45,7 @@ __all__ = [
     "linear_attention_step",
     "per_query_sparse_decode",
     "sparse_decode_attention",
+    "sparse_decode_mixed",
     "spread_bins_to_key_blocks",
     "per_query_sparse_attention",
     "pool_key_block_scores",

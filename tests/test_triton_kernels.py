@@ -336,6 +336,15 @@ def test_linear_attention_segments_agree(segments):
 
 
 def _decode_case(B, Hq, Hkv, S, d, bs, per_head, dtype, seed, lengths=None):
+    q, k, v, index, count, scale, start, length = _decode_inputs(B, Hq, Hkv, S, d, bs, per_head, dtype, seed, lengths)
+    got = dict(zip(("out", "lse"), sd.sparse_decode_attention(q, k, v, index, count, bs, scale, start, length)))
+    exact = dict(zip(("out", "lse"), ref.sparse_decode_attention(q.float(), k.float(), v.float(), index, count, bs, scale, start, length)))
+    low = None if dtype == torch.float32 else dict(zip(("out", "lse"), ref.sparse_decode_attention(q, k, v, index, count, bs, scale, start, length)))
+    _check_rule(got, exact, low, dtype)
+    return got, exact
+
+
+def _decode_inputs(B, Hq, Hkv, S, d, bs, per_head, dtype, seed, lengths=None):
     g = torch.Generator().manual_seed(seed)
     q = _randn(B, Hq, 1, d, gen=g).to(dtype)
     k, v = _randn(B, Hkv, S, d, gen=g).to(dtype), _randn(B, Hkv, S, d, gen=g).to(dtype)
@@ -355,12 +364,7 @@ def _decode_case(B, Hq, Hkv, S, d, bs, per_head, dtype, seed, lengths=None):
     count = torch.tensor([len(x) for x in lists], dtype=torch.int32).view(B, Hkv)
     index = index.view(B, Hkv, maxb).to(DEV)
     count = count.to(DEV)
-    scale = d**-0.5
-    got = dict(zip(("out", "lse"), sd.sparse_decode_attention(q, k, v, index, count, bs, scale, start, length)))
-    exact = dict(zip(("out", "lse"), ref.sparse_decode_attention(q.float(), k.float(), v.float(), index, count, bs, scale, start, length)))
-    low = None if dtype == torch.float32 else dict(zip(("out", "lse"), ref.sparse_decode_attention(q, k, v, index, count, bs, scale, start, length)))
-    _check_rule(got, exact, low, dtype)
-    return got, exact
+    return q, k, v, index, count, d**-0.5, start, length
 
 
 # B, Hq, Hkv, S, d, block: GQA ratios 1, 3, 4; caches never a multiple of the block; odd d
@@ -393,6 +397,28 @@ def test_sparse_decode_splits_agree():
             sd.num_splits = original
         outs.append(got["out"])
     assert all(torch.allclose(o, outs[0], atol=1e-6) for o in outs)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES[1:3], ids=lambda c: "x".join(map(str, c)))
+def test_sparse_decode_mixed_matches_reference(case, dtype):
+    """Attention and output gates as one op (the combine kernel applies the gates) equal the two ops."""
+    B, Hq, Hkv, S, d, bs = case
+    q, k, v, index, count, scale, start, length = _decode_inputs(B, Hq, Hkv, S, d, bs, 3, dtype, seed=S)
+    g = torch.Generator().manual_seed(S)
+    gates = _randn(B, Hq, 1, 2, gen=g) * 2
+    kept = (torch.rand(B, Hkv, generator=g).to(DEV) * length[:, None]).long()  # attended keys, 0..length
+    v_sum = _randn(B, Hkv, 1, d, gen=g) * length.view(B, 1, 1, 1)
+    mix = (gates, kept, v_sum)
+    got = {"out": sd.sparse_decode_mixed(q, k, v, index, count, bs, scale, start, length, *mix)}
+    exact = {"out": ref.sparse_decode_mixed(q.float(), k.float(), v.float(), index, count, bs, scale, start, length, *mix)}
+    low = None if dtype == torch.float32 else {"out": ref.sparse_decode_mixed(q, k, v, index, count, bs, scale, start,
+                                                                               length, *mix)}
+    assert got["out"].dtype == torch.float32 and got["out"].shape == (B, Hq, 1, d)
+    _check_rule(got, exact, low, dtype)
+    # the gates moved the output off plain attention (the check is not vacuous)
+    plain = ref.sparse_decode_attention(q.float(), k.float(), v.float(), index, count, bs, scale, start, length)[0]
+    assert _max_err(exact["out"], plain) > 10 * ABS[dtype]["out"]
 
 
 @pytest.mark.gpu

@@ -134,6 +134,9 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
         index, count, kept = ops.decode_select_blocks(
             probs, state.block_sum, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg),
             cfg.block_density, cfg.sink_blocks, cfg.local_blocks, _budget_bound(cfg, key_blocks) * Hkv)
+        if gates is not None:  # attention and gates in one op (one kernel fewer on the GPU)
+            return ops.sparse_decode_mixed(q, k_cache, v_cache, index, count, cfg.block_size, scale, state.start,
+                                           state.length, gates, kept, state.v_sum)
         sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, cfg.block_size, scale,
                                                     state.start, state.length)
     else:
