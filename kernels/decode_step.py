@@ -14,15 +14,18 @@ that keeps its rows in registers:
 - cnn: conv1 at window rows t-4, t-2, t and then conv2 at row t, each per (sequence, block of 16
   output channels), reading the ring in place and conv1's rows from a scratch buffer; then per
   (sequence, KV head) the 1x1 to heads, LayerNorm, softmax over K bins, the group's mean.
-- select: one program per sequence. The block scores of every KV head (NKB of them: the whole
-  position table, fixed shapes) sit in registers as order-preserving int32 keys; the grouped
-  top-k's threshold is found by bisection on the key (32 counting passes, no sort), then the
-  chosen blocks are compacted into sorted lists with a prefix sum. Measured on an H100 at 8 x 2049
-  blocks (128k context): 68 us with 16 warps (96 us with 32, 77 with 8); a radix select by four
-  256-bin tl.histogram passes took 228 us. This one program is the step's bottleneck at long
-  context. Exact ties at the threshold are broken by the lowest (KV head, block) (torch.topk's
-  order among equal values is unspecified).
-- mix: the output gates, one program per (sequence, KV head).
+- select: two kernels of one program per (sequence, KV head). The first spreads the query block's
+  pooled estimate over the key blocks (NKB of them: the whole position table, fixed shapes) as
+  order-preserving int32 keys, finds the head's budget-th largest key t_h and keeps the keys above
+  it as candidates (ties counted). The grouped threshold is at least every t_h, so the second
+  finds it from all heads' candidates alone, then writes its head's sorted list with a prefix sum.
+  Both searches are ternary with the two counts packed in one reduction (21 block-wide sums, not
+  32 bisection passes). Measured on an H100 at 8 x 2049 blocks (128k context): 21.7 us for both
+  kernels; one program per sequence took 68 us, a radix select by four 256-bin tl.histogram passes
+  228 us. Exact ties at the threshold go to the lowest (KV head, block) (torch.topk's order among
+  equal values is unspecified).
+- mix: the output gates, one program per (sequence, KV head) (per-query mode; block mode applies
+  them where kernels.sparse_decode combines its splits).
 Dots on fp32 inputs run in IEEE fp32 (the estimator's sums and fp32 models); on 16-bit weights
 the activations are rounded to the weights' dtype before each product, as the reference does.
 """
@@ -37,11 +40,12 @@ import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels.reference_decode import CNNWeights, RowWeights
+from kernels.sparse_decode import gate_weights
 
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and columns)
 # weight elements per round of the encoder's row-times-matrix products (64 fp32 registers a thread at
 # ENC_WARPS): fewer, larger rounds of loads. H100, hidden 256: 8192 at 8 warps (12 + 4 rounds) 10.2 us,
-# 16384 at 8 warps (6 + 2 rounds) 7.8 us
+# 16384 at 8 warps (6 + 2 rounds) 7.8 us, 32768 at 16 warps (3 + 1 rounds) 7.6 us
 ENC_TILE, ENC_WARPS = 32768, 16
 PACK16_MAX = 16384  # counts up to this fit two to an int32 (low field < 2^16, high field < 2^31)
 INT32_MIN = tl.constexpr(-2147483648)
@@ -420,7 +424,7 @@ def _select_candidates_kernel(
     SINK: tl.constexpr, LOCAL: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One KV head: its key block scores as order-preserving int32 keys (-> Keys), the budget-th
-    largest of them t_h (bisection), and its candidates: the keys above t_h (fewer than the budget,
+    largest of them t_h (ternary search), and its candidates: the keys above t_h (fewer than the budget,
     -> Cand) and how many equal t_h (-> Thr, Ties). The grouped threshold is at least every t_h, so
     the candidates hold every key the group can keep."""
     pid = tl.program_id(0)
@@ -469,7 +473,7 @@ def _select_candidates_kernel(
         per_head = PER_HEAD
     budget = tl.maximum(tl.minimum(qb + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
 
-    # the budget-th largest key of this head: the largest t with #(key >= t) >= budget (32 halvings)
+    # the budget-th largest key of this head: the largest t with #(key >= t) >= budget
     lo = tl.full([], INT32_MIN + 1, tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64) + 1
     for _ in range(SEARCH_STEPS):
@@ -497,7 +501,7 @@ def _select_lists_kernel(
     BS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One KV head's sorted list. Every program of a sequence finds the same grouped threshold T
-    (the budget-th largest key over all heads) from the heads' candidates, by bisection above the
+    (the budget-th largest key over all heads) from the heads' candidates, searching above the
     largest t_h; exact ties at T go to the lowest (KV head, block)."""
     pid = tl.program_id(0)
     b = pid // HKV
@@ -601,11 +605,9 @@ def _mix_kernel(
     d_ok = dc < D
     head = pid * G + g  # = b * Hq + hk * G + g
     nf = tl.load(Length + b).to(tl.float32)
-    u = tl.maximum(1.0 - tl.load(Kept + pid).to(tl.float32) / nf, 0.0)
     s0 = tl.load(Gates + head * 2, mask=g_ok, other=0.0)
     s1 = tl.load(Gates + head * 2 + 1, mask=g_ok, other=0.0)
-    w = tl.sigmoid(s1) * u
-    sparse_weight = (1.0 - w) * (1.0 + (2.0 * tl.sigmoid(s0) - 1.0) * u)
+    sparse_weight, w = gate_weights(s0, s1, tl.load(Kept + pid).to(tl.float32), nf)
     m2 = g_ok[:, None] & d_ok[None, :]
     so = tl.load(SparseOut + b * sob + (head - b * Hkv * G)[:, None] * soh + dc[None, :] * sod, mask=m2, other=0.0)
     mean_v = tl.load(VSum + pid * D + dc, mask=d_ok, other=0.0) / nf

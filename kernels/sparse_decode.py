@@ -90,6 +90,15 @@ def _decode_kernel(
 
 
 @triton.jit
+def gate_weights(s0, s1, kept, n):
+    """reference_decode.mix_gated's weights for a row of n causal keys of which `kept` are attended
+    (u = 1 - kept / n left out): (weight of the sparse output, weight of the running mean of v)."""
+    u = tl.maximum(1.0 - kept / n, 0.0)
+    w = tl.sigmoid(s1) * u
+    return (1.0 - w) * (1.0 + (2.0 * tl.sigmoid(s0) - 1.0) * u), w
+
+
+@triton.jit
 def _combine_kernel(
     PartOut, PartM, PartL, Out, Lse, sob, soh, sod, Gates, Kept, VSum, Length,
     Hq, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
@@ -118,9 +127,8 @@ def _combine_kernel(
     if MIX:
         hk = h // G
         nf = tl.load(Length + b).to(tl.float32)
-        u = tl.maximum(1.0 - tl.load(Kept + b * (Hq // G) + hk).to(tl.float32) / nf, 0.0)
-        w = tl.sigmoid(tl.load(Gates + pid * 2 + 1)) * u
-        sparse_weight = (1.0 - w) * (1.0 + (2.0 * tl.sigmoid(tl.load(Gates + pid * 2)) - 1.0) * u)
+        sparse_weight, w = gate_weights(tl.load(Gates + pid * 2), tl.load(Gates + pid * 2 + 1),
+                                        tl.load(Kept + b * (Hq // G) + hk).to(tl.float32), nf)
         mean_v = tl.load(VSum + (b * (Hq // G) + hk) * D + dcol, mask=dcol < D, other=0.0) / nf
         out = sparse_weight * out.to(ROUND_TO).to(tl.float32) + w * mean_v
     tl.store(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + dcol * sod, out.to(Out.dtype.element_ty),

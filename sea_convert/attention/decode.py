@@ -122,8 +122,8 @@ def _compiled_step():
 
 def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: float, ops, state: DecodeState,
           key_blocks: int) -> torch.Tensor:
-    """Five ops (one kernel each on the GPU, see kernels.reference_decode): predictor rows, CNN row and
-    pooled estimate, selection, sparse attention, gates."""
+    """Five ops (see kernels.reference_decode): predictor rows, CNN row and pooled estimate,
+    selection, sparse attention, gates; in block mode with gates the last two are one op."""
     Hkv = k_cache.shape[1]
     k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
     row, gates = ops.decode_predictor_rows(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
