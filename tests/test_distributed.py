@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import _free_port, make_bucket, s3_options
+from conftest import HELD_OUT_TEXT, TRAIN_TEXT, _free_port, make_bucket, s3_options
 from sea_convert.checkpoint import PREDICTORS_FILE
 from sea_convert.distill import StageATrainer
 from sea_convert.integration import attach_sea
@@ -27,7 +27,6 @@ from workers.sharded_load import build_skeleton, load_sharded_weights, materiali
 from workers.train_launch import launch_ray, launch_torchrun, worker_config
 from workers.train_worker import train_worker
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STEPS, EVERY = 16, 4
 
 
@@ -36,16 +35,12 @@ def _recipe(model_dir: Path, workers: int, launcher: str = "ray", **distill) -> 
         "name": "tiny-parallel",
         "model": {"path": str(model_dir)},
         "sea": {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32},
-        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+        "data": {"train": {"path": str(TRAIN_TEXT)}, "held_out": {"path": str(HELD_OUT_TEXT)},
                  "seq_len": 128, "held_out_tokens": 1024, "max_train_tokens": 40000},
         "distill": {"stage_a": {"steps": STEPS, "batch_size": 4, "lr": 0.003, "warmup_steps": 2}, "device": "cpu",
                     "checkpoint_every": EVERY, "parallel": {"workers": workers, "launcher": launcher}, **distill},
         "validate": {"perplexity": {"ctx": 128, "max_windows": 2}, "mmlu": {"enabled": False}, "picture": False},
     })
-
-
-def recipe_lr(model_dir: Path) -> float:
-    return _recipe(model_dir, 1).distill.stage_a.lr
 
 
 def _run(tmp_path: Path, name: str, recipe: Recipe) -> tuple[dict, dict]:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bounds import adamw_weight_gap_bound
 from conftest import _free_port, tiny_model
 from sea_convert.distill import StageATrainer
 from sea_convert.integration import attach_sea, predictors
@@ -65,10 +66,11 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     print(f"gradient |1 rank - 2 ranks| / |1 rank| per step: {[f'{r:.2e}' for r in rel]};"
           f" predictor weights after {STEPS} AdamW steps (lr {STAGE.lr}): max diff {worst:.2e}")
     # Every loss term is a mean over windows, so the averaged gradient is the global batch's gradient up to
-    # float32 summation order: measured 1.5e-7 .. 2.8e-7 per step. AdamW divides by sqrt(v): where a gradient
-    # entry is ~0 its rounding noise still moves the weight by up to lr, so weights are compared against lr.
+    # float32 summation order: measured 1.5e-7 .. 2.8e-7 per step (bound 35x above). AdamW divides by sqrt(v):
+    # where a gradient entry is ~0 its rounding noise still moves the weight by a whole update, so the weights
+    # are bounded by what AdamW allows over these steps (tests/bounds.py: 1.9e-2); measured 1.6e-4 here.
     assert max(rel) < 1e-5
-    assert worst < STAGE.lr
+    assert worst < adamw_weight_gap_bound(STAGE.lr, STAGE.warmup_steps, STAGE.steps)
 
 
 def test_rank_rows_split_without_overlap():

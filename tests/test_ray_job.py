@@ -9,11 +9,11 @@ from pathlib import Path
 
 import yaml
 
+from conftest import HELD_OUT_TEXT, TRAIN_TEXT
 from workers.jobstore import JobStore
 from workers.ray_job import run_job, stage_options
 from workers.service_loop import ServiceLoop
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _recipe(model_dir: Path, **output) -> dict:
@@ -21,7 +21,7 @@ def _recipe(model_dir: Path, **output) -> dict:
         "name": "tiny-plain",
         "model": {"path": str(model_dir)},
         "sea": {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32},
-        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+        "data": {"train": {"path": str(TRAIN_TEXT)}, "held_out": {"path": str(HELD_OUT_TEXT)},
                  "seq_len": 128, "held_out_tokens": 1024, "max_train_tokens": 10000},
         "distill": {"stage_a": {"steps": 3, "batch_size": 2, "lr": 0.003, "warmup_steps": 1}, "device": "cpu"},
         "validate": {"perplexity": {"ctx": 128, "max_windows": 2}, "mmlu": {"enabled": False}, "picture": False},
@@ -100,7 +100,7 @@ def test_a_recipe_file_runs_as_a_job_of_its_own_with_relative_paths_from_its_fol
     recipe = _recipe(tiny_model_dir)
     folder = tmp_path / "recipes"
     folder.mkdir()
-    (folder / "foldoc.txt").write_text((DATA / "foldoc.txt").read_text())
+    (folder / "foldoc.txt").write_text(TRAIN_TEXT.read_text())
     recipe["data"]["train"]["path"] = "foldoc.txt"  # relative to the recipe file, as `sea-convert run` reads it
     (folder / "job.yaml").write_text(yaml.safe_dump(recipe))
     code = main(["--recipe", str(folder / "job.yaml"), "--output-root", str(tmp_path / "out"), "--no-ray"])

@@ -16,18 +16,18 @@ from safetensors.torch import load_file
 
 from sea_convert.checkpoint import PREDICTORS_FILE
 from sea_convert.recipe import Recipe
-from test_distributed import EVERY, STEPS, _recipe, _run, recipe_lr
+from bounds import adamw_weight_gap_bound
+from test_distributed import EVERY, STEPS, _recipe, _run
 from workers.dist_checkpoint import DistCheckpoints
 from workers.train_launch import launch_ray, launch_torchrun, worker_config
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(ray_head):
     import ray
 
     saved = dict(os.environ)
-    # address="local": a new cluster of our own, even where /tmp/ray/ray_current_cluster names another
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address=ray_head._read()["gcs"], log_to_driver=False)  # the run's shared head, by its GCS address
     yield ray
     ray.shutdown()
     # ray.init leaves RAY_AUTH_MODE=token (and more) in os.environ: a `ray start` launched later by
@@ -52,25 +52,33 @@ def test_two_ray_train_workers_match_one_worker_with_the_same_global_batch(two_r
           f" max |diff| {weight_gap:.2e}; held-out loss after {held[0]:.5f} vs {held[1]:.5f};"
           f" 2-worker tokens/s (last step) {two['history'][-1]['tokens_per_s']:.0f}")
     # Every loss term is a mean over windows, so 2 workers compute the whole batch's loss and gradient up to
-    # float32 summation order: measured loss gap 8.6e-8. AdamW divides by sqrt(v), so an entry whose gradient
-    # is ~0 moves by up to lr on rounding noise alone: weights measured 2.0e-3 apart, bounded by lr (3e-3).
+    # float32 summation order: loss gaps measured 8.6e-8 and 9.5e-8 on two machines (bound 100x above).
+    # The weights are not comparable entry by entry: an entry whose gradient is ~0 moves on rounding noise by
+    # a whole Adam update, so they are bounded by what AdamW allows (tests/bounds.py: 5.9e-2 for this
+    # schedule); measured 2.0e-3 and 6.5e-3 on two machines.
+    stage = _recipe(tiny_model_dir, 1).distill.stage_a
     assert loss_gap < 1e-5
-    assert weight_gap < recipe_lr(tiny_model_dir)
-    assert abs(held[0] - held[1]) / held[0] < 1e-5
+    assert weight_gap < adamw_weight_gap_bound(stage.lr, stage.warmup_steps, stage.steps)
+    assert abs(held[0] - held[1]) / held[0] < 1e-5  # measured 0 to 1e-7: the probe loss is a loss like the others
     assert one["history"][-1]["loss"] < one["history"][0]["loss"]  # it did learn
 
 
-def _processes(marker: str) -> list[psutil.Process]:
+def _workers(marker: str) -> list[psutil.Process]:
+    """The training workers: processes whose command line names `marker`, the torchrun agent (whose own
+    command line names the worker module too) left out."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
-        if any(marker in part for part in (p.info["cmdline"] or [])):
+        cmdline = p.info["cmdline"] or []
+        if any(marker in part for part in cmdline) and "torch.distributed.run" not in cmdline:
             found.append(p)
     return found
 
 
 class KillOneWorkerAfterTheFirstCheckpoint(threading.Thread):
     """SIGKILL one training worker (a process whose command line names `marker`) as soon as the run has
-    a whole checkpoint: a lost node, as far as the worker group can tell."""
+    a whole checkpoint: a lost node, as far as the worker group can tell. The workers are found while
+    they load the teacher, before any checkpoint, so the kill follows the first checkpoint by one poll
+    (20 ms) however fast the remaining steps run."""
 
     def __init__(self, ckpts: DistCheckpoints, marker: str):
         super().__init__(daemon=True)
@@ -78,12 +86,17 @@ class KillOneWorkerAfterTheFirstCheckpoint(threading.Thread):
 
     def run(self) -> None:
         deadline = time.monotonic() + 300
+        victims: list[psutil.Process] = []
         while time.monotonic() < deadline:
-            newest = self.ckpts.latest()
-            victims = _processes(self.marker) if newest is not None else []
-            if victims:
-                os.kill(victims[-1].pid, signal.SIGKILL)
-                self.killed = (victims[-1].pid, newest)
+            victims = victims or _workers(self.marker)
+            newest = self.ckpts.latest() if victims else None
+            if newest is not None:
+                victim = next((p for p in reversed(victims) if p.is_running()), None)
+                if victim is None:  # the group was replaced meanwhile: look again
+                    victims = []
+                    continue
+                os.kill(victim.pid, signal.SIGKILL)
+                self.killed = (victim.pid, newest)
                 return
             time.sleep(0.02)
 

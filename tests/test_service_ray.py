@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,11 +23,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
-from conftest import make_bucket, s3_options  # noqa: E402
+from conftest import HELD_OUT_TEXT, RAY_HEAD_CPUS, TRAIN_TEXT, make_bucket, s3_options  # noqa: E402
 from workers.jobstore import JobStore  # noqa: E402
 from workers.orchestrator import LocalRayHead  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ADMIN = {"Authorization": "Bearer admin"}
 FINAL = ("succeeded", "failed", "gated", "cancelled")
 
@@ -36,7 +36,7 @@ def _recipe(model_dir: Path, name: str, steps: int = 8, **over) -> dict:
         "name": name,
         "model": {"path": str(model_dir)},
         "sea": {"mode": "block", "k": 16, "predictor_length": 32, "block_size": 16, "block_keys": 32},
-        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+        "data": {"train": {"path": str(TRAIN_TEXT)}, "held_out": {"path": str(HELD_OUT_TEXT)},
                  "seq_len": 128, "held_out_tokens": 2048, "max_train_tokens": 20000},
         "distill": {"stage_a": {"steps": steps, "batch_size": 2, "lr": 0.003, "warmup_steps": 1}, "device": "cpu"},
         "validate": {"perplexity": {"ctx": 128, "max_windows": 4}, "mmlu": {"enabled": False}, "picture": False},
@@ -49,17 +49,12 @@ def _recipe(model_dir: Path, name: str, steps: int = 8, **over) -> dict:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory):
+def settings(tmp_path_factory, ray_head):
+    """The service on the run's shared Ray head (its state folder: the service adopts the head recorded there)."""
     root = tmp_path_factory.mktemp("service")
-    s = Settings(database_url=f"sqlite:///{root / 'jobs.db'}", admin_tokens="admin", output_root=root / "outputs",
-                 state_dir=root / "state", ray_num_cpus=2, poll_interval_s=0.5, stop_local_ray="never")
-    yield s
-    head = LocalRayHead(s.state_dir)
-    pid = head._read()["pid"] if head._read() else None
-    assert head.stop(), "the module's local Ray head was not running at the end"
-    if pid is not None:  # stopped cleanly: its process group is gone
-        with pytest.raises(ProcessLookupError):
-            os.killpg(pid, 0)
+    return Settings(database_url=f"sqlite:///{root / 'jobs.db'}", admin_tokens="admin", output_root=root / "outputs",
+                    state_dir=ray_head.state_dir, ray_num_cpus=RAY_HEAD_CPUS, poll_interval_s=0.5,
+                    stop_local_ray="never")
 
 
 @pytest.fixture
@@ -213,15 +208,41 @@ def test_job_lost_by_ray_is_queued_again_and_completes(settings, tiny_model_dir)
     assert store.get(job.id).ray_submission_id == f"sea-{job.id}"
 
 
-def test_a_head_with_token_authentication_is_seen_alive_and_stopped(tmp_path, monkeypatch):
+@contextmanager
+def _token_mode(token_file: Path):
+    """RAY_AUTH_MODE=token with this test's own token (Ray's format) in `token_file`, for this process and the
+    head it starts. Ray caches the mode and the token per process at first use, so the cache is reset on
+    the way in and out (Ray's own tests do the same): the test holds whatever ran before or after it."""
+    import secrets
+
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    saved = {k: os.environ.get(k) for k in names}
+    token_file.write_text(secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    reset_auth_token_state()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
+
+
+def test_a_head_with_token_authentication_is_seen_alive_and_stopped(tmp_path):
     """RAY_AUTH_MODE=token (a user's choice, and what ray.init leaves in its process's environment): the
     dashboard answers 401 to a client without Ray's token, so the health check sends it as Ray's job client does."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    head = LocalRayHead(tmp_path / "state", num_cpus=1)
-    dashboard, adopted = head.ensure(timeout=90)
-    try:
-        assert not adopted
-        assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 401  # without the token
-        assert LocalRayHead(tmp_path / "state").ensure(timeout=10) == (dashboard, True)  # seen alive: adopted
-    finally:
-        assert head.stop()
+    with _token_mode(tmp_path / "auth_token"):
+        head = LocalRayHead(tmp_path / "state", num_cpus=1)
+        dashboard, adopted = head.ensure(timeout=90)
+        try:
+            assert not adopted
+            assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 401  # without the token
+            assert LocalRayHead(tmp_path / "state").ensure(timeout=10) == (dashboard, True)  # seen alive: adopted
+        finally:
+            assert head.stop()

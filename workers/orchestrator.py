@@ -96,7 +96,10 @@ class LocalRayHead:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         logfile = open(self.state_dir / "ray-head.log", "ab")
         # its own session: a Ctrl-C meant for the service does not reach the head (jobs keep running)
-        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        # Ray drains a node on SIGTERM for up to 30 s, for Serve replicas to move; this head runs only the
+        # service's jobs and is stopped when none is active, so an idle head would wait out the 30 s for nothing
+        env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         dashboard = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + timeout
         while not _alive(dashboard):
@@ -113,12 +116,14 @@ class LocalRayHead:
         return dashboard, False
 
     def stop(self, timeout: float = 60) -> bool:
-        """SIGTERM the head's process group and wait for it; False when there was none."""
+        """SIGTERM the head and wait for its process group to end (SIGKILL after `timeout`); False when there was none."""
         rec = self._read()
         if rec is None:
             return False
         try:
-            os.killpg(rec["pid"], signal.SIGTERM)
+            # SIGTERM to `ray start --block` alone: it drains the node through the GCS, then stops the group's
+            # processes itself. Signalled too, the GCS would die first and the drain wait out its 30 s.
+            os.kill(rec["pid"], signal.SIGTERM)
         except ProcessLookupError:
             self.record.unlink(missing_ok=True)
             return False
