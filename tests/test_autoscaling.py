@@ -43,6 +43,9 @@ def fake_cluster(tmp_path_factory):
     config = yaml.safe_load(FAKE_CLUSTER.read_text())
     gcs, dash = _free_port(), _free_port()
     config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{gcs}"  # where the fake worker nodes join
+    # 6 s, not the file's 15: the removal of an idle worker is the property, not the length of the wait
+    # (a stage's worker idles < 2 s between stages here, so none is removed mid-job)
+    config["idle_timeout_minutes"] = 0.1
     (folder / "cluster.yaml").write_text(json.dumps(config))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     cmd = [RAY, "start", "--head", "--block", f"--autoscaling-config={folder / 'cluster.yaml'}", "--num-cpus=1",

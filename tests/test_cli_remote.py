@@ -35,6 +35,7 @@ def service(tmp_path):
         if server.started:
             break
         time.sleep(0.05)
+    assert server.started, "uvicorn did not start within 10 s"
     yield f"http://127.0.0.1:{port}", JobStore(settings.database_url)
     server.should_exit = True
     thread.join(timeout=10)

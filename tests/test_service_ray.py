@@ -69,6 +69,8 @@ def _submit(client, recipe: dict) -> str:
     return r.json()["id"]
 
 
+# Time limits catch a hang, nothing more: a job of these recipes takes 11-21 s here (2 cores, a shared head)
+# and its first step is logged within ~10 s, so each limit is 10x or more above what it waits for.
 def _wait(client, job_id: str, until=FINAL, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
