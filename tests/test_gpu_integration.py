@@ -51,6 +51,7 @@ def test_stage_a_on_gpu_uses_the_fused_kernels_and_learns(monkeypatch):
         trainer.step(train[step % 4])
     after = trainer.evaluate(held_out)
     print(f"GPU stage A held-out loss {before.loss:.4f} -> {after.loss:.4f}; kernel calls {calls}")
+    # measured on an H100: 0.762 -> 0.366 (ratio 0.48; the CPU reference ops give the same); a 10% fall is asked for
     assert after.loss < 0.9 * before.loss
     assert calls["teacher_target"] >= 30 * 2 and calls["block_sparse_attention"] >= 30 * 2  # 2 layers per step
 
@@ -66,7 +67,7 @@ def test_full_budget_equals_dense_on_gpu(mode):
         sea = model(ids, use_cache=False).logits
     err = (sea - dense).abs().max().item()
     print(f"GPU {mode}: full-budget max |logit error| {err:.2e}")
-    assert err < 1e-3  # fp32; the kernels use exact fp32 products
+    assert err < 1e-3  # fp32; the kernels use exact fp32 products: measured 1.8e-7 .. 2.7e-7 on an H100
 
 
 def test_linear_attention_at_model_shape():
@@ -81,4 +82,6 @@ def test_linear_attention_at_model_shape():
     want = reference.causal_linear_attention(qf.double(), kf.double(), v.double()).float()
     rel = ((got - want).norm() / want.norm()).item()
     print(f"linear attention at model shape: relative error {rel:.2e}")
-    assert rel < 3e-3  # tl.dot of fp32 runs as tf32
+    # tl.dot of fp32 runs as tf32 (operands rounded to 2^-11 relative): measured 1.1e-3 on an H100 (9x). Dropping
+    # one 64-key chunk from the prefixes gives 4.2e-2, an off-by-one prefix 0.48 (measured on the reference)
+    assert rel < 1e-2

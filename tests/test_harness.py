@@ -66,7 +66,7 @@ def test_sea_and_teacher_score_through_the_harness(converted, tasks):
         assert metric == "word_perplexity" and 1 < ppl < float("inf")
         metric, acc = scores[mode]["sea_mmlu_astronomy"]
         assert metric == "acc" and 0 <= acc <= 1
-    assert scores["sea"]["sea_text_ppl"][1] != scores["dense"]["sea_text_ppl"][1]  # SEA really ran
+    assert scores["sea"]["sea_text_ppl"][1] != scores["dense"]["sea_text_ppl"][1]  # SEA really ran (measured 0.5% apart)
 
 
 def test_batched_generation_in_the_harness_equals_one_at_a_time(converted):
@@ -83,6 +83,8 @@ def test_batched_generation_in_the_harness_equals_one_at_a_time(converted):
     for batch in (1, 2):
         lm = get_model("sea")(str(converted), batch_size=batch)
         outs[batch] = lm.generate_until(requests)
+    # exact strings: the smallest top-1 / top-2 logit gap over the 24 greedy tokens is 2.7e-3 (measured, each
+    # context alone), against batch-vs-alone logit differences of ~2e-7 (tests/test_decoding.py)
     assert outs[1] == outs[2] and all(len(o) > 0 for o in outs[1])
 
 

