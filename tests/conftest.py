@@ -251,5 +251,6 @@ def pytest_sessionfinish(session, exitstatus):
     else:
         lines.append(f"the run's temporary files are kept in {TEST_ROOT}")
     if reporter is not None:
+        reporter.ensure_newline()
         for line in lines:
             reporter.write_line(line)
