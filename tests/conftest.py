@@ -123,6 +123,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RAY_HEAD_CPUS = 4  # 2 Ray Train workers + their controller, or a job's driver and stage tasks
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """One local Ray head for the tests that need a cluster but not a head of their own (the service's jobs,
@@ -138,9 +141,6 @@ def ray_head():
     assert head.stop(), "the shared Ray head was not running at the end"
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # stopped cleanly: its process group is gone
-
-
-RAY_HEAD_CPUS = 4  # 2 Ray Train workers + their controller, or a job's driver and stage tasks
 
 
 @pytest.fixture(scope="session")

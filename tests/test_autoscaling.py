@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from test_service_ray import ADMIN, _recipe, _submit, _wait  # noqa: E402
-from workers.orchestrator import LocalRayHead, _alive, _auth_headers  # noqa: E402
+from workers.orchestrator import HEAD_ENV, LocalRayHead, _alive, _auth_headers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_CLUSTER = ROOT / "docker" / "ray" / "fake-cluster.yaml"
@@ -47,22 +47,20 @@ def fake_cluster(tmp_path_factory):
     # (a stage's worker idles < 2 s between stages here, so none is removed mid-job)
     config["idle_timeout_minutes"] = 0.1
     (folder / "cluster.yaml").write_text(json.dumps(config))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env = {**os.environ, **HEAD_ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     cmd = [RAY, "start", "--head", "--block", f"--autoscaling-config={folder / 'cluster.yaml'}", "--num-cpus=1",
            f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
     with open(folder / "head.log", "ab") as logfile:
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dash}"
-    state = folder / "state"
-    state.mkdir()
-    # recorded as the service records its own head, so LocalRayHead.stop ends the whole group the same way
-    (state / "ray-head.json").write_text(json.dumps({"pid": proc.pid, "dashboard": dashboard, "gcs": f"127.0.0.1:{gcs}"}))
+    head = LocalRayHead(folder / "state")  # recorded as the service records its head: stopped the same way
+    head.write_record(proc.pid, dashboard, f"127.0.0.1:{gcs}")
     try:
         _until(lambda: _alive(dashboard) or proc.poll() is not None, 120, "the fake cluster's head to answer")
         assert proc.poll() is None, (folder / "head.log").read_text()[-2000:]
         yield {**config, "dashboard": dashboard}
     finally:
-        LocalRayHead(state).stop()
+        head.stop()
 
 
 def _sea_gpu_workers(dashboard: str) -> int:

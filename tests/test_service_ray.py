@@ -7,7 +7,6 @@ One head serves the module (it starts in ~5 s); each job trains a tiny LLaMA for
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from contextlib import contextmanager
@@ -219,21 +218,16 @@ def _token_mode(token_file: Path):
 
     from ray._private.authentication_test_utils import reset_auth_token_state
 
-    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-    saved = {k: os.environ.get(k) for k in names}
     token_file.write_text(secrets.token_hex(32))
-    os.environ.pop("RAY_AUTH_TOKEN", None)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    reset_auth_token_state()
     try:
-        yield
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv("RAY_AUTH_TOKEN", raising=False)
+            env.setenv("RAY_AUTH_MODE", "token")
+            env.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+            reset_auth_token_state()
+            yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_auth_token_state()
+        reset_auth_token_state()  # after the variables are back
 
 
 def test_a_head_with_token_authentication_is_seen_alive_and_stopped(tmp_path):

@@ -60,6 +60,11 @@ def _alive(dashboard: str) -> bool:
         return False
 
 
+# Ray drains a node on SIGTERM for up to 30 s, for Serve replicas to move; a head of the service runs only its
+# jobs and is stopped when none is active, so an idle head would wait out the 30 s for nothing
+HEAD_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
 class LocalRayHead:
     """A Ray head on this machine, started by the service (`ray start --head --block` in its own
     session), recorded in `<state_dir>/ray-head.json` so a restarted service adopts it instead of
@@ -96,10 +101,8 @@ class LocalRayHead:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         logfile = open(self.state_dir / "ray-head.log", "ab")
         # its own session: a Ctrl-C meant for the service does not reach the head (jobs keep running)
-        # Ray drains a node on SIGTERM for up to 30 s, for Serve replicas to move; this head runs only the
-        # service's jobs and is stopped when none is active, so an idle head would wait out the 30 s for nothing
-        env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **HEAD_ENV},
+                                start_new_session=True)
         dashboard = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + timeout
         while not _alive(dashboard):
@@ -109,11 +112,16 @@ class LocalRayHead:
                 proc.terminate()
                 raise RuntimeError(f"the local Ray head did not answer within {timeout:.0f} s")
             time.sleep(0.5)
-        tmp = self.record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": proc.pid, "dashboard": dashboard, "gcs": f"127.0.0.1:{gcs}"}))
-        os.replace(tmp, self.record)
+        self.write_record(proc.pid, dashboard, f"127.0.0.1:{gcs}")
         log.info("started a local Ray head at %s (pid %d)", dashboard, proc.pid)
         return dashboard, False
+
+    def write_record(self, pid: int, dashboard: str, gcs: str) -> None:
+        """Record a head (the leader of its own process group) for `ensure` to adopt and `stop` to end."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": pid, "dashboard": dashboard, "gcs": gcs}))
+        os.replace(tmp, self.record)
 
     def stop(self, timeout: float = 60) -> bool:
         """SIGTERM the head and wait for its process group to end (SIGKILL after `timeout`); False when there was none."""
