@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from api.settings import Settings
+from api.settings import Identity, Settings
 from workers.jobstore import JobStore
 
 
@@ -19,33 +19,37 @@ def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def _token(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+MAX_TOKEN_BYTES = 4096
+
+
+def _token(request: Request) -> bytes:
+    # the header's raw bytes (Starlette decodes them as latin-1): any token, ASCII or not, compares as bytes
+    header = request.headers.get("authorization", "").encode("latin-1")
+    scheme, _, token = header.partition(b" ")
+    if scheme.lower() != b"bearer" or not token or len(token) > MAX_TOKEN_BYTES:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     return token
 
 
-def _matches(token: str, allowed: list[str]) -> bool:
-    return any(secrets.compare_digest(token, a) for a in allowed)  # constant time
-
-
-def require_read(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str:
+def require_read(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Identity:
+    """The caller's identity (401 without a valid token). Every token is compared, in constant time, so the
+    time taken says nothing about which one nearly matched."""
     token = _token(request)
-    if _matches(token, settings.admin_tokens):
-        return "admin"
-    if _matches(token, settings.read_tokens):
-        return "read"
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    found = None
+    for ident in settings.identities():
+        if secrets.compare_digest(token, ident.secret) and found is None:
+            found = ident
+    if found is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return found
 
 
-def require_write(role: Annotated[str, Depends(require_read)]) -> str:
-    if role != "admin":
+def require_write(caller: Annotated[Identity, Depends(require_read)]) -> Identity:
+    if caller.role != "admin":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this token is read-only: it cannot submit, cancel or schedule")
-    return role
+    return caller
 
 
 Store = Annotated[JobStore, Depends(get_store)]
-Reader = Annotated[str, Depends(require_read)]
-Writer = Annotated[str, Depends(require_write)]
+Reader = Annotated[Identity, Depends(require_read)]
+Writer = Annotated[Identity, Depends(require_write)]

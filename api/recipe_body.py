@@ -18,13 +18,23 @@ RECIPE_BODY = {"requestBody": {"required": True, "description": "a recipe (see r
 }}}
 
 
-async def read_recipe(request: Request, settings: Settings) -> tuple[Recipe, str]:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read as it streams in and cut at `limit` (a chunked upload never sits whole in memory)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"recipe body over {settings.max_body_bytes} bytes")
-    body = await request.body()
-    if len(body) > settings.max_body_bytes:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"recipe body over {settings.max_body_bytes} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"recipe body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"recipe body over {limit} bytes")
+    return bytes(body)
+
+
+async def read_recipe(request: Request, settings: Settings) -> tuple[Recipe, str]:
+    """The recipe, checked against the service's policy (paths, endpoints, hub names, maxima), and the
+    text to store: the validated recipe as JSON, its paths resolved, so the job runs what was checked."""
+    body = await read_body(request, settings.max_body_bytes)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -39,19 +49,10 @@ async def read_recipe(request: Request, settings: Settings) -> tuple[Recipe, str
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed {'JSON' if kind == 'application/json' else 'YAML'}{where}: "
                             f"{getattr(err, 'problem', None) or err}") from None
+    except RecursionError:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "recipe body nests too deeply") from None
     try:
-        recipe = parse_recipe(data, base_dir=None, source="request body")
+        recipe = parse_recipe(data, base_dir=None, source="request body", policy=settings.recipe_policy())
     except RecipeError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
-    _inside_output_root(recipe, settings)
-    return recipe, text
-
-
-def _inside_output_root(recipe: Recipe, settings: Settings) -> None:
-    """A submitted recipe writes only under the service's output root (no path traversal)."""
-    root = settings.output_root.resolve()
-    target = (root / recipe.output.dir).resolve() if not recipe.output.dir.is_absolute() else recipe.output.dir.resolve()
-    if root != target and root not in target.parents:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"request body: invalid recipe\n  output.dir: {recipe.output.dir} is outside the service's output root")
-
+    return recipe, json.dumps(recipe.model_dump(mode="json", by_alias=True))

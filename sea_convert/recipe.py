@@ -9,29 +9,97 @@ Validation happens once, in `load_recipe`; everything downstream trusts it.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from sea_convert.recipe_policy import RecipePolicy
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used. `str()` is a message for a person, naming the field path."""
 
 
+def _takes_bool(annotation) -> bool:
+    return annotation is bool or (get_origin(annotation) in (Union, type(int | None)) and bool in get_args(annotation))
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or infinity for any float: `lr: .inf` is an error, not a run that learns nothing
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info: ValidationInfo):
+        # pydantic takes `steps: true` as 1; a boolean is never a number in a recipe
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and not _takes_bool(annotation) and annotation is not Any:
+            raise ValueError(f"expected {getattr(annotation, '__name__', annotation)}, got a boolean ({v})")
+        return v
+
+
+def _policy(info: ValidationInfo) -> RecipePolicy | None:
+    """The service's rules for a recipe from a client (None: the local CLI, which may touch anything)."""
+    return (info.context or {}).get("policy")
 
 
 def _resolve(path: str | Path | None, info: ValidationInfo) -> Path | None:
+    """A path the recipe reads: relative to the recipe file's folder, or under the service's data roots."""
     if path is None:
         return None
+    if (policy := _policy(info)) is not None:
+        return policy.readable(Path(path))
     base = (info.context or {}).get("base_dir")
     p = Path(path).expanduser()
     if not p.is_absolute() and base is not None:
         p = Path(base) / p
     return p
+
+
+def _output_path(path: str | Path | None, info: ValidationInfo) -> Path | None:
+    """A path the recipe writes: relative to the cwd, or inside the service's output root."""
+    if path is None:
+        return None
+    if (policy := _policy(info)) is not None:
+        return policy.writable(Path(path))
+    return Path(path).expanduser()
+
+
+def _at_most(key: str):
+    """A field validator: the value stays under the service's maximum `key` (no bound locally)."""
+    def check(cls, v, info: ValidationInfo):
+        policy = _policy(info)
+        return v if policy is None else policy.at_most(v, key)
+    return classmethod(check)
+
+
+def _hub_name(v: str | None, info: ValidationInfo) -> str | None:
+    policy = _policy(info)
+    return v if v is None or policy is None else policy.hub(v)
+
+
+def _storage_uri(v: str | None, info: ValidationInfo) -> str | None:
+    """s3://bucket/prefix or a local folder (file:// or a plain path): no other scheme, no fsspec chaining
+    (`ftp::/x` has no '://' but opens FTP), no '..'."""
+    if v is None:
+        return None
+    scheme = v.split("://", 1)[0] if "://" in v else ""
+    if scheme not in ("", "s3", "file") or "::" in v or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:(?!//)", v):
+        raise ValueError(f"{v!r}: use s3://bucket/prefix or a local folder (no other scheme, no '::' chaining)")
+    if scheme == "s3" and not v[len("s3://"):].strip("/"):
+        raise ValueError("s3:// needs a bucket: s3://bucket/prefix")
+    if ".." in v.replace("\\", "/").split("/"):
+        raise ValueError("'..' is not allowed in a storage URI")
+    policy = _policy(info)
+    return v if policy is None else policy.storage_target(v)
+
+
+def _storage_options(v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    policy = _policy(info)
+    return v if policy is None else policy.storage_options(v)
 
 
 class ModelSource(_Strict):
@@ -52,8 +120,21 @@ class ModelSource(_Strict):
             raise ValueError(f"model folder not found: {v}")
         return v
 
+    @field_validator("hub")
+    @classmethod
+    def _hub(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _hub_name(v, info)
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_inside(cls, v: str | None) -> str | None:
+        # a file of the repo, folder or package, never a way out of it
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts or v.startswith("~")):
+            raise ValueError(f"{v!r} must be a file name inside the model's repo, folder or package (no '..', not absolute)")
+        return v
+
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSource":
+    def _one_source(self, info: ValidationInfo) -> "ModelSource":
         given = [n for n in ("hub", "path", "package") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of hub, path, package (got {given or 'none'})")
@@ -66,8 +147,13 @@ class ModelSource(_Strict):
             folder = Path(list(spec.submodule_search_locations)[0])
             if not (folder / self.gguf_file).is_file():
                 raise ValueError(f"gguf_file {self.gguf_file!r} not found in package folder {folder}")
-        if self.path is not None and self.gguf_file is not None and not (self.path / self.gguf_file).is_file():
-            raise ValueError(f"gguf_file {self.gguf_file!r} not found in {self.path}")
+        if self.path is not None and self.gguf_file is None and not (self.path / "config.json").is_file():
+            raise ValueError(f"path: {self.path} holds no config.json: not a transformers checkpoint folder (or name its gguf_file)")
+        if self.path is not None and self.gguf_file is not None:
+            if (policy := _policy(info)) is not None:
+                policy.readable(self.path / self.gguf_file)  # a symlink in the folder may not lead out of the roots
+            if not (self.path / self.gguf_file).is_file():
+                raise ValueError(f"gguf_file {self.gguf_file!r} not found in {self.path}")
         return self
 
     def describe(self) -> str:
@@ -107,6 +193,8 @@ class SEAConfig(_Strict):
     )
     seed: int = 0
 
+    _bounded_lengths = field_validator("predictor_length", "position_table_len", "block_size")(_at_most("max_seq_len"))
+
     @model_validator(mode="after")
     def _consistent(self) -> "SEAConfig":
         if self.k > self.predictor_length:
@@ -137,6 +225,13 @@ class TextSource(_Strict):
             raise ValueError(f"text file not found: {v}")
         return v
 
+    @field_validator("hub")
+    @classmethod
+    def _hub(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _hub_name(v, info)
+
+    _bounded_documents = field_validator("max_documents")(_at_most("max_tokens"))
+
     @model_validator(mode="after")
     def _one_source(self) -> "TextSource":
         if (self.path is None) == (self.hub is None):
@@ -157,6 +252,9 @@ class DataConfig(_Strict):
     max_train_tokens: int | None = Field(None, ge=16, description="cap on training tokens read")
     add_bos: bool = Field(True, description="start each document with the tokenizer's BOS token")
 
+    _bounded_len = field_validator("seq_len")(_at_most("max_seq_len"))
+    _bounded_tokens = field_validator("held_out_tokens", "max_train_tokens")(_at_most("max_tokens"))
+
 
 class StageAConfig(_Strict):
     """Stage A: frozen teacher, all layers' predictors trained from one teacher pass per batch."""
@@ -173,6 +271,10 @@ class StageAConfig(_Strict):
     kl_weight: float = Field(1.0, ge=0, description="KL(teacher pooled attention || estimate)")
     output_mse_weight: float = Field(1.0, ge=0, description="MSE of SEA output vs the teacher's attention output")
     query_chunk: int = Field(256, ge=1, description="rows per chunk of the teacher target (memory ~ chunk x T)")
+
+    _bounded_steps = field_validator("steps", "warmup_steps")(_at_most("max_steps"))
+    _bounded_batch = field_validator("batch_size", "micro_batch_size")(_at_most("max_batch_size"))
+    _bounded_chunk = field_validator("query_chunk")(_at_most("max_seq_len"))
 
     @model_validator(mode="after")
     def _some_loss(self) -> "StageAConfig":
@@ -213,6 +315,11 @@ class StageBConfig(_Strict):
     estimate_kl_weight: float = Field(0.1, ge=0, description="KL(student's own pooled attention || estimate) per layer")
     query_chunk: int = Field(512, ge=1, description="rows per chunk of the estimate's target")
 
+    _bounded_steps = field_validator("steps", "warmup_steps")(_at_most("max_steps"))
+    _bounded_batch = field_validator("batch_size")(_at_most("max_batch_size"))
+    _bounded_chunk = field_validator("query_chunk")(_at_most("max_seq_len"))
+    _bounded_rank = field_validator("lora_rank")(_at_most("max_seq_len"))
+
     @model_validator(mode="after")
     def _something_to_do(self) -> "StageBConfig":
         if self.logit_kl_weight + self.hidden_mse_weight + self.lm_weight + self.estimate_kl_weight == 0:
@@ -252,10 +359,16 @@ class ParallelConfig(_Strict):
 
     @field_validator("checkpoint_uri")
     @classmethod
-    def _uri(cls, v: str | None) -> str | None:
-        if v is not None and "://" in v and v.split("://", 1)[0] not in ("s3", "file"):
-            raise ValueError("use a local folder or s3://bucket/prefix")
-        return v
+    def _uri(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _storage_uri(v, info)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _storage_options(v, info)
+
+    _bounded_workers = field_validator("workers")(_at_most("max_gpus"))
+    _bounded_cpus = field_validator("cpus_per_worker")(_at_most("max_cpus"))
 
 
 class DistillConfig(_Strict):
@@ -274,14 +387,18 @@ class DistillConfig(_Strict):
 
     @field_validator("state_dir")
     @classmethod
-    def _state_dir(cls, v: Path | None) -> Path | None:
-        return None if v is None else Path(v).expanduser()  # relative to the cwd, like output.dir
+    def _state_dir(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and (policy := _policy(info)) is not None:
+            return policy.state_folder(Path(v))
+        return _output_path(v, info)  # relative to the cwd, like output.dir
 
 
 class PerplexityEval(_Strict):
     ctx: int = Field(1024, ge=16, description="window length; windows do not overlap")
     max_windows: int | None = Field(None, ge=1, description="evaluate at most this many held-out windows")
     oracle: bool = Field(False, description="also the oracle: true top blocks at SEA's budget (the quality ceiling)")
+
+    _bounded_ctx = field_validator("ctx")(_at_most("max_seq_len"))
 
 
 class MMLUEval(_Strict):
@@ -290,6 +407,8 @@ class MMLUEval(_Strict):
     shots: int = Field(0, ge=0, le=10)
     limit: int | None = Field(None, ge=1, description="questions scored (None: all 14,042)")
     batch_size: int = Field(16, ge=1, description="prompts per forward pass (right-padded, exact)")
+
+    _bounded_batch = field_validator("batch_size")(_at_most("max_batch_size"))
 
 
 class HarnessEval(_Strict):
@@ -305,7 +424,10 @@ class HarnessEval(_Strict):
     @field_validator("include_path")
     @classmethod
     def _include_path(cls, v, info: ValidationInfo):
-        return _resolve(v, info)
+        v = _resolve(v, info)
+        if v is not None and not (v.is_dir() and any(v.glob("*.yaml"))):
+            raise ValueError(f"no task files (*.yaml) in {v}")
+        return v
 
 
 class Gates(_Strict):
@@ -336,23 +458,19 @@ class OutputConfig(_Strict):
 
     @field_validator("dir")
     @classmethod
-    def _dir(cls, v: Path) -> Path:
+    def _dir(cls, v: Path, info: ValidationInfo) -> Path:
         # Output folders are relative to the cwd (where the user runs the command), not the recipe.
-        return Path(v).expanduser()
+        return _output_path(v, info)
 
     @field_validator("publish_uri")
     @classmethod
-    def _publish_uri(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        scheme = v.split("://", 1)[0] if "://" in v else ""
-        if scheme not in ("", "s3", "file"):
-            raise ValueError(f"scheme {scheme!r} is not supported: use s3://bucket/prefix or a local folder")
-        if scheme == "s3" and not v[len("s3://"):].strip("/"):
-            raise ValueError("s3:// needs a bucket: s3://bucket/prefix")
-        if ".." in v.replace("\\", "/").split("/"):
-            raise ValueError("'..' is not allowed in publish_uri")
-        return v
+    def _publish_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _storage_uri(v, info)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _storage_options(v, info)
 
 
 class ResourcesConfig(_Strict):
@@ -365,6 +483,10 @@ class ResourcesConfig(_Strict):
     custom: dict[str, float] = Field(
         default_factory=dict, description="extra scheduler resources, e.g. {'accelerator_type:H100': 0.001}"
     )
+
+    _bounded_gpus = field_validator("gpus")(_at_most("max_gpus"))
+    _bounded_cpus = field_validator("cpus")(_at_most("max_cpus"))
+    _bounded_memory = field_validator("memory_gb")(_at_most("max_memory_gb"))
 
     @field_validator("custom")
     @classmethod
@@ -414,23 +536,40 @@ class Recipe(_Strict):
         return self
 
 
+def check_fits_model(recipe: Recipe, config) -> None:
+    """The lengths the recipe asks for against the model's own positions (known once its config is read)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return
+    problems = [f"  {name}: {value} is longer than the model's {positions} positions"
+                for name, value in (("data.seq_len", recipe.data.seq_len), ("validate.perplexity.ctx", recipe.validate_.perplexity.ctx))
+                if value > positions]
+    if problems:
+        raise RecipeError("\n".join([f"recipe {recipe.name}: does not fit {recipe.model.describe()}"] + problems))
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid recipe"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         loc = loc.replace("validate_", "validate")
         msg = e["msg"].removeprefix("Value error, ")
+        if (inner := re.match(r"^([a-z_]+): ", msg)) and e["type"] == "value_error":  # a model check naming its field
+            loc, msg = f"{loc}.{inner.group(1)}" if e["loc"] else inner.group(1), msg[inner.end():]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
 
-def parse_recipe(data: object, base_dir: Path | None = None, source: str = "recipe") -> Recipe:
+def parse_recipe(data: object, base_dir: Path | None = None, source: str = "recipe",
+                 policy: RecipePolicy | None = None) -> Recipe:
+    """`policy`: the service's rules for a recipe from a client (paths, endpoints, hub names, maxima);
+    its paths come back resolved (absolute, symlinks followed), so a later stage runs what was checked."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of fields, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data, context={"base_dir": base_dir})
+        return Recipe.model_validate(data, context={"base_dir": base_dir, "policy": policy})
     except ValidationError as err:
         raise RecipeError(_format_error(err, source)) from None
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+
+from sea_convert.recipe_policy import OWNED_MARKER
 
 STATE_FILE = "train_state.pt"
 
@@ -47,9 +50,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_state_dir(folder: Path) -> None:
+    """Create the state folder with a marker that says sea-convert made it, so cleanup may remove it; a
+    folder that existed before gets no marker, and cleanup removes only the state file from it."""
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        return
+    (folder / OWNED_MARKER).write_text("this folder was created by sea-convert and is removed when its run is done\n")
+
+
+def clear_state_dir(folder: Path) -> None:
+    """After a successful publish: the whole folder if sea-convert made it, else only what it wrote there."""
+    if (folder / OWNED_MARKER).is_file():
+        shutil.rmtree(folder)
+        return
+    for name in (STATE_FILE, f".{STATE_FILE}.tmp"):
+        (folder / name).unlink(missing_ok=True)
+
+
 def save_state(folder: Path, state: dict) -> Path:
     """Write to a temporary file, then rename: a crash mid-write leaves the previous state intact."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_state_dir(folder)
     path = folder / STATE_FILE
     tmp = folder / f".{STATE_FILE}.tmp"
     torch.save(state, tmp)

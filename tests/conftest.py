@@ -8,6 +8,9 @@ from isolation import HomeGuard, cleanup, isolate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the moto server's credentials, where a service and its Ray jobs take them from: the environment
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 # Before anything reads HOME or a cache path: the real home is listed, then every write the run makes
 # goes to one temporary folder (removed after a passing run, kept and named after a failing one).
@@ -157,6 +160,17 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def service_data_roots(tmp_path_factory) -> list[Path]:
+    """What a test service may read: this run's files (corpus cuts, pytest's temporary folders) and the corpora."""
+    return [TEST_ROOT, tmp_path_factory.getbasetemp(), SHARED_DATA]
+
+
+def s3_recipe_options(endpoint: str) -> dict:
+    """What a recipe sent to the service names: the endpoint and region only (the service refuses
+    credentials in a recipe: they come from its environment, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+    return {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
 
 
 def s3_options(endpoint: str) -> dict:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
-from conftest import HELD_OUT_TEXT, TRAIN_TEXT  # noqa: E402
+from conftest import HELD_OUT_TEXT, TRAIN_TEXT, service_data_roots  # noqa: E402
 
 ADMIN = {"Authorization": "Bearer admin-token"}
 READER = {"Authorization": "Bearer read-token"}
@@ -28,10 +28,10 @@ def _recipe(**over) -> dict:
 
 
 @pytest.fixture
-def client(tmp_path):
+def client(tmp_path, tmp_path_factory):
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin-token",
                         read_tokens="read-token", output_root=tmp_path / "outputs", max_body_bytes=4096,
-                        runner="off")
+                        runner="off", data_roots=service_data_roots(tmp_path_factory))
     return TestClient(create_app(settings))
 
 
@@ -57,15 +57,24 @@ def test_submit_yaml_or_json_idempotently_then_list_get_cancel(client):
     assert job["status"] == "queued" and [s["name"] for s in job["stages"]] == ["distill", "validate", "publish"]
     again = client.post("/v1/jobs", content=body, headers={**ADMIN, "Idempotency-Key": "k1"})
     assert again.status_code == 200 and again.json()["id"] == job["id"]
-    as_json = client.post("/v1/jobs", content=json.dumps(_recipe()), headers={**ADMIN, "Content-Type": "application/json"})
+    same_folder = client.post("/v1/jobs", content=json.dumps(_recipe()), headers={**ADMIN, "Content-Type": "application/json"})
+    assert same_folder.status_code == 409 and job["id"] in same_folder.json()["detail"]  # one active job per output.dir
+    as_json = client.post("/v1/jobs", content=json.dumps(_recipe(output={"dir": "other"})),
+                          headers={**ADMIN, "Content-Type": "application/json"})
     assert as_json.status_code == 201 and as_json.json()["id"] != job["id"]
     page = client.get("/v1/jobs", params={"limit": 1, "offset": 0}, headers=READER).json()
     assert page["total"] == 2 and len(page["items"]) == 1
     assert client.get("/v1/jobs", params={"status": "queued"}, headers=READER).json()["total"] == 2
-    assert client.get(f"/v1/jobs/{job['id']}", headers=READER).json()["name"] == "smollm2"
-    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=ADMIN).json()["status"] == "cancelled"
+    got = client.get(f"/v1/jobs/{job['id']}", headers=READER).json()
+    assert got["name"] == "smollm2" and got["submitted_by"] == "admin-1"
+    assert got["created_at"].endswith("+00:00")  # UTC, with its zone
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=ADMIN).json()
+    assert cancelled["status"] == "cancelled" and cancelled["cancelled_by"] == "admin-1"
+    assert {s["status"] for s in cancelled["stages"]} == {"skipped"}  # no stage of a cancelled job stays pending
     r = client.post(f"/v1/jobs/{job['id']}/cancel", headers=ADMIN)
     assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
+    again = client.post("/v1/jobs", content=body, headers=ADMIN)  # the folder is free once its job ended
+    assert again.status_code == 201, again.text
 
 
 BAD = {
@@ -129,7 +138,7 @@ def test_committed_openapi_document_is_current(client):
     assert committed == client.get("/openapi.json").json(), "regenerate docs/api/openapi.json (see docs/architecture.md)"
 
 
-def test_served_over_real_http(tmp_path):
+def test_served_over_real_http(tmp_path, tmp_path_factory):
     """The app behind a real uvicorn server on loopback, reached with httpx."""
     import socket
     import threading
@@ -142,7 +151,7 @@ def test_served_over_real_http(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin-token",
-                        output_root=tmp_path / "outputs", runner="off")
+                        output_root=tmp_path / "outputs", runner="off", data_roots=service_data_roots(tmp_path_factory))
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

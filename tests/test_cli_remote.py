@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from api.app import create_app
 from api.cli import app
 from api.settings import Settings
-from conftest import _free_port
+from conftest import _free_port, service_data_roots
 from workers.jobstore import JobStore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -22,12 +22,12 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def service(tmp_path):
+def service(tmp_path, tmp_path_factory):
     import uvicorn
 
     port = _free_port()
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin", read_tokens="reader",
-                        output_root=tmp_path / "outputs", runner="off")
+                        output_root=tmp_path / "outputs", runner="off", data_roots=service_data_roots(tmp_path_factory))
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

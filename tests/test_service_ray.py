@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
-from conftest import HELD_OUT_TEXT, RAY_HEAD_CPUS, TRAIN_TEXT, make_bucket, s3_options  # noqa: E402
+from conftest import HELD_OUT_TEXT, RAY_HEAD_CPUS, TRAIN_TEXT, make_bucket, s3_options, s3_recipe_options, service_data_roots  # noqa: E402
 from workers.jobstore import JobStore  # noqa: E402
 from workers.orchestrator import LocalRayHead  # noqa: E402
 
@@ -48,12 +48,13 @@ def _recipe(model_dir: Path, name: str, steps: int = 8, **over) -> dict:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory, ray_head):
+def settings(tmp_path_factory, ray_head, s3_endpoint):
     """The service on the run's shared Ray head (its state folder: the service adopts the head recorded there)."""
     root = tmp_path_factory.mktemp("service")
     return Settings(database_url=f"sqlite:///{root / 'jobs.db'}", admin_tokens="admin", output_root=root / "outputs",
                     state_dir=ray_head.state_dir, ray_num_cpus=RAY_HEAD_CPUS, poll_interval_s=0.5,
-                    stop_local_ray="never")
+                    stop_local_ray="never", data_roots=service_data_roots(tmp_path_factory),
+                    allowed_endpoints=[s3_endpoint])
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_job_runs_as_ray_tasks_publishes_to_s3_and_pulls_back(client, settings, 
     bucket = make_bucket(s3_endpoint, "service-publish")
     uri = f"s3://{bucket}/tiny"
     recipe = _recipe(tiny_model_dir, "tiny-published",
-                     output={"publish_uri": uri, "storage_options": s3_options(s3_endpoint)})
+                     output={"publish_uri": uri, "storage_options": s3_recipe_options(s3_endpoint)})
     job_id = _submit(client, recipe)
     streamed = client.get(f"/v1/jobs/{job_id}/logs", params={"follow": True}, headers=ADMIN).text  # ends with the job
     job = _wait(client, job_id)

@@ -104,5 +104,17 @@ class DistCheckpoints:
         return extra
 
     def clear(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        """Remove this run's step folders, and the folder itself only when nothing else is left in it: a
+        checkpoint URI may name a folder that held other files before (they are never deleted)."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return
+        for entry in self.fs.ls(self.root, detail=False):
+            if _STEP.search(entry.rstrip("/")):
+                self.fs.rm(entry, recursive=True)
+        self.fs.invalidate_cache()
+        try:
+            if not self.fs.ls(self.root, detail=False):
+                self.fs.rmdir(self.root)
+        except (FileNotFoundError, OSError):
+            pass  # object stores have no empty folders to remove

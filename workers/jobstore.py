@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, create_engine, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -35,8 +35,18 @@ def _id() -> str:
     return uuid.uuid4().hex
 
 
+class UTCDateTime(TypeDecorator):
+    """A UTC time that comes back with its zone (SQLite keeps none; every time here is written in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=dt.timezone.utc) if value is not None and value.tzinfo is None else value
+
+
 class Base(DeclarativeBase):
-    pass
+    type_annotation_map = {dt.datetime: UTCDateTime}
 
 
 class Job(Base):
@@ -53,10 +63,18 @@ class Job(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     artifact_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
     log_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
-    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=_now, index=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # the audit trail: names of the tokens (from the service settings, never the tokens) that acted
+    submitted_by: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
+    cancelled_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # the resolved output folder while the job is queued or running (NULL after): one active job per folder
+    active_output: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    progress: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {stage, step, total, updated_at, eta}
     stages: Mapped[list[Stage]] = relationship(back_populates="job", cascade="all, delete-orphan", order_by="Stage.position")
+
+    __table_args__ = (Index("ux_jobs_active_output", "active_output", unique=True),)
 
 
 class Stage(Base):
@@ -69,8 +87,8 @@ class Stage(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     job: Mapped[Job] = relationship(back_populates="stages")
 
 
@@ -83,8 +101,8 @@ class Schedule(Base):
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     recipe: Mapped[str] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(default=True)
-    last_fired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    last_fired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=_now)
 
 
 class JobStoreError(ValueError):
@@ -99,7 +117,11 @@ class BadTransition(JobStoreError):
     pass
 
 
-SETTABLE_FIELDS = ("ray_submission_id", "metrics", "artifact_uri", "log_uri")
+class OutputBusy(JobStoreError):
+    """Another queued or running job writes to the same output folder."""
+
+
+SETTABLE_FIELDS = ("ray_submission_id", "metrics", "artifact_uri", "log_uri", "cancelled_by", "progress")
 
 
 def _set_fields(job: Job, fields: dict) -> None:
@@ -126,31 +148,66 @@ class JobStore:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_missing_columns(self) -> None:
+        """A database made by an older version: its tables get the columns added since (all nullable)."""
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            with self.engine.begin() as conn:
+                for column in table.columns:
+                    if column.name not in have:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():
             yield s
 
-    def submit(self, name: str, recipe: str, idempotency_key: str | None = None,
-               schedule_id: str | None = None) -> tuple[Job, bool]:
-        """(job, created). With a key already used, the first job is returned and nothing is written."""
+    def submit(self, name: str, recipe: str, idempotency_key: str | None = None, schedule_id: str | None = None,
+               submitted_by: str | None = None, output_dir: str | None = None) -> tuple[Job, bool]:
+        """(job, created). With a key already used, the first job is returned and nothing is written.
+        OutputBusy when another active job holds `output_dir` (a unique index decides a race)."""
         if idempotency_key is not None:
             existing = self.by_key(idempotency_key)
             if existing is not None:
                 return existing, False
         try:
             with self.session() as s:
-                job = Job(name=name, recipe=recipe, idempotency_key=idempotency_key, schedule_id=schedule_id, metrics={})
+                job = Job(name=name, recipe=recipe, idempotency_key=idempotency_key, schedule_id=schedule_id, metrics={},
+                          submitted_by=submitted_by, active_output=output_dir)
                 job.stages = [Stage(name=n, position=i) for i, n in enumerate(STAGES)]
                 s.add(job)
             return self.get(job.id), True
         except IntegrityError:
             existing = self.by_key(idempotency_key) if idempotency_key is not None else None
-            if existing is None:
-                raise
-            return existing, False  # a concurrent request with the same key won the race
+            if existing is not None:
+                return existing, False  # a concurrent request with the same key won the race
+            holder = self.holder_of(output_dir) if output_dir is not None else None
+            if holder is not None:
+                raise OutputBusy(f"output.dir {output_dir} is being written by job {holder.id} ({holder.status});"
+                                 " wait for it to end, cancel it, or choose another output.dir") from None
+            raise
+
+    def holder_of(self, output_dir: str) -> Job | None:
+        """The queued or running job writing to this output folder, if any."""
+        with self.session() as s:
+            return s.scalar(select(Job).where(Job.active_output == output_dir))
+
+    def active_count(self, submitted_by: str) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Job).where(
+                Job.submitted_by == submitted_by, Job.status.in_(("queued", "running")))))
+
+    def submitted_since(self, submitted_by: str, since: dt.datetime) -> list[dt.datetime]:
+        """When this token's submissions since `since` were made, oldest first (the per-minute quota)."""
+        with self.session() as s:
+            return list(s.scalars(select(Job.created_at).where(Job.submitted_by == submitted_by, Job.created_at >= since)
+                                  .order_by(Job.created_at)))
 
     def by_key(self, key: str) -> Job | None:
         """The job first submitted with this idempotency key, if any."""
@@ -202,6 +259,11 @@ class JobStore:
                     job.started_at = _now()
                 if status in FINAL_STATES:
                     job.finished_at = _now()
+                    job.active_output = None  # the folder is free for the next job
+                    for stage in job.stages if status in ("cancelled", "failed") else ():  # none still says running
+                        if stage.status in ("running", "pending"):
+                            stage.status = ("cancelled" if status == "cancelled" else "failed") if stage.status == "running" else "skipped"
+                            stage.finished_at = job.finished_at
             if error is not None:
                 job.error = error
             _set_fields(job, fields)

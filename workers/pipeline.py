@@ -30,12 +30,13 @@ from sea_convert.integration import attach_sea, compile_predictors
 from sea_convert.lora import merge_lora
 from sea_convert.models import DTYPES, load_teacher, pick_device, source_location
 from sea_convert.provenance import data_provenance, model_provenance
-from sea_convert.recipe import Recipe
+from sea_convert.recipe import Recipe, check_fits_model
+from sea_convert.train_state import make_state_dir
 from workers.dist_checkpoint import DistCheckpoints
 from workers.distill import DistillResult, clear_state, default_state_dir, distill_stage
 from workers.sharded_load import build_skeleton
 from workers.publish import publish_stage
-from workers.storage import publish
+from workers.storage import build_manifest, publish
 from workers.train_launch import launch_training
 from workers.validate import ValidationReport, teacher_reference, validate_stage
 
@@ -135,17 +136,35 @@ def check_destination(recipe: Recipe, paths: JobPaths, owner: str) -> None:
         raise CheckpointError(f"output folder {paths.destination} already exists (set output.overwrite or pass another --output)")
 
 
-def claim_work_dir(paths: JobPaths, owner: str) -> None:
-    """Keep this run's own work (a retried stage, a re-queued job); wipe anybody else's."""
-    marker = paths.work / "owner.json"
+def _work_owner(paths: JobPaths) -> str | None:
     try:
-        if json.loads(marker.read_text())["owner"] == owner:
-            return
-    except (OSError, ValueError, KeyError):
-        pass
+        return json.loads((paths.work / "owner.json").read_text())["owner"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def claim_work_dir(paths: JobPaths, owner: str) -> None:
+    """Keep this run's own work (a retried stage, a re-queued job); wipe an earlier run's (its owner.json
+    says sea-convert made it). A folder of that name that sea-convert did not make is never touched."""
+    found = _work_owner(paths)
+    if found == owner:
+        return
+    if found is None and paths.work.exists():
+        raise CheckpointError(f"work folder {paths.work} exists and was not made by sea-convert: move it away or"
+                              " choose another output folder")
     shutil.rmtree(paths.work, ignore_errors=True)
     paths.work.mkdir(parents=True)
-    _write_json(marker, {"owner": owner, "started": time.time()})
+    _write_json(paths.work / "owner.json", {"owner": owner, "started": time.time()})
+    make_state_dir(paths.state)  # marked as ours, so cleanup may remove it (a folder that existed stays)
+
+
+def remove_work(paths: JobPaths, owner: str) -> bool:
+    """A run's hand-over files once it has ended, whatever the outcome (they can be gigabytes); only this
+    run's own work folder is removed."""
+    if _work_owner(paths) != owner:
+        return False
+    shutil.rmtree(paths.work, ignore_errors=True)
+    return True
 
 
 def _done(path: Path, log: Log, stage: str) -> dict | None:
@@ -155,17 +174,21 @@ def _done(path: Path, log: Log, stage: str) -> dict | None:
     return None
 
 
+Progress = Callable[[str, int, int], None]  # (stage, step, total steps)
+
+
 def stage_distill(recipe: Recipe, paths: JobPaths, progress: bool = False, log: Log = print,
-                  log_every: int | None = None) -> dict:
+                  log_every: int | None = None, on_progress: Progress | None = None) -> dict:
     """Teacher reference numbers, then stage A (+ B); the trained model goes to work/model.
-    `log_every`: also log one line per that many steps (for logs followed from afar; no bars there)."""
+    `log_every`: also log one line per that many steps (for logs followed from afar; no bars there).
+    `on_progress(stage, step, total)` after every step (the service records it on the job)."""
     done = _done(paths.work / "distill.json", log, "distill")
     if done is not None:
         return done
     if recipe.distill.parallel.workers > 1:
         model, tokenizer, reference, distilled = _distill_parallel(recipe, paths, log)
     else:
-        model, tokenizer, reference, distilled = _distill_here(recipe, paths, progress, log, log_every)
+        model, tokenizer, reference, distilled = _distill_here(recipe, paths, progress, log, log_every, on_progress)
     if distilled.resumed_from:
         log(f"resumed at stage {distilled.resumed_from['stage'].upper()} step {distilled.resumed_from['step']}")
     log(f"distilled {distilled.steps} steps in {distilled.seconds:.0f} s")
@@ -180,12 +203,14 @@ def stage_distill(recipe: Recipe, paths: JobPaths, progress: bool = False, log: 
     return result
 
 
-def _distill_here(recipe: Recipe, paths: JobPaths, progress: bool, log: Log, log_every: int | None):
+def _distill_here(recipe: Recipe, paths: JobPaths, progress: bool, log: Log, log_every: int | None,
+                  on_progress: Progress | None):
     """One process: teacher reference numbers first (stage B may move the base), then stage A (+ B)."""
     torch.manual_seed(recipe.distill.seed)
     device = pick_device(recipe.distill.device)
     log(f"loading {recipe.model.describe()} on {device}")
     model, tokenizer = load_teacher(recipe.model, device)
+    check_fits_model(recipe, model.config)
     attach_sea(model, recipe.sea)
     if recipe.sea.compile and device.type == "cuda":
         compile_predictors(model)
@@ -196,6 +221,9 @@ def _distill_here(recipe: Recipe, paths: JobPaths, progress: bool, log: Log, log
     log(f"teacher perplexity {reference['teacher_ppl']:.3f}")
 
     def on_step(stage: str, m) -> None:
+        if on_progress is not None:
+            cfg = recipe.distill.stage_a if stage == "a" else recipe.distill.stage_b
+            on_progress(f"distill {stage.upper()}", m.step, cfg.steps)
         if log_every and m.step % log_every == 0:
             log(f"stage {stage.upper()} step {m.step}: loss {m.loss:.4f}, density {m.density:.3f}, {m.seconds:.2f} s/step")
 
@@ -209,7 +237,9 @@ def _distill_parallel(recipe: Recipe, paths: JobPaths, log: Log):
     source, and measures the teacher's reference numbers there, stage A having left it unchanged)."""
     result = launch_training(recipe, paths.work / "parallel", paths.state, paths.work / "train-runs", log=log)
     where, kwargs = source_location(recipe.model)
-    model = build_skeleton(AutoConfig.from_pretrained(where, **kwargs), DTYPES[recipe.model.dtype])
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    check_fits_model(recipe, config)
+    model = build_skeleton(config, DTYPES[recipe.model.dtype])
     attach_sea(model, recipe.sea, device="cpu")
     load_predictor_state(model, load_file(str(paths.work / "parallel" / PREDICTORS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -260,7 +290,7 @@ def stage_publish(recipe: Recipe, paths: JobPaths, owner: str, log: Log = print)
     path = publish_stage(recipe, model, tokenizer, report, model_card(recipe, report), paths.destination, extra,
                          overwrite=recipe.output.overwrite or own, base_finetuned=_base_finetuned(recipe))
     log(f"checkpoint written to {path}")
-    out = {"checkpoint": str(path), "published": None}
+    out = {"checkpoint": str(path), "published": None, "manifest": build_manifest(path)}
     if recipe.output.publish_uri:
         pub = publish(path, recipe.output.publish_uri, promote=True, storage_options=recipe.output.storage_options)
         out["published"] = asdict(pub)
@@ -269,7 +299,7 @@ def stage_publish(recipe: Recipe, paths: JobPaths, owner: str, log: Log = print)
     clear_state(paths.state)
     if recipe.distill.parallel.checkpoint_uri:  # distributed checkpoints kept elsewhere (e.g. S3)
         DistCheckpoints(recipe.distill.parallel.checkpoint_uri, recipe.distill.parallel.storage_options).clear()
-    shutil.rmtree(paths.work, ignore_errors=True)
+    remove_work(paths, owner)
     return out
 
 

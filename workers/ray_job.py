@@ -14,12 +14,15 @@ while it runs (the service stops this Ray job) is never overwritten: a finished 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import functools
 import json
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,13 +30,44 @@ import yaml
 from sea_convert.checkpoint import CheckpointError
 from sea_convert.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from workers.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
-from workers.pipeline import GateFailure, JobPaths, check_destination, claim_work_dir, stage_distill, stage_publish, stage_validate
+from workers.pipeline import (GateFailure, JobPaths, check_destination, claim_work_dir, remove_work, stage_distill,
+                              stage_publish, stage_validate)
 
 NOT_RETRIED = (GateFailure, RecipeError, CheckpointError)
 Execute = Callable[[Callable, tuple, dict], object]
 
 
-def run_stage(stage: str, recipe: Recipe, paths: JobPaths, owner: str):
+@dataclass
+class ProgressSink:
+    """Records a stage's step / total and an estimated end on the job, at most every `every_s` seconds.
+    Picklable (a URL, not a connection), so the stage task writes it from whichever node runs it."""
+
+    database_url: str
+    job_id: str
+    every_s: float = 2.0
+    _last: float = 0.0
+    _start: dict = field(default_factory=dict)  # stage -> (monotonic time, step) of its first report here
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        now = time.monotonic()
+        t0, step0 = self._start.setdefault(stage, (now, step))
+        if now - self._last < self.every_s and step < total:
+            return
+        self._last = now
+        wall = dt.datetime.now(dt.timezone.utc)
+        eta = None
+        if step > step0:
+            eta = (wall + dt.timedelta(seconds=(total - step) * (now - t0) / (step - step0))).isoformat()
+        _store(self.database_url).record(self.job_id, progress={
+            "stage": stage, "step": step, "total": total, "updated_at": wall.isoformat(), "eta": eta})
+
+
+@functools.cache
+def _store(url: str) -> JobStore:
+    return JobStore(url)
+
+
+def run_stage(stage: str, recipe: Recipe, paths: JobPaths, owner: str, on_progress: ProgressSink | None = None):
     """The body of one stage task (module level, so Ray can ship it to a worker)."""
     from transformers.utils import logging as hf_logging
 
@@ -43,7 +77,8 @@ def run_stage(stage: str, recipe: Recipe, paths: JobPaths, owner: str):
         print(f"[{stage}] {message}", flush=True)
 
     if stage == "distill":
-        return stage_distill(recipe, paths, log=log, log_every=max(1, recipe.distill.stage_a.steps // 20))
+        return stage_distill(recipe, paths, log=log, log_every=max(1, recipe.distill.stage_a.steps // 20),
+                             on_progress=on_progress)
     if stage == "validate":
         return stage_validate(recipe, paths, log=log)
     return stage_publish(recipe, paths, owner, log=log)
@@ -75,11 +110,35 @@ def plain_execute(fn: Callable, args: tuple, options: dict):
 def ray_execute(fn: Callable, args: tuple, options: dict):
     import ray
 
+    check_feasible(options, ray.nodes())
     try:
         return ray.get(ray.remote(fn).options(**options).remote(*args))
     except ray.exceptions.RayTaskError as err:  # the stage raised: hand back its own exception
         cause = getattr(err, "cause", None)
         raise (cause if isinstance(cause, BaseException) else err) from None
+
+
+# a stage task's option -> the node resource it needs, and the recipe field that asked for it
+_RESOURCE_FIELDS = {"num_cpus": ("CPU", "resources.cpus"), "num_gpus": ("GPU", "resources.gpus"),
+                    "memory": ("memory", "resources.memory_gb")}
+
+
+def check_feasible(options: dict, nodes: list[dict]) -> None:
+    """Fail at once, naming the field, when no node of the cluster could run the stage: Ray would keep
+    the task pending forever. A cluster that autoscales says so with SEA_CONVERT_AUTOSCALING=1 (its
+    autoscaler then judges what node types can be added)."""
+    if os.environ.get("SEA_CONVERT_AUTOSCALING") == "1":
+        return
+    totals = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    wanted = {_RESOURCE_FIELDS[k][0]: (v, _RESOURCE_FIELDS[k][1]) for k, v in options.items()
+              if k in _RESOURCE_FIELDS and v}
+    wanted.update({name: (amount, f"resources.custom.{name}") for name, amount in options.get("resources", {}).items()})
+    if not totals or any(all(have.get(r, 0) >= amount for r, (amount, _) in wanted.items()) for have in totals):
+        return
+    problems = [f"{field} asks for {amount:g} {r}; the largest node has {max(h.get(r, 0) for h in totals):g}"
+                for r, (amount, field) in wanted.items() if all(h.get(r, 0) < amount for h in totals)]
+    raise RecipeError("no node of the cluster can run this stage: " + ("; ".join(problems) or
+                      "no single node has all of " + ", ".join(f for _, f in wanted.values())))
 
 
 def job_paths(recipe: Recipe, output_root: Path) -> JobPaths:
@@ -125,6 +184,15 @@ def run_job(store: JobStore, job_id: str, output_root: Path, execute: Execute = 
     except CheckpointError as err:
         return _finish(store, job_id, "failed", log, error=str(err))
 
+    sink = ProgressSink(store.engine.url.render_as_string(hide_password=False), job_id)
+    try:
+        return _run_stages(store, job_id, recipe, paths, execute, sleep, log, sink)
+    finally:
+        remove_work(paths, owner=job_id)  # whatever the ending: the hand-over files are this run's only
+
+
+def _run_stages(store: JobStore, job_id: str, recipe: Recipe, paths: JobPaths, execute: Execute,
+                sleep: Callable[[float], None], log: Callable[[str], None], sink: ProgressSink) -> str:
     results: dict = {}
     for i, stage in enumerate(STAGES):
         pause = recipe.retries.backoff_s
@@ -132,7 +200,7 @@ def run_job(store: JobStore, job_id: str, output_root: Path, execute: Execute = 
             store.set_stage(job_id, stage, "running")
             log(f"stage {stage}: attempt {attempt} of {recipe.retries.attempts}")
             try:
-                results[stage] = execute(run_stage, (stage, recipe, paths, job_id), stage_options(recipe, stage))
+                results[stage] = execute(run_stage, (stage, recipe, paths, job_id, sink), stage_options(recipe, stage))
                 store.set_stage(job_id, stage, "succeeded")
                 break
             except GateFailure as err:
@@ -154,7 +222,8 @@ def run_job(store: JobStore, job_id: str, output_root: Path, execute: Execute = 
                 pause *= 2
     published = results["publish"]
     artifact = published["published"]["uri"] if published.get("published") else str(Path(published["checkpoint"]).resolve())
-    metrics = {**_metrics(results["validate"]), "checkpoint": published["checkpoint"], "published": published.get("published")}
+    metrics = {**_metrics(results["validate"]), "checkpoint": published["checkpoint"], "published": published.get("published"),
+               "manifest": published.get("manifest")}
     log(f"job {job_id} succeeded: {artifact}")
     return _finish(store, job_id, "succeeded", log, metrics=metrics, artifact_uri=artifact)
 

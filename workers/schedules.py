@@ -52,7 +52,7 @@ class Fired:
     skipped: bool
 
 
-def fire_due(store: JobStore, now: dt.datetime, submit: Callable[[Schedule, str], Job]) -> list[Fired]:
+def fire_due(store: JobStore, now: dt.datetime, submit: Callable[[Schedule, str], Job | None]) -> list[Fired]:
     """Submit every schedule that is due. `submit(schedule, idempotency_key)` creates the job."""
     fired = []
     for sched in store.schedules(enabled_only=True):
@@ -72,7 +72,7 @@ def fire_due(store: JobStore, now: dt.datetime, submit: Callable[[Schedule, str]
             store.mark_fired(sched.id, at)
             fired.append(Fired(sched.name, at, None, True))
             continue
-        job = submit(sched, key)
+        job = submit(sched, key)  # None: another active job holds the output folder; this firing is skipped
         store.mark_fired(sched.id, at)
-        fired.append(Fired(sched.name, at, job.id, False))
+        fired.append(Fired(sched.name, at, job.id if job is not None else None, job is None))
     return fired

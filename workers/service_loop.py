@@ -10,20 +10,28 @@ import threading
 import yaml
 
 from sea_convert.recipe import RecipeError, parse_recipe
-from workers.jobstore import Job, JobStore, Schedule
+from workers.jobstore import Job, JobStore, OutputBusy, Schedule
 from workers.orchestrator import RayRunner
 from workers.schedules import fire_due
 
 log = logging.getLogger("sea_convert.service")
 
 
-def submit_scheduled(store: JobStore, schedule: Schedule, key: str) -> Job:
-    """A schedule's run: its stored recipe, re-read now (the job re-resolves model and data when it runs)."""
+def submit_scheduled(store: JobStore, schedule: Schedule, key: str) -> Job | None:
+    """A schedule's run: its stored recipe (checked and resolved when the schedule was made), re-read now
+    (the job re-resolves model and data when it runs). None: an active job holds its output folder."""
+    name, output_dir = schedule.name, None
     try:
-        name = parse_recipe(yaml.safe_load(schedule.recipe), source=f"schedule {schedule.name}").name
+        recipe = parse_recipe(yaml.safe_load(schedule.recipe), source=f"schedule {schedule.name}")
+        name, output_dir = recipe.name, str(recipe.output.dir)
     except (RecipeError, yaml.YAMLError):
-        name = schedule.name  # the job records the recipe error when it runs
-    job, _created = store.submit(name, schedule.recipe, idempotency_key=key, schedule_id=schedule.id)
+        pass  # the job records the recipe error when it runs
+    try:
+        job, _created = store.submit(name, schedule.recipe, idempotency_key=key, schedule_id=schedule.id,
+                                     submitted_by=f"schedule:{schedule.name}", output_dir=output_dir)
+    except OutputBusy as err:
+        log.warning("schedule %s skipped this run: %s", schedule.name, err)
+        return None
     return job
 
 
