@@ -76,22 +76,35 @@ def recipe_text(path: Path) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+SHORT_ID = 12  # hex digits shown in tables; every command takes such a prefix (the service resolves it)
+
+
 def _job_table(jobs: list[dict], title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("id", "name", "status", "stages", "created", "artifact"):
+    t.add_column("id", no_wrap=True)
+    for col in ("name", "status", "stages", "created (UTC)", "artifact"):
         t.add_column(col, overflow="fold")
     for j in jobs:
         stages = " ".join(f"{s['name']}:{s['status']}" + (f"x{s['attempts']}" if s["attempts"] > 1 else "") for s in j["stages"])
-        t.add_row(j["id"], j["name"], j["status"], stages, j["created_at"][:19], j.get("artifact_uri") or "")
+        t.add_row(j["id"][:SHORT_ID], j["name"], j["status"], stages, j["created_at"][:19].replace("T", " "),
+                  j.get("artifact_uri") or "")
     return t
+
+
+def _progress(p: dict | None) -> str:
+    if not p:
+        return ""
+    return f"{p['stage']}: step {p['step']} of {p['total']}" + (f", ends about {p['eta'][:19].replace('T', ' ')} UTC" if p.get("eta") else "")
 
 
 def _job_detail(j: dict) -> Table:
     t = Table(title=f"job {j['id']}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(overflow="fold")
-    rows = [("name", j["name"]), ("status", j["status"]), ("created", j["created_at"]),
-            ("finished", j.get("finished_at") or "")]
+    rows = [("name", j["name"]), ("status", j["status"]), ("progress", _progress(j.get("progress"))),
+            ("submitted by", j.get("submitted_by") or ""), ("created", j["created_at"]), ("finished", j.get("finished_at") or "")]
+    if j.get("cancelled_by"):
+        rows.append(("cancelled by", j["cancelled_by"]))
     rows += [(f"stage {s['name']}", f"{s['status']} ({s['attempts']} attempt(s))" + (f": {s['error']}" if s["error"] else ""))
              for s in j["stages"]]
     p = j["metrics"].get("perplexity")
@@ -198,16 +211,28 @@ def register(app: typer.Typer) -> None:
         out.print(f"schedule {s['id']} ({s['name']}): {s['cron']} {s['timezone']}")
 
     @schedules.command("list")
-    def schedules_list(server: Server = DEFAULT_SERVER, token: Token = "") -> None:
+    def schedules_list(as_json: Annotated[bool, typer.Option("--json")] = False,
+                       server: Server = DEFAULT_SERVER, token: Token = "") -> None:
+        found = Service(server, token).call("GET", "/v1/schedules").json()
+        if as_json:
+            out.print_json(json.dumps(found))
+            return
         t = Table(title="schedules", title_justify="left")
-        for col in ("id", "name", "cron", "timezone", "enabled", "last fired"):
+        t.add_column("id", no_wrap=True)
+        for col in ("name", "cron", "timezone", "enabled", "last fired (UTC)"):
             t.add_column(col)
-        for s in Service(server, token).call("GET", "/v1/schedules").json():
-            t.add_row(s["id"], s["name"], s["cron"], s["timezone"], str(s["enabled"]), s["last_fired_at"] or "")
+        for s in found:
+            t.add_row(s["id"][:SHORT_ID], s["name"], s["cron"], s["timezone"], str(s["enabled"]),
+                      (s["last_fired_at"] or "")[:19].replace("T", " "))
         out.print(t)
 
     @schedules.command("rm")
-    def schedules_rm(schedule: Annotated[str, typer.Argument(help="schedule id")],
+    def schedules_rm(schedule: Annotated[str, typer.Argument(help="schedule id (or the start of it)")],
                      server: Server = DEFAULT_SERVER, token: Token = "") -> None:
-        Service(server, token).call("DELETE", f"/v1/schedules/{schedule}")
+        svc = Service(server, token)
+        matches = [s["id"] for s in svc.call("GET", "/v1/schedules").json() if s["id"].startswith(schedule)]
+        if len(matches) != 1:
+            _fail(f"schedule id {schedule!r} matches {len(matches)} schedules: give more of it")
+        schedule = matches[0]
+        svc.call("DELETE", f"/v1/schedules/{schedule}")
         out.print(f"schedule {schedule} removed")

@@ -76,7 +76,9 @@ def main() -> int:
     env = {**os.environ,
            "SEA_CONVERT_DATABASE_URL": f"sqlite:///{work / 'jobs.db'}", "SEA_CONVERT_ADMIN_TOKENS": TOKEN,
            "SEA_CONVERT_OUTPUT_ROOT": str(work / "outputs"), "SEA_CONVERT_STATE_DIR": str(work / "state"),
-           "SEA_CONVERT_SERVER": api_url, "SEA_CONVERT_TOKEN": TOKEN, "SEA_CONVERT_POLL_INTERVAL_S": "1"}
+           "SEA_CONVERT_SERVER": api_url, "SEA_CONVERT_TOKEN": TOKEN, "SEA_CONVERT_POLL_INTERVAL_S": "1",
+           # what the service lets a recipe touch: the corpora, the loopback S3 server (the model is a package)
+           "SEA_CONVERT_DATA_ROOTS": str(ROOT.parent / "shared" / "data"), "SEA_CONVERT_ALLOWED_ENDPOINTS": s3_url}
     procs: list[subprocess.Popen] = []
     summary: dict = {"recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe)}
     t0 = time.monotonic()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .recipe import DataConfig, TextSource
+from .recipe import DataConfig, RecipeError, TextSource
 
 # Documents tokenized per tokenizer call: the fast tokenizer spreads a batch over CPU cores.
 _TOKENIZE_BATCH = 256
@@ -42,7 +42,7 @@ def load_texts(src: TextSource) -> Iterator[str]:
     n = 0
     for i, row in enumerate(ds):
         if i == 0 and field not in row:
-            raise ValueError(
+            raise RecipeError(
                 f"text_field {field!r} is not a column of {src.describe()}; its columns are {sorted(row)}"
             )
         text = row[field]
@@ -130,7 +130,7 @@ def build_splits(cfg: DataConfig, tokenizer) -> Splits:
 
     if same:
         if stream.numel() < n_held + seq:
-            raise ValueError(
+            raise RecipeError(
                 f"data.train ({cfg.train.describe()}) has {stream.numel()} tokens: too few for "
                 f"held_out_tokens ({n_held}) plus one training window of seq_len ({seq})"
             )
@@ -138,13 +138,13 @@ def build_splits(cfg: DataConfig, tokenizer) -> Splits:
         held, held_src, train_part = stream[held_start:], cfg.train.describe(), stream[:held_start]
     else:
         if stream.numel() < seq:
-            raise ValueError(
+            raise RecipeError(
                 f"data.train ({cfg.train.describe()}) has {stream.numel()} tokens: too few for one "
                 f"training window of seq_len ({seq})"
             )
         other = tokenize_texts(load_texts(cfg.held_out), tokenizer, cfg.add_bos)
         if other.numel() < n_held:
-            raise ValueError(
+            raise RecipeError(
                 f"data.held_out ({cfg.held_out.describe()}) has {other.numel()} tokens: fewer than "
                 f"held_out_tokens ({n_held})"
             )
@@ -168,7 +168,7 @@ def eval_windows(tokens: torch.LongTensor, ctx: int, max_windows: int | None = N
     max_windows, only the last max_windows of them (the tail of the text)."""
     n = tokens.numel() // ctx
     if n == 0:
-        raise ValueError(f"{tokens.numel()} held-out tokens make no window of ctx {ctx}")
+        raise RecipeError(f"validate.perplexity.ctx: {tokens.numel()} held-out tokens make no window of ctx {ctx}")
     windows = tokens[: n * ctx].reshape(n, ctx)
     return windows[-max_windows:] if max_windows is not None else windows
 

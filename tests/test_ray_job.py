@@ -123,3 +123,39 @@ def test_a_bad_recipe_file_exits_2_naming_the_file_and_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "bad.yaml" in err and "sea.k" in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_a_job_records_its_progress_and_removes_only_what_it_made(tmp_path, tiny_model_dir):
+    """The state folder named by the recipe existed before (with a file of its own): the run uses it, and
+    afterwards removes only its state file from it; the work folder it made is gone; progress was recorded."""
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    (existing / "canary.txt").write_text("was here before")
+    recipe = _recipe(tiny_model_dir)
+    recipe["distill"] |= {"state_dir": str(existing), "checkpoint_every": 1}
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job, _ = store.submit("tiny-plain", yaml.safe_dump(recipe))
+    assert run_job(store, job.id, tmp_path / "out") == "succeeded", store.get(job.id).error
+    done = store.get(job.id)
+    assert done.progress["stage"] == "distill A" and done.progress["step"] == done.progress["total"] == 3
+    assert dt.datetime.fromisoformat(done.progress["updated_at"]).tzinfo is not None
+    assert (existing / "canary.txt").read_text() == "was here before"
+    assert sorted(p.name for p in existing.iterdir()) == ["canary.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny-plain"]  # no .work, no .state left
+    assert {f["path"] for f in done.metrics["manifest"]["files"]} >= {"config.json", "report.json"}
+
+
+def test_a_window_longer_than_the_model_fails_once_naming_the_field(tmp_path, tiny_model_dir):
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    recipe = _recipe(tiny_model_dir)
+    recipe["data"]["seq_len"] = 2 * positions
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job, _ = store.submit("tiny-plain", yaml.safe_dump(recipe))
+    assert run_job(store, job.id, tmp_path / "out", sleep=lambda s: None) == "failed"
+    done = store.get(job.id)
+    assert f"data.seq_len: {2 * positions} is longer than the model's {positions} positions" in done.error
+    assert [(s.name, s.status, s.attempts) for s in done.stages] == [  # bad input: never retried
+        ("distill", "failed", 1), ("validate", "skipped", 0), ("publish", "skipped", 0)]
+    assert not (tmp_path / "out" / "tiny-plain.work").exists()

@@ -217,6 +217,17 @@ class JobStore:
                 _ = job.stages  # load before the session closes
             return job
 
+    def resolve_id(self, job_id: str) -> str:
+        """A whole id, or a unique start of one (the CLI shows 12 hex digits): the whole id, else UnknownJob."""
+        if len(job_id) >= 32 or not (6 <= len(job_id) and all(c in "0123456789abcdef" for c in job_id)):
+            return job_id
+        with self.session() as s:
+            found = list(s.scalars(select(Job.id).where(Job.id.startswith(job_id, autoescape=True)).limit(2)))
+        if len(found) != 1:
+            raise UnknownJob(f"job id {job_id!r} matches {'no job' if not found else 'several jobs'}"
+                             + ("" if not found else ": give more of it"))
+        return found[0]
+
     def get(self, job_id: str) -> Job:
         with self.session() as s:
             job = s.get(Job, job_id)
