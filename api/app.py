@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from api.routes import health, jobs, schedules
 from api.runtime import Runtime
 from api.settings import Settings
+from workers.job_reads import JobReads
 from workers.jobstore import JobStore
 
 
@@ -16,6 +17,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     store = JobStore(settings.database_url)
     runtime = Runtime(settings, store)
+    reads = JobReads(store.engine)  # the status reads: their own connections, off the writer, the loop and Ray
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -24,11 +26,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             runtime.stop()
+            reads.close()
 
     app = FastAPI(title="sea-convert", version="0.1.0", lifespan=lifespan,
                   description="Convert pretrained transformer LMs to SEA attention: submit recipes, follow jobs, get checkpoints.")
     app.state.settings = settings
     app.state.store = store
+    app.state.reads = reads
     app.state.runtime = runtime
     for module in (health, jobs, schedules):
         app.include_router(module.router)

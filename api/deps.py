@@ -11,11 +11,11 @@ from api.settings import Identity, Settings
 from workers.jobstore import JobStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
@@ -31,9 +31,10 @@ def _token(request: Request) -> bytes:
     return token
 
 
-def require_read(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Identity:
+async def require_read(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Identity:
     """The caller's identity (401 without a valid token). Every token is compared, in constant time, so the
-    time taken says nothing about which one nearly matched."""
+    time taken says nothing about which one nearly matched. Async (it does no I/O): a sync dependency
+    costs each request a hop to Starlette's threadpool."""
     token = _token(request)
     found = None
     for ident in settings.identities():
@@ -44,7 +45,7 @@ def require_read(request: Request, settings: Annotated[Settings, Depends(get_set
     return found
 
 
-def require_write(caller: Annotated[Identity, Depends(require_read)]) -> Identity:
+async def require_write(caller: Annotated[Identity, Depends(require_read)]) -> Identity:
     if caller.role != "admin":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this token is read-only: it cannot submit, cancel or schedule")
     return caller

@@ -25,14 +25,20 @@ class Runtime:
     def start(self) -> None:
         s = self.settings
         if s.runner == "ray":
-            dashboard = s.ray_address
-            if dashboard is None:
+            dashboard, token_file = s.ray_address, None  # a cluster's token: Ray's RAY_AUTH_* variables
+            if dashboard is None:  # a head of our own: loopback only, with the token it was started (or adopted) with
                 self.head = LocalRayHead(s.state_dir, s.ray_num_cpus, s.ray_num_gpus)
                 dashboard, _adopted = self.head.ensure()
+                token_file = self.head.recorded_token_file()
             local = s.ray_address is None
+            workdir = None
+            if local:  # an empty folder: a recipe's paths are absolute by now, and no hub name can match a local folder
+                workdir = (s.state_dir / "jobs-cwd").resolve()
+                workdir.mkdir(parents=True, exist_ok=True)
             self.runner = RayRunner(self.store, RunnerConfig(
                 dashboard=dashboard, database_url=_absolute_sqlite(s.database_url), output_root=s.output_root.resolve(),
-                python=s.job_python or (sys.executable if local else "python"), workdir=Path.cwd() if local else None))
+                python=s.job_python or (sys.executable if local else "python"), workdir=workdir,
+                auth_token_file=token_file))
         self.loop = ServiceLoop(self.store, self.runner, s.poll_interval_s)
         self.loop.start()
 

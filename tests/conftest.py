@@ -139,7 +139,28 @@ def ray_head():
 
     head = LocalRayHead(TEST_ROOT / "ray-head", num_cpus=RAY_HEAD_CPUS)
     head.ensure()
+    # In-process Ray clients of the head (a test's ray.init(address=<its GCS>)) need its token, through Ray's own
+    # variables (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH; Ray caches both per process: reset), and Ray's single-machine
+    # mode, else ray.init rewrites 127.0.0.1 to the machine's routable address, where the head does not listen.
+    # That mode is a constant read when ray is imported, so it is set on the module, not in os.environ (a `ray
+    # start` of a test's multi-node cluster inherits os.environ and would refuse worker nodes).
+    import ray._private.ray_constants as ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    auth = {k: v for k, v in head.env().items() if k.startswith("RAY_AUTH")}
+    saved = {k: os.environ.get(k) for k in (*auth, "RAY_AUTH_TOKEN")}
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the head's token file
+    os.environ.update(auth)
+    multi_node, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    reset_auth_token_state()
     yield head
+    ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    reset_auth_token_state()
     pid = (head._read() or {}).get("pid")  # a test may have stopped and restarted it (the service's idle stop)
     assert head.stop(), "the shared Ray head was not running at the end"
     with pytest.raises(ProcessLookupError):

@@ -3,6 +3,8 @@ so jobs stay queued: running them is tests/test_service_ray.py's part)."""
 
 from __future__ import annotations
 
+import json
+
 import threading
 import time
 from pathlib import Path
@@ -69,10 +71,13 @@ def test_submit_status_cancel_and_schedules(service, tmp_path):
     assert detail.exit_code == 0 and "queued" in detail.stdout and "stage distill" in detail.stdout
     table = _cli(base, "status", "--status", "queued")
     assert table.exit_code == 0 and "jobs (1 of 1)" in table.stdout and "cli-remote" in table.stdout
+    assert job_id[:12] in table.stdout and job_id not in table.stdout  # short ids: one line per job in 80 columns
+    by_prefix = _cli(base, "status", job_id[:12], "--json")
+    assert by_prefix.exit_code == 0 and json.loads(by_prefix.stdout)["id"] == job_id
 
     denied = _cli(base, "cancel", job_id, token="reader")
     assert denied.exit_code == 2 and "403" in denied.output and "read-only" in denied.output
-    assert _cli(base, "cancel", job_id).exit_code == 0 and store.get(job_id).status == "cancelled"
+    assert _cli(base, "cancel", job_id[:12]).exit_code == 0 and store.get(job_id).status == "cancelled"
     twice = _cli(base, "cancel", job_id)
     assert twice.exit_code == 2 and "already cancelled" in twice.output
 
@@ -81,9 +86,12 @@ def test_submit_status_cancel_and_schedules(service, tmp_path):
     sched_id = added.stdout.split()[1]
     listed = _cli(base, "schedules", "list")
     assert listed.exit_code == 0 and "nightly" in listed.stdout and "Europe/Paris" in listed.stdout
+    assert sched_id[:12] in listed.stdout and sched_id not in listed.stdout
+    as_json = _cli(base, "schedules", "list", "--json")
+    assert as_json.exit_code == 0 and [s["id"] for s in json.loads(as_json.stdout)] == [sched_id]
     bad = _cli(base, "schedules", "add", "other", str(recipe), "--cron", "every night")
     assert bad.exit_code == 2 and "cron" in bad.output
-    assert _cli(base, "schedules", "rm", sched_id).exit_code == 0 and store.schedules() == []
+    assert _cli(base, "schedules", "rm", sched_id[:12]).exit_code == 0 and store.schedules() == []
 
 
 def test_errors_name_the_problem(service, tmp_path):

@@ -7,6 +7,7 @@ One head serves the module (it starts in ~5 s); each job trains a tiny LLaMA for
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 from contextlib import contextmanager
@@ -114,7 +115,13 @@ def test_job_runs_as_ray_tasks_publishes_to_s3_and_pulls_back(client, settings, 
         assert line in streamed, line
     assert "(run_stage pid=" in streamed  # the stages ran as Ray tasks, in worker processes
     art = client.get(f"/v1/jobs/{job_id}/artifacts", headers=ADMIN).json()
-    assert art["artifact_uri"].startswith(uri + "/versions/") and art["log_uri"].endswith(f"sea-{job_id}/logs")
+    assert art["artifact_uri"].startswith(uri + "/versions/") and art["log"] == f"/v1/jobs/{job_id}/logs"
+    assert art["published"]["uri"] == art["artifact_uri"] and len(art["content_hash"]) == 64
+    config = next(f for f in art["files"] if f["path"] == "config.json")
+    got = client.get(config["download"], headers=ADMIN)  # the checkpoint, through the API, with its checksum
+    assert got.status_code == 200 and got.headers["X-Checksum-SHA256"] == config["sha256"]
+    assert hashlib.sha256(got.content).hexdigest() == config["sha256"] and len(got.content) == config["size"]
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/files/../jobs.db", headers=ADMIN).status_code == 404
     prov = job["metrics"]["provenance"]
     assert prov["data"]["train"]["sha256"] and prov["model"]["config_sha256"]
     assert not (settings.output_root / "tiny-published.work").exists()  # the run cleaned its hand-over files
@@ -133,8 +140,8 @@ def test_job_runs_as_ray_tasks_publishes_to_s3_and_pulls_back(client, settings, 
     assert torch.isfinite(torch.tensor(res.teacher_ppl))
 
 
-def test_missed_gate_is_recorded_with_its_numbers_and_not_published(client, settings, tiny_model_dir, tmp_path):
-    pub = tmp_path / "published"
+def test_missed_gate_is_recorded_with_its_numbers_and_not_published(client, settings, tiny_model_dir):
+    pub = settings.output_root / "published-gated"
     job_id = _submit(client, _recipe(tiny_model_dir, "tiny-gated", validate={"gates": {"max_ppl_ratio": 1.000001}},
                                      output={"publish_uri": str(pub)}))
     job = _wait(client, job_id)
@@ -145,16 +152,29 @@ def test_missed_gate_is_recorded_with_its_numbers_and_not_published(client, sett
     assert job["artifact_uri"] is None
 
 
-def test_failing_stage_is_retried_then_fails_the_job_with_its_error(client, settings, tiny_model_dir, tmp_path):
+def test_failing_stage_is_retried_then_fails_the_job_with_its_error(client, settings, tiny_model_dir):
+    blocker = settings.output_root / "blocked"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the publish folder should be")  # publishing fails on every attempt
+    job_id = _submit(client, _recipe(tiny_model_dir, "tiny-fails", output={"publish_uri": str(blocker / "tiny")}))
+    job = _wait(client, job_id)
+    assert job["status"] == "failed" and job["error"].startswith("stage publish:"), job
+    assert [(s["status"], s["attempts"]) for s in job["stages"]] == [("succeeded", 1), ("succeeded", 1), ("failed", 2)]
+    log = client.get(f"/v1/jobs/{job_id}/logs", headers=ADMIN).text
+    assert "stage publish: retrying in 0.5 s" in log and "Traceback" in log
+    assert not (settings.output_root / "tiny-fails.work").exists()  # a failed job leaves no work folder
+
+
+def test_bad_input_and_a_stage_no_node_can_run_fail_at_once_naming_the_field(client, settings, tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("far too little text to train on.\n")
-    job_id = _submit(client, _recipe(tiny_model_dir, "tiny-fails", data={"train": {"path": str(short)}}))
-    job = _wait(client, job_id)
-    assert job["status"] == "failed" and job["error"].startswith("stage distill: ValueError"), job
-    assert [(s["status"], s["attempts"]) for s in job["stages"]] == [("failed", 2), ("skipped", 0), ("skipped", 0)]
-    log = client.get(f"/v1/jobs/{job_id}/logs", headers=ADMIN).text
-    assert "stage distill: retrying in 0.5 s" in log and "Traceback" in log
-    assert not (settings.output_root / "tiny-fails").exists()
+    jobs = {"short": _submit(client, _recipe(tiny_model_dir, "tiny-short", data={"train": {"path": str(short)}})),
+            "cpus": _submit(client, _recipe(tiny_model_dir, "tiny-huge", resources={"cpus": 1000}))}
+    short_job, huge = _wait(client, jobs["short"]), _wait(client, jobs["cpus"], timeout=60)
+    assert short_job["status"] == "failed" and "data.train" in short_job["error"] and "too few" in short_job["error"]
+    assert huge["status"] == "failed" and "resources.cpus asks for 1000 CPU" in huge["error"], huge
+    for job in (short_job, huge):  # bad input is never retried
+        assert [(s["status"], s["attempts"]) for s in job["stages"]] == [("failed", 1), ("skipped", 0), ("skipped", 0)]
 
 
 def test_cancel_stops_the_ray_job_and_its_stage_task(client, settings, tiny_model_dir):
@@ -175,8 +195,16 @@ def test_cancel_stops_the_ray_job_and_its_stage_task(client, settings, tiny_mode
         time.sleep(0.5)
     assert subprocess.run(["pgrep", "-f", "ray::run_stage"], capture_output=True).returncode != 0, "a stage task still runs"
     time.sleep(1.5)  # the driver is gone: nothing overwrites the record
-    assert client.get(f"/v1/jobs/{job_id}", headers=ADMIN).json()["status"] == "cancelled"
+    job = client.get(f"/v1/jobs/{job_id}", headers=ADMIN).json()
+    assert job["status"] == "cancelled" and job["stages"][0]["status"] == "cancelled", job
+    assert job["progress"]["stage"] == "distill A" and 0 < job["progress"]["step"] < 5000  # it was training
     assert not (settings.output_root / "tiny-cancelled").exists()
+    work = settings.output_root / "tiny-cancelled.work"
+    for _ in range(40):  # the service loop removes the stopped job's work folder
+        if not work.exists():
+            break
+        time.sleep(0.5)
+    assert not work.exists(), "a cancelled job left its work folder"
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=ADMIN).status_code == 409
 
 

@@ -51,10 +51,6 @@ class DistillResult:
         return out
 
 
-def default_state_dir(recipe: Recipe, output_dir: Path) -> Path:
-    return recipe.distill.state_dir or output_dir.with_name(output_dir.name + ".state")
-
-
 def _make_trainer(stage: str, recipe: Recipe, model):
     if stage == "a":
         return StageATrainer(model, recipe.sea, recipe.distill.stage_a)

@@ -72,6 +72,8 @@ class Job(Base):
     # the resolved output folder while the job is queued or running (NULL after): one active job per folder
     active_output: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     progress: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {stage, step, total, updated_at, eta}
+    # the service has removed the ended job's work folder (its runner looks at each ended job once)
+    work_cleared: Mapped[bool | None] = mapped_column(nullable=True)
     stages: Mapped[list[Stage]] = relationship(back_populates="job", cascade="all, delete-orphan", order_by="Stage.position")
 
     __table_args__ = (Index("ux_jobs_active_output", "active_output", unique=True),)
@@ -121,7 +123,7 @@ class OutputBusy(JobStoreError):
     """Another queued or running job writes to the same output folder."""
 
 
-SETTABLE_FIELDS = ("ray_submission_id", "metrics", "artifact_uri", "log_uri", "cancelled_by", "progress")
+SETTABLE_FIELDS = ("ray_submission_id", "metrics", "artifact_uri", "log_uri", "cancelled_by", "progress", "work_cleared")
 
 
 def _set_fields(job: Job, fields: dict) -> None:
@@ -288,12 +290,16 @@ class JobStore:
                 raise UnknownJob(f"unknown job id {job_id!r}")
             _set_fields(job, fields)
 
-    def for_runner(self, statuses: tuple[str, ...], submitted: bool, limit: int = 500) -> list[Job]:
+    def for_runner(self, statuses: tuple[str, ...], submitted: bool, limit: int = 500,
+                   cleared: bool | None = None) -> list[Job]:
         """Jobs in these states with (or without) a Ray submission, oldest first: what the runner
-        dispatches (queued, not submitted) and what it reconciles with Ray (submitted)."""
+        dispatches (queued, not submitted) and what it reconciles with Ray (submitted); `cleared=False`:
+        only ended jobs whose work folder the runner has not dealt with yet."""
         with self.session() as s:
             q = select(Job).where(Job.status.in_(statuses))
             q = q.where(Job.ray_submission_id.is_not(None) if submitted else Job.ray_submission_id.is_(None))
+            if cleared is False:
+                q = q.where(Job.work_cleared.is_(None))
             jobs = list(s.scalars(q.order_by(Job.created_at, Job.id).limit(limit)))
             for j in jobs:
                 _ = j.stages

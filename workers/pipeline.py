@@ -33,7 +33,8 @@ from sea_convert.provenance import data_provenance, model_provenance
 from sea_convert.recipe import Recipe, check_fits_model
 from sea_convert.train_state import make_state_dir
 from workers.dist_checkpoint import DistCheckpoints
-from workers.distill import DistillResult, clear_state, default_state_dir, distill_stage
+from workers.distill import DistillResult, clear_state, distill_stage
+from workers.job_paths import JobPaths, remove_work, work_owner
 from workers.sharded_load import build_skeleton
 from workers.publish import publish_stage
 from workers.storage import build_manifest, publish
@@ -50,18 +51,6 @@ class GateFailure(RuntimeError):
 
     def __reduce__(self):  # crosses process boundaries (Ray) with its report
         return (GateFailure, (self.report, self.report.get("gate_failures", [])))
-
-
-@dataclass(frozen=True)
-class JobPaths:
-    destination: Path  # the converted checkpoint folder
-    work: Path  # stage hand-over files of one run
-    state: Path  # resumable training state (distill)
-
-    @classmethod
-    def for_recipe(cls, recipe: Recipe, destination: Path | None = None) -> "JobPaths":
-        dest = Path(destination) if destination is not None else recipe.output.dir
-        return cls(dest, dest.with_name(dest.name + ".work"), default_state_dir(recipe, dest))
 
 
 @dataclass
@@ -136,17 +125,10 @@ def check_destination(recipe: Recipe, paths: JobPaths, owner: str) -> None:
         raise CheckpointError(f"output folder {paths.destination} already exists (set output.overwrite or pass another --output)")
 
 
-def _work_owner(paths: JobPaths) -> str | None:
-    try:
-        return json.loads((paths.work / "owner.json").read_text())["owner"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def claim_work_dir(paths: JobPaths, owner: str) -> None:
     """Keep this run's own work (a retried stage, a re-queued job); wipe an earlier run's (its owner.json
     says sea-convert made it). A folder of that name that sea-convert did not make is never touched."""
-    found = _work_owner(paths)
+    found = work_owner(paths.work)
     if found == owner:
         return
     if found is None and paths.work.exists():
@@ -156,15 +138,6 @@ def claim_work_dir(paths: JobPaths, owner: str) -> None:
     paths.work.mkdir(parents=True)
     _write_json(paths.work / "owner.json", {"owner": owner, "started": time.time()})
     make_state_dir(paths.state)  # marked as ours, so cleanup may remove it (a folder that existed stays)
-
-
-def remove_work(paths: JobPaths, owner: str) -> bool:
-    """A run's hand-over files once it has ended, whatever the outcome (they can be gigabytes); only this
-    run's own work folder is removed."""
-    if _work_owner(paths) != owner:
-        return False
-    shutil.rmtree(paths.work, ignore_errors=True)
-    return True
 
 
 def _done(path: Path, log: Log, stage: str) -> dict | None:
@@ -299,7 +272,7 @@ def stage_publish(recipe: Recipe, paths: JobPaths, owner: str, log: Log = print)
     clear_state(paths.state)
     if recipe.distill.parallel.checkpoint_uri:  # distributed checkpoints kept elsewhere (e.g. S3)
         DistCheckpoints(recipe.distill.parallel.checkpoint_uri, recipe.distill.parallel.storage_options).clear()
-    remove_work(paths, owner)
+    remove_work(paths.work, owner)
     return out
 
 

@@ -14,15 +14,12 @@ while it runs (the service stops this Ray job) is never overwritten: a finished 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import functools
 import json
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -30,41 +27,12 @@ import yaml
 from sea_convert.checkpoint import CheckpointError
 from sea_convert.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from workers.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
-from workers.pipeline import (GateFailure, JobPaths, check_destination, claim_work_dir, remove_work, stage_distill,
-                              stage_publish, stage_validate)
+from workers.progress import ProgressSink
+from workers.job_paths import JobPaths, remove_work
+from workers.pipeline import GateFailure, check_destination, claim_work_dir, stage_distill, stage_publish, stage_validate
 
 NOT_RETRIED = (GateFailure, RecipeError, CheckpointError)
 Execute = Callable[[Callable, tuple, dict], object]
-
-
-@dataclass
-class ProgressSink:
-    """Records a stage's step / total and an estimated end on the job, at most every `every_s` seconds.
-    Picklable (a URL, not a connection), so the stage task writes it from whichever node runs it."""
-
-    database_url: str
-    job_id: str
-    every_s: float = 2.0
-    _last: float = 0.0
-    _start: dict = field(default_factory=dict)  # stage -> (monotonic time, step) of its first report here
-
-    def __call__(self, stage: str, step: int, total: int) -> None:
-        now = time.monotonic()
-        t0, step0 = self._start.setdefault(stage, (now, step))
-        if now - self._last < self.every_s and step < total:
-            return
-        self._last = now
-        wall = dt.datetime.now(dt.timezone.utc)
-        eta = None
-        if step > step0:
-            eta = (wall + dt.timedelta(seconds=(total - step) * (now - t0) / (step - step0))).isoformat()
-        _store(self.database_url).record(self.job_id, progress={
-            "stage": stage, "step": step, "total": total, "updated_at": wall.isoformat(), "eta": eta})
-
-
-@functools.cache
-def _store(url: str) -> JobStore:
-    return JobStore(url)
 
 
 def run_stage(stage: str, recipe: Recipe, paths: JobPaths, owner: str, on_progress: ProgressSink | None = None):
@@ -188,7 +156,7 @@ def run_job(store: JobStore, job_id: str, output_root: Path, execute: Execute = 
     try:
         return _run_stages(store, job_id, recipe, paths, execute, sleep, log, sink)
     finally:
-        remove_work(paths, owner=job_id)  # whatever the ending: the hand-over files are this run's only
+        remove_work(paths.work, owner=job_id)  # whatever the ending: the hand-over files are this run's only
 
 
 def _run_stages(store: JobStore, job_id: str, recipe: Recipe, paths: JobPaths, execute: Execute,

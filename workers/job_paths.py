@@ -1,0 +1,63 @@
+"""Where one job's files live, and who may remove them: the checkpoint folder, the work folder of
+stage hand-over files beside it (`<dir>.work`, its `owner.json` naming the run that made it) and the
+training state (`<dir>.state`, or distill.state_dir). Light (no torch): the service's runner uses it
+to clear a cancelled job's work folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sea_convert.recipe import Recipe
+
+
+def default_state_dir(recipe: Recipe, output_dir: Path) -> Path:
+    return recipe.distill.state_dir or output_dir.with_name(output_dir.name + ".state")
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    destination: Path  # the converted checkpoint folder
+    work: Path  # stage hand-over files of one run
+    state: Path  # resumable training state (distill)
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, destination: Path | None = None) -> "JobPaths":
+        dest = Path(destination) if destination is not None else recipe.output.dir
+        return cls(dest, work_dir_for(dest), default_state_dir(recipe, dest))
+
+
+def work_dir_for(destination: Path) -> Path:
+    return destination.with_name(destination.name + ".work")
+
+
+def work_owner(work: Path) -> str | None:
+    """The run that made this work folder (its owner.json), None when sea-convert did not make it."""
+    try:
+        return json.loads((work / "owner.json").read_text())["owner"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_work(work: Path, owner: str) -> bool:
+    """A run's hand-over files once it has ended, whatever the outcome (they can be gigabytes); only the
+    folder that run made is removed."""
+    if work_owner(work) != owner:
+        return False
+    shutil.rmtree(work, ignore_errors=True)
+    return True
+
+
+def stored_work_dir(recipe_text: str, output_root: Path) -> Path | None:
+    """A stored job's work folder, read from its recipe text without validating it again (its files may be
+    gone by now): output.dir, absolute as the service stored it, or relative to the output root."""
+    try:
+        out = (yaml.safe_load(recipe_text) or {}).get("output") or {}
+        dest = Path(out.get("dir") or "outputs/converted")
+    except (yaml.YAMLError, AttributeError, TypeError):
+        return None
+    return work_dir_for(dest if dest.is_absolute() else Path(output_root) / dest)
