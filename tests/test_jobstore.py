@@ -96,3 +96,28 @@ def test_runner_queries_record_and_requeue(store):
         store.requeue(b.id, "no")
     with pytest.raises(JobStoreError, match="unknown job field"):
         store.record(a.id, status="succeeded")
+
+
+NEWER_COLUMNS = ("submitted_by", "cancelled_by", "active_output", "progress", "work_cleared")
+
+
+def test_a_database_from_an_older_version_gets_the_newer_columns(db_url):
+    """A job table as an older sea-convert made it (without the audit, output, progress and cleanup columns):
+    opening it adds them, and its jobs stay readable."""
+    from sqlalchemy import inspect, text
+
+    old = JobStore(db_url)
+    job, _ = old.submit("before", "name: before\n")
+    with old.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ux_jobs_active_output"))
+        conn.execute(text("DROP INDEX ix_jobs_submitted_by"))
+        for column in NEWER_COLUMNS:
+            conn.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+    assert not set(NEWER_COLUMNS) & {c["name"] for c in inspect(old.engine).get_columns("jobs")}
+    old.engine.dispose()
+    store = JobStore(db_url)
+    assert set(NEWER_COLUMNS) <= {c["name"] for c in inspect(store.engine).get_columns("jobs")}
+    assert store.get(job.id).name == "before" and store.get(job.id).submitted_by is None
+    store.submit("after", "name: after\n", submitted_by="ops", output_dir="/o/a")
+    with pytest.raises(JobStoreError, match="being written by job"):  # the unique index is back too
+        store.submit("again", "name: again\n", output_dir="/o/a")
