@@ -140,7 +140,10 @@ def main() -> int:
         summary["job"] = {k: job[k] for k in ("id", "status", "error", "artifact_uri")}
         summary["stages"] = [(s["name"], s["status"], s["attempts"]) for s in job["stages"]]
         head = json.loads((work / "state" / "ray-head.json").read_text())
-        mine = [j for j in httpx.get(f"{head['dashboard']}/api/jobs/").json()
+        token = Path(head["token_file"]).read_text().strip()  # the service's head takes no request without it
+        summary["head_listening"] = sorted(sock["address"] for sock in head["listening"])
+        assert httpx.get(f"{head['dashboard']}/api/jobs/").status_code in (401, 403), "the head answered without its token"
+        mine = [j for j in httpx.get(f"{head['dashboard']}/api/jobs/", headers={"Authorization": f"Bearer {token}"}).json()
                 if (j.get("metadata") or {}).get("sea_convert_job") == job_id]
         summary["ray_submissions"] = len(mine)
         summary["metrics"] = {k: job["metrics"].get(k) for k in ("perplexity", "mmlu", "gates_passed")}
