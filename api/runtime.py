@@ -38,7 +38,7 @@ class Runtime:
             self.runner = RayRunner(self.store, RunnerConfig(
                 dashboard=dashboard, database_url=_absolute_sqlite(s.database_url), output_root=s.output_root.resolve(),
                 python=s.job_python or (sys.executable if local else "python"), workdir=workdir,
-                auth_token_file=token_file))
+                auth_token_file=token_file, autoscaling=s.ray_autoscales and not local))
         self.loop = ServiceLoop(self.store, self.runner, s.poll_interval_s)
         self.loop.start()
 

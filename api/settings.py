@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         "ray", description="ray: submit jobs to Ray and fire schedules; off: an API that only records jobs (a replica, tests)")
     ray_address: str | None = Field(
         None, description="the Ray cluster's dashboard address (http://head:8265); none: the service starts a local head")
+    ray_autoscales: bool = Field(
+        False, description="the cluster at ray_address adds nodes on demand: a stage that no node can run yet is"
+        " left to its autoscaler (otherwise it fails at once, naming the resource)")
     ray_num_cpus: int | None = Field(None, ge=0, description="CPUs the local head offers (default: all)")
     ray_num_gpus: int | None = Field(None, ge=0, description="GPUs the local head offers (default: all)")
     stop_local_ray: Literal["idle", "always", "never"] = Field(

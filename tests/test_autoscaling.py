@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
+from conftest import service_data_roots  # noqa: E402
 from test_service_ray import ADMIN, _recipe, _submit, _wait  # noqa: E402
 from workers.orchestrator import HEAD_ENV, LocalRayHead, _alive, _auth_headers  # noqa: E402
 
@@ -98,7 +99,7 @@ TIMINGS: dict = {}  # both runs, for the JSON
 
 @pytest.mark.parametrize("train_workers", [1, 2], ids=["one-stage-task", "ray-train-2-workers"])
 def test_gpu_demand_scales_workers_up_from_zero_and_idle_workers_are_removed(fake_cluster, tiny_model_dir, tmp_path,
-                                                                             train_workers):
+                                                                             tmp_path_factory, train_workers):
     """One job whose stages each ask for one sea_gpu (one worker), then one whose distill stage runs
     Ray Train with two workers that each ask for one (two workers at once)."""
     idle_s, dashboard = 60 * fake_cluster["idle_timeout_minutes"], fake_cluster["dashboard"]
@@ -107,7 +108,8 @@ def test_gpu_demand_scales_workers_up_from_zero_and_idle_workers_are_removed(fak
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", admin_tokens="admin",
                         output_root=tmp_path / "outputs", state_dir=tmp_path / "state", ray_address=dashboard,
-                        job_python=sys.executable, poll_interval_s=0.5)
+                        job_python=sys.executable, poll_interval_s=0.5, ray_autoscales=True,
+                        data_roots=service_data_roots(tmp_path_factory))
     recipe = _recipe(tiny_model_dir, f"autoscaled-{train_workers}", resources={"cpus": 1, "custom": {"sea_gpu": 1}})
     if train_workers > 1:
         recipe["distill"]["parallel"] = {"workers": train_workers, "launcher": "ray", "cpus_per_worker": 1}

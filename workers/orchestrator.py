@@ -350,6 +350,7 @@ class RunnerConfig:
     # the local head's token file (LocalRayHead.token_file), sent as the dashboard's Authorization header; None:
     # Ray's own rules (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH in this process's environment)
     auth_token_file: Path | None = None
+    autoscaling: bool = False  # the cluster adds nodes on demand (workers.ray_job.check_feasible defers to it)
 
 
 class RayRunner:
@@ -374,7 +375,8 @@ class RayRunner:
                 entrypoint=self.entrypoint(job.id), submission_id=sid,
                 entrypoint_num_cpus=0,  # the driver only waits; the stage tasks ask for the recipe's resources
                 metadata={"sea_convert_job": job.id, "name": job.name},
-                runtime_env={"env_vars": {"SEA_CONVERT_DATABASE_URL": self.config.database_url}},
+                runtime_env={"env_vars": {"SEA_CONVERT_DATABASE_URL": self.config.database_url,
+                                          "SEA_CONVERT_AUTOSCALING": "1" if self.config.autoscaling else "0"}},
             )
             log.info("submitted job %s as Ray job %s", job.id, sid)
         except RuntimeError as err:

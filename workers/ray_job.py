@@ -93,8 +93,8 @@ _RESOURCE_FIELDS = {"num_cpus": ("CPU", "resources.cpus"), "num_gpus": ("GPU", "
 
 def check_feasible(options: dict, nodes: list[dict]) -> None:
     """Fail at once, naming the field, when no node of the cluster could run the stage: Ray would keep
-    the task pending forever. A cluster that autoscales says so with SEA_CONVERT_AUTOSCALING=1 (its
-    autoscaler then judges what node types can be added)."""
+    the task pending forever. On a cluster that autoscales (SEA_CONVERT_AUTOSCALING=1, which the service
+    sets from its ray_autoscales setting) the autoscaler judges what node types can be added."""
     if os.environ.get("SEA_CONVERT_AUTOSCALING") == "1":
         return
     totals = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
