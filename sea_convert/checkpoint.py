@@ -148,6 +148,13 @@ def read_sea_block(path: Path) -> tuple[SEAConfig, ModelSource]:
     return sea, base
 
 
+def context_limit(path: Path) -> int:
+    """The longest window the checkpoint can score: its SEA position table (default: the model's positions)."""
+    read_sea_block(path)  # a converted checkpoint, or CheckpointError
+    config = json.loads((path / "config.json").read_text())
+    return int(config["sea"].get("position_table_len") or config["max_position_embeddings"])
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Reload a converted checkpoint: (model in eval mode with SEA attention, tokenizer)."""
     from sea_convert.models import DTYPES, source_location

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from sea_convert.progress import progress_bar
 
 from kernels import dispatch
 from kernels.reference import key_bins
@@ -37,7 +37,7 @@ def window_nll(model, windows: torch.Tensor, mode: str, progress: bool = False, 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with attention_mode(model, mode):
-        for row in tqdm(windows, desc=desc or mode, disable=not progress, leave=False):
+        for row in progress_bar(windows, desc=desc or mode, disable=not progress, leave=False):
             ids = row.unsqueeze(0).to(device)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))

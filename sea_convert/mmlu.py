@@ -156,7 +156,7 @@ def score_mmlu(
     """
     import inspect
 
-    from tqdm.auto import tqdm
+    from sea_convert.progress import progress_bar
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -190,7 +190,7 @@ def score_mmlu(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(prompts), desc="MMLU", disable=not progress) as bar:
+        with torch.inference_mode(), progress_bar(total=len(prompts), desc="MMLU", disable=not progress) as bar:
             for start in range(0, len(prompts), batch_size):
                 batch = by_length[start : start + batch_size]
                 lengths = [len(prompts[j]) for j in batch]

@@ -30,7 +30,8 @@ def test_eval_json_matches_the_library(tmp_path, smollm2_tokenizer):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     res = runner.invoke(app, ["eval", str(path), "--text", str(text), "--ctx", "128", "--max-windows", "3", "--json"])
     assert res.exit_code == 0, res.output
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = json.loads(res.stdout)  # stdout holds the JSON alone; the progress lines went to stderr
+    assert "ppl" in res.stderr and "\r" not in res.stderr  # plain lines, not a carriage-return bar
     assert {"teacher_ppl", "sea_ppl", "density", "ctx", "tokens"} <= set(got)
     assert got["ctx"] == 128 and got["tokens"] == 3 * 127 and 0 < got["density"] < 1
     tokens = tokenize_texts(load_texts(TextSource(path=text)), smollm2_tokenizer, add_bos=True)
@@ -51,6 +52,18 @@ def test_eval_and_mmlu_errors(tmp_path, smollm2_tokenizer):
     assert res.exit_code == 2 and "not a converted SEA checkpoint" in res.output
     res = runner.invoke(app, ["mmlu", str(path), "--source", "web"])
     assert res.exit_code == 2
+    limit = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+    text = tmp_path / "t.txt"
+    text.write_text("words " * 100)
+    res = runner.invoke(app, ["eval", str(path), "--text", str(text), "--ctx", str(limit + 1)])
+    assert res.exit_code == 2 and f"--ctx: {limit + 1} is longer than the checkpoint's {limit} positions" in res.output
+
+
+def test_version():
+    from importlib.metadata import version
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"sea-convert {version('sea-convert')}"
 
 
 def test_mmlu_command(tmp_path, smollm2_tokenizer):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from sea_convert.progress import progress_bar
 
 from sea_convert.data import Splits, TrainBatches
 from sea_convert.distill import StageATrainer
@@ -103,7 +103,7 @@ def distill_stage(
                                        "batches": batches.state_dict(), "rng": rng_state(), "history": history,
                                        "held_out": held_out, "seconds_by_stage": seconds_by_stage})
 
-        bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, desc=f"distill (stage {stage.upper()})",
+        bar = progress_bar(total=trainer.total_steps, initial=trainer.step_count, desc=f"distill (stage {stage.upper()})",
                    disable=not progress)
         while trainer.step_count < trainer.total_steps:
             m = trainer.step(batches.next().to(device))
