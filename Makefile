@@ -3,14 +3,20 @@
 VENV ?= .venv
 RECIPE ?= recipes/smollm2-135m.yaml
 
-.PHONY: install run test test-fast
+.PHONY: install install-run run test test-fast
 
-install: $(VENV)/.installed
+# `make run` installs what a conversion needs; `make test` adds the service, the cluster and the test tools
+install-run: $(VENV)/.installed-run
+install: $(VENV)/.installed-dev
 
-$(VENV)/.installed: pyproject.toml requirements/constraints.txt scripts/install.sh
-	bash scripts/install.sh $(VENV)
+$(VENV)/.installed-run: pyproject.toml requirements/constraints.txt scripts/install.sh
+	bash scripts/install.sh $(VENV) run
 
-run: install
+$(VENV)/.installed-dev: pyproject.toml requirements/constraints.txt scripts/install.sh
+	bash scripts/install.sh $(VENV) dev
+	touch $(VENV)/.installed-run
+
+run: install-run
 	$(VENV)/bin/sea-convert run $(RECIPE)
 
 # pytest's exit code 5 means "no tests ran": never let that pass silently.

@@ -46,8 +46,8 @@ def _load_recipe(path: Path):
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")  # paths stay whole: folded onto the next line, never cut
     for k, v in rows:
         t.add_row(k, v)
     return t
@@ -139,11 +139,14 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
 ) -> None:
     """Run the REST service (settings from SEA_CONVERT_* environment variables)."""
-    import uvicorn
-    from pydantic import ValidationError
+    try:
+        import uvicorn
+        from pydantic import ValidationError
 
-    from api.app import create_app
-    from api.settings import Settings
+        from api.app import create_app
+        from api.settings import Settings
+    except ImportError as err:  # `make run` installs a conversion's needs only
+        _fail(f"the service needs the [service] extra ({err.name} is missing): pip install -e '.[service]'")
 
     try:
         settings = Settings()

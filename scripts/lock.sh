@@ -14,6 +14,6 @@ grep -v '^triton==' requirements/constraints.txt > "$tmp/constraints.txt"
 echo "torch==${TORCH_VERSION}" >> "$tmp/constraints.txt"
 compile() { "$tmp/uv/bin/uv" pip compile --quiet --generate-hashes --python-version 3.11 \
   --python-platform x86_64-manylinux_2_28 -c "$tmp/constraints.txt" --custom-compile-command "scripts/lock.sh" "$@"; }
-compile pyproject.toml --extra triton -o requirements/lock-gpu.txt
+compile pyproject.toml --extra service --extra triton -o requirements/lock-gpu.txt
 compile requirements/api.in -o requirements/lock-api.txt
 echo "wrote requirements/lock-gpu.txt ($(grep -c '==' requirements/lock-gpu.txt) pins) and requirements/lock-api.txt ($(grep -c '==' requirements/lock-api.txt) pins)"

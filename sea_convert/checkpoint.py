@@ -13,6 +13,7 @@ never leaves a folder that looks complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -76,6 +77,16 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"output folder {path} already exists (set output.overwrite or pass another --output)")
 
 
+def _umask_modes(folder: Path) -> None:
+    """Every file and folder of a checkpoint gets the mode the umask gives a new one: safetensors writes its
+    files through a private temporary file (0600), the other writers leave 0644."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def save_converted(
     model,
     tokenizer,
@@ -121,6 +132,7 @@ def save_converted(
             (tmp / "README.md").write_text(model_card)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        _umask_modes(tmp)
         if final.exists():  # overwrite: swap in, then drop the old one
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)

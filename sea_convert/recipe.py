@@ -1,8 +1,11 @@
 """A conversion recipe: YAML in, typed and validated objects out.
 
 Every model forbids unknown fields, so a typo is an error that names its path
-instead of a silently ignored setting. Relative file paths are resolved against
-the recipe file's own folder, so a recipe means the same thing from any cwd.
+instead of a silently ignored setting. Relative paths a recipe reads (model.path,
+data.*.path, validate.harness.include_path) are resolved against the recipe file's
+own folder, so its inputs are the same from any cwd; the paths it writes
+(output.dir, distill.state_dir, a local publish_uri or checkpoint_uri) are relative
+to the folder the command runs in, like any output.
 Validation happens once, in `load_recipe`; everything downstream trusts it.
 """
 
@@ -55,7 +58,7 @@ def _resolve(path: str | Path | None, info: ValidationInfo) -> Path | None:
     base = (info.context or {}).get("base_dir")
     p = Path(path).expanduser()
     if not p.is_absolute() and base is not None:
-        p = Path(base) / p
+        p = (Path(base) / p).resolve()  # whole and normalised: recipes/../../data/x.txt names one file
     return p
 
 

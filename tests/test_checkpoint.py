@@ -41,6 +41,11 @@ def test_round_trip_gives_identical_logits(tmp_path, smollm2_tokenizer):
             "tokenizer_config.json"} <= names
     block = json.loads((path / "config.json").read_text())["sea"]
     assert block["k"] == 16 and block["format_version"] == 1 and block["base_model"]["hub"] == "example/tiny"
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # one mode, the umask's (safetensors writes 0600)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
     loaded, _ = load(path)
     assert loaded.config._attn_implementation == "sea"
     # exact: fp32 weights round-trip bitwise through safetensors, and the same process repeats the same arithmetic
