@@ -1,13 +1,18 @@
 """Pick the kernel implementation: Triton on CUDA, the PyTorch reference elsewhere.
 
-The choice is logged once per (backend, device type). A recipe can force either
-with `sea.backend`; forcing Triton where it cannot run is an error, not a fallback.
+On the CPU the reference's ops come with one replacement: block-sparse attention from
+`kernels.cpu_block_sparse`, which computes only the selected key blocks (the reference's
+dense-mask version is the specification, slower than dense attention on a CPU). The
+environment variable SEA_CONVERT_CPU_ATTENTION=reference keeps the plain reference there
+(for comparisons). The choice is logged once per (backend, device type). A recipe can force
+either with `sea.backend`; forcing Triton where it cannot run is an error, not a fallback.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 from types import ModuleType
 
 import torch
@@ -46,6 +51,27 @@ def _triton_module() -> ModuleType | None:
         return None
 
 
+_cpu_ops: ModuleType | None = None
+
+
+def _cpu_module() -> ModuleType:
+    """The reference's ops (all of `reference`'s public names) with kernels.cpu_block_sparse's
+    block_sparse_attention in place of the reference's dense-mask one. Built once."""
+    global _cpu_ops
+    if _cpu_ops is None:
+        from kernels import cpu_block_sparse
+
+        mod = ModuleType("kernels.cpu_ops", "kernels.reference with kernels.cpu_block_sparse.block_sparse_attention")
+        for name, obj in vars(reference).items():
+            if not name.startswith("_") and getattr(obj, "__module__", None) == reference.__name__:
+                setattr(mod, name, obj)
+        for name in OP_NAMES:  # the decode step's ops are looked up lazily by the reference
+            setattr(mod, name, getattr(reference, name))
+        mod.block_sparse_attention = cpu_block_sparse.block_sparse_attention
+        _cpu_ops = mod
+    return _cpu_ops
+
+
 def ops(backend: str, device: torch.device) -> ModuleType:
     """The module of ops to use for tensors on `device` under the recipe's `backend` setting."""
     if backend not in ("auto", "torch", "triton"):
@@ -62,6 +88,8 @@ def ops(backend: str, device: torch.device) -> ModuleType:
             )
         else:
             why = "PyTorch reference (Triton kernels unavailable)"
+    if device.type == "cpu" and os.environ.get("SEA_CONVERT_CPU_ATTENTION", "").strip().lower() != "reference":
+        chosen, why = _cpu_module(), "PyTorch reference, block-sparse attention over the selected blocks only"
     key = (why, device.type)
     if key not in _announced:
         _announced.add(key)

@@ -189,7 +189,8 @@ class SEAConfig(_Strict):
         None, ge=1, description="rows of the learned positional value table; default: the model's max positions"
     )
     backend: Literal["auto", "triton", "torch"] = Field(
-        "auto", description="auto: Triton kernels on CUDA, PyTorch reference elsewhere"
+        "auto", description="auto: Triton kernels on CUDA; on the CPU, PyTorch (block mode: only the selected key"
+        " blocks, kernels/cpu_block_sparse.py)"
     )
     compile: bool = Field(
         False, description="torch.compile each predictor on CUDA (fuses its elementwise/norm chains; ~10 s per shape)"

@@ -22,7 +22,7 @@ def test_dispatch_picks_triton_on_cuda_and_logs_once(caplog):
         assert dispatch.ops("auto", torch.device("cuda")) is triton_ops
         assert dispatch.ops("auto", torch.device("cuda")) is triton_ops
         assert dispatch.ops("torch", torch.device("cuda")) is reference  # a recipe can force the reference
-        assert dispatch.ops("auto", torch.device("cpu")) is reference
+        assert dispatch.ops("auto", torch.device("cpu")).block_sparse_attention is not reference.block_sparse_attention
     said = [r.getMessage() for r in caplog.records]
     assert said.count("SEA attention on cuda: Triton kernels") == 1
 
