@@ -110,7 +110,7 @@ def distill_stage(
             seconds_by_stage[stage] = seconds_by_stage.get(stage, 0.0) + m.seconds
             history.append({"stage": stage, **asdict(m)})
             bar.update(1)
-            bar.set_postfix(loss=f"{m.loss:.4f}")
+            bar.set_postfix(loss=f"{m.loss:.4f}", refresh=False)  # a line in a log only every SEA_CONVERT_PROGRESS_EVERY_S
             if dcfg.checkpoint_every is not None and trainer.step_count % dcfg.checkpoint_every == 0:
                 checkpoint()
             if on_step is not None:
