@@ -27,7 +27,7 @@ import yaml
 from sea_convert.checkpoint import CheckpointError
 from sea_convert.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from workers.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
-from workers.progress import ProgressSink
+from workers.job_progress import ProgressSink
 from workers.job_paths import JobPaths, remove_work
 from workers.pipeline import GateFailure, check_destination, claim_work_dir, stage_distill, stage_publish, stage_validate
 
