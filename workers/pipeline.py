@@ -265,7 +265,8 @@ def stage_publish(recipe: Recipe, paths: JobPaths, owner: str, log: Log = print)
     log(f"checkpoint written to {path}")
     out = {"checkpoint": str(path), "published": None, "manifest": build_manifest(path)}
     if recipe.output.publish_uri:
-        pub = publish(path, recipe.output.publish_uri, promote=True, storage_options=recipe.output.storage_options)
+        pub = publish(path, recipe.output.publish_uri, promote=True, storage_options=recipe.output.storage_options,
+                      manifest=out["manifest"])  # hashed once, above
         out["published"] = asdict(pub)
         log(f"published {pub.uri}" + (" (same content as before: nothing uploaded)" if pub.reused else "")
             + ("; latest -> this version" if pub.promoted else ""))

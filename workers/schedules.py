@@ -56,9 +56,7 @@ def fire_due(store: JobStore, now: dt.datetime, submit: Callable[[Schedule, str]
     """Submit every schedule that is due. `submit(schedule, idempotency_key)` creates the job."""
     fired = []
     for sched in store.schedules(enabled_only=True):
-        since = sched.last_fired_at or sched.created_at
-        if since.tzinfo is None:  # SQLite returns naive datetimes; they were stored in UTC
-            since = since.replace(tzinfo=dt.timezone.utc)
+        since = sched.last_fired_at or sched.created_at  # aware: the job store's times come back in UTC
         at = latest_due(sched.cron, sched.timezone, since, now)
         if at is None:
             continue

@@ -131,10 +131,11 @@ def _check_sizes(fs, folder: str, files: list[dict]) -> None:
 
 
 def publish(folder: Path, uri: str, *, promote: bool, storage_options: dict | None = None,
-            now: _dt.datetime | None = None) -> Published:
-    """Publish a checkpoint folder as a new dated version under `uri` (no-op if its content is there)."""
+            now: _dt.datetime | None = None, manifest: dict | None = None) -> Published:
+    """Publish a checkpoint folder as a new dated version under `uri` (no-op if its content is there).
+    `manifest`: the folder's `build_manifest`, when the caller has it already (hashing is the slow part)."""
     folder = Path(folder)
-    manifest = build_manifest(folder)
+    manifest = dict(manifest) if manifest is not None else build_manifest(folder)
     content_hash = manifest["content_hash"]
     fs, root = _filesystem(uri, storage_options)
     for existing in list_versions(uri, storage_options):
