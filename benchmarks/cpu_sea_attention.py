@@ -1,10 +1,14 @@
 """One SEA attention layer on the CPU: dense causal SDPA vs the reference's block-sparse attention
-(dense scores, then masked) vs kernels.cpu_block_sparse (only the selected key blocks).
+(dense scores, then masked) vs kernels.cpu_block_sparse (only the selected key blocks); then the whole
+SEA layer as a converted model runs it (the per-row predictor, selection, attention and output gates),
+and the predictor alone.
 
 The layer is shaped like SmolLM2-135M (9 query heads, 3 KV heads, head_dim 64) with the recipe's SEA
 settings (recipes/smollm2-135m.yaml: block_size 32, k 128 -> 4 key blocks per head, 1 sink, 1 local).
 The block lists come from `select_key_blocks` over random block scores (the same counts as a real
-predictor's; which blocks are picked does not change the cost). Forward only, no grad, fp32.
+predictor's; which blocks are picked does not change the cost). The whole-layer columns use a predictor
+with random weights (K=256, output gates on): its cost does not depend on what it learned. Forward only,
+no grad, fp32.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/cpu_sea_attention.py [--T 1024 2048 4096] [--runs 5] [--threads 1 2]
 
@@ -29,7 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels import cpu_block_sparse, reference  # noqa: E402
+from kernels import cpu_block_sparse, dispatch, reference  # noqa: E402
+from sea_convert.attention import SEAPredictor, sea_attention  # noqa: E402
+from sea_convert.recipe import SEAConfig  # noqa: E402
 
 
 def _median_ms(fn, runs: int) -> tuple[float, list[float]]:
@@ -55,6 +61,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=128, help="keys per head per query (blocks per head = k / block_size)")
     ap.add_argument("--sink-blocks", type=int, default=1)
     ap.add_argument("--local-blocks", type=int, default=1)
+    ap.add_argument("--predictor-length", type=int, default=256, help="K, the estimate's width (whole-layer columns)")
     ap.add_argument("--skip-reference-above", type=int, default=1 << 30, help="leave the slow reference out past this T")
     ap.add_argument("--json", default=str(ROOT / "docs/results/cpu_sea_attention.json"))
     a = ap.parse_args()
@@ -67,7 +74,8 @@ def main() -> None:
     load0 = os.getloadavg()[0]  # other work on the cores slows the sparse paths' many small parallel ops most
     print(f"torch {torch.__version__}, threads {a.threads}, load average {load0:.2f}; Hq={Hq} Hkv={Hkv} d={d} bs={bs}"
           f" blocks/head={per_head} sink={a.sink_blocks} local={a.local_blocks}; median of {a.runs} runs (ms)")
-    print(f"{'thr':>3} {'T':>6} {'dense':>9} {'reference':>10} {'new':>9} {'new/dense':>10} {'ref/new':>8} {'kept%':>6}")
+    print(f"{'thr':>3} {'T':>6} {'dense':>9} {'reference':>10} {'new':>9} {'new/dense':>10} {'ref/new':>8} {'kept%':>6}"
+          f" {'predictor':>9} {'SEA layer':>9} {'layer/dense':>11}")
     for threads, T in [(th, T) for th in a.threads for T in a.T]:
         torch.set_num_threads(threads)
         q = torch.randn(1, Hq, T, d)
@@ -86,19 +94,28 @@ def main() -> None:
                 ref, ref_t = None, []
             err = (cpu_block_sparse.block_sparse_attention(q, k, v, index, count, bs, scale)[0]
                    - reference.block_sparse_attention(q, k, v, index, count, bs, scale)[0]).abs().max().item()
+            cfg = SEAConfig(mode="block", k=a.k, block_size=bs, predictor_length=a.predictor_length,
+                            sink_blocks=a.sink_blocks, local_blocks=a.local_blocks, position_table_len=T)
+            predictor = SEAPredictor(cfg, Hq, Hkv, d, T, 0).eval()
+            ops = dispatch.ops("auto", q.device)
+            pred, pred_t = _median_ms(lambda: predictor(q, k, v, scale, ops), a.runs)
+            layer, layer_t = _median_ms(lambda: sea_attention(q, k, v, predictor, cfg, scale), a.runs)
         row = {"threads": threads, "T": T, "dense_ms": dense, "reference_ms": ref, "new_ms": new, "new_over_dense": new / dense,
                "reference_over_new": None if ref is None else ref / new, "kept_fraction": kept,
                "max_blocks_listed": int(index.shape[-1]), "max_abs_diff_vs_reference": err,
-               "runs_ms": {"dense": dense_t, "reference": ref_t, "new": new_t}}
+               "predictor_ms": pred, "sea_layer_ms": layer, "sea_layer_over_dense": layer / dense,
+               "runs_ms": {"dense": dense_t, "reference": ref_t, "new": new_t, "predictor": pred_t, "sea_layer": layer_t}}
         rows.append(row)
         ref_s = "-" if ref is None else f"{ref:10.1f}"
         rn = "-" if ref is None else f"{ref / new:8.1f}"
-        print(f"{threads:>3} {T:>6} {dense:9.1f} {ref_s:>10} {new:9.1f} {new / dense:10.2f} {rn:>8} {100 * kept:6.1f}")
+        print(f"{threads:>3} {T:>6} {dense:9.1f} {ref_s:>10} {new:9.1f} {new / dense:10.2f} {rn:>8} {100 * kept:6.1f}"
+              f" {pred:9.1f} {layer:9.1f} {layer / dense:11.2f}")
     out = {
         "what": "one SEA attention layer, forward, fp32, CPU: dense causal SDPA vs reference block_sparse_attention"
-                " (dense masked scores) vs kernels.cpu_block_sparse (selected blocks only)",
+                " (dense masked scores) vs kernels.cpu_block_sparse (selected blocks only); the whole SEA layer"
+                " (per-row predictor, K=predictor_length, + selection + attention + gates) and the predictor alone",
         "shape": {"B": 1, "Hq": Hq, "Hkv": Hkv, "head_dim": d, "block_size": bs, "blocks_per_head": per_head,
-                  "sink_blocks": a.sink_blocks, "local_blocks": a.local_blocks},
+                  "sink_blocks": a.sink_blocks, "local_blocks": a.local_blocks, "predictor_length": a.predictor_length},
         "runs": a.runs, "statistic": "median ms after one warm-up",
         "torch": torch.__version__, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

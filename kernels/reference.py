@@ -45,26 +45,28 @@ def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch
     (m x dv) state across chunks. Computed in fp32.
     """
     B, H, T, m = q_feat.shape
-    if k_feat.shape[1] != H:
-        G = H // k_feat.shape[1]
-        k_feat, v = k_feat.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    Hk = k_feat.shape[1]
+    G = H // Hk
     dv = v.shape[-1]
     pad = (-T) % chunk
     qf, kf, vv = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) for x in (q_feat, k_feat, v))
     nc = (T + pad) // chunk
-    qf = qf.view(B, H, nc, chunk, m)
-    kf = kf.view(B, H, nc, chunk, m)
-    vv = vv.view(B, H, nc, chunk, dv)
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q_feat.device).tril()
+    # The G query heads of a KV head read the same keys and state: their rows of a chunk go side by
+    # side (G * chunk rows), so keys, values and the running state are never repeated per query head.
+    qf = qf.view(B, Hk, G, nc, chunk, m).transpose(2, 3).reshape(B, Hk, nc, G * chunk, m)
+    kf = kf.view(B, Hk, nc, chunk, m)
+    vv = vv.view(B, Hk, nc, chunk, dv)
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q_feat.device).tril().repeat(G, 1)
     scores = (qf @ kf.transpose(-1, -2)).masked_fill(~tril, 0.0)
-    state = kf.transpose(-1, -2) @ vv  # (B, H, nc, m, dv)
-    norm = kf.sum(-2)  # (B, H, nc, m)
+    state = kf.transpose(-1, -2) @ vv  # (B, Hk, nc, m, dv)
+    norm = kf.sum(-2)  # (B, Hk, nc, m)
     prev_state = state.cumsum(2) - state  # exclusive prefix over chunks
     prev_norm = norm.cumsum(2) - norm
     num = scores @ vv + qf @ prev_state
-    den = scores.sum(-1) + (qf * prev_norm.unsqueeze(-2)).sum(-1)
+    den = scores.sum(-1) + (qf @ prev_norm.unsqueeze(-1)).squeeze(-1)
     out = num / den.clamp_min(1e-30).unsqueeze(-1)
-    return out.reshape(B, H, nc * chunk, dv)[:, :, :T]
+    out = out.view(B, Hk, nc, G, chunk, dv).transpose(2, 3).reshape(B, H, nc * chunk, dv)
+    return out[:, :, :T]
 
 
 def linear_attention_step(

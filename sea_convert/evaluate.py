@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class PerplexityReport:
     windows: int
     oracle_ppl: float | None = None  # true top blocks at the same budget (block mode), the ceiling for any estimator
     oracle_density: float | None = None
+    teacher_seconds: float | None = None  # wall time of each pass over the windows
+    sea_seconds: float | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -54,10 +57,14 @@ def mode_perplexity(model, windows: torch.Tensor, mode: str, progress: bool = Fa
 
 def compare_perplexity(model, windows: torch.Tensor, progress: bool = False, oracle: bool = False) -> PerplexityReport:
     """Teacher (dense) and SEA perplexity on exactly the same windows; optionally the oracle's too."""
+    t0 = time.perf_counter()
     teacher, _ = mode_perplexity(model, windows, "dense", progress)
+    t1 = time.perf_counter()
     sea, density = mode_perplexity(model, windows, "sea", progress)
+    t2 = time.perf_counter()
     n = windows.shape[0] * (windows.shape[1] - 1)
-    report = PerplexityReport(teacher, sea, sea / teacher, density, windows.shape[1], n, windows.shape[0])
+    report = PerplexityReport(teacher, sea, sea / teacher, density, windows.shape[1], n, windows.shape[0],
+                              teacher_seconds=round(t1 - t0, 2), sea_seconds=round(t2 - t1, 2))
     if oracle:
         report.oracle_ppl, report.oracle_density = mode_perplexity(model, windows, "oracle", progress)
     return report

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sea_convert.integration import check_supported
+from sea_convert.progress import gguf_loader_bar
 from sea_convert.recipe import ModelSource
 
 log = logging.getLogger("sea_convert")
@@ -39,6 +40,8 @@ def load_teacher(src: ModelSource, device: str | torch.device = "cpu"):
     where, kwargs = source_location(src)
     config = AutoConfig.from_pretrained(where, **kwargs)
     check_supported(config)
+    if src.gguf_file:
+        gguf_loader_bar()
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[src.dtype], attn_implementation="sdpa", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if src.gguf_file:

@@ -31,7 +31,9 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
     stream = sys.stderr
     if not kwargs.get("disable") and not stream.isatty():
         every = float(os.environ.get("SEA_CONVERT_PROGRESS_EVERY_S", "30"))
-        kwargs = {"mininterval": every, "maxinterval": every, "ncols": 100, "ascii": True, **kwargs,
+        # miniters=1: every update checks the clock, so a line shows the count it says. (tqdm's monitor thread,
+        # which forces a refresh after maxinterval, prints the count of the last line again while iterating.)
+        kwargs = {"mininterval": every, "miniters": 1, "ncols": 100, "ascii": True, **kwargs,
                   "file": _Lines(stream), "dynamic_ncols": False}
     return tqdm(iterable, **kwargs)
 
@@ -50,3 +52,12 @@ def quiet_library_bars() -> None:
         import datasets
 
         datasets.disable_progress_bars()
+
+
+def gguf_loader_bar() -> None:
+    """transformers' GGUF loader draws a tqdm bar of its own that its switch does not reach: outside a
+    terminal, it gets the project's plain lines (called before a GGUF file loads)."""
+    if not sys.stderr.isatty():
+        import transformers.modeling_gguf_pytorch_utils as gguf_loading
+
+        gguf_loading.tqdm = progress_bar

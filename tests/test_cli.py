@@ -33,6 +33,7 @@ def test_eval_json_matches_the_library(tmp_path, smollm2_tokenizer):
     got = json.loads(res.stdout)  # stdout holds the JSON alone; the progress lines went to stderr
     assert "ppl" in res.stderr and "\r" not in res.stderr  # plain lines, not a carriage-return bar
     assert {"teacher_ppl", "sea_ppl", "density", "ctx", "tokens"} <= set(got)
+    assert got["teacher_seconds"] > 0 and got["sea_seconds"] > 0  # each pass timed
     assert got["ctx"] == 128 and got["tokens"] == 3 * 127 and 0 < got["density"] < 1
     tokens = tokenize_texts(load_texts(TextSource(path=text)), smollm2_tokenizer, add_bos=True)
     expect = compare_perplexity(model, eval_windows(tokens[-65536:], 128, 3))

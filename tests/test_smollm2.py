@@ -1,6 +1,7 @@
 """The real SmolLM2-135M (marked slow; CI runs it with few steps)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,10 @@ def test_run_then_eval_reproduces_the_report(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(path)])
     assert res.exit_code == 0, res.output
+    # one line per stage, each with the whole run's remaining time once the times it needs are measured
+    assert re.search(r"teacher perplexity [\d.]+ \(evaluated in \d+ s; SEA attention costs [\d.]+x dense", res.output)
+    assert re.search(r"stage A: 4 steps at [\d.]+ s/step; run: \S+ so far, about \S+ left", res.output), res.output
+    assert re.search(r"validate: SEA perplexity and MMLU on the trained model, about \S+ with publishing", res.output)
     report = json.loads((tmp_path / "ck" / "report.json").read_text())
     d = report["distill"]
     # measured held-out loss 3.035 -> 1.968 after 4 steps (ratio 0.65): a 10% fall is asked for

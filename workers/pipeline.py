@@ -37,6 +37,7 @@ from workers.distill import DistillResult, clear_state, distill_stage
 from workers.job_paths import JobPaths, remove_work, work_owner
 from workers.sharded_load import build_skeleton
 from workers.publish import publish_stage
+from workers.run_estimate import RunEstimate, fmt_duration, time_modes
 from workers.storage import build_manifest, publish
 from workers.train_launch import launch_training
 from workers.validate import ValidationReport, teacher_reference, validate_stage
@@ -181,8 +182,10 @@ def _distill_here(recipe: Recipe, paths: JobPaths, progress: bool, log: Log, log
     """One process: teacher reference numbers first (stage B may move the base), then stage A (+ B)."""
     torch.manual_seed(recipe.distill.seed)
     device = pick_device(recipe.distill.device)
+    estimate = RunEstimate.for_recipe(recipe)
     log(f"loading {recipe.model.describe()} on {device}")
     model, tokenizer = load_teacher(recipe.model, device)
+    estimate.load_s = estimate.elapsed()
     check_fits_model(recipe, model.config)
     attach_sea(model, recipe.sea)
     if recipe.sea.compile and device.type == "cuda":
@@ -190,17 +193,29 @@ def _distill_here(recipe: Recipe, paths: JobPaths, progress: bool, log: Log, log
     log(f"data: train {recipe.data.train.describe()}")
     splits = build_splits(recipe.data, tokenizer)
     log(f"training windows {tuple(splits.train.shape)}, held-out tokens {splits.held_out.numel()} ({splits.held_out_source})")
+    t0 = time.monotonic()
     reference = teacher_reference(recipe, model, tokenizer, splits, progress=progress)
-    log(f"teacher perplexity {reference['teacher_ppl']:.3f}")
+    estimate.teacher_eval_s = time.monotonic() - t0
+    estimate.sea_over_dense = time_modes(model, recipe, splits)
+    log(f"teacher perplexity {reference['teacher_ppl']:.3f} (evaluated in {estimate.teacher_eval_s:.0f} s;"
+        f" SEA attention costs {estimate.sea_over_dense:.1f}x dense on one window)")
+
+    seen: dict[str, int] = {}  # steps run by this process, per stage (a resumed run starts past step 1)
 
     def on_step(stage: str, m) -> None:
+        cfg = recipe.distill.stage_a if stage == "a" else recipe.distill.stage_b
         if on_progress is not None:
-            cfg = recipe.distill.stage_a if stage == "a" else recipe.distill.stage_b
             on_progress(f"distill {stage.upper()}", m.step, cfg.steps)
+        seen[stage] = seen.get(stage, 0) + 1
+        if seen[stage] == 2 or (seen[stage] == 1 and m.step == cfg.steps):  # step 1 pays one-time costs: time step 2
+            estimate.step_s[stage] = m.seconds
+            log(f"stage {stage.upper()}: {cfg.steps} steps at {m.seconds:.1f} s/step; {estimate.line(stage, m.step)}")
         if log_every and m.step % log_every == 0:
             log(f"stage {stage.upper()} step {m.step}: loss {m.loss:.4f}, density {m.density:.3f}, {m.seconds:.2f} s/step")
 
     distilled = distill_stage(recipe, model, splits, on_step=on_step, progress=progress, state_dir=paths.state)
+    log(f"distillation done; {estimate.line('distill')}")
+    reference["validate_estimate_s"] = estimate.after_distill()  # for the validate stage's first line
     return model, tokenizer, reference, distilled
 
 
@@ -231,6 +246,9 @@ def stage_validate(recipe: Recipe, paths: JobPaths, progress: bool = False, log:
     if done is not None:
         return done
     distilled = json.loads((paths.work / "distill.json").read_text())
+    guess = (distilled["reference"] or {}).get("validate_estimate_s")
+    log("validate: SEA perplexity" + (" and MMLU" if recipe.validate_.mmlu.enabled else "") + " on the trained model"
+        + (f", about {fmt_duration(guess)} with publishing" if guess else ""))
     model, tokenizer = checkpoint.load(paths.work / "model", pick_device(recipe.distill.device))
     splits = build_splits(recipe.data, tokenizer)
     if distilled["reference"] is None:  # a parallel stage A: the base is the unchanged teacher

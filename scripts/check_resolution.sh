@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Do the ranges in pyproject.toml resolve with pip alone, as a user's `pip install -e .` and
+# `pip install -e ".[dev]"` would: a fresh virtual environment, torch pinned first (as scripts/install.sh
+# does), no requirements/constraints.txt and no machine-wide pip configuration (PIP_CONFIG_FILE=/dev/null
+# drops this machine's own constraint file). Dry runs: nothing is installed but torch.
+#   scripts/check_resolution.sh [WORKDIR]     prints the time of each resolve; exit 1 if one fails
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK="${1:-$(mktemp -d)}"
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+"$PYTHON" -m venv "$WORK/venv"
+"$WORK/venv/bin/python" -m pip install -q "torch==${TORCH_VERSION}" > "$WORK/torch.log" 2>&1
+export PIP_CONFIG_FILE=/dev/null
+status=0
+for target in "." ".[dev]"; do
+  start=$(date +%s)
+  if "$WORK/venv/bin/python" -m pip install --dry-run --report "$WORK/report.json" -e "$target" > "$WORK/pip.log" 2>&1; then
+    echo "pip resolves -e '$target' without constraints: $(( $(date +%s) - start )) s, $(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['install']))" "$WORK/report.json") distributions"
+  else
+    echo "pip could NOT resolve -e '$target' without constraints ($(( $(date +%s) - start )) s):" >&2
+    tail -n 20 "$WORK/pip.log" >&2
+    status=1
+  fi
+done
+exit $status
