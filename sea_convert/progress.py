@@ -34,7 +34,7 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
         # miniters=1: every update checks the clock, so a line shows the count it says. (tqdm's monitor thread,
         # which forces a refresh after maxinterval, prints the count of the last line again while iterating.)
         kwargs = {"mininterval": every, "miniters": 1, "ncols": 100, "ascii": True, **kwargs,
-                  "file": _Lines(stream), "dynamic_ncols": False}
+                  "file": _Lines(stream), "dynamic_ncols": False, "leave": True}  # a log keeps each bar's last line
     return tqdm(iterable, **kwargs)
 
 
