@@ -113,12 +113,20 @@ def main() -> None:
     ap.add_argument("--skip-backward-above", type=int, default=65536, help="fwd+bwd only up to this T")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "attention_bench.json"))
     ap.add_argument("--compile", action="store_true", help="torch.compile the predictor (sea.compile)")
+    ap.add_argument("--predictor-rows", nargs="+", default=["token"], choices=["token", "block"],
+                    help="predictors to time side by side (block: one row per query block; its K is --block-K)")
+    ap.add_argument("--block-K", type=int, default=1024, help="K of the block-row predictor: one key block per bin up"
+                    " to K blocks (64k tokens at block 64)")
+    ap.add_argument("--no-density-budget", action="store_true", help="only the 2,048-keys budget")
     a = ap.parse_args()
-    common = dict(mode="block", k=64, block_size=64, predictor_length=256, backend="triton", compile=a.compile)
-    budgets = {
-        "2048 keys": SEAConfig(block_keys=2048, **common),
-        "25% density": SEAConfig(block_density=0.25, **common),
-    }
+    budgets = {}
+    for rows in a.predictor_rows:
+        common = dict(mode="block", k=64, block_size=64, predictor_length=256 if rows == "token" else a.block_K,
+                      predictor_rows=rows, backend="triton", compile=a.compile)
+        tag = "" if rows == "token" else " block-rows"
+        budgets[f"2048 keys{tag}"] = SEAConfig(block_keys=2048, **common)
+        if not a.no_density_budget:
+            budgets[f"25% density{tag}"] = SEAConfig(block_density=0.25, **common)
     rows = []
     t_start = time.time()
     for Hkv in a.kv_heads:
@@ -160,6 +168,11 @@ def _print_row(r: dict) -> None:
     d = r.get("dense_fwd") or {}
     s = r.get("sea_fwd[2048 keys]") or {}
     speed = d.get("ms", math.nan) / s.get("ms", math.nan) if "ms" in d and "ms" in s else math.nan
+    b = r.get("sea_fwd[2048 keys block-rows]")
+    if b:
+        bspeed = d.get("ms", math.nan) / b["ms"] if "ms" in d and "ms" in b else math.nan
+        print(f"T={r['T']:>6} Hkv={r['Hkv']:>2} | block-row predictor: SEA@2048 fwd {_fmt(b)} ms (x{bspeed:.1f}),"
+              f" fwd+bwd {_fmt(r.get('sea_fwdbwd[2048 keys block-rows]'))}", flush=True)
     print(
         f"T={r['T']:>6} Hkv={r['Hkv']:>2} | dense fwd {_fmt(r.get('dense_fwd'))} ms, fwd+bwd {_fmt(r.get('dense_fwdbwd'))}"
         f" | SEA@2048 fwd {_fmt(s)} ms (x{speed:.1f}), fwd+bwd {_fmt(r.get('sea_fwdbwd[2048 keys]'))}"

@@ -22,10 +22,13 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--compile", action="store_true", help="torch.compile the predictor and the gates mix")
+    ap.add_argument("--predictor-rows", default="token", choices=["token", "block"])
+    ap.add_argument("--K", type=int, default=None, help="predictor_length (default 256 token rows, 1024 block rows)")
     a = ap.parse_args()
     d, T = 128, a.T
-    cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=256, backend="triton",
-                    position_table_len=T, compile=a.compile)
+    K = a.K or (256 if a.predictor_rows == "token" else 1024)
+    cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=K, backend="triton",
+                    position_table_len=T, compile=a.compile, predictor_rows=a.predictor_rows)
     q = torch.randn(1, a.heads, T, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, a.kv_heads, T, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -46,7 +49,7 @@ def main() -> None:
     with torch.no_grad():
         est = pred(q, k, v, d ** -0.5, ops)
         probs = est.log_probs.exp()
-        sel = select(probs, cfg, a.kv_heads, ops)
+        sel = select(probs, cfg, a.kv_heads, ops, seq_len=T)
         sparse, _ = sel.attend(q, k, v, d ** -0.5, ops)
 
     def stage(fn):
@@ -58,9 +61,9 @@ def main() -> None:
     stages = {
         "estimator (linear attention)": lambda: pred.estimator(q, k, v, d ** -0.5, ops),
         "predictor total": lambda: pred(q, k, v, d ** -0.5, ops),
-        "exp + select": lambda: select(est.log_probs.exp(), cfg, a.kv_heads, ops),
+        "exp + select": lambda: select(est.log_probs.exp(), cfg, a.kv_heads, ops, seq_len=T),
         "block-sparse kernel": lambda: sel.attend(q, k, v, d ** -0.5, ops),
-        "gates mix": lambda: (_compiled_mix() if a.compile else mix_output)(sparse, est.gates, sel.kept, v),
+        "gates mix": lambda: (_compiled_mix() if a.compile else mix_output)(sparse, est.per_query_gates(T), sel.kept, v),
         "whole layer": run,
     }
     for name, fn in stages.items():

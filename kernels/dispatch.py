@@ -31,6 +31,11 @@ OP_NAMES = (
     "pool_key_block_scores",
     "select_key_blocks",
     "select_bins_per_query",
+    # the block-row predictor (sea.predictor_rows: block; kernels.reference_block_rows)
+    "block_linear_attention",
+    "block_teacher_target",
+    "block_scores_from_bins",
+    "block_means",
     # decoding (sea_convert.attention.decode)
     "linear_attention_step",
     "spread_bins_to_key_blocks",

@@ -423,6 +423,9 @@ def per_query_sparse_decode(
 # the fused decode step's ops: their reference lives beside the predictor's math in
 # kernels.reference_decode, which builds on the ops above (hence looked up lazily, no import cycle)
 
+# Ops that live in their own modules and resolve through this one (kernels.dispatch builds the op sets
+# from it): the decode step's, and the block-row predictor's.
+_BLOCK_ROW_OPS = ("block_linear_attention", "block_teacher_target", "block_scores_from_bins", "block_means")
 _DECODE_STEP_OPS = ("decode_predictor_rows", "decode_cnn_probs", "decode_select_blocks", "decode_mix_output",
                     "sparse_decode_mixed")
 
@@ -432,4 +435,8 @@ def __getattr__(name: str):
         from kernels import reference_decode
 
         return getattr(reference_decode, name)
+    if name in _BLOCK_ROW_OPS:
+        from kernels import reference_block_rows
+
+        return getattr(reference_block_rows, name)
     raise AttributeError(f"module 'kernels.reference' has no attribute {name!r}")

@@ -25,7 +25,13 @@ from kernels.teacher_target import teacher_target
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
+# - the block-row predictor's ops (block_means, block_linear_attention, block_teacher_target, block_scores_from_bins):
+#   the reference until their Triton versions land (issue 20).
 from kernels.reference import (
+    block_linear_attention,
+    block_means,
+    block_scores_from_bins,
+    block_teacher_target,
     linear_attention_step,
     per_query_sparse_attention,
     per_query_sparse_decode,
@@ -36,7 +42,11 @@ from kernels.reference import (
 )
 
 __all__ = [
+    "block_linear_attention",
+    "block_means",
+    "block_scores_from_bins",
     "block_sparse_attention",
+    "block_teacher_target",
     "decode_cnn_probs",
     "decode_mix_output",
     "decode_predictor_rows",

@@ -20,7 +20,7 @@ from torch import nn
 
 from kernels import dispatch
 from sea_convert.attention import SEAPredictor, sea_attention
-from sea_convert.attention.losses import estimate_kl
+from sea_convert.attention.losses import estimate_kl, estimate_target
 from sea_convert.integration import Captured, capture_attention, predictors
 from sea_convert.recipe import SEAConfig, StageAConfig
 from sea_convert.trainer_base import TrainerBase
@@ -56,8 +56,7 @@ def relative_mse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def layer_loss(predictor: SEAPredictor, cap: Captured, sea_cfg: SEAConfig, stage: StageAConfig) -> LayerLoss:
     ops = dispatch.ops(sea_cfg.backend, cap.q.device)
-    with torch.no_grad():
-        target, _ = ops.teacher_target(cap.q, cap.k, cap.scale, sea_cfg.predictor_length, stage.query_chunk)
+    target = estimate_target(cap.q, cap.k, cap.scale, sea_cfg, stage.query_chunk, ops)
     res = sea_attention(cap.q, cap.k, cap.v, predictor, sea_cfg, cap.scale)
     kl = estimate_kl(target, res.estimate.log_probs)
     mse = relative_mse(res.out, cap.out.float())

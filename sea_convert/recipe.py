@@ -178,6 +178,10 @@ class SEAConfig(_Strict):
         None, gt=0, le=1, description="block mode budget as a share of each query block's causal key blocks"
     )
     predictor_length: int = Field(256, ge=8, description="K, the compressed width of the estimated attention row")
+    predictor_rows: Literal["token", "block"] = Field(
+        "token", description="token: one estimate row per query, K bins over its keys (the paper's); block: one row per"
+        " query block, K bins over its key blocks (one block per bin up to K blocks; block mode only)"
+    )
     nbf: float = Field(8.0, gt=0, description="random features = head_dim * ln(head_dim) / nbf")
     block_size: int = Field(64, ge=1, description="query/key block size of block mode")
     sink_blocks: int = Field(1, ge=0, description="leading key blocks always kept (block mode)")
@@ -205,6 +209,8 @@ class SEAConfig(_Strict):
             raise ValueError(f"k ({self.k}) must not exceed predictor_length K ({self.predictor_length})")
         if self.block_keys is not None and self.block_density is not None:
             raise ValueError("give at most one of block_keys, block_density")
+        if self.predictor_rows == "block" and self.mode != "block":
+            raise ValueError("predictor_rows 'block' needs mode 'block' (its rows are the query blocks)")
         if self.predictor_length % 4:
             raise ValueError(f"predictor_length ({self.predictor_length}) must be a multiple of 4 (the CNN upsamples x4)")
         return self

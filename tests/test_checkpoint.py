@@ -15,9 +15,9 @@ from sea_convert.recipe import ModelSource, SEAConfig
 SEA = SEAConfig(k=16, predictor_length=32, block_size=16)
 
 
-def _converted(vocab=128):
+def _converted(vocab=128, sea: SEAConfig = SEA):
     model = tiny_model("llama", vocab_size=vocab)
-    attach_sea(model, SEA)
+    attach_sea(model, sea)
     with torch.no_grad():  # trained-looking predictors, not the initial ones
         for p in predictors(model):
             for t in p.parameters():
@@ -30,17 +30,20 @@ def _logits(model, ids, mode):
         return model(ids, use_cache=False).logits
 
 
-def test_round_trip_gives_identical_logits(tmp_path, smollm2_tokenizer):
-    model = _converted()
+@pytest.mark.parametrize("rows", ["token", "block"])
+def test_round_trip_gives_identical_logits(tmp_path, smollm2_tokenizer, rows):
+    sea = SEA.model_copy(update={"predictor_rows": rows})
+    model = _converted(sea=sea)
     ids = torch.randint(0, 128, (1, 90))
     sea_before, dense_before = _logits(model, ids, "sea"), _logits(model, ids, "dense")
     src = ModelSource(hub="example/tiny")
-    path = save_converted(model, smollm2_tokenizer, SEA, src, tmp_path / "ck", report={"ppl": 1.0}, model_card="# card")
+    path = save_converted(model, smollm2_tokenizer, sea, src, tmp_path / "ck", report={"ppl": 1.0}, model_card="# card")
     names = set(os.listdir(path))
     assert {"config.json", "model.safetensors", "sea_predictors.safetensors", "report.json", "README.md",
             "tokenizer_config.json"} <= names
     block = json.loads((path / "config.json").read_text())["sea"]
     assert block["k"] == 16 and block["format_version"] == 1 and block["base_model"]["hub"] == "example/tiny"
+    assert block["predictor_rows"] == rows
     umask = os.umask(0)
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
@@ -48,6 +51,7 @@ def test_round_trip_gives_identical_logits(tmp_path, smollm2_tokenizer):
     assert path.stat().st_mode & 0o777 == 0o777 & ~umask
     loaded, _ = load(path)
     assert loaded.config._attn_implementation == "sea"
+    assert all(p.block_rows == (16 if rows == "block" else None) for p in predictors(loaded))
     # exact: fp32 weights round-trip bitwise through safetensors, and the same process repeats the same arithmetic
     assert torch.equal(_logits(loaded, ids, "sea"), sea_before)
     assert torch.equal(_logits(loaded, ids, "dense"), dense_before)

@@ -16,10 +16,11 @@ from sea_convert.recipe import SEAConfig, StageAConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-@pytest.mark.parametrize("arch,mode", [("llama", "block"), ("qwen2", "per_query"), ("opt", "block")])
-def test_a_few_steps_lower_the_loss(arch, mode):
+@pytest.mark.parametrize("arch,mode,rows", [("llama", "block", "token"), ("qwen2", "per_query", "token"),
+                                            ("opt", "block", "token"), ("mistral", "block", "block")])
+def test_a_few_steps_lower_the_loss(arch, mode, rows):
     model = tiny_model(arch)
-    sea = SEAConfig(mode=mode, k=16, predictor_length=32, block_size=16)
+    sea = SEAConfig(mode=mode, k=16, predictor_length=32, block_size=16, predictor_rows=rows)
     attach_sea(model, sea)
     trainer = StageATrainer(model, sea, StageAConfig(steps=25, lr=3e-3, warmup_steps=2))
     g = torch.Generator().manual_seed(0)
@@ -29,8 +30,8 @@ def test_a_few_steps_lower_the_loss(arch, mode):
     for step in range(25):
         trainer.step(train[step % 4])
     after = trainer.evaluate(held_out)
-    print(f"{arch}/{mode}: held-out loss {before.loss:.4f} -> {after.loss:.4f} (kl {before.kl:.4f} -> {after.kl:.4f})")
-    # measured ratios 0.585 (llama), 0.576 (qwen2), 0.628 (opt): a 10% fall is asked for, 37-42% happens. A 1e-6
+    print(f"{arch}/{mode}/{rows} rows: held-out loss {before.loss:.4f} -> {after.loss:.4f} (kl {before.kl:.4f} -> {after.kl:.4f})")
+    # measured ratios 0.585 (llama), 0.576 (qwen2), 0.628 (opt), 0.298 (mistral, block rows): a 10% fall is asked for. A 1e-6
     # relative jitter of every weight (10x fp32 rounding) moved them by <= 0.006; without training the ratio is 1
     assert after.loss < 0.9 * before.loss
 

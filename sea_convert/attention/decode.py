@@ -52,6 +52,9 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
             ops, lengths: torch.Tensor, start: torch.Tensor, layer: int = -1) -> tuple[SEAOutput, DecodeState]:
     """sea_attention over a batch in its own positions (q/k/v real rows first: lengths (B,) of them),
     and the state that continues it. start: each sequence's first slot in the KV cache."""
+    if predictor.block_rows is not None:
+        raise NotImplementedError("incremental decoding with sea.predictor_rows 'block' is not built yet;"
+                                  " generate with use_cache=False, or convert with predictor_rows 'token'")
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     valid = torch.arange(T, device=q.device)[None, :] < lengths[:, None]

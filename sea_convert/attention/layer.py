@@ -15,7 +15,7 @@ import torch
 
 from kernels import dispatch
 from kernels.reference_decode import mix_gated
-from sea_convert.attention.losses import active_sink, estimate_kl
+from sea_convert.attention.losses import active_sink, estimate_kl, estimate_target
 from sea_convert.attention.predictor import Estimate, SEAPredictor
 from sea_convert.attention.select import Selection, select
 from sea_convert.recipe import SEAConfig
@@ -95,16 +95,18 @@ def sea_attention(
     ops = dispatch.ops(cfg.backend, q.device)
     # The predictor reads the attention inputs detached: in stage B the base weights learn from the
     # sparse attention and the model-level losses, not from making the predictor's task easier.
-    est = predictor(q.detach(), k.detach(), v.detach(), scale, ops, keep_image=keep_image)
+    lengths = None if valid is None else valid.sum(-1)
+    est = predictor(q.detach(), k.detach(), v.detach(), scale, ops, keep_image=keep_image, lengths=lengths)
     sink = active_sink()
     if sink is not None:
-        with torch.no_grad():
-            target, _ = ops.teacher_target(q.detach(), k.detach(), scale, cfg.predictor_length, sink.query_chunk)
+        target = estimate_target(q.detach(), k.detach(), scale, cfg, sink.query_chunk, ops)
         sink.losses.append(estimate_kl(target, est.log_probs))
-    sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops, valid=valid)
+    T = q.shape[2]
+    sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops, valid=valid, seq_len=T)
     sparse_out, _ = sel.attend(q, k, v, scale, ops)
     mix = _compiled_mix() if cfg.compile and q.is_cuda else mix_output
-    out = mix(sparse_out, est.gates, sel.kept, v) if est.gates is not None else sparse_out.float()
+    gates = est.per_query_gates(T)
+    out = mix(sparse_out, gates, sel.kept, v) if gates is not None else sparse_out.float()
     meter = _meter.get()
     if meter is not None:
         meter.add(layer, sel)

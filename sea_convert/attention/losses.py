@@ -9,6 +9,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+def estimate_target(q: torch.Tensor, k: torch.Tensor, scale: float, cfg, query_chunk: int, ops) -> torch.Tensor:
+    """The teacher's attention on the estimate's grid (no grad): each query's row pooled into its K bins
+    (token rows), or each query block's mean row pooled into the K bins of its key blocks (block rows)."""
+    with torch.no_grad():
+        if cfg.predictor_rows == "block":
+            return ops.block_teacher_target(q, k, scale, cfg.predictor_length, cfg.block_size, query_chunk)
+        return ops.teacher_target(q, k, scale, cfg.predictor_length, query_chunk)[0]
+
+
 def estimate_kl(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(target || estimate); bins the target leaves empty contribute 0."""
     target = target.clamp_min(0.0)  # xlogy of a rounding-negative bin would be NaN

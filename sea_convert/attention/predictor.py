@@ -27,9 +27,19 @@ from sea_convert.recipe import SEAConfig
 
 @dataclass
 class Estimate:
-    log_probs: torch.Tensor  # (B, Hq, T, K); -inf on empty bins of short rows
-    gates: torch.Tensor | None  # (B, Hq, T, 2): s0 (probability scale), s1 (running-mean mix)
-    image: torch.Tensor | None = None  # the CNN's input (B, Hq*C, T, K/4), when asked for (decoding's prefill)
+    """R rows: T (token rows: bins over each query's keys) or NQB (block rows: bins over each query block's
+    key blocks, every row of the block reading its block's row)."""
+
+    log_probs: torch.Tensor  # (B, Hq, R, K); -inf on empty bins of short rows
+    gates: torch.Tensor | None  # (B, Hq, R, 2): s0 (probability scale), s1 (running-mean mix)
+    image: torch.Tensor | None = None  # the CNN's input (B, Hq*C, R, K/4), when asked for (decoding's prefill)
+    block_size: int | None = None  # set for block rows
+
+    def per_query_gates(self, T: int) -> torch.Tensor | None:
+        """The gates of each query row (B, Hq, T, 2): block rows' repeated over their block's rows."""
+        if self.gates is None or self.block_size is None:
+            return self.gates
+        return self.gates.repeat_interleave(self.block_size, dim=2)[:, :, :T]
 
 
 class CausalCNN(nn.Module):
@@ -64,6 +74,7 @@ class SEAPredictor(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) is not a multiple of num_kv_heads ({num_kv_heads})")
         self.K = cfg.predictor_length
+        self.block_rows = cfg.block_size if cfg.predictor_rows == "block" else None
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.channels = cfg.cnn_channels_per_head
         hidden = cfg.hidden_mult * head_dim
@@ -79,15 +90,26 @@ class SEAPredictor(nn.Module):
             with torch.no_grad():
                 self.gates.bias[1] = -3.0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, keep_image: bool = False) -> Estimate:
-        lin = self.estimator(q, k, v, scale, ops)  # (B, Hq, T, 2d) fp32
-        h, image = self._rows(lin, v, q.shape[1] // k.shape[1])
-        logits = self.cnn(image).float()  # (B, Hq, T, K)
-        T = q.shape[2]
-        short = min(T, self.K)  # only rows shorter than K have empty bins (that hold no key)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, keep_image: bool = False,
+                lengths: torch.Tensor | None = None) -> Estimate:
+        """lengths (B,): real rows of a right-padded batch (block rows leave the pads out of their means;
+        token rows read each row alone and need no lengths)."""
+        G = q.shape[1] // k.shape[1]
+        if self.block_rows is None:
+            lin = self.estimator(q, k, v, scale, ops)  # (B, Hq, T, 2d) fp32
+            h, image = self._rows(lin, v, G)
+        else:  # one row per query block: its rows' mean query and value
+            bs = self.block_rows
+            qb = ops.block_means(q, bs, lengths)
+            lin = self.estimator.block_rows(qb, k, v, scale, ops, bs, lengths)  # (B, Hq, NQB, 2d)
+            h, image = self._rows(lin, ops.block_means(v, bs, lengths), G)
+        logits = self.cnn(image).float()  # (B, Hq, R, K)
+        R = logits.shape[2]
+        short = min(R, self.K)  # only rows shorter than K (keys, or key blocks) have empty bins
         logits[:, :, :short].masked_fill_(self.empty_bins(torch.arange(short, device=q.device)), float("-inf"))
         est = self._estimate(logits, h)
         est.image = image if keep_image else None
+        est.block_size = self.block_rows
         return est
 
     def _rows(self, lin: torch.Tensor, v: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,19 +83,25 @@ def kept_from_bins_row(bin_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tenso
     return (bin_mask * (starts[:, 1:] - starts[:, :-1])[:, None, :]).sum(-1)
 
 
-def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, valid: torch.Tensor | None = None) -> Selection:
-    """est_probs: (B, Hq, T, K) estimate probabilities (no grad needed).
+def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, valid: torch.Tensor | None = None,
+           seq_len: int | None = None) -> Selection:
+    """est_probs: (B, Hq, R, K) estimate probabilities (no grad needed): R = T token rows, or the NQB
+    block rows of `sea.predictor_rows: block` (then seq_len gives T).
 
     valid: (B, T) bool of a right-padded batch (each row's real tokens first). Per-query selection
     reads each row alone, so pads change nothing there; block mode pools rows of a query block, and
     with `valid` the pads are left out of that pooling (`pool_key_block_scores`' lengths): real rows select as in
     their unpadded sequence.
     """
-    B, Hq, T, K = est_probs.shape
-    grouped = est_probs.view(B, num_kv_heads, Hq // num_kv_heads, T, K).mean(2)
+    B, Hq, R, K = est_probs.shape
+    T = R if seq_len is None else seq_len
+    grouped = est_probs.view(B, num_kv_heads, Hq // num_kv_heads, R, K).mean(2)
     if cfg.mode == "block":
         lengths = None if valid is None else valid.sum(-1)
-        scores = ops.pool_key_block_scores(grouped, cfg.block_size, lengths)
+        if cfg.predictor_rows == "block":  # already one row per query block, over key blocks
+            scores = ops.block_scores_from_bins(grouped, R)
+        else:
+            scores = ops.pool_key_block_scores(grouped, cfg.block_size, lengths)
         index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, torch.arange(scores.shape[2], device=scores.device)),
                                              cfg.sink_blocks, cfg.local_blocks)
         kept = kept_from_blocks(index, count, cfg.block_size, T)

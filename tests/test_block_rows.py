@@ -1,0 +1,150 @@
+"""The block-row predictor (`sea.predictor_rows: block`): its ops against brute-force definitions at odd
+shapes, and the layer built on them (shapes, padding, causality at block boundaries)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import dispatch, reference
+from kernels.reference_block_rows import block_linear_attention, block_means, block_scores_from_bins, block_teacher_target
+from sea_convert.attention import SEAPredictor, sea_attention
+from sea_convert.recipe import SEAConfig
+
+OPS = dispatch.ops("torch", torch.device("cpu"))
+
+
+def _features(*shape):
+    return torch.rand(*shape, dtype=torch.float64) + 0.05  # positive, as the estimator's are
+
+
+@pytest.mark.parametrize("T, H, Hk, bs", [(37, 4, 4, 8), (64, 6, 2, 16), (50, 8, 2, 7), (33, 3, 1, 32)])
+def test_block_linear_attention_is_token_linear_attention_at_block_ends(T, H, Hk, bs):
+    torch.manual_seed(T)
+    nb = math.ceil(T / bs)
+    qb, kf, v = _features(1, H, nb, 5), _features(1, Hk, T, 5), torch.randn(1, Hk, T, 6, dtype=torch.float64)
+    got = block_linear_attention(qb, kf, v, bs)
+    ends = [min(T, (i + 1) * bs) - 1 for i in range(nb)]
+    for i, end in enumerate(ends):  # token linear attention with block i's query at its last row
+        q_rows = _features(1, H, T, 5)
+        q_rows[:, :, end] = qb[:, :, i]
+        want = reference.causal_linear_attention(q_rows, kf, v, chunk=8)[:, :, end]
+        # computed in fp32 by both (the reference casts its fp64 inputs): measured 1.2e-7, bound 1e-5
+        assert torch.allclose(got[:, :, i].double(), want.double(), atol=1e-5), (i, (got[:, :, i] - want).abs().max())
+
+
+def test_block_rows_leave_pads_out():
+    torch.manual_seed(0)
+    T, bs, real = 40, 8, 29
+    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    lengths = torch.tensor([T, real])
+    means = block_means(q, bs, lengths)
+    alone = block_means(q[1:, :, :real], bs)
+    assert torch.allclose(means[1, :, : alone.shape[2]], alone[0], atol=1e-6)  # measured 0: the same sums
+    kf, qf = torch.rand(2, 2, T, 5), _features(1, 4, 5, 5).float()
+    padded = block_linear_attention(torch.cat([qf, qf]), kf, v, bs, lengths)[1, :, :4]  # real rows: 4 blocks
+    unpadded = block_linear_attention(qf[:, :, :4], kf[1:, :, :real], v[1:, :, :real], bs)[0]
+    assert torch.allclose(padded, unpadded, atol=1e-5), (padded - unpadded).abs().max()  # measured 0: pad keys zeroed
+
+
+def _brute_block_target(q, k, scale, K, bs):
+    B, Hq, T, _ = q.shape
+    G = Hq // k.shape[1]
+    kk = k.repeat_interleave(G, 1)
+    s = (q @ kk.transpose(-1, -2)).double() * scale
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    nb = math.ceil(T / bs)
+    out = torch.zeros(B, Hq, nb, K, dtype=torch.float64)
+    for i in range(nb):
+        rows = range(i * bs, min(T, (i + 1) * bs))
+        for j in range(i + 1):
+            mass = sum(p[:, :, r, j * bs : (j + 1) * bs].sum(-1) for r in rows) / len(rows)
+            out[:, :, i, int(j * K // (i + 1))] += mass  # key block j's bin in row i (key_bins' rule)
+    return out
+
+
+@pytest.mark.parametrize("T, Hq, Hk, bs, K, chunk", [(45, 4, 2, 8, 16, 16), (45, 4, 2, 8, 4, 24), (70, 3, 1, 16, 8, 32),
+                                                    (31, 2, 2, 32, 8, 64)])
+def test_block_teacher_target_matches_brute_force(T, Hq, Hk, bs, K, chunk):
+    """K above and below the number of key blocks (one block per bin; several per bin past the cap)."""
+    torch.manual_seed(T + K)
+    q, k = torch.randn(1, Hq, T, 8), torch.randn(1, Hk, T, 8)
+    got = block_teacher_target(q, k, 8 ** -0.5, K, bs, query_chunk=chunk)
+    want = _brute_block_target(q, k, 8 ** -0.5, K, bs)
+    assert torch.allclose(got.double(), want, atol=1e-5), (got - want).abs().max()  # measured 1.0e-7: fp32 vs fp64 sums
+    assert torch.allclose(got.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_block_scores_from_bins():
+    nb, K = 12, 8
+    probs = torch.rand(1, 2, nb, K)
+    probs = probs.masked_fill(_empty(nb, K), 0.0)  # the predictor's empty bins hold nothing
+    probs = probs / probs.sum(-1, keepdim=True)
+    scores = block_scores_from_bins(probs, nb)
+    finite = torch.where(torch.isfinite(scores), scores, torch.zeros(()))
+    assert torch.allclose(finite.sum(-1), torch.ones(()), atol=1e-5)  # each row's mass kept, spread over its blocks
+    assert torch.isinf(scores[0, 0, 3, 4:]).all() and torch.isfinite(scores[0, 0, 3, :4]).all()
+    for i in range(K):  # below the cap each key block is its own bin
+        for j in range(i + 1):
+            assert scores[0, 1, i, j] == probs[0, 1, i, j * K // (i + 1)]
+    # past the cap (row 11: 12 blocks over 8 bins) a bin of two blocks gives each half its mass
+    bins = reference.key_bins(torch.tensor(11), nb, K)
+    width = torch.bincount(bins, minlength=K)
+    for j in range(nb):
+        assert torch.isclose(scores[0, 0, 11, j], probs[0, 0, 11, bins[j]] / width[bins[j]])
+
+
+def _empty(nb, K):
+    starts = reference.bin_starts(torch.arange(nb), K)
+    return starts[:, 1:] == starts[:, :-1]
+
+
+def _layer(T=70, bs=8, K=16, Hq=4, Hkv=2, d=16, seed=0):
+    torch.manual_seed(seed)
+    cfg = SEAConfig(mode="block", predictor_rows="block", k=16, block_size=bs, predictor_length=K, position_table_len=128,
+                    backend="torch")
+    pred = SEAPredictor(cfg, Hq, Hkv, d, 128, 0).eval()
+    q, k, v = torch.randn(1, Hq, T, d), torch.randn(1, Hkv, T, d), torch.randn(1, Hkv, T, d)
+    return cfg, pred, q, k, v
+
+
+def test_block_rows_estimate_shape_and_grid():
+    cfg, pred, q, k, v = _layer()
+    with torch.no_grad():
+        est = pred(q, k, v, 0.25, OPS)
+    nb = math.ceil(70 / 8)
+    assert est.log_probs.shape == (1, 4, nb, 16) and est.block_size == 8
+    finite = torch.isfinite(est.log_probs[0, 0]).sum(-1)
+    assert finite.tolist() == [min(i + 1, 16) for i in range(nb)]  # row i: its i+1 key blocks, one bin each
+    assert est.per_query_gates(70).shape == (1, 4, 70, 2)
+
+
+def test_block_rows_layer_is_causal_at_block_boundaries():
+    """Rows of complete blocks never see a later block: a prefix that ends on a block boundary gives them
+    the same output as the whole sequence (inside a block, rows share its estimate by design)."""
+    cfg, pred, q, k, v = _layer()
+    with torch.no_grad():
+        whole = sea_attention(q, k, v, pred, cfg, 0.25).out
+        prefix = sea_attention(q[:, :, :40], k[:, :, :40], v[:, :, :40], pred, cfg, 0.25).out
+    # measured 0; 1e-5 leaves room for kernels that sum in another order at another length
+    assert torch.allclose(whole[:, :, :40], prefix, atol=1e-5), (whole[:, :, :40] - prefix).abs().max()
+
+
+def test_block_rows_padded_batch_matches_each_sequence():
+    cfg, pred, q, k, v = _layer(T=48)
+    real = 37
+    q2, k2, v2 = (torch.cat([x, x]) for x in (q, k, v))
+    valid = torch.arange(48)[None, :] < torch.tensor([48, real])[:, None]
+    with torch.no_grad():
+        batch = sea_attention(q2, k2, v2, pred, cfg, 0.25, valid=valid).out
+        alone = sea_attention(q[:, :, :real], k[:, :, :real], v[:, :, :real], pred, cfg, 0.25).out
+    # measured 0 (same rows, same order); 1e-5 leaves room for a batched matmul that sums in another order
+    assert torch.allclose(batch[1:, :, :real], alone, atol=1e-5), (batch[1:, :, :real] - alone).abs().max()
+
+
+def test_predictor_rows_block_needs_block_mode():
+    with pytest.raises(ValueError, match="predictor_rows 'block' needs mode 'block'"):
+        SEAConfig(mode="per_query", predictor_rows="block")
