@@ -78,7 +78,8 @@ def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) -
     r = _load_recipe(recipe)
     out.print(_table(f"recipe {r.name}: valid", [
         ("model", r.model.describe()),
-        ("sea", f"mode={r.sea.mode} k={r.sea.k} K={r.sea.predictor_length} nbf={r.sea.nbf} block={r.sea.block_size}"),
+        ("sea", f"mode={r.sea.mode} k={r.sea.k} K={r.sea.predictor_length} nbf={r.sea.nbf} block={r.sea.block_size}"
+                f" predictor rows={r.sea.predictor_rows}"),
         ("train", r.data.train.describe()),
         ("held out", r.data.held_out.describe() if r.data.held_out else "tail of the training text"),
         ("stage A", f"{r.distill.stage_a.steps} steps x {r.distill.stage_a.batch_size} x {r.data.seq_len} tokens"),

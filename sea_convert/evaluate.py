@@ -75,7 +75,8 @@ def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: i
     """PNG: for one sample and a few heads, teacher attention | SEA estimate | chosen mask, side by side.
 
     The estimate (K bins per row) is drawn in key coordinates: each key gets its bin's
-    probability spread over the bin's width. Builds T x T pictures: keep T small (<= 512).
+    probability spread over the bin's width (block rows: every query row shows its block's row, and
+    each key its key block's share). Builds T x T pictures: keep T small (<= 512).
     """
     import matplotlib
 
@@ -94,7 +95,7 @@ def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: i
     T = c.q.shape[2]
     est = preds[layer](c.q, c.k, c.v, c.scale, ops)
     probs = est.log_probs.exp()
-    sel = select(probs, sea_cfg, c.k.shape[1], ops)
+    sel = select(probs, sea_cfg, c.k.shape[1], ops, seq_len=T)
     Hq, Hkv = c.q.shape[1], c.k.shape[1]
     rows = torch.arange(T, device=device)
     bins = key_bins(rows, T, sea_cfg.predictor_length)  # (T, T)
@@ -106,15 +107,21 @@ def attention_picture(model, input_ids: torch.Tensor, path: str | Path, layer: i
         heads = [kv * (Hq // Hkv) for kv in range(min(3, Hkv))]
     heads = [h for h in heads if h < Hq]
     fig, axes = plt.subplots(len(heads), 3, figsize=(12, 4 * len(heads)), squeeze=False)
+    keys = torch.arange(T, device=device)
     for r, h in enumerate(heads):
         kv = h // (Hq // Hkv)
-        est_keys = (probs[0, h].gather(-1, bins) / widths.gather(-1, bins).clamp_min(1)).masked_fill(~causal, 0)
+        if est.block_size is not None:  # block rows: (query block, key block) scores, spread over the block's keys
+            bs = est.block_size
+            per_block = ops.block_scores_from_bins(probs[:, h : h + 1], probs.shape[2])[0, 0]
+            est_keys = (per_block[rows // bs][:, keys // bs] / bs).masked_fill(~causal, 0)
+        else:
+            est_keys = (probs[0, h].gather(-1, bins) / widths.gather(-1, bins).clamp_min(1)).masked_fill(~causal, 0)
         if sel.mode == "block":
             bs = sel.block_size
             valid = torch.arange(sel.block_index.shape[-1], device=device) < sel.block_count[0, kv, :, None]
             blk = torch.zeros(sel.block_index.shape[2], math.ceil(T / bs) + 1, dtype=torch.bool, device=device)
             blk.scatter_(-1, torch.where(valid, sel.block_index[0, kv].long(), blk.shape[1] - 1), True)
-            mask = blk[rows // bs][:, torch.arange(T, device=device) // bs] & causal
+            mask = blk[rows // bs][:, keys // bs] & causal
         else:
             mask = sel.bin_mask[0, kv].gather(-1, bins) & causal
         for col, (img, title) in enumerate(

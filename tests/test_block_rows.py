@@ -148,3 +148,14 @@ def test_block_rows_padded_batch_matches_each_sequence():
 def test_predictor_rows_block_needs_block_mode():
     with pytest.raises(ValueError, match="predictor_rows 'block' needs mode 'block'"):
         SEAConfig(mode="per_query", predictor_rows="block")
+
+
+def test_attention_picture_draws_block_rows(tmp_path):
+    from conftest import tiny_model
+    from sea_convert.evaluate import attention_picture
+    from sea_convert.integration import attach_sea
+
+    model = tiny_model("llama")
+    attach_sea(model, SEAConfig(mode="block", predictor_rows="block", k=16, block_size=16, predictor_length=32))
+    path = attention_picture(model, torch.randint(0, 128, (100,)), tmp_path / "a.png")
+    assert path.stat().st_size > 10_000  # three panels per head drawn (measured 44 kB; an empty figure is ~2 kB)

@@ -70,7 +70,7 @@ def model_card(recipe: Recipe, report: dict) -> str:
         "Load with `sea_convert.checkpoint.load(path)`.",
         "",
         f"SEA settings: mode `{recipe.sea.mode}`, k={recipe.sea.k}, K={recipe.sea.predictor_length}, "
-        f"nbf={recipe.sea.nbf}, block size {recipe.sea.block_size}.",
+        f"nbf={recipe.sea.nbf}, block size {recipe.sea.block_size}, predictor rows `{recipe.sea.predictor_rows}`.",
         "",
         "| held-out perplexity | value |",
         "|---|---|",
