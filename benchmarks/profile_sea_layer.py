@@ -40,7 +40,6 @@ def main() -> None:
         with torch.no_grad():
             return sea_attention(q, k, v, pred, cfg, d ** -0.5)
 
-    
     from kernels import dispatch
     from sea_convert.attention.layer import _compiled_mix, mix_output
     from sea_convert.attention.select import select
@@ -59,7 +58,9 @@ def main() -> None:
         return median_ms(wrapped)
 
     stages = {
-        "estimator (linear attention)": lambda: pred.estimator(q, k, v, d ** -0.5, ops),
+        "estimator (linear attention)": (
+            (lambda: pred.estimator(q, k, v, d ** -0.5, ops)) if pred.block_rows is None else
+            (lambda: pred.estimator.block_rows(ops.block_means(q, pred.block_rows), k, v, d ** -0.5, ops, pred.block_rows))),
         "predictor total": lambda: pred(q, k, v, d ** -0.5, ops),
         "exp + select": lambda: select(est.log_probs.exp(), cfg, a.kv_heads, ops, seq_len=T),
         "block-sparse kernel": lambda: sel.attend(q, k, v, d ** -0.5, ops),

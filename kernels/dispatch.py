@@ -36,6 +36,9 @@ OP_NAMES = (
     "block_teacher_target",
     "block_scores_from_bins",
     "block_means",
+    "decode_block_row",
+    "decode_block_cnn_probs",
+    "decode_select_block_row",
     # decoding (sea_convert.attention.decode)
     "linear_attention_step",
     "spread_bins_to_key_blocks",

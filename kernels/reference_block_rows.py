@@ -93,16 +93,92 @@ def block_teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int,
     return target / rows[None, None, :, None]
 
 
-def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
-    """Block-row estimate (B, H, NQB, K) over each row's bins of key blocks -> (B, H, NQB, NKB) scores:
+def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-row estimate (B, H, R, K) over each row's bins of key blocks -> (B, H, R, NKB) scores:
     each key block gets its bin's probability divided by the bin's width in blocks (1 below the cap).
-    -inf above the diagonal."""
+    -inf above the diagonal. rows: the query-block position of each row, (B, R) (default 0..R-1; the
+    decoder passes each sequence's current block)."""
     B, H, R, K = probs.shape
     dev = probs.device
-    i = torch.arange(R, device=dev)
+    i = torch.arange(R, device=dev) if rows is None else rows  # (R,) or (B, R)
     j = torch.arange(num_key_blocks, device=dev)
-    bins = ref.key_bins(i, num_key_blocks, K)  # (NQB, NKB): each key block's bin in its row
+    bins = ref.key_bins(i, num_key_blocks, K)  # each key block's bin in its row, key blocks for keys: (.., R, NKB)
     starts = ref.bin_starts(i, K)
-    width = (starts[:, 1:] - starts[:, :-1]).clamp_min(1).float().gather(-1, bins)
-    scores = probs.float().gather(-1, bins.expand(B, H, -1, -1)) / width
-    return scores.masked_fill(j[None, :] > i[:, None], float("-inf"))
+    width = (starts[..., 1:] - starts[..., :-1]).clamp_min(1).float().gather(-1, bins)
+    future = j > i[..., None]
+    if rows is not None:  # per sequence: broadcast over heads
+        bins, width, future = bins[:, None], width[:, None], future[:, None]
+    scores = probs.float().gather(-1, bins.expand(B, H, R, num_key_blocks)) / width
+    return scores.masked_fill(future, float("-inf"))
+
+
+# ---------------------------------------------------------------------------
+# decoding: the current query block's row, recomputed from its rows so far at every new token
+
+
+def decode_block_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, shift: torch.Tensor,
+                     kv: torch.Tensor, norm: torch.Tensor, v_sum: torch.Tensor, q_block: torch.Tensor,
+                     v_block: torch.Tensor, w, scale: float, block_size: int):
+    """decode_predictor_rows for block rows: the new token joins its query block, whose row is made again
+    from the block's mean query and value, reading the keys up to the new one.
+
+    q (B, Hq, 1, d); k, v (B, Hkv, 1, d) the new key and value at positions pos (B,). Updated in place:
+    kv, norm (the estimator's key sums), v_sum (all values), q_block (B, Hq, 1, d) and v_block (B, Hkv, 1, d)
+    (sums over the current block's rows; reset when the token opens a block). Returns (the block row's CNN
+    input (B, Hq*C, 1, K/4), gates (B, Hq, 1, 2) fp32 or None), as prefill computes for a partial last block.
+    """
+    from kernels import reference_decode as rd
+
+    B, Hq, _, d = q.shape
+    Hkv = k.shape[1]
+    fresh = (pos % block_size == 0).view(B, 1, 1, 1)
+    q_block.masked_fill_(fresh, 0.0).add_(q.float())
+    v_block.masked_fill_(fresh, 0.0).add_(v.float())
+    rows = (pos % block_size + 1).float().view(B, 1, 1, 1)
+    root, proj = math.sqrt(scale), w.projection.float()
+    qf = rd.positive_features(q_block / rows * root, proj, is_query=True)
+    kf = rd.positive_features(k.float() * root, proj, is_query=False, key_shift=shift)
+    positions = w.position_values.float()[pos][:, None, None].expand(-1, Hkv, -1, -1)
+    lin = ref.linear_attention_step(qf, kf, torch.cat([v.float(), positions], dim=-1), kv, norm)  # (B, Hq, 1, 2d)
+    v_sum += v.float()
+    wdtype = w.dec_weight.dtype
+    h = rd.encode_rows(lin.to(wdtype), (v_block / rows).to(wdtype), Hq // Hkv, w)
+    gates = torch.nn.functional.linear(h, w.gate_weight, w.gate_bias).float() if w.gate_weight is not None else None
+    return rd.decode_rows(h, w), gates
+
+
+def decode_block_cnn_probs(ring: torch.Tensor, current: torch.Tensor, row: torch.Tensor, pos: torch.Tensor,
+                           block_size: int, w, num_kv_heads: int) -> torch.Tensor:
+    """decode_cnn_probs for block rows. ring (B, Hq*C, R, K/4): the CNN input rows of the R = receptive rows - 1
+    complete blocks before the current one (block b in slot b % R); current (B, Hq*C, 1, K/4): the current
+    block's row so far. row: the block's new row, for the token at pos (B,). When the token opens a block,
+    the finished block's row moves into the ring; `current` becomes `row` (both in place).
+    Returns the block row's probabilities (B, Hkv, K) fp32, pooled over each KV head's query heads."""
+    from kernels import reference_decode as rd
+
+    B, C, R, W = ring.shape
+    qb = pos // block_size
+    fresh = (pos % block_size == 0) & (qb > 0)
+    done = (qb - 1) % R  # the finished block's slot
+    slot = done.view(B, 1, 1, 1).expand(B, C, 1, W)
+    ring.scatter_(2, slot, torch.where(fresh.view(B, 1, 1, 1), current, ring.gather(2, slot)))
+    current.copy_(row)
+    slots = (qb[:, None] - R + torch.arange(R, device=pos.device)) % R  # blocks qb-R .. qb-1
+    window = torch.cat([ring.gather(2, slots[:, None, :, None].expand(B, C, R, W)), row], dim=2)
+    absent = torch.arange(R + 1, device=pos.device)[None, :] < (R - qb)[:, None]
+    logits = rd.cnn_last_row(window, absent, w).float()  # (B, Hq, 1, K)
+    Hq, K = logits.shape[1], logits.shape[3]
+    logits.masked_fill_(rd.empty_bins(qb, K)[:, None, None, :], float("-inf"))
+    return torch.log_softmax(logits, dim=-1).exp().view(B, num_kv_heads, Hq // num_kv_heads, K).mean(2)
+
+
+def decode_select_block_row(probs: torch.Tensor, length: torch.Tensor, block_size: int, num_key_blocks: int,
+                            per_head: int, density: float | None, sink_blocks: int, local_blocks: int, max_budget: int):
+    """decode_select_blocks for block rows: the current block's row (B, Hkv, K) read per key block, then the
+    same grouped top-k; the row counted in (length += 1). Returns (block_index (B, Hkv, MAXB), block_count
+    (B, Hkv), kept (B, Hkv))."""
+    from kernels import reference_decode as rd
+
+    qb = length // block_size
+    scores = block_scores_from_bins(probs[:, :, None], num_key_blocks, rows=qb[:, None])
+    return rd.select_row_blocks(scores, length, block_size, per_head, density, sink_blocks, local_blocks, max_budget)

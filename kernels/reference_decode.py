@@ -252,17 +252,26 @@ def decode_select_blocks(
     B = probs.shape[0]
     pos = length.clone()
     bs = block_size
-    qb = pos // bs
     fresh = (pos % bs == 0).view(B, 1, 1)  # a new query block starts: forget the last one's rows
     block_sum.masked_fill_(fresh, 0.0).add_(probs)
     pooled = block_sum / (pos % bs + 1).view(B, 1, 1).float()
     scores = ops.spread_bins_to_key_blocks(pooled[:, :, None], (pos + 1)[:, None].float(), bs, num_key_blocks)
-    future = torch.arange(num_key_blocks, device=probs.device)[None, None, None, :] > qb.view(B, 1, 1, 1)
+    return select_row_blocks(scores, length, bs, per_head, density, sink_blocks, local_blocks, max_budget)
+
+
+def select_row_blocks(scores: torch.Tensor, length: torch.Tensor, block_size: int, per_head: int, density: float | None,
+                      sink_blocks: int, local_blocks: int, max_budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's selection for the new row of each sequence from its block scores (B, Hkv, 1, NKB)
+    (future blocks are masked here), and the row counted in: length += 1. See decode_select_blocks."""
+    B, num_key_blocks = scores.shape[0], scores.shape[-1]
+    pos = length.clone()
+    qb = pos // block_size
+    future = torch.arange(num_key_blocks, device=scores.device)[None, None, None, :] > qb.view(B, 1, 1, 1)
     index, count = ops.select_key_blocks(scores.masked_fill(future, float("-inf")),
                                          blocks_per_head_rule(qb[:, None], per_head, density), sink_blocks, local_blocks,
                                          block_pos=qb[:, None], max_budget=max_budget)
     index, count = index[:, :, 0], count[:, :, 0]
-    kept = kept_from_blocks_row(index, count, bs, pos)
+    kept = kept_from_blocks_row(index, count, block_size, pos)
     length.add_(1)
     return index, count, kept
 

@@ -25,11 +25,15 @@ from kernels.teacher_target import teacher_target
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
-# - the block-row predictor's ops (block_means, block_linear_attention, block_teacher_target, block_scores_from_bins):
+# - the block-row predictor's ops (block_means, block_linear_attention, block_teacher_target, block_scores_from_bins,
+#   and its decoding: decode_block_row, decode_block_cnn_probs, decode_select_block_row):
 #   the reference until their Triton versions land (issue 20).
 from kernels.reference import (
     block_linear_attention,
     block_means,
+    decode_block_cnn_probs,
+    decode_block_row,
+    decode_select_block_row,
     block_scores_from_bins,
     block_teacher_target,
     linear_attention_step,
@@ -44,6 +48,9 @@ from kernels.reference import (
 __all__ = [
     "block_linear_attention",
     "block_means",
+    "decode_block_cnn_probs",
+    "decode_block_row",
+    "decode_select_block_row",
     "block_scores_from_bins",
     "block_sparse_attention",
     "block_teacher_target",

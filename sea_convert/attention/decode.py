@@ -36,6 +36,11 @@ class DecodeState:
     block_sum: torch.Tensor  # (B, Hkv, K) fp32: the current query block's estimate rows, summed
     start: torch.Tensor  # (B,) cache slot of each sequence's first key
     length: torch.Tensor  # (B,) keys so far
+    # block rows (sea.predictor_rows: block): `image` rings the rows of the complete query blocks before
+    # the current one (block b in slot b % R); these hold the current block
+    q_block: torch.Tensor | None = None  # (B, Hq, 1, d) fp32: sum of the current query block's queries
+    v_block: torch.Tensor | None = None  # (B, Hkv, 1, d) fp32: ... and values
+    current: torch.Tensor | None = None  # (B, Hq*C, 1, K/4): the current block's CNN input row so far
     # host copies, so that a step needs no device sync (and can be captured in a CUDA graph)
     slots: int = 0  # cache slots covered: max(start + length); every sequence ends in the last slot
     max_length: int = 0  # max(length)
@@ -52,9 +57,6 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
             ops, lengths: torch.Tensor, start: torch.Tensor, layer: int = -1) -> tuple[SEAOutput, DecodeState]:
     """sea_attention over a batch in its own positions (q/k/v real rows first: lengths (B,) of them),
     and the state that continues it. start: each sequence's first slot in the KV cache."""
-    if predictor.block_rows is not None:
-        raise NotImplementedError("incremental decoding with sea.predictor_rows 'block' is not built yet;"
-                                  " generate with use_cache=False, or convert with predictor_rows 'token'")
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     valid = torch.arange(T, device=q.device)[None, :] < lengths[:, None]
@@ -65,21 +67,30 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
     kf = kf * valid[:, None, :, None]
     values = torch.cat([v.float(), est.positions(torch.arange(T, device=q.device)).expand(B, Hkv, T, d)], dim=-1)
     R = predictor.cnn.receptive_rows - 1
-    rows = lengths[:, None] - R + torch.arange(R, device=q.device)  # the last R rows of each sequence
     image = res.estimate.image
+    last = lengths - 1
+    bs = cfg.block_size
+    # the rows the CNN's ring keeps: the last R token rows, or (block rows) the R blocks before the last one
+    now = lengths if predictor.block_rows is None else last // bs
+    rows = now[:, None] - R + torch.arange(R, device=q.device)
     index = rows.clamp_min(0)[:, None, :, None].expand(-1, image.shape[1], -1, image.shape[3])
     kept_rows = image.gather(2, index).masked_fill((rows < 0)[:, None, :, None], 0.0)
     ring = torch.empty_like(kept_rows).scatter_(2, (rows % R)[:, None, :, None].expand_as(index), kept_rows)
-    last = lengths - 1
-    in_block = valid & (torch.arange(T, device=q.device)[None, :] >= (last - last % cfg.block_size)[:, None])
-    grouped = _grouped(res.estimate.log_probs, Hkv)
+    in_block = valid & (torch.arange(T, device=q.device)[None, :] >= (last - last % bs)[:, None])
     state = DecodeState(
         shift=shift, kv=kf.transpose(-1, -2) @ values, norm=kf.sum(-2),
         image=ring,
         v_sum=(v.float() * valid[:, None, :, None]).sum(-2, keepdim=True),
-        block_sum=(grouped * in_block[:, None, :, None]).sum(-2),
+        block_sum=torch.zeros(B, Hkv, cfg.predictor_length, device=q.device),
         start=start.clone(), length=lengths.clone(), slots=T, max_length=int(lengths.max()),
     )
+    if predictor.block_rows is None:  # the current query block's token rows, pooled
+        state.block_sum = (_grouped(res.estimate.log_probs, Hkv) * in_block[:, None, :, None]).sum(-2)
+    else:  # the last block's row, and its rows' sums of q and v
+        now_index = (last // bs)[:, None, None, None].expand(-1, image.shape[1], 1, image.shape[3])
+        state.current = image.gather(2, now_index).contiguous()
+        state.q_block = (q.float() * in_block[:, None, :, None]).sum(-2, keepdim=True)
+        state.v_block = (v.float() * in_block[:, None, :, None]).sum(-2, keepdim=True)
     res.estimate.image = None
     return res, state
 
@@ -125,10 +136,20 @@ def _compiled_step():
 
 def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: float, ops, state: DecodeState,
           key_blocks: int) -> torch.Tensor:
-    """Five ops (see kernels.reference_decode): predictor rows, CNN row and pooled estimate,
-    selection, sparse attention, gates; in block mode with gates the last two are one op."""
+    """Five ops (see kernels.reference_decode; block rows: kernels.reference_block_rows): predictor rows,
+    CNN row and pooled estimate, selection, sparse attention, gates; in block mode with gates the last two
+    are one op."""
     Hkv = k_cache.shape[1]
     k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
+    if predictor.block_rows is not None:  # the current block's row, made again with the new token in it
+        row, gates = ops.decode_block_row(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
+                                          state.q_block, state.v_block, predictor.row_weights(), scale, cfg.block_size)
+        probs = ops.decode_block_cnn_probs(state.image, state.current, row, state.length, cfg.block_size,
+                                           predictor.cnn.weights(), Hkv)
+        index, count, kept = ops.decode_select_block_row(
+            probs, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg), cfg.block_density,
+            cfg.sink_blocks, cfg.local_blocks, _budget_bound(cfg, key_blocks) * Hkv)
+        return _attend_block_mode(q, k_cache, v_cache, cfg, scale, ops, state, index, count, kept, gates)
     row, gates = ops.decode_predictor_rows(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
                                            predictor.row_weights(), scale)
     probs = ops.decode_cnn_probs(state.image, row, state.length, predictor.cnn.weights(), Hkv)  # (B, Hkv, K)
@@ -137,17 +158,23 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
         index, count, kept = ops.decode_select_blocks(
             probs, state.block_sum, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg),
             cfg.block_density, cfg.sink_blocks, cfg.local_blocks, _budget_bound(cfg, key_blocks) * Hkv)
-        if gates is not None:  # attention and gates in one op (one kernel fewer on the GPU)
-            return ops.sparse_decode_mixed(q, k_cache, v_cache, index, count, cfg.block_size, scale, state.start,
-                                           state.length, gates, kept, state.v_sum)
-        sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, cfg.block_size, scale,
-                                                    state.start, state.length)
-    else:
-        pos = state.length.clone()
-        bin_mask = ops.select_bins_per_query(probs[:, :, None], cfg.k, rows=pos[:, None])[:, :, 0]  # (B, Hkv, K)
-        kept = kept_from_bins_row(bin_mask, pos)
-        state.length.add_(1)
-        sparse_out, _ = ops.per_query_sparse_decode(q, k_cache, v_cache, bin_mask, scale, state.start, state.length)
+        return _attend_block_mode(q, k_cache, v_cache, cfg, scale, ops, state, index, count, kept, gates)
+    pos = state.length.clone()
+    bin_mask = ops.select_bins_per_query(probs[:, :, None], cfg.k, rows=pos[:, None])[:, :, 0]  # (B, Hkv, K)
+    kept = kept_from_bins_row(bin_mask, pos)
+    state.length.add_(1)
+    sparse_out, _ = ops.per_query_sparse_decode(q, k_cache, v_cache, bin_mask, scale, state.start, state.length)
     if gates is None:
         return sparse_out.float()
     return ops.decode_mix_output(sparse_out, gates, kept, state.v_sum, state.length)
+
+
+def _attend_block_mode(q, k_cache, v_cache, cfg: SEAConfig, scale: float, ops, state: DecodeState, index, count, kept,
+                       gates) -> torch.Tensor:
+    """The new row's attention over its selected key blocks, then the gates (one op on the GPU when gated)."""
+    if gates is not None:  # attention and gates in one op (one kernel fewer on the GPU)
+        return ops.sparse_decode_mixed(q, k_cache, v_cache, index, count, cfg.block_size, scale, state.start,
+                                       state.length, gates, kept, state.v_sum)
+    sparse_out, _ = ops.sparse_decode_attention(q, k_cache, v_cache, index, count, cfg.block_size, scale,
+                                                state.start, state.length)
+    return sparse_out.float()
