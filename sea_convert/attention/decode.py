@@ -65,7 +65,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
     shift = est.shift(k[:, :, :1], scale)
     _, kf = est.features(q[:, :, :1], k, scale, shift=shift)
     kf = kf * valid[:, None, :, None]
-    values = torch.cat([v.float(), est.positions(torch.arange(T, device=q.device)).expand(B, Hkv, T, d)], dim=-1)
+    values = est.values(v)
     R = predictor.cnn.receptive_rows - 1
     image = res.estimate.image
     last = lengths - 1

@@ -55,29 +55,25 @@ class LinearAttentionEstimator(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops) -> torch.Tensor:
         """q (B, Hq, T, d), k/v (B, Hkv, T, d) -> (B, Hq, T, 2d): linear attention over [v, position]."""
-        B, Hq, T, d = q.shape
-        Hkv = k.shape[1]
-        self._check_length(T)
         qf, kf = self.features(q, k, scale)
-        values = torch.cat([v.float(), self.positions(torch.arange(T, device=q.device)).expand(B, Hkv, T, d)], dim=-1)
-        return ops.causal_linear_attention(qf, kf, values)  # GQA: query heads read their KV head's kf, values
+        return ops.causal_linear_attention(qf, kf, self.values(v))  # GQA: query heads read their KV head's kf, values
 
     def block_rows(self, q_blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, block_size: int,
                    lengths: torch.Tensor | None = None) -> torch.Tensor:
         """The same linear attention read once per query block: q_blocks (B, Hq, NQB, d), the mean query of each
         block, attends to the keys up to the block's last row -> (B, Hq, NQB, 2d)."""
-        B, Hkv, T, d = v.shape
-        self._check_length(T)
         qf, kf = self.features(q_blocks, k, scale)
-        values = torch.cat([v.float(), self.positions(torch.arange(T, device=v.device)).expand(B, Hkv, T, d)], dim=-1)
-        return ops.block_linear_attention(qf, kf, values, block_size, lengths)
+        return ops.block_linear_attention(qf, kf, self.values(v), block_size, lengths)
 
-    def _check_length(self, T: int) -> None:
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        """[v, positional values] (B, Hkv, T, 2d) fp32, the estimator's values; T checked against the table."""
+        B, Hkv, T, d = v.shape
         if T > self.position_values.shape[0]:
             raise ValueError(
                 f"sequence of {T} tokens exceeds the SEA position table ({self.position_values.shape[0]} rows);"
                 " raise sea.position_table_len"
             )
+        return torch.cat([v.float(), self.positions(torch.arange(T, device=v.device)).expand(B, Hkv, T, d)], dim=-1)
 
     def features(self, q: torch.Tensor, k: torch.Tensor, scale: float, shift: torch.Tensor | None = None):
         root, proj = math.sqrt(scale), self.projection.float()
