@@ -36,7 +36,7 @@ def block_means(x: torch.Tensor, block_size: int, lengths: torch.Tensor | None =
 def _rows_in_blocks(T: int, block_size: int, lengths: torch.Tensor | None, device) -> torch.Tensor:
     nb = math.ceil(T / block_size)
     start = torch.arange(nb, device=device) * block_size
-    length = torch.tensor([T], device=device) if lengths is None else lengths
+    length = torch.full((1,), T, device=device) if lengths is None else lengths  # a fill, no host-to-device copy
     return (length[:, None] - start[None, :]).clamp(0, block_size).float()
 
 

@@ -20,7 +20,7 @@ import torch
 
 from sea_convert.attention.layer import SEAOutput, sea_attention
 from sea_convert.attention.predictor import SEAPredictor
-from sea_convert.attention.select import blocks_per_head, fixed_blocks_per_head, kept_from_bins_row
+from sea_convert.attention.select import budget_bound, fixed_blocks_per_head, kept_from_bins_row
 from sea_convert.recipe import SEAConfig
 
 
@@ -95,13 +95,6 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
     return res, state
 
 
-def _budget_bound(cfg: SEAConfig, nkb: int) -> int:
-    """Most key blocks one KV head's share of a query block's budget can be (select_key_blocks' rule),
-    for query blocks up to nkb - 1, from host numbers."""
-    per_head = int(blocks_per_head(cfg, torch.tensor(nkb - 1)))  # a CPU scalar: the rule itself, no device sync
-    return max(min(nkb, per_head), min(nkb, cfg.sink_blocks + cfg.local_blocks))
-
-
 def _grouped(log_probs: torch.Tensor, Hkv: int) -> torch.Tensor:
     """(B, Hq, T, K) log-probabilities -> (B, Hkv, T, K) probabilities pooled over each KV head's group."""
     B, Hq, T, K = log_probs.shape
@@ -148,7 +141,7 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
                                            predictor.cnn.weights(), Hkv)
         index, count, kept = ops.decode_select_block_row(
             probs, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg), cfg.block_density,
-            cfg.sink_blocks, cfg.local_blocks, _budget_bound(cfg, key_blocks) * Hkv)
+            cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, key_blocks) * Hkv)
         return _attend_block_mode(q, k_cache, v_cache, cfg, scale, ops, state, index, count, kept, gates)
     row, gates = ops.decode_predictor_rows(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
                                            predictor.row_weights(), scale)
@@ -157,7 +150,7 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
         # counts the new token in: state.length is n = pos + 1 from here on
         index, count, kept = ops.decode_select_blocks(
             probs, state.block_sum, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg),
-            cfg.block_density, cfg.sink_blocks, cfg.local_blocks, _budget_bound(cfg, key_blocks) * Hkv)
+            cfg.block_density, cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, key_blocks) * Hkv)
         return _attend_block_mode(q, k_cache, v_cache, cfg, scale, ops, state, index, count, kept, gates)
     pos = state.length.clone()
     bin_mask = ops.select_bins_per_query(probs[:, :, None], cfg.k, rows=pos[:, None])[:, :, 0]  # (B, Hkv, K)

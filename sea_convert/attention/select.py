@@ -71,6 +71,14 @@ def blocks_per_head(cfg: SEAConfig, block_pos: torch.Tensor) -> torch.Tensor:
     return blocks_per_head_rule(block_pos, fixed_blocks_per_head(cfg), cfg.block_density)
 
 
+def budget_bound(cfg: SEAConfig, nkb: int) -> int:
+    """Most key blocks one KV head's share of a query block's budget can be (select_key_blocks' rule),
+    for query blocks up to nkb - 1, from host numbers: with it, selection needs no device sync and its
+    lists have a fixed width."""
+    per_head = int(blocks_per_head(cfg, torch.tensor(nkb - 1)))  # a CPU scalar: the rule itself, no device sync
+    return max(min(nkb, per_head), min(nkb, cfg.sink_blocks + cfg.local_blocks))
+
+
 def fixed_blocks_per_head(cfg: SEAConfig) -> int:
     """The per-head block budget when it does not scale with position (no block_density)."""
     keys = cfg.block_keys if cfg.block_keys is not None else cfg.k
@@ -102,8 +110,9 @@ def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, vali
             scores = ops.block_scores_from_bins(grouped, R)
         else:
             scores = ops.pool_key_block_scores(grouped, cfg.block_size, lengths)
+        nkb = scores.shape[-1]
         index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, torch.arange(scores.shape[2], device=scores.device)),
-                                             cfg.sink_blocks, cfg.local_blocks)
+                                             cfg.sink_blocks, cfg.local_blocks, max_budget=budget_bound(cfg, nkb) * num_kv_heads)
         kept = kept_from_blocks(index, count, cfg.block_size, T)
         return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
     bin_mask = ops.select_bins_per_query(grouped, cfg.k)
