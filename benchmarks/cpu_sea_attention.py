@@ -1,7 +1,7 @@
 """One SEA attention layer on the CPU: dense causal SDPA vs the reference's block-sparse attention
 (dense scores, then masked) vs kernels.cpu_block_sparse (only the selected key blocks); then the whole
 SEA layer as a converted model runs it (the per-row predictor, selection, attention and output gates),
-and the predictor alone.
+and the predictor alone; and the same layer with the block-row predictor (`sea.predictor_rows: block`).
 
 The layer is shaped like SmolLM2-135M (9 query heads, 3 KV heads, head_dim 64) with the recipe's SEA
 settings (recipes/smollm2-135m.yaml: block_size 32, k 128 -> 4 key blocks per head, 1 sink, 1 local).
@@ -75,7 +75,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {a.threads}, load average {load0:.2f}; Hq={Hq} Hkv={Hkv} d={d} bs={bs}"
           f" blocks/head={per_head} sink={a.sink_blocks} local={a.local_blocks}; median of {a.runs} runs (ms)")
     print(f"{'thr':>3} {'T':>6} {'dense':>9} {'reference':>10} {'new':>9} {'new/dense':>10} {'ref/new':>8} {'kept%':>6}"
-          f" {'predictor':>9} {'SEA layer':>9} {'layer/dense':>11}")
+          f" {'predictor':>9} {'SEA layer':>9} {'layer/dense':>11} {'block rows':>10} {'b.r./dense':>10}")
     for threads, T in [(th, T) for th in a.threads for T in a.T]:
         torch.set_num_threads(threads)
         q = torch.randn(1, Hq, T, d)
@@ -100,16 +100,22 @@ def main() -> None:
             ops = dispatch.ops("auto", q.device)
             pred, pred_t = _median_ms(lambda: predictor(q, k, v, scale, ops), a.runs)
             layer, layer_t = _median_ms(lambda: sea_attention(q, k, v, predictor, cfg, scale), a.runs)
+            # the block-row predictor (issue 20): one row per query block, bins over key blocks
+            bcfg = cfg.model_copy(update={"predictor_rows": "block"})
+            bpred = SEAPredictor(bcfg, Hq, Hkv, d, T, 0).eval()
+            blayer, blayer_t = _median_ms(lambda: sea_attention(q, k, v, bpred, bcfg, scale), a.runs)
         row = {"threads": threads, "T": T, "dense_ms": dense, "reference_ms": ref, "new_ms": new, "new_over_dense": new / dense,
                "reference_over_new": None if ref is None else ref / new, "kept_fraction": kept,
                "max_blocks_listed": int(index.shape[-1]), "max_abs_diff_vs_reference": err,
                "predictor_ms": pred, "sea_layer_ms": layer, "sea_layer_over_dense": layer / dense,
-               "runs_ms": {"dense": dense_t, "reference": ref_t, "new": new_t, "predictor": pred_t, "sea_layer": layer_t}}
+               "block_rows_layer_ms": blayer, "block_rows_layer_over_dense": blayer / dense,
+               "runs_ms": {"dense": dense_t, "reference": ref_t, "new": new_t, "predictor": pred_t, "sea_layer": layer_t,
+                           "block_rows_layer": blayer_t}}
         rows.append(row)
         ref_s = "-" if ref is None else f"{ref:10.1f}"
         rn = "-" if ref is None else f"{ref / new:8.1f}"
         print(f"{threads:>3} {T:>6} {dense:9.1f} {ref_s:>10} {new:9.1f} {new / dense:10.2f} {rn:>8} {100 * kept:6.1f}"
-              f" {pred:9.1f} {layer:9.1f} {layer / dense:11.2f}")
+              f" {pred:9.1f} {layer:9.1f} {layer / dense:11.2f} {blayer:10.1f} {blayer / dense:10.2f}")
     out = {
         "what": "one SEA attention layer, forward, fp32, CPU: dense causal SDPA vs reference block_sparse_attention"
                 " (dense masked scores) vs kernels.cpu_block_sparse (selected blocks only); the whole SEA layer"
