@@ -60,13 +60,8 @@ def block_sparse_attention(
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of each query block over its listed key blocks (kernels.reference's semantics).
-
-    block_index: (B, Hkv, NQB, MAXB) int, sorted, -1 padded; block_count: (B, Hkv, NQB).
-    The query heads of one KV head share its list. Returns (out (B, Hq, T, d) in q.dtype,
-    row log-sum-exp (B, Hq, T) fp32; -inf, with a zero output, for a row with no key).
-    Computed in fp32, like the reference.
-    """
+    """`kernels.reference.block_sparse_attention` (same arguments, outputs and fp32 arithmetic), over the
+    listed key blocks only; a row with no key gets a zero output and an lse of -inf."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv

@@ -162,9 +162,10 @@ def read_sea_block(path: Path) -> tuple[SEAConfig, ModelSource]:
 
 def context_limit(path: Path) -> int:
     """The longest window the checkpoint can score: its SEA position table (default: the model's positions)."""
-    read_sea_block(path)  # a converted checkpoint, or CheckpointError
-    config = json.loads((path / "config.json").read_text())
-    return int(config["sea"].get("position_table_len") or config["max_position_embeddings"])
+    sea, _ = read_sea_block(path)  # a converted checkpoint, or CheckpointError
+    if sea.position_table_len is not None:
+        return sea.position_table_len
+    return int(json.loads((path / "config.json").read_text())["max_position_embeddings"])
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

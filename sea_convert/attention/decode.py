@@ -77,16 +77,18 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
     kept_rows = image.gather(2, index).masked_fill((rows < 0)[:, None, :, None], 0.0)
     ring = torch.empty_like(kept_rows).scatter_(2, (rows % R)[:, None, :, None].expand_as(index), kept_rows)
     in_block = valid & (torch.arange(T, device=q.device)[None, :] >= (last - last % bs)[:, None])
+    if predictor.block_rows is None:  # the current query block's token rows, pooled
+        block_sum = (_grouped(res.estimate.log_probs, Hkv) * in_block[:, None, :, None]).sum(-2)
+    else:  # unused: the block's row is made again from its rows' sums below
+        block_sum = torch.zeros(B, Hkv, cfg.predictor_length, device=q.device)
     state = DecodeState(
         shift=shift, kv=kf.transpose(-1, -2) @ values, norm=kf.sum(-2),
         image=ring,
         v_sum=(v.float() * valid[:, None, :, None]).sum(-2, keepdim=True),
-        block_sum=torch.zeros(B, Hkv, cfg.predictor_length, device=q.device),
+        block_sum=block_sum,
         start=start.clone(), length=lengths.clone(), slots=T, max_length=int(lengths.max()),
     )
-    if predictor.block_rows is None:  # the current query block's token rows, pooled
-        state.block_sum = (_grouped(res.estimate.log_probs, Hkv) * in_block[:, None, :, None]).sum(-2)
-    else:  # the last block's row, and its rows' sums of q and v
+    if predictor.block_rows is not None:  # the last block's row, and its rows' sums of q and v
         now_index = (last // bs)[:, None, None, None].expand(-1, image.shape[1], 1, image.shape[3])
         state.current = image.gather(2, now_index).contiguous()
         state.q_block = (q.float() * in_block[:, None, :, None]).sum(-2, keepdim=True)
