@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks_timing import median_ms
+from benchmarks_timing import graph_ms, median_ms
 from kernels import dispatch
 from sea_convert.attention import SEAPredictor, sea_attention
 from sea_convert.recipe import SEAConfig
@@ -59,8 +59,9 @@ def dense_row(T, H, Hkv, d, backward: bool) -> dict:
     return {"ms": ms, "tflops": flops / ms / 1e9, "peak_mib": _peak_mib(run)}
 
 
-def sea_row(T, H, Hkv, d, cfg: SEAConfig, backward: bool) -> dict:
-    """Forward: inference (bf16 predictor weights). Forward+backward: training (fp32 weights, bf16 autocast)."""
+def sea_row(T, H, Hkv, d, cfg: SEAConfig, backward: bool, cuda_graph: bool = False) -> dict:
+    """Forward: inference (bf16 predictor weights). Forward+backward: training (fp32 weights, bf16 autocast).
+    cuda_graph: the forward captured once in a CUDA graph and replayed (the layer makes no host sync)."""
     q, k, v = _inputs(T, H, Hkv, d, backward)
     pred = SEAPredictor(cfg, H, Hkv, d, T, 0).cuda()
     if not backward:
@@ -85,6 +86,11 @@ def sea_row(T, H, Hkv, d, cfg: SEAConfig, backward: bool) -> dict:
     res = run()
     kept, causal = res.selection.density()
     del res
+    if cuda_graph:
+        try:
+            return {"ms": graph_ms(run), "cuda_graph": True, "density": kept / causal, "kept_entries": kept}
+        except RuntimeError as err:  # a host sync inside the layer makes capture fail: report it, keep the run going
+            return {"error": f"capture failed: {err}"[:300]}
     ms = median_ms(run)
     return {"ms": ms, "peak_mib": _peak_mib(run), "density": kept / causal, "kept_entries": kept}
 
@@ -118,6 +124,7 @@ def main() -> None:
     ap.add_argument("--block-K", type=int, default=1024, help="K of the block-row predictor: one key block per bin up"
                     " to K blocks (64k tokens at block 64)")
     ap.add_argument("--no-density-budget", action="store_true", help="only the 2,048-keys budget")
+    ap.add_argument("--cuda-graph", action="store_true", help="also time each SEA forward replayed from a CUDA graph")
     a = ap.parse_args()
     budgets = {}
     for rows in a.predictor_rows:
@@ -142,7 +149,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
             for label, cfg in budgets.items():
                 cfg = cfg.model_copy(update={"position_table_len": T})
+                graphed = (lambda: sea_row(T, a.heads, Hkv, a.head_dim, cfg, False, cuda_graph=True)) if a.cuda_graph else None
                 for name, fn in ((f"sea_fwd[{label}]", lambda: sea_row(T, a.heads, Hkv, a.head_dim, cfg, False)),
+                                 (f"sea_fwd_graph[{label}]", graphed or (lambda: None)),
                                  (f"sea_fwdbwd[{label}]", lambda: sea_row(T, a.heads, Hkv, a.head_dim, cfg, True) if bwd else None),
                                  (f"kernel[{label}]", lambda: kernel_row(T, a.heads, Hkv, a.head_dim, cfg))):
                     try:
@@ -160,7 +169,7 @@ def _fmt(x, key="ms"):
     if not x:
         return "-"
     if "error" in x:
-        return "OOM"
+        return "OOM" if x["error"].startswith("OOM") else "ERR"
     return f"{x[key]:.2f}"
 
 
@@ -171,8 +180,11 @@ def _print_row(r: dict) -> None:
     b = r.get("sea_fwd[2048 keys block-rows]")
     if b:
         bspeed = d.get("ms", math.nan) / b["ms"] if "ms" in d and "ms" in b else math.nan
+        g = r.get("sea_fwd_graph[2048 keys block-rows]")
+        gspeed = d.get("ms", math.nan) / g["ms"] if g and "ms" in d and "ms" in g else math.nan
         print(f"T={r['T']:>6} Hkv={r['Hkv']:>2} | block-row predictor: SEA@2048 fwd {_fmt(b)} ms (x{bspeed:.1f}),"
-              f" fwd+bwd {_fmt(r.get('sea_fwdbwd[2048 keys block-rows]'))}", flush=True)
+              f" CUDA graph {_fmt(g)} ms (x{gspeed:.1f}), fwd+bwd {_fmt(r.get('sea_fwdbwd[2048 keys block-rows]'))}",
+              flush=True)
     print(
         f"T={r['T']:>6} Hkv={r['Hkv']:>2} | dense fwd {_fmt(r.get('dense_fwd'))} ms, fwd+bwd {_fmt(r.get('dense_fwdbwd'))}"
         f" | SEA@2048 fwd {_fmt(s)} ms (x{speed:.1f}), fwd+bwd {_fmt(r.get('sea_fwdbwd[2048 keys]'))}"

@@ -28,26 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks_timing import median_ms
+from benchmarks_timing import graph_ms, median_ms
 
 from kernels import dispatch, reference
 from sea_convert.attention.decode import prefill, step
 from sea_convert.attention.predictor import SEAPredictor
 from sea_convert.recipe import SEAConfig
-
-
-def graph_ms(fn, runs: int = 50) -> float:
-    """Median of `runs` replays of fn captured in a CUDA graph (after a warm-up on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_ms(graph.replay, runs=runs, warmup=5)
 
 
 def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128) -> dict:

@@ -24,7 +24,7 @@ from sea_convert.recipe import SEAConfig  # noqa: E402
 def main() -> None:
     print("| predictor rows | block_keys (blocks of 4) | gates | max logit error, cached vs full recompute |")
     print("|---|---|---|---|")
-    for rows, keys, gates in [("token", 8, True), ("token", 16, True), ("block", 8, True), ("block", 8, False),
+    for rows, keys, gates in [("token", 8, True), ("token", 16, True), ("block", 8, True), ("block", 16, True),
                               ("block", 16, False)]:
         torch.manual_seed(0)
         model = tiny_model("llama", seed=0)

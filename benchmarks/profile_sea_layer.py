@@ -60,7 +60,7 @@ def main() -> None:
     stages = {
         "estimator (linear attention)": (
             (lambda: pred.estimator(q, k, v, d ** -0.5, ops)) if pred.block_rows is None else
-            (lambda: pred.estimator.block_rows(ops.block_means(q, pred.block_rows), k, v, d ** -0.5, ops, pred.block_rows))),
+            (lambda: pred.estimator.block_rows(ops.opening_means(q, pred.block_rows), k, v, d ** -0.5, ops, pred.block_rows))),
         "predictor total": lambda: pred(q, k, v, d ** -0.5, ops),
         "exp + select": lambda: select(est.log_probs.exp(), cfg, a.kv_heads, ops, seq_len=T),
         "block-sparse kernel": lambda: sel.attend(q, k, v, d ** -0.5, ops),

@@ -69,17 +69,43 @@ def _stacked_rows(i, hc, T, G: tl.constexpr, HPP: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
+def _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
+                    VPrefix, spb, sph, spq, spd, T, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+                    PREC: tl.constexpr):
+    """mix_gated on a tile: u = 1 - kept / (t + 1); out * (1 - w)(1 + (2 sigmoid(s0) - 1) u) + w * mean_v with
+    w = sigmoid(s1) u. The running mean of v at row t: the blocks before the row's (VPrefix) plus the block's
+    rows up to t, one lower-triangular product over the block's values."""
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    rows = i * BLOCK + tl.arange(0, BLOCK)
+    vd = tl.load(v_base + rows[:, None] * svt + dcol[None, :] * svd, mask=(rows < T)[:, None] & dmask[None, :], other=0.0)
+    lower = tl.where(rows[None, :] <= t[:, None], 1.0, 0.0).to(vd.dtype)  # exact in any dtype
+    before = tl.load(VPrefix + b.to(tl.int64) * spb + hk.to(tl.int64) * sph + i * spq + dcol * spd, mask=dmask, other=0.0)
+    n = (t + 1).to(tl.float32)
+    mean_v = (tl.dot(lower, vd, input_precision=PREC) + before[None, :]) / n[:, None]
+    g = Gates + b.to(tl.int64) * sgb + head * sgh + i * sgq
+    s0 = tl.load(g, mask=row_ok, other=0.0)
+    s1 = tl.load(g + sgk, mask=row_ok, other=0.0)
+    u = tl.maximum(1.0 - kept / n, 0.0)
+    w = tl.sigmoid(s1) * u
+    keep = (1.0 - w) * (1.0 + (2.0 * tl.sigmoid(s0) - 1.0) * u)
+    return keep[:, None] * out + w[:, None] * mean_v
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, BlockIndex, BlockCount,
+    Q, K, V, Out, Lse, BlockIndex, BlockCount, Gates, VPrefix,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sob, soh, sot, sod,
     sib, sih, siq, sij,
     scb, sch, scq,
+    sgb, sgh, sgq, sgk,
+    spb, sph, spq, spd,
     Hkv, T, qk_scale,
     G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, GATED: tl.constexpr,
 ):
     i = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     pid = tl.program_id(1)
@@ -100,6 +126,7 @@ def _fwd_kernel(
     m_i = tl.full([HPP * BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([HPP * BLOCK], tl.float32)
     acc = tl.zeros([HPP * BLOCK, BLOCK_D], tl.float32)
+    kept = tl.zeros([HPP * BLOCK], tl.float32)  # keys each row attends (GATED)
     n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
     idx = BlockIndex + b * sib + hk * sih + i * siq
     for jj in range(0, n):
@@ -107,7 +134,10 @@ def _fwd_kernel(
         kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd, mask=dmask[:, None] & (kpos < T)[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         # row_ok and kpos <= t < T also drop keys past T
-        s = tl.where(row_ok[:, None] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
+        allowed = row_ok[:, None] & (kpos[None, :] <= t[:, None])
+        if GATED:
+            kept += tl.sum(allowed.to(tl.float32), 1)
+        s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
         alpha = tl.exp2(m_i - m_use)
@@ -120,6 +150,9 @@ def _fwd_kernel(
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    if GATED:  # the output gates (kernels.reference_decode.mix_gated) with the query block's gates
+        out = _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
+                              VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
     tl.store(Out + b.to(tl.int64) * sob + head[:, None] * soh + t[:, None] * sot + dcol[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
     tl.store(Lse + ((b * Hkv * G).to(tl.int64) + head) * T + t, lse, mask=row_ok)
@@ -297,19 +330,36 @@ def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) ->
                 PREC=_dot_precision(dtype), num_warps=_num_warps(hpp * block_size * block_d), num_stages=2)
 
 
-def _forward(q, k, v, block_index, block_count, block_size: int, scale: float):
+def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor | None = None):
+    """gates (B, Hq, NQB, 2): apply the output gates in the epilogue; the output is then fp32."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     meta = _meta(Hq // Hkv, block_size, d, MAX_ROWS, q.dtype)
-    out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    gated = gates is not None
+    if not gated:
+        out = torch.empty_like(q)
+        gates = v_prefix = lse  # not read
+        gate_strides = prefix_strides = (0, 0, 0, 0)
+    else:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        v_prefix = block_prefix_sums(v, block_size)
+        gate_strides, prefix_strides = gates.stride(), v_prefix.stride()
     _fwd_kernel[(triton.cdiv(T, block_size), B * Hkv * meta["NHC"])](
-        q, k, v, out, lse, block_index, block_count,
+        q, k, v, out, lse, block_index, block_count, gates, v_prefix,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *block_index.stride(), *block_count.stride(),
-        Hkv, T, scale * LOG2E, **meta,
+        *block_index.stride(), *block_count.stride(), *gate_strides, *prefix_strides,
+        Hkv, T, scale * LOG2E, GATED=gated, **meta,
     )
     return out, lse
+
+
+def block_prefix_sums(v: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, T, d) -> (B, H, NQB, d) fp32: the sum of v over the blocks before each block."""
+    B, H, T, d = v.shape
+    nb = triton.cdiv(T, block_size)
+    sums = torch.nn.functional.pad(v.float(), (0, 0, 0, nb * block_size - T)).view(B, H, nb, block_size, d).sum(3)
+    return sums.cumsum(2) - sums
 
 
 def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, scale: float):
@@ -374,3 +424,15 @@ def block_sparse_attention(
     return _BlockSparseAttention.apply(
         q, k, v, block_index.to(torch.int32), block_count.to(torch.int32), int(block_size), float(scale)
     )
+
+
+def block_sparse_attention_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor,
+                                 block_count: torch.Tensor, block_size: int, scale: float, gates: torch.Tensor) -> torch.Tensor:
+    """block_sparse_attention with the block rows' output gates in its epilogue (see the reference op in
+    kernels.reference_block_rows): one kernel, (B, Hq, T, d) fp32. Inference only (no autograd)."""
+    _check(q, k, v, block_index, block_size)
+    if gates.shape != (*q.shape[:2], block_index.shape[2], 2):
+        raise ValueError(f"gates {tuple(gates.shape)} do not match (B, Hq, NQB, 2)")
+    out, _ = _forward(q, k, v, block_index.to(torch.int32), block_count.to(torch.int32), int(block_size), float(scale),
+                      gates.float())
+    return out

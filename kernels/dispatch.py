@@ -35,7 +35,8 @@ OP_NAMES = (
     "block_linear_attention",
     "block_teacher_target",
     "block_scores_from_bins",
-    "block_means",
+    "opening_means",
+    "block_sparse_attention_gated",
     "decode_block_row",
     "decode_block_cnn_probs",
     "decode_select_block_row",
@@ -67,7 +68,7 @@ def _cpu_module() -> ModuleType:
     block_sparse_attention in place of the reference's dense-mask one. Built once."""
     global _cpu_ops
     if _cpu_ops is None:
-        from kernels import cpu_block_sparse
+        from kernels import cpu_block_sparse, reference_block_rows
 
         mod = ModuleType("kernels.cpu_ops", "kernels.reference with kernels.cpu_block_sparse.block_sparse_attention")
         for name, obj in vars(reference).items():
@@ -76,6 +77,7 @@ def _cpu_module() -> ModuleType:
         for name in OP_NAMES:  # the decode step's ops are looked up lazily by the reference
             setattr(mod, name, getattr(reference, name))
         mod.block_sparse_attention = cpu_block_sparse.block_sparse_attention
+        mod.block_sparse_attention_gated = reference_block_rows.gated_with(cpu_block_sparse.block_sparse_attention)
         _cpu_ops = mod
     return _cpu_ops
 

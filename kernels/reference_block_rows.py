@@ -6,8 +6,11 @@ bins split those n blocks the way a token row's bins split its keys (`kernels.re
 with key blocks for keys): below the cap (n <= K) each key block is its own bin; above it, a bin
 holds ceil or floor of n / K blocks.
 
-Every row of query block i reads the same estimate, made from the block's rows so far (a partial
-last block from its real rows only), as block mode's selection already pooled them.
+Every row of query block i reads the same estimate, made when the block opens: from the mean query
+(and value) of the block_size rows ending at the block's first row, reading the keys up to that row.
+So a block's estimate, selection and gates depend only on rows up to its first: a longer prefix never
+changes an earlier row's output, and the decoder, which makes the row when the block's first token
+arrives, computes what the full pass computes for every row (docs/decoding.md).
 """
 
 from __future__ import annotations
@@ -19,51 +22,49 @@ import torch
 from kernels import reference as ref  # a module object: kernels.reference imports this module at its end
 
 
-def block_means(x: torch.Tensor, block_size: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, T, d) -> (B, H, NQB, d): the mean of each block's rows, fp32. lengths (B,): real rows of
-    a right-padded batch; pads are left out (a block of pads only gets the mean of nothing: 0)."""
+def opening_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, T, d) -> (B, H, NQB, d) fp32: for each block, the mean of the block_size rows ending at its
+    first row (rows i*bs - bs + 1 .. i*bs; fewer at the sequence's start). Block i's window is block i of
+    x shifted down by bs - 1 rows, so it is summed as one block. Rows after a block's first never enter:
+    right pads (which follow the real rows) need no mask."""
     B, H, T, d = x.shape
     nb = math.ceil(T / block_size)
-    xf = x.float()
-    if lengths is not None:
-        real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]
-        xf = xf.masked_fill(~real[:, None, :, None], 0.0)
-    xf = torch.nn.functional.pad(xf, (0, 0, 0, nb * block_size - T)).view(B, H, nb, block_size, d)
-    rows = _rows_in_blocks(T, block_size, lengths, x.device)  # (B or 1, NQB)
-    return xf.sum(3) / rows.clamp_min(1)[:, None, :, None]
-
-
-def _rows_in_blocks(T: int, block_size: int, lengths: torch.Tensor | None, device) -> torch.Tensor:
-    nb = math.ceil(T / block_size)
-    start = torch.arange(nb, device=device) * block_size
-    length = torch.full((1,), T, device=device) if lengths is None else lengths  # a fill, no host-to-device copy
-    return (length[:, None] - start[None, :]).clamp(0, block_size).float()
+    shifted = torch.nn.functional.pad(x.float(), (0, 0, block_size - 1, nb * block_size - T))[:, :, : nb * block_size]
+    rows = (torch.arange(nb, device=x.device) * block_size + 1).clamp_max(block_size).float()
+    return shifted.view(B, H, nb, block_size, d).sum(3) / rows[:, None]
 
 
 def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, block_size: int,
-                           lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal linear attention read at block rows: row i is (qf_i . S_i) / (qf_i . z_i) with S_i, z_i the
-    sums of kf_s v_s^T and kf_s over the keys up to block i's last (real) row.
+                           chunk_blocks: int = 8) -> torch.Tensor:
+    """Causal linear attention read at each block's first row: row i is (qf_i . S_i) / (qf_i . z_i) with S_i,
+    z_i the sums of kf_s v_s^T and kf_s over the keys s <= i * block_size.
 
     q_feat: (B, H, NQB, m) features of the block rows; k_feat: (B, Hk, T, m); v: (B, Hk, T, dv), Hk
-    dividing H (GQA). lengths (B,): real rows of a right-padded batch (pad keys are left out).
-    Returns (B, H, NQB, dv) fp32. Holds (B, Hk, NQB, m, dv) prefix states.
-    """
+    dividing H (GQA). Returns (B, H, NQB, dv) fp32. Keys are shifted down by bs - 1 rows, so that block i's
+    prefix is shifted key blocks 0..i (pad keys, which follow the real ones, never enter). Chunked as
+    linear attention usually is: states only at chunk boundaries (chunk_blocks blocks), inside a chunk the
+    rows read their keys through a masked (rows x keys) product; never a (NQB, m, dv) state per block."""
     B, H, R, m = q_feat.shape
     Hk, T = k_feat.shape[1], k_feat.shape[2]
-    dv = v.shape[-1]
-    pad = R * block_size - T
-    kf, vv = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) for x in (k_feat, v))
-    if lengths is not None:
-        real = torch.arange(R * block_size, device=kf.device)[None, :] < lengths[:, None]
-        kf = kf.masked_fill(~real[:, None, :, None], 0.0)
-    kf = kf.view(B, Hk, R, block_size, m)
-    state = (kf.transpose(-1, -2) @ vv.view(B, Hk, R, block_size, dv)).cumsum(2)  # (B, Hk, R, m, dv)
-    norm = kf.sum(-2).cumsum(2)  # (B, Hk, R, m)
-    qf = q_feat.float().view(B, Hk, H // Hk, R, m)
-    num = torch.einsum("bkgrm,bkrmd->bkgrd", qf, state)
-    den = torch.einsum("bkgrm,bkrm->bkgr", qf, norm)
-    return (num / den.clamp_min(1e-30).unsqueeze(-1)).reshape(B, H, R, dv)
+    G, dv = H // Hk, v.shape[-1]
+    C = min(chunk_blocks, R)
+    NC = math.ceil(R / C)
+    L = C * block_size  # keys per chunk
+    kf, vv = (torch.nn.functional.pad(x.float(), (0, 0, block_size - 1, NC * L - T))[:, :, : NC * L].view(B, Hk, NC, L, -1)
+              for x in (k_feat, v))
+    state = kf.transpose(-1, -2) @ vv  # (B, Hk, NC, m, dv): each chunk's sum of kf v^T
+    norm = kf.sum(-2)  # (B, Hk, NC, m)
+    before = state.cumsum(2) - state, norm.cumsum(2) - norm  # exclusive: the chunks before each
+    qf = torch.nn.functional.pad(q_feat.float(), (0, 0, 0, NC * C - R)).view(B, Hk, G, NC, C, m)
+    qf = qf.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, NC, G * C, m)  # rows (g, c) of each chunk
+    row_block = torch.arange(C, device=qf.device).repeat(G)  # each row's block inside its chunk
+    seen = torch.arange(L, device=qf.device)[None, :] < (row_block[:, None] + 1) * block_size
+    inside = (qf @ kf.transpose(-1, -2)) * seen  # (B, Hk, NC, G*C, L)
+    num = qf @ before[0] + inside @ vv
+    den = (qf @ before[1].unsqueeze(-1)).squeeze(-1) + inside.sum(-1)
+    out = num / den.clamp_min(1e-30).unsqueeze(-1)  # (B, Hk, NC, G*C, dv)
+    out = out.view(B, Hk, NC, G, C, dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, NC * C, dv)
+    return out[:, :, :R]
 
 
 def block_teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, block_size: int,
@@ -78,7 +79,7 @@ def block_teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int,
     nb = math.ceil(T / block_size)
     chunk = block_size * max(1, query_chunk // block_size)
     target = torch.zeros(B, Hq, nb, K, dtype=torch.float32, device=q.device)
-    rows = _rows_in_blocks(T, block_size, None, q.device)[0]  # (NQB,)
+    rows = (T - torch.arange(nb, device=q.device) * block_size).clamp_max(block_size).float()  # (NQB,) rows per block
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         s = ref._scores_chunk(q, k, t0, t1, scale)
@@ -112,69 +113,98 @@ def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch
     return scores.masked_fill(future, float("-inf"))
 
 
+def block_sparse_attention_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor,
+                                 block_count: torch.Tensor, block_size: int, scale: float, gates: torch.Tensor) -> torch.Tensor:
+    """block_sparse_attention, then the output gates (mix_gated) with one pair of gates per query block:
+    gates (B, Hq, NQB, 2) fp32, the block rows' (every row of a block reads its block's). The keys each row
+    attends come from the lists; the running mean of v from v. Returns (B, Hq, T, d) fp32.
+    (On the GPU one kernel: the gates are applied in the attention's epilogue.)"""
+    return gated_with(ref.block_sparse_attention)(q, k, v, block_index, block_count, block_size, scale, gates)
+
+
+def gated_with(attend):
+    """block_sparse_attention_gated over another implementation of block_sparse_attention (the CPU's)."""
+    from kernels import reference_decode as rd
+
+    def gated(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor) -> torch.Tensor:
+        T = q.shape[2]
+        out, _ = attend(q, k, v, block_index, block_count, block_size, scale)
+        kept = rd.kept_from_blocks(block_index, block_count, block_size, T)
+        rows = torch.arange(1, T + 1, device=q.device, dtype=torch.float32)
+        return rd.mix_gated(out, gates.repeat_interleave(block_size, dim=2)[:, :, :T], kept, rd.running_mean(v), rows)
+
+    return gated
+
+
 # ---------------------------------------------------------------------------
-# decoding: the current query block's row, recomputed from its rows so far at every new token
+# decoding: the current query block's row, made when the block's first token arrives
 
 
 def decode_block_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, shift: torch.Tensor,
-                     kv: torch.Tensor, norm: torch.Tensor, v_sum: torch.Tensor, q_block: torch.Tensor,
-                     v_block: torch.Tensor, w, scale: float, block_size: int):
-    """decode_predictor_rows for block rows: the new token joins its query block, whose row is made again
-    from the block's mean query and value, reading the keys up to the new one.
+                     kv: torch.Tensor, norm: torch.Tensor, v_sum: torch.Tensor, q_tail: torch.Tensor,
+                     v_tail: torch.Tensor, block_gates: torch.Tensor | None, w, scale: float, block_size: int):
+    """decode_predictor_rows for block rows: the row of the block that the new token opens, made as the full
+    pass makes it (opening_means, block_linear_attention): from the mean query and value of the block_size
+    rows ending at the new one, reading the keys up to it.
 
     q (B, Hq, 1, d); k, v (B, Hkv, 1, d) the new key and value at positions pos (B,). Updated in place:
-    kv, norm (the estimator's key sums), v_sum (all values), q_block (B, Hq, 1, d) and v_block (B, Hkv, 1, d)
-    (sums over the current block's rows; reset when the token opens a block). Returns (the block row's CNN
-    input (B, Hq*C, 1, K/4), gates (B, Hq, 1, 2) fp32 or None), as prefill computes for a partial last block.
-    """
+    kv, norm (the estimator's key sums), v_sum (all values); q_tail (B, Hq, 1, d) and v_tail (B, Hkv, 1, d),
+    the sums over the current block's rows after its first (with the new token, the opening window's other
+    rows); block_gates (B, Hq, 1, 2), the current block's gates, replaced where the token opens a block.
+    Returns (the row's CNN input (B, Hq*C, 1, K/4), meaningful only where pos opens a block; block_gates)."""
     from kernels import reference_decode as rd
 
     B, Hq, _, d = q.shape
     Hkv = k.shape[1]
     fresh = (pos % block_size == 0).view(B, 1, 1, 1)
-    q_block.masked_fill_(fresh, 0.0).add_(q.float())
-    v_block.masked_fill_(fresh, 0.0).add_(v.float())
-    rows = (pos % block_size + 1).float().view(B, 1, 1, 1)
+    rows = (pos + 1).clamp_max(block_size).float().view(B, 1, 1, 1)  # the opening window's rows
+    q_open, v_open = (q_tail + q.float()) / rows, (v_tail + v.float()) / rows
+    q_tail.add_(q.float()).masked_fill_(fresh, 0.0)  # the block's first row is not in its tail
+    v_tail.add_(v.float()).masked_fill_(fresh, 0.0)
     root, proj = math.sqrt(scale), w.projection.float()
-    qf = rd.positive_features(q_block / rows * root, proj, is_query=True)
+    qf = rd.positive_features(q_open * root, proj, is_query=True)
     kf = rd.positive_features(k.float() * root, proj, is_query=False, key_shift=shift)
     positions = w.position_values.float()[pos][:, None, None].expand(-1, Hkv, -1, -1)
     lin = ref.linear_attention_step(qf, kf, torch.cat([v.float(), positions], dim=-1), kv, norm)  # (B, Hq, 1, 2d)
     v_sum += v.float()
     wdtype = w.dec_weight.dtype
-    h = rd.encode_rows(lin.to(wdtype), (v_block / rows).to(wdtype), Hq // Hkv, w)
-    gates = torch.nn.functional.linear(h, w.gate_weight, w.gate_bias).float() if w.gate_weight is not None else None
-    return rd.decode_rows(h, w), gates
+    h = rd.encode_rows(lin.to(wdtype), v_open.to(wdtype), Hq // Hkv, w)
+    if block_gates is not None:
+        gates = torch.nn.functional.linear(h, w.gate_weight, w.gate_bias).float()
+        block_gates.copy_(torch.where(fresh, gates, block_gates))
+    return rd.decode_rows(h, w), block_gates
 
 
 def decode_block_cnn_probs(ring: torch.Tensor, current: torch.Tensor, row: torch.Tensor, pos: torch.Tensor,
-                           block_size: int, w, num_kv_heads: int) -> torch.Tensor:
+                           block_size: int, w, probs: torch.Tensor) -> torch.Tensor:
     """decode_cnn_probs for block rows. ring (B, Hq*C, R, K/4): the CNN input rows of the R = receptive rows - 1
     complete blocks before the current one (block b in slot b % R); current (B, Hq*C, 1, K/4): the current
-    block's row so far. row: the block's new row, for the token at pos (B,). When the token opens a block,
-    the finished block's row moves into the ring; `current` becomes `row` (both in place).
-    Returns the block row's probabilities (B, Hkv, K) fp32, pooled over each KV head's query heads."""
+    block's row; probs (B, Hkv, K): its probabilities, pooled over each KV head's query heads. Where the token
+    at pos (B,) opens a block, `row` is the new block's row: the finished block's row moves into the ring,
+    `current` becomes `row` and `probs` its probabilities (all in place). Returns probs."""
     from kernels import reference_decode as rd
 
     B, C, R, W = ring.shape
+    Hkv = probs.shape[1]
     qb = pos // block_size
-    fresh = (pos % block_size == 0) & (qb > 0)
+    opens = pos % block_size == 0
     done = (qb - 1) % R  # the finished block's slot
     slot = done.view(B, 1, 1, 1).expand(B, C, 1, W)
-    ring.scatter_(2, slot, torch.where(fresh.view(B, 1, 1, 1), current, ring.gather(2, slot)))
-    current.copy_(row)
+    ring.scatter_(2, slot, torch.where((opens & (qb > 0)).view(B, 1, 1, 1), current, ring.gather(2, slot)))
+    current.copy_(torch.where(opens.view(B, 1, 1, 1), row, current))
     slots = (qb[:, None] - R + torch.arange(R, device=pos.device)) % R  # blocks qb-R .. qb-1
     window = torch.cat([ring.gather(2, slots[:, None, :, None].expand(B, C, R, W)), row], dim=2)
     absent = torch.arange(R + 1, device=pos.device)[None, :] < (R - qb)[:, None]
     logits = rd.cnn_last_row(window, absent, w).float()  # (B, Hq, 1, K)
     Hq, K = logits.shape[1], logits.shape[3]
     logits.masked_fill_(rd.empty_bins(qb, K)[:, None, None, :], float("-inf"))
-    return torch.log_softmax(logits, dim=-1).exp().view(B, num_kv_heads, Hq // num_kv_heads, K).mean(2)
+    new = torch.log_softmax(logits, dim=-1).exp().view(B, Hkv, Hq // Hkv, K).mean(2)
+    return probs.copy_(torch.where(opens.view(B, 1, 1), new, probs))
 
 
 def decode_select_block_row(probs: torch.Tensor, length: torch.Tensor, block_size: int, num_key_blocks: int,
                             per_head: int, density: float | None, sink_blocks: int, local_blocks: int, max_budget: int):
-    """decode_select_blocks for block rows: the current block's row (B, Hkv, K) read per key block, then the
+    """decode_select_blocks for block rows: the current block's probabilities (B, Hkv, K) read per key block, then the
     same grouped top-k; the row counted in (length += 1). Returns (block_index (B, Hkv, MAXB), block_count
     (B, Hkv), kept (B, Hkv))."""
     from kernels import reference_decode as rd

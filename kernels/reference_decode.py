@@ -151,6 +151,18 @@ def blocks_per_head_rule(block_pos: torch.Tensor, per_head: int, density: float 
     return torch.full_like(block_pos, per_head)
 
 
+def kept_from_blocks(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, T: int) -> torch.Tensor:
+    """Keys kept per row: full blocks before the row's own block, plus the causal part of its own block."""
+    nqb = block_index.shape[2]
+    i = torch.arange(nqb, device=block_index.device).view(1, 1, nqb, 1)
+    valid = torch.arange(block_index.shape[-1], device=block_index.device) < block_count.unsqueeze(-1)
+    full = (valid & (block_index < i)).sum(-1)  # (B, Hkv, NQB)
+    diag = (valid & (block_index == i)).any(-1)
+    rows = torch.arange(T, device=block_index.device)
+    qb = rows // block_size
+    return full[..., qb] * block_size + diag[..., qb] * (rows - qb * block_size + 1)
+
+
 def kept_from_blocks_row(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, pos: torch.Tensor) -> torch.Tensor:
     """Keys kept by one row per sequence at position pos (B,): block lists (B, Hkv, MAXB) -> (B, Hkv).
     Full blocks before the row's own block, plus the causal part of its own block."""
@@ -159,6 +171,13 @@ def kept_from_blocks_row(block_index: torch.Tensor, block_count: torch.Tensor, b
     full = (valid & (block_index < qb)).sum(-1)
     diag = (valid & (block_index == qb)).any(-1)
     return full * block_size + diag * (pos % block_size + 1)[:, None]
+
+
+def running_mean(v: torch.Tensor) -> torch.Tensor:
+    """Causal running mean of v along time, fp32 (the scan runs along the contiguous axis: faster on GPU)."""
+    T = v.shape[-2]
+    count = torch.arange(1, T + 1, device=v.device, dtype=torch.float32)
+    return (v.float().transpose(-1, -2).contiguous().cumsum(-1) / count).transpose(-1, -2)
 
 
 def mix_gated(sparse_out: torch.Tensor, gates: torch.Tensor, kept: torch.Tensor, mean_v: torch.Tensor,

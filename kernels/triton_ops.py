@@ -12,7 +12,7 @@ try:
 except Exception as exc:  # a broken install can raise more than ImportError; dispatch expects ImportError
     raise ImportError(f"triton is not usable: {exc}") from exc
 
-from kernels.block_sparse_attention import block_sparse_attention
+from kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_gated
 from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
 from kernels.linear_attention import causal_linear_attention
 from kernels.sparse_decode import sparse_decode_attention, sparse_decode_mixed
@@ -25,12 +25,12 @@ from kernels.teacher_target import teacher_target
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
-# - the block-row predictor's ops (block_means, block_linear_attention, block_teacher_target, block_scores_from_bins,
+# - the block-row predictor's ops (opening_means, block_linear_attention, block_teacher_target, block_scores_from_bins,
 #   and its decoding: decode_block_row, decode_block_cnn_probs, decode_select_block_row):
 #   the reference until their Triton versions land (issue 20).
 from kernels.reference import (
     block_linear_attention,
-    block_means,
+    opening_means,
     decode_block_cnn_probs,
     decode_block_row,
     decode_select_block_row,
@@ -47,12 +47,13 @@ from kernels.reference import (
 
 __all__ = [
     "block_linear_attention",
-    "block_means",
+    "opening_means",
     "decode_block_cnn_probs",
     "decode_block_row",
     "decode_select_block_row",
     "block_scores_from_bins",
     "block_sparse_attention",
+    "block_sparse_attention_gated",
     "block_teacher_target",
     "decode_cnn_probs",
     "decode_mix_output",

@@ -180,7 +180,7 @@ class SEAConfig(_Strict):
     predictor_length: int = Field(256, ge=8, description="K, the compressed width of the estimated attention row")
     predictor_rows: Literal["token", "block"] = Field(
         "token", description="token: one estimate row per query, K bins over its keys (the paper's); block: one row per"
-        " query block, K bins over its key blocks (one block per bin up to K blocks; block mode only)"
+        " query block, made when it opens, K bins over its key blocks (one block per bin up to K blocks; block mode only)"
     )
     nbf: float = Field(8.0, gt=0, description="random features = head_dim * ln(head_dim) / nbf")
     block_size: int = Field(64, ge=1, description="query/key block size of block mode")

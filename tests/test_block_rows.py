@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import dispatch, reference
-from kernels.reference_block_rows import block_linear_attention, block_means, block_scores_from_bins, block_teacher_target
+from kernels.reference_block_rows import block_linear_attention, block_scores_from_bins, block_teacher_target, opening_means
 from sea_convert.attention import SEAPredictor, sea_attention
 from sea_convert.recipe import SEAConfig
 
@@ -20,33 +20,48 @@ def _features(*shape):
     return torch.rand(*shape, dtype=torch.float64) + 0.05  # positive, as the estimator's are
 
 
-@pytest.mark.parametrize("T, H, Hk, bs", [(37, 4, 4, 8), (64, 6, 2, 16), (50, 8, 2, 7), (33, 3, 1, 32)])
-def test_block_linear_attention_is_token_linear_attention_at_block_ends(T, H, Hk, bs):
+@pytest.mark.parametrize("T, H, Hk, bs, chunk", [(37, 4, 4, 8, 8), (64, 6, 2, 16, 3), (50, 8, 2, 7, 2), (33, 3, 1, 32, 1),
+                                                 (93, 4, 1, 4, 5)])
+def test_block_linear_attention_is_token_linear_attention_at_first_rows(T, H, Hk, bs, chunk):
+    """One chunk, several chunks, a last chunk that is partial (chunk_blocks not dividing the blocks)."""
     torch.manual_seed(T)
     nb = math.ceil(T / bs)
     qb, kf, v = _features(1, H, nb, 5), _features(1, Hk, T, 5), torch.randn(1, Hk, T, 6, dtype=torch.float64)
-    got = block_linear_attention(qb, kf, v, bs)
-    ends = [min(T, (i + 1) * bs) - 1 for i in range(nb)]
-    for i, end in enumerate(ends):  # token linear attention with block i's query at its last row
+    got = block_linear_attention(qb, kf, v, bs, chunk_blocks=chunk)
+    for i in range(nb):  # token linear attention with block i's query at its first row
+        first = i * bs
         q_rows = _features(1, H, T, 5)
-        q_rows[:, :, end] = qb[:, :, i]
-        want = reference.causal_linear_attention(q_rows, kf, v, chunk=8)[:, :, end]
+        q_rows[:, :, first] = qb[:, :, i]
+        want = reference.causal_linear_attention(q_rows, kf, v, chunk=8)[:, :, first]
         # computed in fp32 by both (the reference casts its fp64 inputs): measured 1.2e-7, bound 1e-5
         assert torch.allclose(got[:, :, i].double(), want.double(), atol=1e-5), (i, (got[:, :, i] - want).abs().max())
 
 
-def test_block_rows_leave_pads_out():
-    torch.manual_seed(0)
-    T, bs, real = 40, 8, 29
-    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
-    lengths = torch.tensor([T, real])
-    means = block_means(q, bs, lengths)
-    alone = block_means(q[1:, :, :real], bs)
-    assert torch.allclose(means[1, :, : alone.shape[2]], alone[0], atol=1e-6)  # measured 0: the same sums
-    kf, qf = torch.rand(2, 2, T, 5), _features(1, 4, 5, 5).float()
-    padded = block_linear_attention(torch.cat([qf, qf]), kf, v, bs, lengths)[1, :, :4]  # real rows: 4 blocks
-    unpadded = block_linear_attention(qf[:, :, :4], kf[1:, :, :real], v[1:, :, :real], bs)[0]
-    assert torch.allclose(padded, unpadded, atol=1e-5), (padded - unpadded).abs().max()  # measured 0: pad keys zeroed
+@pytest.mark.parametrize("T, bs", [(37, 8), (64, 16), (50, 7), (5, 32), (1, 4)])
+def test_opening_means_are_the_bs_rows_up_to_each_first_row(T, bs):
+    x = torch.randn(2, 3, T, 5)
+    got = opening_means(x, bs)
+    assert got.shape == (2, 3, math.ceil(T / bs), 5)
+    for i in range(got.shape[2]):
+        first = i * bs
+        want = x[:, :, max(0, first - bs + 1) : first + 1].mean(2)
+        assert torch.allclose(got[:, :, i], want, atol=1e-6), i  # measured 2.4e-7: fp32 sums in another order
+
+
+def test_block_rows_read_nothing_after_a_blocks_first_row():
+    """Changing every row after block i's first leaves rows 0..i of the estimate as they were: the right
+    pads of a batch never enter, and a longer prefix never changes an earlier block's row."""
+    cfg, pred, q, k, v = _layer(T=45, bs=8)
+    with torch.no_grad():
+        before = pred(q, k, v, 0.25, OPS)
+        for i, first in enumerate(range(0, 45, 8)):
+            q2, k2, v2 = (torch.cat([x[:, :, : first + 1], torch.randn_like(x[:, :, first + 1 :])], 2) for x in (q, k, v))
+            after = pred(q2, k2, v2, 0.25, OPS)
+            # measured 0: the same sums of the same rows
+            assert torch.allclose(before.log_probs[:, :, : i + 1], after.log_probs[:, :, : i + 1], atol=1e-6), i
+            assert torch.allclose(before.gates[:, :, : i + 1], after.gates[:, :, : i + 1], atol=1e-6), i
+            if i + 1 < before.log_probs.shape[2]:  # and the next block's row does change: the test can fail
+                assert not torch.allclose(before.log_probs[:, :, i + 1], after.log_probs[:, :, i + 1], atol=1e-3)
 
 
 def _brute_block_target(q, k, scale, K, bs):
@@ -122,15 +137,16 @@ def test_block_rows_estimate_shape_and_grid():
     assert est.per_query_gates(70).shape == (1, 4, 70, 2)
 
 
-def test_block_rows_layer_is_causal_at_block_boundaries():
-    """Rows of complete blocks never see a later block: a prefix that ends on a block boundary gives them
-    the same output as the whole sequence (inside a block, rows share its estimate by design)."""
+def test_block_rows_layer_is_causal():
+    """A row's output depends only on rows up to itself: every prefix gives its rows the outputs the whole
+    sequence gives them (the block's estimate is made at its first row; its local keys are causal)."""
     cfg, pred, q, k, v = _layer()
     with torch.no_grad():
         whole = sea_attention(q, k, v, pred, cfg, 0.25).out
-        prefix = sea_attention(q[:, :, :40], k[:, :, :40], v[:, :, :40], pred, cfg, 0.25).out
-    # measured 0; 1e-5 leaves room for kernels that sum in another order at another length
-    assert torch.allclose(whole[:, :, :40], prefix, atol=1e-5), (whole[:, :, :40] - prefix).abs().max()
+        for n in (1, 8, 9, 13, 40, 69):
+            prefix = sea_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], pred, cfg, 0.25).out
+            # measured 0; 1e-5 leaves room for kernels that sum in another order at another length
+            assert torch.allclose(whole[:, :, :n], prefix, atol=1e-5), (n, (whole[:, :, :n] - prefix).abs().max())
 
 
 def test_block_rows_padded_batch_matches_each_sequence():
@@ -164,8 +180,8 @@ def test_attention_picture_draws_block_rows(tmp_path):
 @pytest.mark.parametrize("Hq, Hkv, prompt", [(4, 2, 9), (3, 1, 8), (4, 4, 13)])
 def test_decoding_one_layer_equals_its_full_pass(Hq, Hkv, prompt):
     """Prefill then token by token, one layer: each new row's output equals the last row of sea_attention over
-    the prefix (its block's row made from the block's rows so far, its ring of complete block rows, its
-    selection and gates). A budget that competes (4 blocks of 4 per head, sink and local among them, over up to
+    the prefix (its block's row made when the block opened, its ring of complete block rows, its selection
+    and gates). A budget that competes (4 blocks of 4 per head, sink and local among them, over up to
     10 key blocks) and trained-looking weights."""
     from sea_convert.attention import decode
 

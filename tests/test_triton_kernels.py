@@ -181,6 +181,33 @@ def test_block_sparse_matches_reference(shape, bs, blocks_per_head, dtype):
     _compare_bsa(shape, bs, blocks_per_head, dtype)
 
 
+# the block rows' gated attention: GQA ratios 1, 2, 3, 4; d 16 .. 128; T never a multiple of the block
+GATED_CASES = BSA_CASES + [((1, 4, 1, 150, 64), 32), ((1, 3, 1, 100, 128), 16)]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("blocks_per_head", [2, None], ids=["bph2", "all"])
+@pytest.mark.parametrize("shape,bs", GATED_CASES, ids=lambda c: str(c))
+def test_block_sparse_gated_matches_reference(shape, bs, blocks_per_head, dtype):
+    """Attention with the block rows' output gates in the epilogue equals attention, then mix_gated."""
+    B, Hq, Hkv, T, d = shape
+    (q, k, v), _ = _inputs(B, Hq, Hkv, T, d, dtype, seed=T)
+    bi, bc = _lists(B, Hkv, T, bs, blocks_per_head, seed=T)
+    g = torch.Generator().manual_seed(T)
+    gates = _randn(B, Hq, bi.shape[2], 2, gen=g) * 2
+    scale = d**-0.5
+    got = {"out": bsa.block_sparse_attention_gated(q, k, v, bi, bc, bs, scale, gates)}
+    exact = {"out": ref.block_sparse_attention_gated(q.float(), k.float(), v.float(), bi, bc, bs, scale, gates)}
+    low = None if dtype == torch.float32 else {"out": ref.block_sparse_attention_gated(q, k, v, bi, bc, bs, scale, gates)}
+    assert got["out"].dtype == torch.float32 and got["out"].shape == q.shape
+    # ABS["out"] again: measured (interpreter) fp32 kernel error 3.6e-7 .. 9.5e-7; fp16 2.7e-4 .. 4.0e-4, below the
+    # fp16 reference's own 4.9e-4 .. 9.5e-4 (the kernel mixes its fp32 attention output before rounding)
+    _check_rule(got, exact, low, dtype)
+    if blocks_per_head is not None:  # rows miss keys, so the gates move the output off plain attention: 0.47 .. 1.95
+        plain = ref.block_sparse_attention(q.float(), k.float(), v.float(), bi, bc, bs, scale)[0]
+        assert _max_err(exact["out"], plain) > 10 * ABS[dtype]["out"]
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_block_sparse_rows_without_keys(dtype):
     """No sink or local block and a budget of one block per head: some heads get no block at all."""
@@ -280,6 +307,20 @@ def test_triton_ops_raises_import_error_without_triton():
 @pytest.mark.parametrize("blocks_per_head", [2, 8, None], ids=["bph2", "bph8", "all"])
 def test_block_sparse_bf16_gpu(d, bs, blocks_per_head):
     _compare_bsa((1, 8, 2, 1000, d), bs, blocks_per_head, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_block_sparse_gated_bf16_gpu(d):
+    """Model shapes: 32 query heads over 8 KV heads, blocks of 64, 8 blocks per head, T = 4000."""
+    B, Hq, Hkv, T, bs = 1, 32, 8, 4000, 64
+    (q, k, v), _ = _inputs(B, Hq, Hkv, T, d, torch.bfloat16, seed=d)
+    bi, bc = _lists(B, Hkv, T, bs, 8, seed=d)
+    gates = _randn(B, Hq, bi.shape[2], 2, gen=torch.Generator().manual_seed(d)) * 2
+    got = {"out": bsa.block_sparse_attention_gated(q, k, v, bi, bc, bs, d**-0.5, gates)}
+    exact = {"out": ref.block_sparse_attention_gated(q.float(), k.float(), v.float(), bi, bc, bs, d**-0.5, gates)}
+    low = {"out": ref.block_sparse_attention_gated(q, k, v, bi, bc, bs, d**-0.5, gates)}
+    _check_rule(got, exact, low, torch.bfloat16)
 
 
 @pytest.mark.gpu

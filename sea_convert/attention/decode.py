@@ -4,7 +4,8 @@ What a full re-run of the prefix computes for its last position, the decoder com
 - the estimator's running sums (kf^T [v, position] and kf; the keys' stabiliser from the first key);
 - the causal CNN's last receptive_rows - 1 input rows (a ring: it sees rows t-6..t);
 - block mode: the sum of the current query block's estimate rows (the prefix re-run pools the rows
-  of its last, partial block: the same rows);
+  of its last, partial block: the same rows); block rows: the current block's row, made when it opened,
+  and the sums that make the next block's opening window;
 - the running sum of v (the output gates' mean).
 It reads the KV cache only in the selected key blocks. Sequences are in their own positions: a
 left-padded batch keeps each sequence's first key slot (`start`) and its length.
@@ -33,14 +34,15 @@ class DecodeState:
     norm: torch.Tensor  # (B, Hkv, F) sum of kf, fp32
     image: torch.Tensor  # (B, Hq*C, R, K/4) ring of the CNN's last R = receptive_rows - 1 input rows: position p in slot p % R
     v_sum: torch.Tensor  # (B, Hkv, 1, d) fp32
-    block_sum: torch.Tensor  # (B, Hkv, K) fp32: the current query block's estimate rows, summed
+    block_sum: torch.Tensor  # (B, Hkv, K) fp32: the current query block's estimate rows, summed (block rows: its one row)
     start: torch.Tensor  # (B,) cache slot of each sequence's first key
     length: torch.Tensor  # (B,) keys so far
     # block rows (sea.predictor_rows: block): `image` rings the rows of the complete query blocks before
     # the current one (block b in slot b % R); these hold the current block
-    q_block: torch.Tensor | None = None  # (B, Hq, 1, d) fp32: sum of the current query block's queries
-    v_block: torch.Tensor | None = None  # (B, Hkv, 1, d) fp32: ... and values
-    current: torch.Tensor | None = None  # (B, Hq*C, 1, K/4): the current block's CNN input row so far
+    q_tail: torch.Tensor | None = None  # (B, Hq, 1, d) fp32: sum of the current block's queries after its first
+    v_tail: torch.Tensor | None = None  # (B, Hkv, 1, d) fp32: ... and values (the next opening window's other rows)
+    current: torch.Tensor | None = None  # (B, Hq*C, 1, K/4): the current block's CNN input row
+    gates: torch.Tensor | None = None  # (B, Hq, 1, 2) fp32: the current block's gates (with sea.output_gates)
     # host copies, so that a step needs no device sync (and can be captured in a CUDA graph)
     slots: int = 0  # cache slots covered: max(start + length); every sequence ends in the last slot
     max_length: int = 0  # max(length)
@@ -76,11 +78,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
     index = rows.clamp_min(0)[:, None, :, None].expand(-1, image.shape[1], -1, image.shape[3])
     kept_rows = image.gather(2, index).masked_fill((rows < 0)[:, None, :, None], 0.0)
     ring = torch.empty_like(kept_rows).scatter_(2, (rows % R)[:, None, :, None].expand_as(index), kept_rows)
-    in_block = valid & (torch.arange(T, device=q.device)[None, :] >= (last - last % bs)[:, None])
+    first = last - last % bs  # the current block's first row
+    in_block = valid & (torch.arange(T, device=q.device)[None, :] >= first[:, None])
     if predictor.block_rows is None:  # the current query block's token rows, pooled
         block_sum = (_grouped(res.estimate.log_probs, Hkv) * in_block[:, None, :, None]).sum(-2)
-    else:  # unused: the block's row is made again from its rows' sums below
-        block_sum = torch.zeros(B, Hkv, cfg.predictor_length, device=q.device)
+    else:  # the current block's row
+        now_rows = (last // bs)[:, None, None, None]
+        block_sum = _grouped(res.estimate.log_probs.gather(2, now_rows.expand(-1, Hq, 1, cfg.predictor_length)), Hkv)[:, :, 0]
     state = DecodeState(
         shift=shift, kv=kf.transpose(-1, -2) @ values, norm=kf.sum(-2),
         image=ring,
@@ -88,11 +92,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
         block_sum=block_sum,
         start=start.clone(), length=lengths.clone(), slots=T, max_length=int(lengths.max()),
     )
-    if predictor.block_rows is not None:  # the last block's row, and its rows' sums of q and v
-        now_index = (last // bs)[:, None, None, None].expand(-1, image.shape[1], 1, image.shape[3])
-        state.current = image.gather(2, now_index).contiguous()
-        state.q_block = (q.float() * in_block[:, None, :, None]).sum(-2, keepdim=True)
-        state.v_block = (v.float() * in_block[:, None, :, None]).sum(-2, keepdim=True)
+    if predictor.block_rows is not None:  # the last block's row and gates, and its rows' sums after its first
+        state.current = image.gather(2, now_rows.expand(-1, image.shape[1], 1, image.shape[3])).contiguous()
+        tail = in_block & (torch.arange(T, device=q.device)[None, :] > first[:, None])
+        state.q_tail = (q.float() * tail[:, None, :, None]).sum(-2, keepdim=True)
+        state.v_tail = (v.float() * tail[:, None, :, None]).sum(-2, keepdim=True)
+        if res.estimate.gates is not None:
+            state.gates = res.estimate.gates.gather(2, now_rows.expand(-1, Hq, 1, 2)).contiguous()
     res.estimate.image = None
     return res, state
 
@@ -136,11 +142,12 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
     are one op."""
     Hkv = k_cache.shape[1]
     k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
-    if predictor.block_rows is not None:  # the current block's row, made again with the new token in it
+    if predictor.block_rows is not None:  # a token that opens a block makes the block's row; the others read it
         row, gates = ops.decode_block_row(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
-                                          state.q_block, state.v_block, predictor.row_weights(), scale, cfg.block_size)
+                                          state.q_tail, state.v_tail, state.gates, predictor.row_weights(), scale,
+                                          cfg.block_size)
         probs = ops.decode_block_cnn_probs(state.image, state.current, row, state.length, cfg.block_size,
-                                           predictor.cnn.weights(), Hkv)
+                                           predictor.cnn.weights(), state.block_sum)
         index, count, kept = ops.decode_select_block_row(
             probs, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg), cfg.block_density,
             cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, key_blocks) * Hkv)

@@ -58,12 +58,12 @@ class LinearAttentionEstimator(nn.Module):
         qf, kf = self.features(q, k, scale)
         return ops.causal_linear_attention(qf, kf, self.values(v))  # GQA: query heads read their KV head's kf, values
 
-    def block_rows(self, q_blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, block_size: int,
-                   lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """The same linear attention read once per query block: q_blocks (B, Hq, NQB, d), the mean query of each
-        block, attends to the keys up to the block's last row -> (B, Hq, NQB, 2d)."""
-        qf, kf = self.features(q_blocks, k, scale)
-        return ops.block_linear_attention(qf, kf, self.values(v), block_size, lengths)
+    def block_rows(self, q_open: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops,
+                   block_size: int) -> torch.Tensor:
+        """The same linear attention read once per query block, at its first row: q_open (B, Hq, NQB, d), each
+        block's opening mean query, attends to the keys up to that row -> (B, Hq, NQB, 2d)."""
+        qf, kf = self.features(q_open, k, scale)
+        return ops.block_linear_attention(qf, kf, self.values(v), block_size)
 
     def values(self, v: torch.Tensor) -> torch.Tensor:
         """[v, positional values] (B, Hkv, T, 2d) fp32, the estimator's values; T checked against the table."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import dispatch
-from kernels.reference_decode import mix_gated
+from kernels.reference_decode import mix_gated, running_mean
 from sea_convert.attention.losses import active_sink, estimate_kl, estimate_target
 from sea_convert.attention.predictor import Estimate, SEAPredictor
 from sea_convert.attention.select import Selection, select
@@ -55,13 +55,6 @@ def measure_density():
         _meter.reset(token)
 
 
-def running_mean(v: torch.Tensor) -> torch.Tensor:
-    """Causal running mean of v along time, fp32 (the scan runs along the contiguous axis: faster on GPU)."""
-    T = v.shape[-2]
-    count = torch.arange(1, T + 1, device=v.device, dtype=torch.float32)
-    return (v.float().transpose(-1, -2).contiguous().cumsum(-1) / count).transpose(-1, -2)
-
-
 def mix_output(sparse_out, gates, kept, v) -> torch.Tensor:
     """The output gates (kernels.reference_decode.mix_gated) over whole sequences: kept (B, Hkv, T),
     the running mean of v (B, Hkv, T, d) and row t's t+1 from the rows themselves."""
@@ -95,18 +88,21 @@ def sea_attention(
     ops = dispatch.ops(cfg.backend, q.device)
     # The predictor reads the attention inputs detached: in stage B the base weights learn from the
     # sparse attention and the model-level losses, not from making the predictor's task easier.
-    lengths = None if valid is None else valid.sum(-1)
-    est = predictor(q.detach(), k.detach(), v.detach(), scale, ops, keep_image=keep_image, lengths=lengths)
+    est = predictor(q.detach(), k.detach(), v.detach(), scale, ops, keep_image=keep_image)
     sink = active_sink()
     if sink is not None:
         target = estimate_target(q.detach(), k.detach(), scale, cfg, sink.query_chunk, ops)
         sink.losses.append(estimate_kl(target, est.log_probs))
     T = q.shape[2]
     sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops, valid=valid, seq_len=T)
-    sparse_out, _ = sel.attend(q, k, v, scale, ops)
-    mix = _compiled_mix() if cfg.compile and q.is_cuda else mix_output
-    gates = est.per_query_gates(T)
-    out = mix(sparse_out, gates, sel.kept, v) if gates is not None else sparse_out.float()
+    if est.gates is not None and est.block_size is not None and not torch.is_grad_enabled():
+        # block rows at inference: the block's gates applied in the attention's epilogue (one kernel on the GPU)
+        out = ops.block_sparse_attention_gated(q, k, v, sel.block_index, sel.block_count, sel.block_size, scale, est.gates)
+    else:
+        sparse_out, _ = sel.attend(q, k, v, scale, ops)
+        mix = _compiled_mix() if cfg.compile and q.is_cuda else mix_output
+        gates = est.per_query_gates(T)
+        out = mix(sparse_out, gates, sel.kept, v) if gates is not None else sparse_out.float()
     meter = _meter.get()
     if meter is not None:
         meter.add(layer, sel)

@@ -28,7 +28,7 @@ from sea_convert.recipe import SEAConfig
 @dataclass
 class Estimate:
     """R rows: T (token rows: bins over each query's keys) or NQB (block rows: bins over each query block's
-    key blocks, every row of the block reading its block's row)."""
+    key blocks, every row of the block reading its block's row, made when the block opens)."""
 
     log_probs: torch.Tensor  # (B, Hq, R, K); -inf on empty bins of short rows
     gates: torch.Tensor | None  # (B, Hq, R, 2): s0 (probability scale), s1 (running-mean mix)
@@ -90,19 +90,17 @@ class SEAPredictor(nn.Module):
             with torch.no_grad():
                 self.gates.bias[1] = -3.0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, keep_image: bool = False,
-                lengths: torch.Tensor | None = None) -> Estimate:
-        """lengths (B,): real rows of a right-padded batch (block rows leave the pads out of their means;
-        token rows read each row alone and need no lengths)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, keep_image: bool = False) -> Estimate:
+        """Every row reads only rows up to itself (token rows) or its block's first (block rows): the right
+        pads of a padded batch, which follow the real rows, never enter a real row's estimate."""
         G = q.shape[1] // k.shape[1]
         if self.block_rows is None:
             lin = self.estimator(q, k, v, scale, ops)  # (B, Hq, T, 2d) fp32
             h, image = self._rows(lin, v, G)
-        else:  # one row per query block: its rows' mean query and value
+        else:  # one row per query block, made when it opens: the mean query and value of the bs rows up to its first
             bs = self.block_rows
-            qb = ops.block_means(q, bs, lengths)
-            lin = self.estimator.block_rows(qb, k, v, scale, ops, bs, lengths)  # (B, Hq, NQB, 2d)
-            h, image = self._rows(lin, ops.block_means(v, bs, lengths), G)
+            lin = self.estimator.block_rows(ops.opening_means(q, bs), k, v, scale, ops, bs)  # (B, Hq, NQB, 2d)
+            h, image = self._rows(lin, ops.opening_means(v, bs), G)
         logits = self.cnn(image).float()  # (B, Hq, R, K)
         R = logits.shape[2]
         short = min(R, self.K)  # only rows shorter than K (keys, or key blocks) have empty bins

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.reference import bin_starts
-from kernels.reference_decode import blocks_per_head_rule
+from kernels.reference_decode import blocks_per_head_rule, kept_from_blocks
 from sea_convert.recipe import SEAConfig
 
 
@@ -44,18 +44,6 @@ class Selection:
     def kept_fraction(self) -> torch.Tensor:
         """kept / causal as a device tensor (no host sync)."""
         return self.kept.sum() / self.causal_entries()
-
-
-def kept_from_blocks(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, T: int) -> torch.Tensor:
-    """Keys kept per row: full blocks before the row's own block, plus the causal part of its own block."""
-    nqb = block_index.shape[2]
-    i = torch.arange(nqb, device=block_index.device).view(1, 1, nqb, 1)
-    valid = torch.arange(block_index.shape[-1], device=block_index.device) < block_count.unsqueeze(-1)
-    full = (valid & (block_index < i)).sum(-1)  # (B, Hkv, NQB)
-    diag = (valid & (block_index == i)).any(-1)
-    rows = torch.arange(T, device=block_index.device)
-    qb = rows // block_size
-    return full[..., qb] * block_size + diag[..., qb] * (rows - qb * block_size + 1)
 
 
 def kept_from_bins(bin_mask: torch.Tensor) -> torch.Tensor:
