@@ -151,10 +151,14 @@ def main() -> None:
     ap.add_argument("--e2e-context", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
+    ap.add_argument("--predictor-rows", default="token", choices=["token", "block"])
+    ap.add_argument("--K", type=int, default=None, help="predictor_length (default 256 token rows, 1024 block rows)")
     a = ap.parse_args()
-    cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=256, backend="triton")
+    K = a.K or (256 if a.predictor_rows == "token" else 1024)
+    cfg = SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=K, backend="triton",
+                    predictor_rows=a.predictor_rows)
     print(f"one attention layer, H=32, Hkv=8, d=128, bf16, batch 1; SEA: blocks of {cfg.block_size}, "
-          f"{cfg.block_keys} keys per head, K={cfg.predictor_length}")
+          f"{cfg.block_keys} keys per head, K={cfg.predictor_length}, {cfg.predictor_rows} rows")
     print(" context | eager us: dense      SEA  SEA+cmp | graph us: dense     SEA SEA+cmp  kernel | dense/SEA graph, +cmp |"
           " err: step, compiled step, kernel")
     layers = [layer_bench(T, cfg) for T in a.contexts]

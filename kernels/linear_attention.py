@@ -16,6 +16,8 @@ here (stage A differentiates the estimator through the reference on CPU shapes).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -146,23 +148,130 @@ def _forward(q_feat, k_feat, v, chunk: int, segments: int | None = None) -> torc
     return out
 
 
-class _LinearAttention(torch.autograd.Function):
+class _ForwardFastBackwardReference(torch.autograd.Function):
+    """A Triton forward; the backward by autograd through the reference op (exact, memory-hungry)."""
+
     @staticmethod
-    def forward(ctx, q_feat, k_feat, v, chunk):
+    def forward(ctx, fast, reference_op, q_feat, k_feat, v):
         ctx.save_for_backward(q_feat, k_feat, v)
-        ctx.chunk = chunk
-        return _forward(q_feat, k_feat, v, chunk)
+        ctx.reference_op = reference_op
+        return fast(q_feat, k_feat, v)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_feat, k_feat, v = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_(x.requires_grad) for x in (q_feat, k_feat, v)]
-            out = reference.causal_linear_attention(*inputs, chunk=ctx.chunk)
-            wanted = [x for x in inputs if x.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
-        return (*(next(grads) if x.requires_grad else None for x in inputs), None)
+        return (None, None, *_grads_through(ctx.reference_op, ctx.saved_tensors, grad_out))
+
+
+def _grads_through(reference_op, inputs, grad_out) -> tuple:
+    """The gradients of the inputs that need one, by autograd through the reference op (exact, memory-hungry)."""
+    with torch.enable_grad():
+        inputs = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        out = reference_op(*inputs)
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+    return tuple(next(grads) if x.requires_grad else None for x in inputs)
 
 
 def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    return _LinearAttention.apply(q_feat, k_feat, v, chunk)
+    return _ForwardFastBackwardReference.apply(functools.partial(_forward, chunk=chunk),
+                                               functools.partial(reference.causal_linear_attention, chunk=chunk),
+                                               q_feat, k_feat, v)
+
+
+# ---------------------------------------------------------------------------
+# the block-row estimator (sea.predictor_rows: block): the same state, read once per query block at its first row
+
+
+@triton.jit
+def _block_rows_fwd(
+    QF, KF, V, OUT, STATE0, NORM0,
+    T, M, DV, SEG_BLOCKS,
+    sqb, sqh, sqr, skb, skh, skt, svb, svh, svt, sob, soh, sor,
+    G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HK: tl.constexpr, NSEG: tl.constexpr,
+):
+    """Pass 2: each (KV head, segment) walks its key blocks from the sum of all earlier segments; block i's
+    row (for the G query heads of the KV head at once) reads the state plus the block's first key, then the
+    whole block joins the state."""
+    pid_bh = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_dv = tl.program_id(2)
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    offs_g = tl.arange(0, GP)
+    offs_c = tl.arange(0, BS)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    g_ok = offs_g < G
+    m_ok = offs_m < M
+    dv_ok = offs_dv < DV
+    heads = hk * G + offs_g
+    q_base = QF + b * sqb + heads * sqh
+    k_base = KF + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    o_base = OUT + b * sob + heads * soh
+    slot = pid_bh * NSEG + seg
+    state = tl.load(STATE0 + slot * BLOCK_M * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
+    norm = tl.load(NORM0 + slot * BLOCK_M + offs_m)
+    for i in range(seg * SEG_BLOCKS, tl.minimum(tl.cdiv(T, BS), (seg + 1) * SEG_BLOCKS)):
+        first = i * BS
+        qf = tl.load(q_base[:, None] + i * sqr + offs_m[None, :], mask=g_ok[:, None] & m_ok[None, :], other=0.0)
+        kf0 = tl.load(k_base + first * skt + offs_m, mask=m_ok, other=0.0)
+        v0 = tl.load(v_base + first * svt + offs_dv, mask=dv_ok, other=0.0)
+        a0 = tl.sum(qf * kf0[None, :], axis=1)  # the first key's weight in each head's row
+        num = tl.dot(qf, state) + a0[:, None] * v0[None, :]
+        den = tl.sum(qf * norm[None, :], axis=1) + a0
+        tl.store(o_base[:, None] + i * sor + offs_dv[None, :], num / tl.maximum(den, 1e-30)[:, None],
+                 mask=g_ok[:, None] & dv_ok[None, :])
+        rows = first + offs_c
+        r_ok = rows < T
+        kf = tl.load(k_base + rows[:, None] * skt + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        vv = tl.load(v_base + rows[:, None] * svt + offs_dv[None, :], mask=r_ok[:, None] & dv_ok[None, :], other=0.0)
+        state += tl.dot(tl.trans(kf), vv)
+        norm += tl.sum(kf, axis=0)
+
+
+def _block_forward(q_feat, k_feat, v, block_size: int, segments: int | None = None) -> torch.Tensor:
+    B, H, R, M = q_feat.shape
+    Hk, T, DV = k_feat.shape[1], k_feat.shape[2], v.shape[-1]
+    qf, kf, vv = (x.float().contiguous() for x in (q_feat, k_feat, v))
+    out = torch.empty(B, H, R, DV, device=q_feat.device, dtype=torch.float32)
+    block_m = max(16, triton.next_power_of_2(M))
+    block_dv = min(64, max(16, triton.next_power_of_2(DV)))
+    dv_tiles = triton.cdiv(DV, block_dv)
+    nseg = _num_segments(R, B * Hk * dv_tiles, segments)
+    seg_blocks = triton.cdiv(R, nseg)
+    nseg = triton.cdiv(R, seg_blocks)
+    warps = 8 if block_m >= 128 else 4
+    # pass 1 is the token rows' (segments of whole key blocks, one block per chunk)
+    state = torch.empty(B * Hk * nseg, block_m, DV, device=q_feat.device, dtype=torch.float32)
+    norm = torch.zeros(B * Hk * nseg, block_m, device=q_feat.device, dtype=torch.float32)
+    _segment_state[(B * Hk, nseg, dv_tiles)](
+        kf, vv, state, norm, T, M, DV, seg_blocks * block_size,
+        kf.stride(0), kf.stride(1), kf.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+        CHUNK=block_size, BLOCK_M=block_m, BLOCK_DV=block_dv, HK=Hk, NSEG=nseg, num_warps=warps,
+    )
+    state = state.view(B * Hk, nseg, block_m, DV)
+    norm = norm.view(B * Hk, nseg, block_m)
+    state0 = (state.cumsum(1) - state).contiguous()
+    norm0 = (norm.cumsum(1) - norm).contiguous()
+    G = H // Hk
+    _block_rows_fwd[(B * Hk, nseg, dv_tiles)](
+        qf, kf, vv, out, state0, norm0, T, M, DV, seg_blocks,
+        qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),
+        vv.stride(0), vv.stride(1), vv.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        G=G, GP=max(16, triton.next_power_of_2(G)), BS=block_size, BLOCK_M=block_m, BLOCK_DV=block_dv, HK=Hk,
+        NSEG=nseg, num_warps=warps,
+    )
+    return out
+
+
+def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, block_size: int,
+                           chunk_blocks: int = 8) -> torch.Tensor:
+    """reference.block_linear_attention in two Triton passes (chunk_blocks is the reference's memory knob:
+    here the segments are sized for the GPU). Backward recomputes through the reference."""
+    if block_size not in (16, 32, 64, 128):  # as the block-sparse kernel: one key block is one tile
+        raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
+    return _ForwardFastBackwardReference.apply(functools.partial(_block_forward, block_size=int(block_size)),
+                                               functools.partial(reference.block_linear_attention, block_size=int(block_size)),
+                                               q_feat, k_feat, v)

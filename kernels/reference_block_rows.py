@@ -24,14 +24,18 @@ from kernels import reference as ref  # a module object: kernels.reference impor
 
 def opening_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, H, T, d) -> (B, H, NQB, d) fp32: for each block, the mean of the block_size rows ending at its
-    first row (rows i*bs - bs + 1 .. i*bs; fewer at the sequence's start). Block i's window is block i of
-    x shifted down by bs - 1 rows, so it is summed as one block. Rows after a block's first never enter:
-    right pads (which follow the real rows) need no mask."""
+    first row (rows i*bs - bs + 1 .. i*bs; fewer at the sequence's start): the previous block's sum less
+    its first row, plus this block's first row. Rows after a block's first never enter: right pads (which
+    follow the real rows) need no mask."""
     B, H, T, d = x.shape
     nb = math.ceil(T / block_size)
-    shifted = torch.nn.functional.pad(x.float(), (0, 0, block_size - 1, nb * block_size - T))[:, :, : nb * block_size]
+    padded = x if T == nb * block_size else torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - T))
+    sums = padded.view(B, H, nb, block_size, d).sum(3, dtype=torch.float32)  # no fp32 copy of x
+    first = x[:, :, ::block_size].float()  # (B, H, NQB, d)
+    window = first.clone()
+    window[:, :, 1:] += sums[:, :, :-1] - first[:, :, :-1]
     rows = (torch.arange(nb, device=x.device) * block_size + 1).clamp_max(block_size).float()
-    return shifted.view(B, H, nb, block_size, d).sum(3) / rows[:, None]
+    return window / rows[:, None]
 
 
 def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, block_size: int,
@@ -40,17 +44,17 @@ def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.
     z_i the sums of kf_s v_s^T and kf_s over the keys s <= i * block_size.
 
     q_feat: (B, H, NQB, m) features of the block rows; k_feat: (B, Hk, T, m); v: (B, Hk, T, dv), Hk
-    dividing H (GQA). Returns (B, H, NQB, dv) fp32. Keys are shifted down by bs - 1 rows, so that block i's
-    prefix is shifted key blocks 0..i (pad keys, which follow the real ones, never enter). Chunked as
-    linear attention usually is: states only at chunk boundaries (chunk_blocks blocks), inside a chunk the
-    rows read their keys through a masked (rows x keys) product; never a (NQB, m, dv) state per block."""
+    dividing H (GQA). Returns (B, H, NQB, dv) fp32 (pad keys, which follow the real ones, never enter).
+    Chunked as linear attention usually is: states only at chunk boundaries (chunk_blocks blocks), inside
+    a chunk the rows read their keys up to their first row through a masked (rows x keys) product; never
+    a (NQB, m, dv) state per block."""
     B, H, R, m = q_feat.shape
     Hk, T = k_feat.shape[1], k_feat.shape[2]
     G, dv = H // Hk, v.shape[-1]
     C = min(chunk_blocks, R)
     NC = math.ceil(R / C)
     L = C * block_size  # keys per chunk
-    kf, vv = (torch.nn.functional.pad(x.float(), (0, 0, block_size - 1, NC * L - T))[:, :, : NC * L].view(B, Hk, NC, L, -1)
+    kf, vv = ((x if x.shape[2] == NC * L else torch.nn.functional.pad(x, (0, 0, 0, NC * L - T))).float().view(B, Hk, NC, L, -1)
               for x in (k_feat, v))
     state = kf.transpose(-1, -2) @ vv  # (B, Hk, NC, m, dv): each chunk's sum of kf v^T
     norm = kf.sum(-2)  # (B, Hk, NC, m)
@@ -58,7 +62,7 @@ def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.
     qf = torch.nn.functional.pad(q_feat.float(), (0, 0, 0, NC * C - R)).view(B, Hk, G, NC, C, m)
     qf = qf.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, NC, G * C, m)  # rows (g, c) of each chunk
     row_block = torch.arange(C, device=qf.device).repeat(G)  # each row's block inside its chunk
-    seen = torch.arange(L, device=qf.device)[None, :] < (row_block[:, None] + 1) * block_size
+    seen = torch.arange(L, device=qf.device)[None, :] <= row_block[:, None] * block_size  # up to the first row
     inside = (qf @ kf.transpose(-1, -2)) * seen  # (B, Hk, NC, G*C, L)
     num = qf @ before[0] + inside @ vv
     den = (qf @ before[1].unsqueeze(-1)).squeeze(-1) + inside.sum(-1)

@@ -14,7 +14,7 @@ except Exception as exc:  # a broken install can raise more than ImportError; di
 
 from kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_gated
 from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
-from kernels.linear_attention import causal_linear_attention
+from kernels.linear_attention import block_linear_attention, causal_linear_attention
 from kernels.sparse_decode import sparse_decode_attention, sparse_decode_mixed
 from kernels.teacher_target import teacher_target
 
@@ -25,11 +25,10 @@ from kernels.teacher_target import teacher_target
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
-# - the block-row predictor's ops (opening_means, block_linear_attention, block_teacher_target, block_scores_from_bins,
+# - the block-row predictor's ops (opening_means, block_teacher_target, block_scores_from_bins,
 #   and its decoding: decode_block_row, decode_block_cnn_probs, decode_select_block_row):
 #   the reference until their Triton versions land (issue 20).
 from kernels.reference import (
-    block_linear_attention,
     opening_means,
     decode_block_cnn_probs,
     decode_block_row,

@@ -133,8 +133,14 @@ def test_dispatch_uses_it_on_the_cpu(monkeypatch):
     for backend in ("auto", "torch"):
         ops = dispatch.ops(backend, torch.device("cpu"))
         assert ops.block_sparse_attention is cbs.block_sparse_attention
-        for name in dispatch.OP_NAMES:  # every other op is the reference's
-            if name != "block_sparse_attention":
+        for name in dispatch.OP_NAMES:  # every other op is the reference's, but the gated one built on the CPU's
+            if name not in ("block_sparse_attention", "block_sparse_attention_gated"):
                 assert getattr(ops, name) is getattr(ref, name), name
+        q, k, v = torch.randn(1, 4, 50, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+        index, count = ref.select_key_blocks(torch.rand(1, 2, 4, 4).tril().log(), 2, 1, 1)
+        gates = torch.randn(1, 4, 4, 2)
+        got = ops.block_sparse_attention_gated(q, k, v, index, count, 16, 0.3, gates)
+        want = ref.block_sparse_attention_gated(q, k, v, index, count, 16, 0.3, gates)
+        assert torch.allclose(got, want, atol=1e-5)  # the same op over the CPU's attention: measured ~3e-7
     monkeypatch.setenv("SEA_CONVERT_CPU_ATTENTION", "reference")  # the old path, for comparisons
     assert dispatch.ops("auto", torch.device("cpu")) is ref
