@@ -37,6 +37,7 @@ OP_NAMES = (
     "block_scores_from_bins",
     "opening_means",
     "block_sparse_attention_gated",
+    "decode_block_sums",
     "decode_block_row",
     "decode_block_cnn_probs",
     "decode_select_block_row",

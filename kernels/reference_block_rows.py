@@ -144,18 +144,37 @@ def gated_with(attend):
 # decoding: the current query block's row, made when the block's first token arrives
 
 
+def decode_block_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, shift: torch.Tensor,
+                      kv: torch.Tensor, norm: torch.Tensor, v_sum: torch.Tensor, q_tail: torch.Tensor,
+                      v_tail: torch.Tensor, w, scale: float, block_size: int) -> None:
+    """What every new token adds to the block-row decoder's sums, in place: the new key's features into the
+    estimator's kv (sum of kf^T [v, position]) and norm (sum of kf), v into v_sum, and q, v into the current
+    block's tails (the rows after its first; a token that opens a block starts them empty). q (B, Hq, 1, d);
+    k, v (B, Hkv, 1, d) at positions pos (B,). A token inside a block needs nothing else: its block's row,
+    gates and selection were made when the block opened."""
+    from kernels import reference_decode as rd
+
+    B, Hkv = k.shape[:2]
+    fresh = (pos % block_size == 0).view(B, 1, 1, 1)
+    q_tail.add_(q.float()).masked_fill_(fresh, 0.0)
+    v_tail.add_(v.float()).masked_fill_(fresh, 0.0)
+    kf = rd.positive_features(k.float() * math.sqrt(scale), w.projection.float(), is_query=False, key_shift=shift)
+    positions = w.position_values.float()[pos][:, None, None].expand(-1, Hkv, -1, -1)
+    kv += kf.transpose(-1, -2) @ torch.cat([v.float(), positions], dim=-1)
+    norm += kf[:, :, 0]
+    v_sum += v.float()
+
+
 def decode_block_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, shift: torch.Tensor,
                      kv: torch.Tensor, norm: torch.Tensor, v_sum: torch.Tensor, q_tail: torch.Tensor,
                      v_tail: torch.Tensor, block_gates: torch.Tensor | None, w, scale: float, block_size: int):
-    """decode_predictor_rows for block rows: the row of the block that the new token opens, made as the full
-    pass makes it (opening_means, block_linear_attention): from the mean query and value of the block_size
-    rows ending at the new one, reading the keys up to it.
+    """decode_predictor_rows for block rows: decode_block_sums, and the row of the block that the new token
+    opens, made as the full pass makes it (opening_means, block_linear_attention): from the mean query and
+    value of the block_size rows ending at the new one, reading the keys up to it.
 
-    q (B, Hq, 1, d); k, v (B, Hkv, 1, d) the new key and value at positions pos (B,). Updated in place:
-    kv, norm (the estimator's key sums), v_sum (all values); q_tail (B, Hq, 1, d) and v_tail (B, Hkv, 1, d),
-    the sums over the current block's rows after its first (with the new token, the opening window's other
-    rows); block_gates (B, Hq, 1, 2), the current block's gates, replaced where the token opens a block.
-    Returns (the row's CNN input (B, Hq*C, 1, K/4), meaningful only where pos opens a block; block_gates)."""
+    Updated in place as decode_block_sums; block_gates (B, Hq, 1, 2), the current block's gates, replaced
+    where the token opens a block. Returns (the row's CNN input (B, Hq*C, 1, K/4), meaningful only where pos
+    opens a block; block_gates)."""
     from kernels import reference_decode as rd
 
     B, Hq, _, d = q.shape
@@ -163,14 +182,10 @@ def decode_block_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     fresh = (pos % block_size == 0).view(B, 1, 1, 1)
     rows = (pos + 1).clamp_max(block_size).float().view(B, 1, 1, 1)  # the opening window's rows
     q_open, v_open = (q_tail + q.float()) / rows, (v_tail + v.float()) / rows
-    q_tail.add_(q.float()).masked_fill_(fresh, 0.0)  # the block's first row is not in its tail
-    v_tail.add_(v.float()).masked_fill_(fresh, 0.0)
-    root, proj = math.sqrt(scale), w.projection.float()
-    qf = rd.positive_features(q_open * root, proj, is_query=True)
-    kf = rd.positive_features(k.float() * root, proj, is_query=False, key_shift=shift)
-    positions = w.position_values.float()[pos][:, None, None].expand(-1, Hkv, -1, -1)
-    lin = ref.linear_attention_step(qf, kf, torch.cat([v.float(), positions], dim=-1), kv, norm)  # (B, Hq, 1, 2d)
-    v_sum += v.float()
+    decode_block_sums(q, k, v, pos, shift, kv, norm, v_sum, q_tail, v_tail, w, scale, block_size)
+    qf = rd.positive_features(q_open * math.sqrt(scale), w.projection.float(), is_query=True)
+    qf = qf.view(B, Hkv, Hq // Hkv, -1)  # reads the keys up to the new one, as linear_attention_step
+    lin = ((qf @ kv) / (qf @ norm.unsqueeze(-1)).clamp_min(1e-30)).view(B, Hq, 1, -1)
     wdtype = w.dec_weight.dtype
     h = rd.encode_rows(lin.to(wdtype), v_open.to(wdtype), Hq // Hkv, w)
     if block_gates is not None:

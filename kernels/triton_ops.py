@@ -26,12 +26,13 @@ from kernels.teacher_target import teacher_target
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
 # - the block-row predictor's ops (opening_means, block_teacher_target, block_scores_from_bins,
-#   and its decoding: decode_block_row, decode_block_cnn_probs, decode_select_block_row):
+#   and its decoding: decode_block_sums, decode_block_row, decode_block_cnn_probs, decode_select_block_row):
 #   the reference until their Triton versions land (issue 20).
 from kernels.reference import (
     opening_means,
     decode_block_cnn_probs,
     decode_block_row,
+    decode_block_sums,
     decode_select_block_row,
     block_scores_from_bins,
     block_teacher_target,
@@ -49,6 +50,7 @@ __all__ = [
     "opening_means",
     "decode_block_cnn_probs",
     "decode_block_row",
+    "decode_block_sums",
     "decode_select_block_row",
     "block_scores_from_bins",
     "block_sparse_attention",

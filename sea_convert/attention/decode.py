@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from kernels.reference_decode import kept_from_blocks_row
 from sea_convert.attention.layer import SEAOutput, sea_attention
 from sea_convert.attention.predictor import SEAPredictor
 from sea_convert.attention.select import budget_bound, fixed_blocks_per_head, kept_from_bins_row
@@ -43,6 +44,9 @@ class DecodeState:
     v_tail: torch.Tensor | None = None  # (B, Hkv, 1, d) fp32: ... and values (the next opening window's other rows)
     current: torch.Tensor | None = None  # (B, Hq*C, 1, K/4): the current block's CNN input row
     gates: torch.Tensor | None = None  # (B, Hq, 1, 2) fp32: the current block's gates (with sea.output_gates)
+    block_index: torch.Tensor | None = None  # (B, Hkv, MAXB) int32: the current block's selection ...
+    block_count: torch.Tensor | None = None  # (B, Hkv) int32
+    residues: frozenset[int] = frozenset()  # host: the sequences' positions modulo the block (no device sync)
     # host copies, so that a step needs no device sync (and can be captured in a CUDA graph)
     slots: int = 0  # cache slots covered: max(start + length); every sequence ends in the last slot
     max_length: int = 0  # max(length)
@@ -99,6 +103,11 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
         state.v_tail = (v.float() * tail[:, None, :, None]).sum(-2, keepdim=True)
         if res.estimate.gates is not None:
             state.gates = res.estimate.gates.gather(2, now_rows.expand(-1, Hq, 1, 2)).contiguous()
+        # the current block's selection, as the decoder makes it (lists as wide as every step's)
+        state.block_index, state.block_count, _ = ops.decode_select_block_row(
+            state.block_sum, last.clone(), bs, _key_blocks(predictor, cfg), fixed_blocks_per_head(cfg), cfg.block_density,
+            cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, _key_blocks(predictor, cfg)) * Hkv)
+        state.residues = frozenset(int(n) % bs for n in lengths.tolist())  # prefill syncs anyway (max_length)
     res.estimate.image = None
     return res, state
 
@@ -121,12 +130,18 @@ def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predicto
     if state.max_length >= table:
         raise ValueError(f"position {state.max_length} is past the SEA position table ({table} rows);"
                          " raise sea.position_table_len")
-    key_blocks = math.ceil(table / cfg.block_size)
+    opens = 0 in state.residues  # block rows: some sequence's new token opens a block (a superset is safe)
     run = _compiled_step() if cfg.compile and q.is_cuda else _step
-    out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, key_blocks)
+    out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, _key_blocks(predictor, cfg), opens)
     state.slots += 1
     state.max_length += 1
+    state.residues = frozenset((r + 1) % cfg.block_size for r in state.residues)
     return out
+
+
+def _key_blocks(predictor: SEAPredictor, cfg: SEAConfig) -> int:
+    """Key blocks of the whole position table: the decoder's block scores have this fixed width."""
+    return math.ceil(predictor.estimator.position_values.shape[0] / cfg.block_size)
 
 
 @functools.cache
@@ -136,22 +151,32 @@ def _compiled_step():
 
 
 def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: float, ops, state: DecodeState,
-          key_blocks: int) -> torch.Tensor:
+          key_blocks: int, opens: bool) -> torch.Tensor:
     """Five ops (see kernels.reference_decode; block rows: kernels.reference_block_rows): predictor rows,
     CNN row and pooled estimate, selection, sparse attention, gates; in block mode with gates the last two
-    are one op."""
+    are one op. Block rows: only a step where some sequence opens a block (`opens`, known on the host) makes
+    rows and selections; the others add to the sums and attend over the stored selection."""
     Hkv = k_cache.shape[1]
     k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
-    if predictor.block_rows is not None:  # a token that opens a block makes the block's row; the others read it
-        row, gates = ops.decode_block_row(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
-                                          state.q_tail, state.v_tail, state.gates, predictor.row_weights(), scale,
-                                          cfg.block_size)
-        probs = ops.decode_block_cnn_probs(state.image, state.current, row, state.length, cfg.block_size,
-                                           predictor.cnn.weights(), state.block_sum)
-        index, count, kept = ops.decode_select_block_row(
-            probs, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg), cfg.block_density,
-            cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, key_blocks) * Hkv)
-        return _attend_block_mode(q, k_cache, v_cache, cfg, scale, ops, state, index, count, kept, gates)
+    if predictor.block_rows is not None:
+        w = predictor.row_weights()
+        if opens:
+            row, _ = ops.decode_block_row(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
+                                          state.q_tail, state.v_tail, state.gates, w, scale, cfg.block_size)
+            probs = ops.decode_block_cnn_probs(state.image, state.current, row, state.length, cfg.block_size,
+                                               predictor.cnn.weights(), state.block_sum)
+            index, count, kept = ops.decode_select_block_row(
+                probs, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg), cfg.block_density,
+                cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, key_blocks) * Hkv)
+            state.block_index.copy_(index)
+            state.block_count.copy_(count)
+        else:
+            ops.decode_block_sums(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
+                                  state.q_tail, state.v_tail, w, scale, cfg.block_size)
+            kept = kept_from_blocks_row(state.block_index, state.block_count, cfg.block_size, state.length)
+            state.length.add_(1)
+        return _attend_block_mode(q, k_cache, v_cache, cfg, scale, ops, state, state.block_index, state.block_count,
+                                  kept, state.gates)
     row, gates = ops.decode_predictor_rows(q, k_new, v_new, state.length, state.shift, state.kv, state.norm, state.v_sum,
                                            predictor.row_weights(), scale)
     probs = ops.decode_cnn_probs(state.image, row, state.length, predictor.cnn.weights(), Hkv)  # (B, Hkv, K)
