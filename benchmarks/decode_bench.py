@@ -8,7 +8,9 @@
    - SEA: the whole decode step of sea_convert.attention.decode (estimator state update, row
      decoder, CNN row, estimate, block scores, grouped top-k, the block-sparse decode kernel, gates)
      at the GPU recipe's settings scaled to long context: blocks of 64, 2048 keys per head, K = 256.
-   Predictor weights in bf16. The state comes from a real SEA prefill of the context. Each is timed eagerly and as a
+   Predictor weights in bf16. The state comes from a real SEA prefill of the context. With block rows
+   (--predictor-rows block) each context is also run one token shorter: its step falls inside a block
+   (no row, no selection), where a context that is a multiple of the block opens one. Each is timed eagerly and as a
    replayed CUDA graph (launch overhead removed: how a serving loop runs it). Before timing, the
    step is checked against the same step on the PyTorch reference ops, and the decode kernel
    against its reference at that context.
@@ -88,7 +90,7 @@ def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128)
         def kernel():
             return ops.sparse_decode_attention(q, k, v, idx, cnt, cfg.block_size, scale, start, length)
 
-        row = {"context": T, "step_max_abs_err_vs_reference": step_err, "kernel_max_abs_err_vs_reference": kernel_err,
+        row = {"context": T, "opens_block": T % cfg.block_size == 0, "step_max_abs_err_vs_reference": step_err, "kernel_max_abs_err_vs_reference": kernel_err,
                "dense_eager_ms": median_ms(dense, runs=50), "sea_eager_ms": median_ms(sea, runs=50),
                "kernel_eager_ms": median_ms(kernel, runs=50),
                "dense_graph_ms": graph_ms(dense), "sea_graph_ms": graph_ms(sea), "kernel_graph_ms": graph_ms(kernel),
@@ -161,7 +163,10 @@ def main() -> None:
           f"{cfg.block_keys} keys per head, K={cfg.predictor_length}, {cfg.predictor_rows} rows")
     print(" context | eager us: dense      SEA  SEA+cmp | graph us: dense     SEA SEA+cmp  kernel | dense/SEA graph, +cmp |"
           " err: step, compiled step, kernel")
-    layers = [layer_bench(T, cfg) for T in a.contexts]
+    contexts = a.contexts
+    if cfg.predictor_rows == "block":  # a step that opens a block (makes its row and selection) and one inside it
+        contexts = sorted({c for T in a.contexts for c in (T, T - 1)})
+    layers = [layer_bench(T, cfg) for T in contexts]
     e2e = e2e_bench(a.gguf, a.e2e_context, a.new_tokens) if a.gguf else []
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sea": cfg.model_dump(mode="json"),
             "layer": layers, "smollm2_e2e": e2e}
