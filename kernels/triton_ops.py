@@ -15,13 +15,14 @@ except Exception as exc:  # a broken install can raise more than ImportError; di
 from kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_gated
 from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
 from kernels.linear_attention import block_linear_attention, causal_linear_attention
+from kernels.select_blocks import select_key_blocks
 from kernels.sparse_decode import sparse_decode_attention, sparse_decode_mixed
 from kernels.teacher_target import teacher_target
 
 # Re-exported from the reference on purpose:
 # - per_query_sparse_attention: the paper's faithful per-query mode, kept as the reference mode
 #   (irregular key sets per row; the GPU path is block-sparse). No Triton version yet.
-# - pool_key_block_scores, select_key_blocks, select_bins_per_query: O(T x K) or O(NQB x NKB)
+# - pool_key_block_scores, select_bins_per_query: O(T x K) or O(NQB x NKB)
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
@@ -41,7 +42,6 @@ from kernels.reference import (
     per_query_sparse_decode,
     pool_key_block_scores,
     select_bins_per_query,
-    select_key_blocks,
     spread_bins_to_key_blocks,
 )
 

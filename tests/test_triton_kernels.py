@@ -43,6 +43,7 @@ from kernels import decode_step as ds  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels import linear_attention as la  # noqa: E402
 from kernels import reference as ref  # noqa: E402
+from kernels import select_blocks as sel  # noqa: E402
 from kernels import sparse_decode as sd  # noqa: E402
 from kernels import teacher_target as tt  # noqa: E402
 from kernels import triton_ops  # noqa: E402
@@ -55,6 +56,7 @@ if IN_PROCESS and not ON_GPU and not isinstance(bsa._fwd_kernel, InterpretedFunc
     tt = importlib.reload(tt)
     la = importlib.reload(la)
     sd = importlib.reload(sd)
+    sel = importlib.reload(sel)
     ds = importlib.reload(ds)
     triton_ops = importlib.reload(triton_ops)
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +208,55 @@ def test_block_sparse_gated_matches_reference(shape, bs, blocks_per_head, dtype)
     if blocks_per_head is not None:  # rows miss keys, so the gates move the output off plain attention: 0.47 .. 1.95
         plain = ref.block_sparse_attention(q.float(), k.float(), v.float(), bi, bc, bs, scale)[0]
         assert _max_err(exact["out"], plain) > 10 * ABS[dtype]["out"]
+
+
+# B, Hkv, NQB, NKB, per-head budget (an int, or "density": a tensor per query block), sink, local, max_budget
+SELECT_CASES = [
+    (1, 2, 5, 5, 2, 1, 1, 16),
+    (2, 3, 9, 9, 3, 1, 2, 24),
+    (1, 8, 37, 37, 4, 2, 1, 32),  # NKB no power of two
+    (1, 1, 7, 7, 100, 0, 1, 7),  # budget above the causal blocks: all kept; one head
+    (2, 4, 130, 130, "density", 1, 1, 4 * 33),  # 25% of each row's causal blocks
+    (1, 8, 40, 40, 3, 1, 1, 24),  # max_budget exactly the budget (the callers' bound), lists narrower than NKB
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=str)
+def test_select_key_blocks_matches_reference(case):
+    """Random continuous scores (no ties at the budget's edge): the same lists and counts as the reference."""
+    B, Hkv, nqb, nkb, per_head, sink, local, max_budget = case
+    g = torch.Generator().manual_seed(nkb)
+    scores = torch.rand(B, Hkv, nqb, nkb, generator=g).masked_fill(torch.ones(nqb, nkb, dtype=torch.bool).triu(1),
+                                                                   float("-inf")).to(DEV)
+    if per_head == "density":
+        per_head = torch.ceil(0.25 * (torch.arange(nqb, device=DEV) + 1).float()).long()
+    want = ref.select_key_blocks(scores, per_head, sink, local, max_budget=max_budget)
+    got = sel.select_key_blocks(scores, per_head, sink, local, max_budget=max_budget)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_select_key_blocks_at_given_positions():
+    """The decoder's form: one row per sequence at its own query block (block_pos), NKB past the rows."""
+    g = torch.Generator().manual_seed(5)
+    nkb, pos = 50, torch.tensor([[3], [40], [49]])
+    scores = torch.rand(3, 2, 1, nkb, generator=g)
+    scores = scores.masked_fill(torch.arange(nkb)[None, None, None, :] > pos[:, None, :, None], float("-inf")).to(DEV)
+    want = ref.select_key_blocks(scores, 4, 1, 1, block_pos=pos.to(DEV), max_budget=8)
+    got = sel.select_key_blocks(scores, 4, 1, 1, block_pos=pos.to(DEV), max_budget=8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[1][0] == 4).all() and (got[0][0, :, 0, :4] == torch.arange(4, device=DEV)).all()  # block 3: all 4 kept
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nqb", [512, 2048])
+def test_select_key_blocks_gpu_model_shapes(nqb):
+    """32k and 128k tokens in blocks of 64, 8 KV heads, 32 blocks per head (2048 keys), sink + local."""
+    g = torch.Generator(device="cuda").manual_seed(nqb)
+    scores = torch.rand(1, 8, nqb, nqb, device="cuda", generator=g)
+    scores = scores.masked_fill(torch.ones(nqb, nqb, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    want = ref.select_key_blocks(scores, 32, 1, 1, max_budget=256)
+    got = sel.select_key_blocks(scores, 32, 1, 1, max_budget=256)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)

@@ -1,0 +1,100 @@
+"""Triton grouped top-k over key blocks: one program per (sequence, query block) makes every KV head's
+sorted block list at once, on the device, with no host sync.
+
+Matches `reference.select_key_blocks` (same signature) wherever no two candidate scores tie at the
+budget's edge: the reference takes torch.topk's order among equal scores, this kernel the lowest
+(head, block) first. Forced blocks (sink and local) are +inf, so they never tie with a real score and are
+always kept (the budget is never below them). The budget's threshold is found by bisection on the
+scores' bits (an order-preserving int32 view), 32 counting passes over the tile held in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
+from kernels import reference
+
+
+@triton.jit
+def _ordered(x):
+    """float32 -> int32 with the same order (negative floats have their magnitude bits flipped)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _select_kernel(
+    S, PerHead, BlockPos, Index, Count,
+    NKB, sink, local, MAXB, MAX_BUDGET,
+    ssb, ssh, ssq, ssk, spb, spq, sbb, sbq, sib, sih, siq, sij, scb, sch, scq,
+    HKV: tl.constexpr, HP: tl.constexpr, NKB_P: tl.constexpr,
+):
+    q = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.arange(0, HP)
+    j = tl.arange(0, NKB_P)
+    inside = (h < HKV)[:, None] & (j < NKB)[None, :]
+    s = tl.load(S + b * ssb + h[:, None] * ssh + q * ssq + j[None, :] * ssk, mask=inside, other=float("-inf"))
+    i = tl.load(BlockPos + b * sbb + q * sbq)
+    forced = ((j < sink) | ((j <= i) & (j > i - local))) & (j <= i) & (j < NKB)
+    s = tl.where(forced[None, :] & inside, float("inf"), s)
+    per_head = tl.load(PerHead + b * spb + q * spq)
+    budget = tl.maximum(tl.minimum(i + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
+    cand = inside & (s > float("-inf"))
+    take = tl.minimum(tl.minimum(budget, MAX_BUDGET), tl.sum(tl.sum(cand.to(tl.int32), 1), 0))  # as the reference's top-k
+    key = _ordered(s)
+    # the largest t with count(key >= t) >= take: bisection over the int32 range (in int64, no overflow)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483648, tl.int64)  # count(key >= hi) = 0 < take (take >= 1 when any candidate)
+    for _ in range(33):
+        mid = (lo + hi) // 2
+        n = tl.sum(tl.sum((cand & (key.to(tl.int64) >= mid)).to(tl.int32), 1), 0)
+        ok = n >= take
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    above = cand & (key.to(tl.int64) > lo)
+    tie = cand & (key.to(tl.int64) == lo)
+    need = take - tl.sum(tl.sum(above.to(tl.int32), 1), 0)
+    row_ties = tl.sum(tie.to(tl.int32), 1)
+    rank = tl.cumsum(row_ties, 0)[:, None] - row_ties[:, None] + tl.cumsum(tie.to(tl.int32), 1) - 1
+    chosen = above | (tie & (rank < need))
+    place = tl.cumsum(chosen.to(tl.int32), 1) - 1  # sorted by block index within each head
+    tl.store(Index + b * sib + h[:, None] * sih + q * siq + place * sij, j[None, :] + 0 * place,
+             mask=chosen & (place < MAXB))
+    tl.store(Count + b * scb + h * sch + q * scq, tl.sum(chosen.to(tl.int32), 1), mask=h < HKV)
+
+
+def _num_warps(tile: int) -> int:
+    # the whole (heads x key blocks) tile lives in registers: ~64 scores per thread at most
+    return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+
+
+def select_key_blocks(
+    scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int,
+    block_pos: torch.Tensor | None = None, max_budget: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.select_key_blocks in one kernel. Without max_budget the lists' width depends on the data
+    (a device sync): that case is left to the reference."""
+    if max_budget is None:
+        return reference.select_key_blocks(scores, blocks_per_head, sink_blocks, local_blocks, block_pos)
+    B, Hkv, nqb, nkb = scores.shape
+    dev = scores.device
+    maxb = min(nkb, max_budget)
+    pos = (torch.arange(nqb, device=dev)[None, :] if block_pos is None else block_pos.to(dev)).expand(B, nqb)
+    if isinstance(blocks_per_head, torch.Tensor):
+        per_head = blocks_per_head.to(dev).expand(B, nqb)
+    else:
+        per_head = torch.full((1, 1), int(blocks_per_head), device=dev, dtype=torch.long).expand(B, nqb)
+    index = torch.full((B, Hkv, nqb, maxb), -1, dtype=torch.int32, device=dev)
+    count = torch.empty(B, Hkv, nqb, dtype=torch.int32, device=dev)
+    s = scores.float()
+    nkb_p = max(16, triton.next_power_of_2(nkb))
+    _select_kernel[(nqb, B)](
+        s, per_head, pos, index, count, nkb, sink_blocks, local_blocks, maxb, max_budget,
+        *s.stride(), *per_head.stride(), *pos.stride(), *index.stride(), *count.stride(),
+        HKV=Hkv, HP=max(2, triton.next_power_of_2(Hkv)), NKB_P=nkb_p, num_warps=_num_warps(Hkv * nkb_p),
+    )
+    return index, count
