@@ -67,6 +67,9 @@ def main() -> None:
         "gates mix": lambda: (_compiled_mix() if a.compile else mix_output)(sparse, est.per_query_gates(T), sel.kept, v),
         "whole layer": run,
     }
+    if pred.block_rows is not None:  # what the layer runs at inference: the gates in the kernel's epilogue
+        stages["kernel + gates (one kernel)"] = lambda: ops.block_sparse_attention_gated(
+            q, k, v, sel.block_index, sel.block_count, sel.block_size, d ** -0.5, est.gates)
     for name, fn in stages.items():
         print(f"{name:32s} {stage(fn):8.2f} ms")
     for _ in range(3):
