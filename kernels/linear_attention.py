@@ -16,8 +16,6 @@ here (stage A differentiates the estimator through the reference on CPU shapes).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -148,18 +146,18 @@ def _forward(q_feat, k_feat, v, chunk: int, segments: int | None = None) -> torc
     return out
 
 
-class _ForwardFastBackwardReference(torch.autograd.Function):
-    """A Triton forward; the backward by autograd through the reference op (exact, memory-hungry)."""
-
+class _LinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fast, reference_op, q_feat, k_feat, v):
+    def forward(ctx, q_feat, k_feat, v, chunk):
         ctx.save_for_backward(q_feat, k_feat, v)
-        ctx.reference_op = reference_op
-        return fast(q_feat, k_feat, v)
+        ctx.chunk = chunk
+        return _forward(q_feat, k_feat, v, chunk)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (None, None, *_grads_through(ctx.reference_op, ctx.saved_tensors, grad_out))
+        grads = _grads_through(lambda *x: reference.causal_linear_attention(*x, chunk=ctx.chunk), ctx.saved_tensors,
+                               grad_out)
+        return (*grads, None)
 
 
 def _grads_through(reference_op, inputs, grad_out) -> tuple:
@@ -173,9 +171,7 @@ def _grads_through(reference_op, inputs, grad_out) -> tuple:
 
 
 def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    return _ForwardFastBackwardReference.apply(functools.partial(_forward, chunk=chunk),
-                                               functools.partial(reference.causal_linear_attention, chunk=chunk),
-                                               q_feat, k_feat, v)
+    return _LinearAttention.apply(q_feat, k_feat, v, chunk)
 
 
 # ---------------------------------------------------------------------------
@@ -266,12 +262,24 @@ def _block_forward(q_feat, k_feat, v, block_size: int, segments: int | None = No
     return out
 
 
+class _BlockLinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_feat, k_feat, v, block_size):
+        ctx.save_for_backward(q_feat, k_feat, v)
+        ctx.block_size = block_size
+        return _block_forward(q_feat, k_feat, v, block_size)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = _grads_through(lambda *x: reference.block_linear_attention(*x, ctx.block_size), ctx.saved_tensors,
+                               grad_out)
+        return (*grads, None)
+
+
 def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, block_size: int,
                            chunk_blocks: int = 8) -> torch.Tensor:
     """reference.block_linear_attention in two Triton passes (chunk_blocks is the reference's memory knob:
     here the segments are sized for the GPU). Backward recomputes through the reference."""
     if block_size not in (16, 32, 64, 128):  # as the block-sparse kernel: one key block is one tile
         raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
-    return _ForwardFastBackwardReference.apply(functools.partial(_block_forward, block_size=int(block_size)),
-                                               functools.partial(reference.block_linear_attention, block_size=int(block_size)),
-                                               q_feat, k_feat, v)
+    return _BlockLinearAttention.apply(q_feat, k_feat, v, int(block_size))
