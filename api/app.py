@@ -9,8 +9,8 @@ from fastapi import FastAPI
 from api.routes import health, jobs, schedules
 from api.runtime import Runtime
 from api.settings import Settings
-from workers.job_reads import JobReads
-from workers.jobstore import JobStore
+from workers.service.job_reads import JobReads
+from workers.service.jobstore import JobStore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

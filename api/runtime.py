@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from api.settings import Settings
-from workers.jobstore import JobStore
-from workers.orchestrator import LocalRayHead, RayRunner, RunnerConfig
-from workers.service_loop import ServiceLoop
+from workers.service.jobstore import JobStore
+from workers.service.orchestrator import LocalRayHead, RayRunner, RunnerConfig
+from workers.service.service_loop import ServiceLoop
 
 log = logging.getLogger("sea_convert.service")
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sea_convert.recipe import Recipe  # noqa: E402
-from workers.train_launch import launch_torchrun, worker_config  # noqa: E402
+from workers.train.train_launch import launch_torchrun, worker_config  # noqa: E402
 
 DATA = (ROOT.parent / "shared" / "data").resolve()
 PAPER_STEPS = 2000

@@ -36,8 +36,8 @@ from sea_convert.integration import attach_sea, compile_predictors, predictors, 
 from sea_convert.lora import adapters_off, apply_lora, lora_layers, remove_lora  # noqa: E402
 from sea_convert.models import load_teacher, pick_device  # noqa: E402
 from sea_convert.recipe import load_recipe, parse_recipe  # noqa: E402
-from workers.distill import distill_stage  # noqa: E402
-from workers.validate import mmlu_accuracy  # noqa: E402
+from workers.pipeline.distill import distill_stage  # noqa: E402
+from workers.pipeline.validate import mmlu_accuracy  # noqa: E402
 
 
 def deep_merge(base: dict, over: dict) -> dict:

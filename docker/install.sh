@@ -5,7 +5,7 @@
 # 2. `uv pip sync --require-hashes` of requirements/lock-<image>.txt: exactly the locked set, every
 #    wheel checked against its hash, nothing resolved at build time;
 # 3. the project itself, without dependencies (the lock has them), editable so that recipes/ and
-#    `python -m workers.ray_job` work from /opt/sea-convert.
+#    `python -m workers.service.ray_job` work from /opt/sea-convert.
 # --dry-run resolves and checks step 2 and 3 against the index without installing (the GPU set is
 # about 3 GB of CUDA wheels; CI cannot hold a GPU image, but it can check that the lock installs).
 set -euo pipefail
@@ -27,7 +27,7 @@ uv pip sync --python "$VENV/bin/python" --require-hashes $DRY "$LOCK"
 uv pip install --python "$VENV/bin/python" --no-deps $DRY -e "$SRC"
 if [ -z "$DRY" ]; then  # the image's entry modules import with exactly the locked set
   case "$IMAGE" in
-    gpu) "$VENV/bin/python" -c "import torch, triton, transformers, ray, api.app, workers.train_worker, workers.ray_job" ;;
+    gpu) "$VENV/bin/python" -c "import torch, triton, transformers, ray, api.app, workers.train.train_worker, workers.service.ray_job" ;;
     api) "$VENV/bin/python" -c "import sys, api.app, api.cli; assert 'torch' not in sys.modules" ;;
   esac
   echo "docker/install.sh: $IMAGE environment ready at $VENV"

@@ -151,7 +151,7 @@ def main() -> int:
         pulled = work / "pulled"
         pull = cli("pull", "s3://sea-models/smollm2-135m-sea", str(pulled), "--endpoint-url", s3_url, env=env)
         print(pull.stdout)
-        from workers.storage import MANIFEST
+        from workers.pipeline.storage import MANIFEST
 
         key = job["artifact_uri"].removeprefix("s3://sea-models/") + "/" + MANIFEST
         manifest = json.loads(boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")

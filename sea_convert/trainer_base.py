@@ -25,7 +25,7 @@ class TrainerBase:
     """Subclasses set `self.model` and call `_build_optimizer(groups, ...)` with named parameter groups."""
 
     model: nn.Module
-    # set from outside by a data-parallel runner (workers/parallel.py): averages gradients across ranks
+    # set from outside by a data-parallel runner (workers/train/parallel.py): averages gradients across ranks
     grad_sync: Callable[[], None] | None = None
 
     def _build_optimizer(self, groups: list[dict], weight_decay: float, warmup: int, total_steps: int) -> None:

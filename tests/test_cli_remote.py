@@ -17,7 +17,7 @@ from api.app import create_app
 from api.cli import app
 from api.settings import Settings
 from conftest import _free_port, service_data_roots
-from workers.jobstore import JobStore
+from workers.service.jobstore import JobStore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 runner = CliRunner()

@@ -21,11 +21,11 @@ from sea_convert.distill import StageATrainer
 from sea_convert.integration import attach_sea
 from sea_convert.recipe import Recipe, RecipeError, SEAConfig, StageAConfig, parse_recipe
 from sea_convert.train_state import ResumeError
-from workers.dist_checkpoint import DistCheckpoints
-from workers.parallel import shard_teacher
-from workers.sharded_load import build_skeleton, load_sharded_weights, materialize
-from workers.train_launch import launch_ray, launch_torchrun, worker_config
-from workers.train_worker import train_worker
+from workers.train.dist_checkpoint import DistCheckpoints
+from workers.train.parallel import shard_teacher
+from workers.train.sharded_load import build_skeleton, load_sharded_weights, materialize
+from workers.train.train_launch import launch_ray, launch_torchrun, worker_config
+from workers.train.train_worker import train_worker
 
 STEPS, EVERY = 16, 4
 
@@ -144,7 +144,7 @@ def test_parallel_settings_are_checked_when_the_recipe_is_read(tiny_model_dir):
 def test_the_pipeline_runs_a_parallel_stage_a_and_validates_and_publishes_its_result(tiny_model_dir, tmp_path):
     """distill on 2 torchrun workers -> validate (the teacher's reference measured there) -> publish."""
     from sea_convert import checkpoint
-    from workers.pipeline import run_pipeline
+    from workers.pipeline.stages import run_pipeline
 
     recipe = _recipe(tiny_model_dir, 2, "torchrun")
     result = run_pipeline(recipe, tmp_path / "converted", log=lambda msg: print(msg, flush=True))

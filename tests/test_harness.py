@@ -107,7 +107,7 @@ def test_cli_harness_prints_teacher_and_sea_and_writes_json(converted, tmp_path)
 
 def test_validate_stage_runs_the_recipes_harness_tasks(tiny_model_dir, tasks, tmp_path):
     from sea_convert.recipe import parse_recipe
-    from workers.pipeline import run_pipeline
+    from workers.pipeline.stages import run_pipeline
 
     raw = plain_recipe(tiny_model_dir)
     raw["distill"]["stage_a"]["steps"] = 2

@@ -26,6 +26,30 @@ def test_imports_flow_one_way():
         assert not upward, f"{pkg} imports {upward}: imports must flow api -> workers -> sea_convert -> kernels"
 
 
+WORKER_LAYERS = ["service", "pipeline", "train"]  # workers/ by concern, each importing only those after it
+
+
+def _imported_modules(folder: Path) -> set[str]:
+    found = set()
+    for f in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+    return found
+
+
+def test_workers_subpackages_flow_one_way():
+    subpackages = sorted(p.name for p in (ROOT / "workers").iterdir() if (p / "__init__.py").exists())
+    assert subpackages == sorted(WORKER_LAYERS)
+    assert not list((ROOT / "workers").glob("[!_]*.py")), "every worker module lives in one of the subpackages"
+    for i, sub in enumerate(WORKER_LAYERS):
+        upward = {m for m in _imported_modules(ROOT / "workers" / sub)
+                  if m.split(".")[:2] in (["workers", s] for s in WORKER_LAYERS[:i])}
+        assert not upward, f"workers.{sub} imports {upward}: imports must flow service -> pipeline -> train"
+
+
 def test_library_pulls_in_no_service_packages():
     code = (
         "import sys, sea_convert, kernels, kernels.dispatch, kernels.reference\n"

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from workers.jobstore import BadTransition, JobStore, JobStoreError, UnknownJob
+from workers.service.jobstore import BadTransition, JobStore, JobStoreError, UnknownJob
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

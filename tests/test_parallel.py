@@ -15,7 +15,7 @@ from conftest import _free_port, tiny_model
 from sea_convert.distill import StageATrainer
 from sea_convert.integration import attach_sea, predictors
 from sea_convert.recipe import SEAConfig, StageAConfig
-from workers.parallel import gradient_averager, rank_rows, shard_teacher
+from workers.train.parallel import gradient_averager, rank_rows, shard_teacher
 
 SEA = SEAConfig(k=8, predictor_length=32, block_size=16, block_keys=16)
 STAGE = StageAConfig(steps=4, batch_size=4, lr=3e-3, warmup_steps=1)

@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 
 from conftest import HELD_OUT_TEXT, TRAIN_TEXT
-from workers.jobstore import JobStore
-from workers.ray_job import run_job, stage_options
-from workers.service_loop import ServiceLoop
+from workers.service.jobstore import JobStore
+from workers.service.ray_job import run_job, stage_options
+from workers.service.service_loop import ServiceLoop
 
 
 
@@ -95,7 +95,7 @@ def test_a_recipe_file_runs_as_a_job_of_its_own_with_relative_paths_from_its_fol
     """The entrypoint of the KubeRay RayJob (docker/kuberay/rayjob.yaml): one recipe, no service."""
     import json
 
-    from workers.ray_job import main
+    from workers.service.ray_job import main
 
     recipe = _recipe(tiny_model_dir)
     folder = tmp_path / "recipes"
@@ -115,7 +115,7 @@ def test_a_recipe_file_runs_as_a_job_of_its_own_with_relative_paths_from_its_fol
 
 
 def test_a_bad_recipe_file_exits_2_naming_the_file_and_field(tmp_path, capsys):
-    from workers.ray_job import main
+    from workers.service.ray_job import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: {path: /nowhere}\ndata: {train: {path: a.txt}}\nsea: {k: -3}\n")

@@ -18,8 +18,8 @@ from sea_convert.checkpoint import PREDICTORS_FILE
 from sea_convert.recipe import Recipe
 from bounds import adamw_weight_gap_bound
 from test_distributed import EVERY, STEPS, _recipe, _run
-from workers.dist_checkpoint import DistCheckpoints
-from workers.train_launch import launch_ray, launch_torchrun, worker_config
+from workers.train.dist_checkpoint import DistCheckpoints
+from workers.train.train_launch import launch_ray, launch_torchrun, worker_config
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_ends_where_an_unint
 def test_torchrun_restarts_a_killed_worker_and_resumes(two_ray_workers, tiny_model_dir, tmp_path):
     """The launcher of hosts without Ray (the GPU host here): torchrun --max-restarts, the same worker body,
     the same result as the uninterrupted Ray Train run."""
-    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2, "torchrun"), "workers.train_worker")
+    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2, "torchrun"), "workers.train.train_worker")
     gap = _same_run(result, weights, *two_ray_workers)
     print(f"\ntorchrun: killed worker pid {pid} at checkpoint step {newest}; resumed from step"
           f" {result['resumed_from']['step']}; predictors vs the uninterrupted Ray run: max |diff| {gap:.2e}")

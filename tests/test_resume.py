@@ -11,7 +11,7 @@ from sea_convert.data import Splits
 from sea_convert.integration import attach_sea
 from sea_convert.recipe import parse_recipe
 from sea_convert.train_state import ResumeError
-from workers.distill import distill_stage
+from workers.pipeline.distill import distill_stage
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.run_estimate import STAGE_B_COST, RunEstimate, fmt_duration
+from workers.pipeline.run_estimate import STAGE_B_COST, RunEstimate, fmt_duration
 
 
 def _estimate(**kw) -> RunEstimate:

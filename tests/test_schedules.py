@@ -5,8 +5,8 @@ import datetime as dt
 
 import pytest
 
-from workers.jobstore import JobStore
-from workers.schedules import ScheduleError, check_schedule, fire_due, latest_due
+from workers.service.jobstore import JobStore
+from workers.service.schedules import ScheduleError, check_schedule, fire_due, latest_due
 
 UTC = dt.timezone.utc
 

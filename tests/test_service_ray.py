@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from conftest import HELD_OUT_TEXT, RAY_HEAD_CPUS, TRAIN_TEXT, make_bucket, s3_options, s3_recipe_options, service_data_roots  # noqa: E402
-from workers.jobstore import JobStore  # noqa: E402
-from workers.orchestrator import LocalRayHead  # noqa: E402
+from workers.service.jobstore import JobStore  # noqa: E402
+from workers.service.orchestrator import LocalRayHead  # noqa: E402
 
 ADMIN = {"Authorization": "Bearer admin"}
 FINAL = ("succeeded", "failed", "gated", "cancelled")
@@ -99,7 +99,7 @@ def test_job_runs_as_ray_tasks_publishes_to_s3_and_pulls_back(client, settings, 
     from sea_convert.data import build_splits, eval_windows
     from sea_convert.evaluate import compare_perplexity
     from sea_convert.recipe import parse_recipe
-    from workers.storage import MANIFEST, pull
+    from workers.pipeline.storage import MANIFEST, pull
 
     bucket = make_bucket(s3_endpoint, "service-publish")
     uri = f"s3://{bucket}/tiny"

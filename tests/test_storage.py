@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_bucket, s3_options
-from workers.storage import MANIFEST, StorageError, build_manifest, latest_version, list_versions, publish, pull
+from workers.pipeline.storage import MANIFEST, StorageError, build_manifest, latest_version, list_versions, publish, pull
 
 pytest.importorskip("s3fs")
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from api.deps import Reader, Store, Writer
 from api.quotas import check_quota
 from api.recipe_body import RECIPE_BODY, read_recipe
-from workers.jobstore import FINAL_STATES, JOB_STATES, BadTransition, Job, OutputBusy, UnknownJob
+from workers.service.jobstore import FINAL_STATES, JOB_STATES, BadTransition, Job, OutputBusy, UnknownJob
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 log = logging.getLogger("sea_convert.api")
@@ -109,7 +109,7 @@ async def submit(request: Request, response: Response, store: Store, caller: Wri
     return JobOut.of(job)
 
 
-# The status reads run on the event loop: JobReads (workers/job_reads.py) reads SQLite inline in tens
+# The status reads run on the event loop: JobReads (workers/service/job_reads.py) reads SQLite inline in tens
 # of microseconds, or waits on a read pool of its own for another database; never on the writer's
 # sessions, the service loop or Ray.
 @router.get("/jobs", response_model=JobPage)

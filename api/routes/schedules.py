@@ -7,8 +7,8 @@ from pydantic import BaseModel, Field
 
 from api.deps import Reader, Store, Writer
 from api.recipe_body import RECIPE_BODY, read_recipe
-from workers.jobstore import JobStoreError, UnknownJob
-from workers.schedules import check_schedule
+from workers.service.jobstore import JobStoreError, UnknownJob
+from workers.service.schedules import check_schedule
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 

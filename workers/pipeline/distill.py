@@ -18,7 +18,7 @@ from sea_convert.data import Splits, TrainBatches
 from sea_convert.distill import StageATrainer
 from sea_convert.finetune import StageBTrainer
 from sea_convert.recipe import Recipe
-from workers.dist_checkpoint import DistCheckpoints
+from workers.train.dist_checkpoint import DistCheckpoints
 from sea_convert.train_state import clear_state_dir, load_state, recipe_fingerprint, rng_state, save_state, set_rng_state
 
 STAGES = ("a", "b")
@@ -128,6 +128,6 @@ def clear_state(state_dir: Path | None) -> None:
     """After a successful publish the training state has served its purpose (a folder that existed before
     the run keeps everything but the state file)."""
     if state_dir is not None and state_dir.is_dir():
-        if (state_dir / "dcp").is_dir():  # a parallel run's distributed checkpoints (workers.train_launch)
+        if (state_dir / "dcp").is_dir():  # a parallel run's distributed checkpoints (workers.train.train_launch)
             DistCheckpoints(str(state_dir / "dcp")).clear()
         clear_state_dir(state_dir)

@@ -33,7 +33,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Select
 
-from workers.jobstore import JOB_STATES, Job, JobStoreError, Stage
+from workers.service.jobstore import JOB_STATES, Job, JobStoreError, Stage
 
 INLINE_BUSY_TIMEOUT_S = 0.05  # the most an inline SQLite read may wait for a lock before going to the pool
 POOL_THREADS = 2

@@ -9,7 +9,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 
-from workers.jobstore import JobStore
+from workers.service.jobstore import JobStore
 
 
 @dataclass

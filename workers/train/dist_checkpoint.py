@@ -23,7 +23,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from sea_convert.train_state import ResumeError, rng_state, set_rng_state
-from workers.parallel import rank_and_world
+from workers.train.parallel import rank_and_world
 
 _STEP = re.compile(r"step-(\d{8})$")
 # the frozen teacher is not part of the training state

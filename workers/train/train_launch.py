@@ -1,4 +1,4 @@
-"""Starting the parallel stage A: N copies of workers.train_worker under Ray Train or torchrun.
+"""Starting the parallel stage A: N copies of workers.train.train_worker under Ray Train or torchrun.
 
 Both restart a lost worker group (Ray Train's FailureConfig; torchrun's --max-restarts), and the
 restarted workers resume from the newest whole distributed checkpoint.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sea_convert.recipe import Recipe
-from workers.train_worker import RESULT_FILE, WorkerConfig, train_worker
+from workers.train.train_worker import RESULT_FILE, WorkerConfig, train_worker
 
 Log = Callable[[str], None]
 
@@ -70,9 +70,9 @@ def launch_torchrun(recipe: Recipe, config: dict, run_dir: Path, log: Log = prin
     config_file = run_dir / "worker_config.json"
     config_file.write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={par.workers}",
-           f"--max-restarts={par.max_failures}", "-m", "workers.train_worker", str(config_file)]
+           f"--max-restarts={par.max_failures}", "-m", "workers.train.train_worker", str(config_file)]
     log(f"stage A on {par.workers} torchrun workers (up to {par.max_failures} restarts)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     if subprocess.run(cmd, env=env).returncode != 0:
         raise TrainingFailed(f"torchrun exited with an error (see the workers' output above); config {config_file}")

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from workers.jobstore import Job, JobStore, Schedule
+from workers.service.jobstore import Job, JobStore, Schedule
 
 
 class ScheduleError(ValueError):

@@ -1,4 +1,4 @@
-"""The publish stage: write the converted checkpoint folder (object storage: workers/storage.py)."""
+"""The publish stage: write the converted checkpoint folder (object storage: workers/pipeline/storage.py)."""
 
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from workers.job_paths import remove_work, stored_work_dir
-from workers.jobstore import FINAL_STATES, BadTransition, Job, JobStore
+from workers.pipeline.job_paths import remove_work, stored_work_dir
+from workers.service.jobstore import FINAL_STATES, BadTransition, Job, JobStore
 
 log = logging.getLogger("sea_convert.orchestrator")
 
@@ -350,7 +350,7 @@ class RunnerConfig:
     # the local head's token file (LocalRayHead.token_file), sent as the dashboard's Authorization header; None:
     # Ray's own rules (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH in this process's environment)
     auth_token_file: Path | None = None
-    autoscaling: bool = False  # the cluster adds nodes on demand (workers.ray_job.check_feasible defers to it)
+    autoscaling: bool = False  # the cluster adds nodes on demand (workers.service.ray_job.check_feasible defers to it)
 
 
 class RayRunner:
@@ -365,7 +365,7 @@ class RayRunner:
 
     def entrypoint(self, job_id: str) -> str:
         c = self.config
-        cmd = f"{shlex.quote(c.python)} -m workers.ray_job --job-id {job_id} --output-root {shlex.quote(str(c.output_root))}"
+        cmd = f"{shlex.quote(c.python)} -m workers.service.ray_job --job-id {job_id} --output-root {shlex.quote(str(c.output_root))}"
         return f"cd {shlex.quote(str(c.workdir))} && {cmd}" if c.workdir is not None else cmd
 
     def submit(self, job: Job) -> str:

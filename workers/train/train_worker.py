@@ -1,8 +1,8 @@
 """The worker body of a parallel stage A: one process per GPU (or CPU rank with gloo).
 
-A plain function of a JSON-able config. Ray Train's TorchTrainer calls it (workers/train_launch.py),
-`python -m torch.distributed.run -m workers.train_worker CONFIG.json` calls it, and so does a plain
-`python -m workers.train_worker CONFIG.json` (one process, no process group).
+A plain function of a JSON-able config. Ray Train's TorchTrainer calls it (workers/train/train_launch.py),
+`python -m torch.distributed.run -m workers.train.train_worker CONFIG.json` calls it, and so does a plain
+`python -m workers.train.train_worker CONFIG.json` (one process, no process group).
 
 Per rank: the teacher (sharded with FSDP2 when there are several ranks), the predictors (whole,
 data-parallel), its rows of each global batch. Distributed checkpoints every
@@ -32,9 +32,9 @@ from sea_convert.integration import attach_sea, check_supported, compile_predict
 from sea_convert.models import DTYPES, load_teacher, source_location
 from sea_convert.recipe import Recipe
 from sea_convert.train_state import recipe_fingerprint
-from workers.dist_checkpoint import DistCheckpoints
-from workers.parallel import gradient_averager, rank_and_world, rank_rows, shard_teacher
-from workers.sharded_load import build_skeleton, init_random_weights, load_sharded_weights, materialize
+from workers.train.dist_checkpoint import DistCheckpoints
+from workers.train.parallel import gradient_averager, rank_and_world, rank_rows, shard_teacher
+from workers.train.sharded_load import build_skeleton, init_random_weights, load_sharded_weights, materialize
 
 RESULT_FILE = "result.json"
 Report = Callable[[dict], None]
@@ -239,7 +239,7 @@ def train_worker(config: dict, report: Report | None = None) -> dict:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        raise SystemExit("usage: python -m workers.train_worker CONFIG.json")
+        raise SystemExit("usage: python -m workers.train.train_worker CONFIG.json")
     config = json.loads(Path(argv[0]).read_text())
     try:
         train_worker(config)

@@ -1,7 +1,7 @@
 """One conversion as a Ray job: the entrypoint the orchestrator submits through JobSubmissionClient.
 
-    python -m workers.ray_job --job-id ID --output-root DIR     (database URL: SEA_CONVERT_DATABASE_URL)
-    python -m workers.ray_job --recipe FILE --output-root DIR   (one recipe, no service: a KubeRay RayJob)
+    python -m workers.service.ray_job --job-id ID --output-root DIR     (database URL: SEA_CONVERT_DATABASE_URL)
+    python -m workers.service.ray_job --recipe FILE --output-root DIR   (one recipe, no service: a KubeRay RayJob)
 
 `run_job` reads the job's recipe from the database and runs distill -> validate -> publish, each
 through `execute(stage_function, args, options)`: in the Ray job that is a Ray task with the
@@ -26,10 +26,10 @@ import yaml
 
 from sea_convert.checkpoint import CheckpointError
 from sea_convert.recipe import Recipe, RecipeError, load_recipe, parse_recipe
-from workers.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
-from workers.job_progress import ProgressSink
-from workers.job_paths import JobPaths, remove_work
-from workers.pipeline import GateFailure, check_destination, claim_work_dir, stage_distill, stage_publish, stage_validate
+from workers.service.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
+from workers.service.job_progress import ProgressSink
+from workers.pipeline.job_paths import JobPaths, remove_work
+from workers.pipeline.stages import GateFailure, check_destination, claim_work_dir, stage_distill, stage_publish, stage_validate
 
 NOT_RETRIED = (GateFailure, RecipeError, CheckpointError)
 Execute = Callable[[Callable, tuple, dict], object]

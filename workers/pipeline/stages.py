@@ -32,15 +32,15 @@ from sea_convert.models import DTYPES, load_teacher, pick_device, source_locatio
 from sea_convert.provenance import data_provenance, model_provenance
 from sea_convert.recipe import Recipe, check_fits_model
 from sea_convert.train_state import make_state_dir
-from workers.dist_checkpoint import DistCheckpoints
-from workers.distill import DistillResult, clear_state, distill_stage
-from workers.job_paths import JobPaths, remove_work, work_owner
-from workers.sharded_load import build_skeleton
-from workers.publish import publish_stage
-from workers.run_estimate import RunEstimate, fmt_duration, time_modes
-from workers.storage import build_manifest, publish
-from workers.train_launch import launch_training
-from workers.validate import ValidationReport, teacher_reference, validate_stage
+from workers.train.dist_checkpoint import DistCheckpoints
+from workers.pipeline.distill import DistillResult, clear_state, distill_stage
+from workers.pipeline.job_paths import JobPaths, remove_work, work_owner
+from workers.train.sharded_load import build_skeleton
+from workers.pipeline.publish import publish_stage
+from workers.pipeline.run_estimate import RunEstimate, fmt_duration, time_modes
+from workers.pipeline.storage import build_manifest, publish
+from workers.train.train_launch import launch_training
+from workers.pipeline.validate import ValidationReport, teacher_reference, validate_stage
 
 Log = Callable[[str], None]
 

@@ -10,9 +10,9 @@ import threading
 import yaml
 
 from sea_convert.recipe import RecipeError, parse_recipe
-from workers.jobstore import Job, JobStore, OutputBusy, Schedule
-from workers.orchestrator import RayRunner
-from workers.schedules import fire_due
+from workers.service.jobstore import Job, JobStore, OutputBusy, Schedule
+from workers.service.orchestrator import RayRunner
+from workers.service.schedules import fire_due
 
 log = logging.getLogger("sea_convert.service")
 
