@@ -90,7 +90,8 @@ def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128)
         def kernel():
             return ops.sparse_decode_attention(q, k, v, idx, cnt, cfg.block_size, scale, start, length)
 
-        row = {"context": T, "opens_block": T % cfg.block_size == 0, "step_max_abs_err_vs_reference": step_err, "kernel_max_abs_err_vs_reference": kernel_err,
+        row = {"context": T, "opens_block": T % cfg.block_size == 0, "step_max_abs_err_vs_reference": step_err,
+               "kernel_max_abs_err_vs_reference": kernel_err,
                "dense_eager_ms": median_ms(dense, runs=50), "sea_eager_ms": median_ms(sea, runs=50),
                "kernel_eager_ms": median_ms(kernel, runs=50),
                "dense_graph_ms": graph_ms(dense), "sea_graph_ms": graph_ms(sea), "kernel_graph_ms": graph_ms(kernel),
