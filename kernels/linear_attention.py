@@ -147,17 +147,24 @@ def _forward(q_feat, k_feat, v, chunk: int, segments: int | None = None) -> torc
 
 
 class _LinearAttention(torch.autograd.Function):
+    """Forward in Triton; backward by autograd through the reference. block_size 0: every row (chunk is the
+    reference's chunk); block_size > 0: block rows. Plain tensor and int arguments, which torch.compile traces."""
+
     @staticmethod
-    def forward(ctx, q_feat, k_feat, v, chunk):
+    def forward(ctx, q_feat, k_feat, v, chunk, block_size):
         ctx.save_for_backward(q_feat, k_feat, v)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.block_size = chunk, block_size
+        if block_size:
+            return _block_forward(q_feat, k_feat, v, block_size)
         return _forward(q_feat, k_feat, v, chunk)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = _grads_through(lambda *x: reference.causal_linear_attention(*x, chunk=ctx.chunk), ctx.saved_tensors,
-                               grad_out)
-        return (*grads, None)
+        if ctx.block_size:
+            op = lambda *x: reference.block_linear_attention(*x, ctx.block_size)  # noqa: E731
+        else:
+            op = lambda *x: reference.causal_linear_attention(*x, chunk=ctx.chunk)  # noqa: E731
+        return (*_grads_through(op, ctx.saved_tensors, grad_out), None, None)
 
 
 def _grads_through(reference_op, inputs, grad_out) -> tuple:
@@ -171,7 +178,7 @@ def _grads_through(reference_op, inputs, grad_out) -> tuple:
 
 
 def causal_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    return _LinearAttention.apply(q_feat, k_feat, v, chunk)
+    return _LinearAttention.apply(q_feat, k_feat, v, chunk, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -262,24 +269,10 @@ def _block_forward(q_feat, k_feat, v, block_size: int, segments: int | None = No
     return out
 
 
-class _BlockLinearAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_feat, k_feat, v, block_size):
-        ctx.save_for_backward(q_feat, k_feat, v)
-        ctx.block_size = block_size
-        return _block_forward(q_feat, k_feat, v, block_size)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads = _grads_through(lambda *x: reference.block_linear_attention(*x, ctx.block_size), ctx.saved_tensors,
-                               grad_out)
-        return (*grads, None)
-
-
 def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, block_size: int,
                            chunk_blocks: int = 8) -> torch.Tensor:
     """reference.block_linear_attention in two Triton passes (chunk_blocks is the reference's memory knob:
     here the segments are sized for the GPU). Backward recomputes through the reference."""
     if block_size not in (16, 32, 64, 128):  # as the block-sparse kernel: one key block is one tile
         raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
-    return _BlockLinearAttention.apply(q_feat, k_feat, v, int(block_size))
+    return _LinearAttention.apply(q_feat, k_feat, v, 0, int(block_size))

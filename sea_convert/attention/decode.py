@@ -104,9 +104,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
         if res.estimate.gates is not None:
             state.gates = res.estimate.gates.gather(2, now_rows.expand(-1, Hq, 1, 2)).contiguous()
         # the current block's selection, as the decoder makes it (lists as wide as every step's)
-        state.block_index, state.block_count, _ = ops.decode_select_block_row(
-            state.block_sum, last.clone(), bs, _key_blocks(predictor, cfg), fixed_blocks_per_head(cfg), cfg.block_density,
-            cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, _key_blocks(predictor, cfg)) * Hkv)
+        state.block_index, state.block_count, _ = _select_block_row(ops, state.block_sum, last.clone(), predictor, cfg)
         state.residues = frozenset(int(n) % bs for n in lengths.tolist())  # prefill syncs anyway (max_length)
     res.estimate.image = None
     return res, state
@@ -144,6 +142,14 @@ def _key_blocks(predictor: SEAPredictor, cfg: SEAConfig) -> int:
     return math.ceil(predictor.estimator.position_values.shape[0] / cfg.block_size)
 
 
+def _select_block_row(ops, probs: torch.Tensor, length: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig):
+    """decode_select_block_row at the decoder's fixed widths (the position table's key blocks)."""
+    key_blocks = _key_blocks(predictor, cfg)
+    return ops.decode_select_block_row(probs, length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg),
+                                       cfg.block_density, cfg.sink_blocks, cfg.local_blocks,
+                                       budget_bound(cfg, key_blocks) * probs.shape[1])
+
+
 @functools.cache
 def _compiled_step():
     """The step's ~100 small ops fused by inductor (sea.compile on CUDA): decoding is launch-bound."""
@@ -165,9 +171,7 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
                                           state.q_tail, state.v_tail, state.gates, w, scale, cfg.block_size)
             probs = ops.decode_block_cnn_probs(state.image, state.current, row, state.length, cfg.block_size,
                                                predictor.cnn.weights(), state.block_sum)
-            index, count, kept = ops.decode_select_block_row(
-                probs, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg), cfg.block_density,
-                cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, key_blocks) * Hkv)
+            index, count, kept = _select_block_row(ops, probs, state.length, predictor, cfg)
             state.block_index.copy_(index)
             state.block_count.copy_(count)
         else:

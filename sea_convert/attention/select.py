@@ -9,6 +9,7 @@ share one budget (the paper's grouped top-k).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,11 +23,18 @@ from sea_convert.recipe import SEAConfig
 @dataclass
 class Selection:
     mode: str
-    kept: torch.Tensor  # (B, Hkv, T) keys each row attends to
+    seq_len: int  # T
     block_index: torch.Tensor | None = None  # (B, Hkv, NQB, MAXB) int32, sorted, -1 padded
     block_count: torch.Tensor | None = None  # (B, Hkv, NQB) int32
     bin_mask: torch.Tensor | None = None  # (B, Hkv, T, K) bool
     block_size: int = 0
+
+    @functools.cached_property
+    def kept(self) -> torch.Tensor:
+        """(B, Hkv, T) keys each row attends to; made when asked (the gated kernel counts them itself)."""
+        if self.mode == "block":
+            return kept_from_blocks(self.block_index, self.block_count, self.block_size, self.seq_len)
+        return kept_from_bins(self.bin_mask)
 
     def attend(self, q, k, v, scale: float, ops) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "block":
@@ -34,8 +42,8 @@ class Selection:
         return ops.per_query_sparse_attention(q, k, v, self.bin_mask, scale)
 
     def causal_entries(self) -> float:
-        T = self.kept.shape[-1]
-        return T * (T + 1) / 2 * self.kept.shape[0] * self.kept.shape[1]
+        B, Hkv = (self.block_index if self.mode == "block" else self.bin_mask).shape[:2]
+        return self.seq_len * (self.seq_len + 1) / 2 * B * Hkv
 
     def density(self) -> tuple[float, float]:
         """(kept entries, causal entries) summed over batch and KV heads."""
@@ -101,10 +109,8 @@ def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, vali
         nkb = scores.shape[-1]
         index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, torch.arange(scores.shape[2], device=scores.device)),
                                              cfg.sink_blocks, cfg.local_blocks, max_budget=budget_bound(cfg, nkb) * num_kv_heads)
-        kept = kept_from_blocks(index, count, cfg.block_size, T)
-        return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
-    bin_mask = ops.select_bins_per_query(grouped, cfg.k)
-    return Selection("per_query", kept_from_bins(bin_mask), bin_mask=bin_mask)
+        return Selection("block", T, block_index=index, block_count=count, block_size=cfg.block_size)
+    return Selection("per_query", T, bin_mask=ops.select_bins_per_query(grouped, cfg.k))
 
 
 def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig, valid: torch.Tensor | None = None) -> Selection:
@@ -127,5 +133,4 @@ def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig
                 mass[b, :, i, : i + 1] = alone[0, :, i]
     index, count = select_key_blocks(mass, blocks_per_head(cfg, torch.arange(mass.shape[2], device=mass.device)),
                                      cfg.sink_blocks, cfg.local_blocks)
-    kept = kept_from_blocks(index, count, cfg.block_size, q.shape[2])
-    return Selection("block", kept, block_index=index, block_count=count, block_size=cfg.block_size)
+    return Selection("block", q.shape[2], block_index=index, block_count=count, block_size=cfg.block_size)
