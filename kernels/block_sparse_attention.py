@@ -126,17 +126,22 @@ def _fwd_kernel(
     m_i = tl.full([HPP * BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([HPP * BLOCK], tl.float32)
     acc = tl.zeros([HPP * BLOCK, BLOCK_D], tl.float32)
-    kept = tl.zeros([HPP * BLOCK], tl.float32)  # keys each row attends (GATED)
+    # GATED counts the keys each row attends from the list alone (whole blocks before the row's, and the
+    # diagonal block up to the row): scalars, where a per-tile row sum cost as much as the softmax's own
+    full_blocks = 0
+    diagonal = 0
     n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
     idx = BlockIndex + b * sib + hk * sih + i * siq
     for jj in range(0, n):
-        kpos = tl.load(idx + jj * sij) * BLOCK + cols
+        kb = tl.load(idx + jj * sij)
+        if GATED:
+            full_blocks += (kb < i).to(tl.int32)
+            diagonal += (kb == i).to(tl.int32)
+        kpos = kb * BLOCK + cols
         kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd, mask=dmask[:, None] & (kpos < T)[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         # row_ok and kpos <= t < T also drop keys past T
         allowed = row_ok[:, None] & (kpos[None, :] <= t[:, None])
-        if GATED:
-            kept += tl.sum(allowed.to(tl.float32), 1)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
@@ -151,6 +156,7 @@ def _fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     if GATED:  # the output gates (kernels.reference_decode.mix_gated) with the query block's gates
+        kept = (full_blocks * BLOCK + diagonal * (t - i * BLOCK + 1)).to(tl.float32)
         out = _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
                               VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
     tl.store(Out + b.to(tl.int64) * sob + head[:, None] * soh + t[:, None] * sot + dcol[None, :] * sod,

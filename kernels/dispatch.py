@@ -33,6 +33,7 @@ OP_NAMES = (
     "select_bins_per_query",
     # the block-row predictor (sea.predictor_rows: block; kernels.reference_block_rows)
     "block_linear_attention",
+    "block_rows_estimate",
     "block_teacher_target",
     "block_scores_from_bins",
     "opening_means",

@@ -425,7 +425,7 @@ def per_query_sparse_decode(
 
 # Ops that live in their own modules and resolve through this one (kernels.dispatch builds the op sets
 # from it): the decode step's, and the block-row predictor's.
-_BLOCK_ROW_OPS = ("block_linear_attention", "block_teacher_target", "block_scores_from_bins", "opening_means",
+_BLOCK_ROW_OPS = ("block_linear_attention", "block_rows_estimate", "block_teacher_target", "block_scores_from_bins", "opening_means",
                   "block_sparse_attention_gated",
                   "decode_block_sums", "decode_block_row", "decode_block_cnn_probs", "decode_select_block_row")
 _DECODE_STEP_OPS = ("decode_predictor_rows", "decode_cnn_probs", "decode_select_blocks", "decode_mix_output",

@@ -12,6 +12,7 @@ try:
 except Exception as exc:  # a broken install can raise more than ImportError; dispatch expects ImportError
     raise ImportError(f"triton is not usable: {exc}") from exc
 
+from kernels.block_estimator import block_rows_estimate
 from kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_gated
 from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
 from kernels.linear_attention import block_linear_attention, causal_linear_attention
@@ -47,6 +48,7 @@ from kernels.reference import (
 
 __all__ = [
     "block_linear_attention",
+    "block_rows_estimate",
     "opening_means",
     "decode_block_cnn_probs",
     "decode_block_row",

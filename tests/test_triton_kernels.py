@@ -38,6 +38,7 @@ pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from kernels import block_estimator as be  # noqa: E402
 from kernels import block_sparse_attention as bsa  # noqa: E402
 from kernels import decode_step as ds  # noqa: E402
 from kernels import dispatch  # noqa: E402
@@ -58,6 +59,7 @@ if IN_PROCESS and not ON_GPU and not isinstance(bsa._fwd_kernel, InterpretedFunc
     sd = importlib.reload(sd)
     sel = importlib.reload(sel)
     ds = importlib.reload(ds)
+    be = importlib.reload(be)
     triton_ops = importlib.reload(triton_ops)
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_TEST = "test_whole_file_in_interpreter_subprocess"
@@ -461,6 +463,63 @@ def test_block_linear_attention_backward_equals_reference_autograd():
     v.grad = None
     ref.block_linear_attention(qb, kf, v, 16).backward(go)
     assert torch.allclose(got, v.grad, atol=1e-5)  # measured 0: the backward recomputes through the reference
+
+
+
+def _estimator_inputs(H, Hk, T, d, seed, dtype=torch.float32):
+    """Raw keys and values, the block rows' query features, a position table longer than T, and a
+    projection with the estimator's width (d ln d / 8 features) and Performer-like row norms (~sqrt d)."""
+    g = torch.Generator().manual_seed(seed)
+    m = max(1, int(d * math.log(d) / 8))
+    nb = math.ceil(T / 16)  # the most block rows any case below needs
+    k, v = (torch.randn(1, Hk, T, d, generator=g).to(DEV, dtype) for _ in range(2))
+    qf = torch.rand(1, H, nb, m, generator=g).to(DEV)
+    table = torch.randn(T + 7, d, generator=g).to(DEV)
+    proj = torch.randn(m, d, generator=g).to(DEV)
+    return qf, k, v, table, proj
+
+
+@pytest.mark.parametrize("H,Hk,T,bs,d", [(4, 4, 77, 16, 64), (6, 2, 130, 32, 64), (4, 1, 150, 16, 128),
+                                         (3, 1, 100, 64, 128), (2, 2, 40, 16, 48)])
+def test_block_rows_estimate_matches_reference(H, Hk, T, bs, d):
+    """The estimator from raw k and v (features made in the kernel, values read in place): GQA 1, 3, 4;
+    d 64 and 128 (77 features, two halves of values) and a d that is no power of two; T never a multiple
+    of the block."""
+    qf, k, v, table, proj = _estimator_inputs(H, Hk, T, d, seed=T + d)
+    qf = qf[:, :, : math.ceil(T / bs)]
+    scale = d**-0.5
+    got = be.block_rows_estimate(qf, k, v, table, proj, scale, bs)
+    want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), scale, bs).float()
+    # interpreter (numpy fp32): measured max abs error 1.1e-6 (|out| <= 3.9); GPU: tf32x3 features, tf32 states,
+    # bound 1e-2 (1 + |out|) as the other estimator kernels'
+    tol = 1e-2 if ON_GPU else 1e-5
+    assert got.shape == want.shape == (1, H, math.ceil(T / bs), 2 * d)
+    assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+
+
+def test_block_rows_estimate_trains_the_position_table_through_the_reference():
+    qf, k, v, table, proj = _estimator_inputs(4, 2, 50, 32, seed=3)
+    qf = qf[:, :, :4]
+    table.requires_grad_(True)
+    go = torch.randn(1, 4, 4, 64, device=DEV)
+    be.block_rows_estimate(qf, k, v, table, proj, 0.2, 16).backward(go)
+    got = table.grad.clone()
+    table.grad = None
+    ref.block_rows_estimate(qf, k, v, table, proj, 0.2, 16).backward(go)
+    assert got.abs().sum() > 0
+    assert torch.allclose(got, table.grad, atol=1e-5)  # measured 0: the backward recomputes through the reference
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_block_rows_estimate_bf16_gpu_at_real_shape():
+    """32 query heads on 8 KV heads, d 128, 8k bf16 keys and values: the kernel against the fp64 reference."""
+    qf, k, v, table, proj = _estimator_inputs(32, 8, 8192, 128, seed=1, dtype=torch.bfloat16)
+    qf = qf[:, :, :128]
+    got = be.block_rows_estimate(qf, k, v, table, proj, 128**-0.5, 64)
+    want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 128**-0.5, 64)
+    err = (got.double() - want).abs() / (1 + want.abs())
+    print(f"block_rows_estimate bf16 8k: max relative error {err.max().item():.2e}")
+    assert err.max() < 1e-2  # the bound of the fp32 estimator kernels on the GPU (tf32 states)
 
 
 # ---------------------------------------------------------------------------

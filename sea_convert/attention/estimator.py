@@ -62,17 +62,21 @@ class LinearAttentionEstimator(nn.Module):
                    block_size: int) -> torch.Tensor:
         """The same linear attention read once per query block, at its first row: q_open (B, Hq, NQB, d), each
         block's opening mean query, attends to the keys up to that row -> (B, Hq, NQB, 2d)."""
-        qf, kf = self.features(q_open, k, scale)
-        return ops.block_linear_attention(qf, kf, self.values(v), block_size)
+        self.check_length(k.shape[2])
+        qf = positive_features(q_open.float() * math.sqrt(scale), self.projection.float(), is_query=True)
+        return ops.block_rows_estimate(qf, k, v, self.position_values, self.projection, scale, block_size)
 
-    def values(self, v: torch.Tensor) -> torch.Tensor:
-        """[v, positional values] (B, Hkv, T, 2d) fp32, the estimator's values; T checked against the table."""
-        B, Hkv, T, d = v.shape
+    def check_length(self, T: int) -> None:
         if T > self.position_values.shape[0]:
             raise ValueError(
                 f"sequence of {T} tokens exceeds the SEA position table ({self.position_values.shape[0]} rows);"
                 " raise sea.position_table_len"
             )
+
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        """[v, positional values] (B, Hkv, T, 2d) fp32, the estimator's values; T checked against the table."""
+        B, Hkv, T, d = v.shape
+        self.check_length(T)
         return torch.cat([v.float(), self.positions(torch.arange(T, device=v.device)).expand(B, Hkv, T, d)], dim=-1)
 
     def features(self, q: torch.Tensor, k: torch.Tensor, scale: float, shift: torch.Tensor | None = None):
