@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
-import yaml
 from fastapi import HTTPException, Request, status
 
 from api.settings import Settings
-from sea_convert.recipe import Recipe, RecipeError, parse_recipe
+from sea_convert.recipe import MalformedRecipe, Recipe, RecipeError, parse_recipe, recipe_data
+from sea_convert.recipe_json import recipe_json
 
 
 # The recipe is read from the raw body (YAML or JSON), so the route declares it for the OpenAPI document
@@ -43,16 +41,13 @@ async def read_recipe(request: Request, settings: Settings) -> tuple[Recipe, str
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "empty body: send the recipe as YAML or JSON")
     kind = request.headers.get("content-type", "").split(";")[0].strip()
     try:
-        data = json.loads(text) if kind == "application/json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed {'JSON' if kind == 'application/json' else 'YAML'}{where}: "
-                            f"{getattr(err, 'problem', None) or err}") from None
+        data = recipe_data(text, as_json=kind == "application/json")
+    except MalformedRecipe as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     except RecursionError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "recipe body nests too deeply") from None
     try:
         recipe = parse_recipe(data, base_dir=None, source="request body", policy=settings.recipe_policy())
     except RecipeError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
-    return recipe, json.dumps(recipe.model_dump(mode="json", by_alias=True))
+    return recipe, recipe_json(recipe)

@@ -21,8 +21,6 @@ Server = Annotated[str, typer.Option("--server", envvar="SEA_CONVERT_SERVER", he
 Token = Annotated[str, typer.Option("--token", envvar="SEA_CONVERT_TOKEN", help="bearer token", show_default=False)]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 FINAL = ("succeeded", "failed", "gated", "cancelled")
-# recipe fields that name local files: the CLI sends them as absolute paths (see `submit`)
-PATH_FIELDS = (("model", "path"), ("data", "train", "path"), ("data", "held_out", "path"))
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -56,24 +54,19 @@ def _check(r: httpx.Response) -> None:
 
 
 def recipe_text(path: Path) -> str:
-    """The recipe as YAML with its local file paths made absolute against the recipe's folder, so the
-    service (which reads them) finds the same files; names without a folder part are left alone."""
-    if not path.is_file():
-        _fail(f"{path}: recipe file not found")
+    """The recipe as YAML with the files it reads made absolute against the recipe's folder, so the
+    service (which reads them) finds the same files. Not validated here: the model and the data may
+    exist only where the service runs, so the service validates it."""
+    from sea_convert.recipe import Recipe, RecipeError, read_recipe_file
+    from sea_convert.recipe_paths import with_input_paths_resolved
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        _fail(f"{path}: malformed YAML: {getattr(err, 'problem', err)}")
+        data = read_recipe_file(path)
+    except RecipeError as err:
+        _fail(str(err))
     if not isinstance(data, dict):
         _fail(f"{path}: a recipe is a mapping of fields")
-    base = path.resolve().parent
-    for fields in PATH_FIELDS:
-        node = data
-        for f in fields[:-1]:
-            node = node.get(f) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(fields[-1]), str) and not Path(node[fields[-1]]).is_absolute():
-            node[fields[-1]] = str((base / node[fields[-1]]).resolve())
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(with_input_paths_resolved(data, Recipe, path.resolve().parent), sort_keys=False)
 
 
 SHORT_ID = 12  # hex digits shown in tables; every command takes such a prefix (the service resolves it)

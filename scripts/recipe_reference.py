@@ -7,10 +7,11 @@ import typing
 from pydantic import BaseModel
 
 from sea_convert.recipe import Recipe
+from sea_convert.recipe_paths import without_marks
 
 
 def _type_name(ann) -> str:
-    s = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
+    s = str(without_marks(ann)).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
     return s.replace("Literal", "one of ").replace("NoneType", "None")
 
 

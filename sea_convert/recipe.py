@@ -1,29 +1,37 @@
 """A conversion recipe: YAML in, typed and validated objects out.
 
 Every model forbids unknown fields, so a typo is an error that names its path
-instead of a silently ignored setting. Relative paths a recipe reads (model.path,
-data.*.path, validate.harness.include_path) are resolved against the recipe file's
-own folder, so its inputs are the same from any cwd; the paths it writes
+instead of a silently ignored setting. Relative paths a recipe reads (the fields typed
+`InputPath`: model.path, data.*.path, validate.harness.include_path) are resolved against
+the recipe file's own folder, so its inputs are the same from any cwd; the paths it writes
 (output.dir, distill.state_dir, a local publish_uri or checkpoint_uri) are relative
 to the folder the command runs in, like any output.
-Validation happens once, in `load_recipe`; everything downstream trusts it.
+Recipe text is parsed in one place, `recipe_data`, at the entry points (a recipe file, a
+REST body) and validated there; what runs later gets the validated recipe as JSON
+(`sea_convert.recipe_json`), never the text again.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from sea_convert.recipe_paths import READ_FROM_RECIPE_FOLDER, resolve_input_path, without_marks
 from sea_convert.recipe_policy import RecipePolicy
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used. `str()` is a message for a person, naming the field path."""
+
+
+class MalformedRecipe(RecipeError):
+    """Recipe text that is not YAML (or JSON): `str()` says where, without naming the source."""
 
 
 def _takes_bool(annotation) -> bool:
@@ -38,7 +46,7 @@ class _Strict(BaseModel):
     @classmethod
     def _no_bool_for_numbers(cls, v, info: ValidationInfo):
         # pydantic takes `steps: true` as 1; a boolean is never a number in a recipe
-        annotation = cls.model_fields[info.field_name].annotation
+        annotation = without_marks(cls.model_fields[info.field_name].annotation)
         if isinstance(v, bool) and not _takes_bool(annotation) and annotation is not Any:
             raise ValueError(f"expected {getattr(annotation, '__name__', annotation)}, got a boolean ({v})")
         return v
@@ -49,17 +57,17 @@ def _policy(info: ValidationInfo) -> RecipePolicy | None:
     return (info.context or {}).get("policy")
 
 
-def _resolve(path: str | Path | None, info: ValidationInfo) -> Path | None:
+def _resolve(path: Path, info: ValidationInfo) -> Path:
     """A path the recipe reads: relative to the recipe file's folder, or under the service's data roots."""
-    if path is None:
-        return None
     if (policy := _policy(info)) is not None:
-        return policy.readable(Path(path))
+        return policy.readable(path)
     base = (info.context or {}).get("base_dir")
-    p = Path(path).expanduser()
-    if not p.is_absolute() and base is not None:
-        p = (Path(base) / p).resolve()  # whole and normalised: recipes/../../data/x.txt names one file
-    return p
+    return resolve_input_path(path, base) if base is not None else path.expanduser()
+
+
+# A file or folder the recipe reads. The type marks the field (the CLI resolves such fields before
+# sending a recipe: sea_convert.recipe_paths) and resolves it, before the field's own checks run.
+InputPath = Annotated[Path, READ_FROM_RECIPE_FOLDER, AfterValidator(_resolve)]
 
 
 def _output_path(path: str | Path | None, info: ValidationInfo) -> Path | None:
@@ -110,15 +118,14 @@ class ModelSource(_Strict):
 
     hub: str | None = Field(None, description="hub model id, e.g. meta-llama/Llama-2-13b-hf")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) to pin")
-    path: Path | None = Field(None, description="local folder with a transformers checkpoint")
+    path: InputPath | None = Field(None, description="local folder with a transformers checkpoint")
     package: str | None = Field(None, description="installed Python package whose folder holds the weights")
     gguf_file: str | None = Field(None, description="GGUF file name inside the hub repo, folder or package")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("path")
     @classmethod
-    def _path_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        v = _resolve(v, info)
+    def _path_exists(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_dir():
             raise ValueError(f"model folder not found: {v}")
         return v
@@ -219,7 +226,7 @@ class SEAConfig(_Strict):
 class TextSource(_Strict):
     """Text for training or evaluation: a local file (default) or a `datasets` hub dataset."""
 
-    path: Path | None = Field(None, description="local UTF-8 text file, loaded through datasets' text builder")
+    path: InputPath | None = Field(None, description="local UTF-8 text file, loaded through datasets' text builder")
     hub: str | None = Field(None, description="hub dataset, e.g. Skylion007/openwebtext or Salesforce/wikitext")
     config: str | None = Field(None, description="hub dataset config, e.g. wikitext-2-raw-v1")
     split: str = "train"
@@ -229,8 +236,7 @@ class TextSource(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _file_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        v = _resolve(v, info)
+    def _file_exists(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_file():
             raise ValueError(f"text file not found: {v}")
         return v
@@ -428,13 +434,12 @@ class HarnessEval(_Strict):
     tasks: list[str] = Field(default_factory=list, description="harness task or group names; empty: not run")
     limit: float | None = Field(None, gt=0, description="documents per task (a fraction if < 1)")
     num_fewshot: int | None = Field(None, ge=0, description="shots (None: each task's own setting)")
-    include_path: Path | None = Field(None, description="folder of extra task files (sea-convert harness --write-tasks);"
-                                      " relative to the recipe file")
+    include_path: InputPath | None = Field(None, description="folder of extra task files (sea-convert harness --write-tasks);"
+                                           " relative to the recipe file")
 
     @field_validator("include_path")
     @classmethod
-    def _include_path(cls, v, info: ValidationInfo):
-        v = _resolve(v, info)
+    def _include_path(cls, v: Path | None) -> Path | None:
         if v is not None and not (v.is_dir() and any(v.glob("*.yaml"))):
             raise ValueError(f"no task files (*.yaml) in {v}")
         return v
@@ -558,7 +563,7 @@ def check_fits_model(recipe: Recipe, config) -> None:
         raise RecipeError("\n".join([f"recipe {recipe.name}: does not fit {recipe.model.describe()}"] + problems))
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def describe_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid recipe"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -581,18 +586,32 @@ def parse_recipe(data: object, base_dir: Path | None = None, source: str = "reci
     try:
         return Recipe.model_validate(data, context={"base_dir": base_dir, "policy": policy})
     except ValidationError as err:
-        raise RecipeError(_format_error(err, source)) from None
+        raise RecipeError(describe_validation_error(err, source)) from None
+
+
+def recipe_data(text: str, as_json: bool = False) -> object:
+    """The one place recipe text is parsed: YAML (or JSON) text -> plain data, not validated yet.
+    Raises MalformedRecipe saying where the text breaks."""
+    try:
+        return json.loads(text) if as_json else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise MalformedRecipe(f"malformed {'JSON' if as_json else 'YAML'}{where}: {getattr(err, 'problem', None) or err}") from None
+
+
+def read_recipe_file(path: str | Path) -> object:
+    """A recipe file's data, not validated yet (RecipeError naming the file when it is missing or not YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        return recipe_data(path.read_text(encoding="utf-8"))
+    except MalformedRecipe as err:
+        raise RecipeError(f"{path}: {err}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file. Raises RecipeError with a message naming the field path."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
-    return parse_recipe(data, base_dir=path.resolve().parent, source=str(path))
+    return parse_recipe(read_recipe_file(path), base_dir=path.resolve().parent, source=str(path))

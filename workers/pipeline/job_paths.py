@@ -10,9 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from sea_convert.recipe import Recipe
+from sea_convert.recipe_json import stored_output_dir
 
 
 def default_state_dir(recipe: Recipe, output_dir: Path) -> Path:
@@ -53,11 +52,9 @@ def remove_work(work: Path, owner: str) -> bool:
 
 
 def stored_work_dir(recipe_text: str, output_root: Path) -> Path | None:
-    """A stored job's work folder, read from its recipe text without validating it again (its files may be
-    gone by now): output.dir, absolute as the service stored it, or relative to the output root."""
-    try:
-        out = (yaml.safe_load(recipe_text) or {}).get("output") or {}
-        dest = Path(out.get("dir") or "outputs/converted")
-    except (yaml.YAMLError, AttributeError, TypeError):
+    """A stored job's work folder, from its recipe's output.dir alone (the model and data files may be gone by
+    now): absolute as the service stored it, or relative to the output root."""
+    dest = stored_output_dir(recipe_text)
+    if dest is None:
         return None
     return work_dir_for(dest if dest.is_absolute() else Path(output_root) / dest)

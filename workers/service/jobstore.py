@@ -54,7 +54,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_id)
     name: Mapped[str] = mapped_column(String(100), index=True)
-    recipe: Mapped[str] = mapped_column(Text)  # the submitted YAML/JSON text, as received
+    # the validated recipe as JSON, paths resolved (sea_convert.recipe_json; rows before 2026-12-05: the YAML sent)
+    recipe: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     ray_submission_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
@@ -101,7 +102,7 @@ class Schedule(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     cron: Mapped[str] = mapped_column(String(100))
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
-    recipe: Mapped[str] = mapped_column(Text)
+    recipe: Mapped[str] = mapped_column(Text)  # as a job's recipe
     enabled: Mapped[bool] = mapped_column(default=True)
     last_fired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=_now)

@@ -22,10 +22,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from sea_convert.checkpoint import CheckpointError
-from sea_convert.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from sea_convert.recipe import Recipe, RecipeError, load_recipe
+from sea_convert.recipe_json import load_recipe_json, recipe_json
 from workers.service.jobstore import FINAL_STATES, STAGES, BadTransition, JobStore
 from workers.service.job_progress import ProgressSink
 from workers.pipeline.job_paths import JobPaths, remove_work
@@ -140,8 +139,8 @@ def run_job(store: JobStore, job_id: str, output_root: Path, execute: Execute = 
         log(f"job {job_id} is {job.status} already: nothing to do")
         return job.status
     try:
-        recipe = parse_recipe(yaml.safe_load(job.recipe), source=f"job {job_id} recipe")  # JSON is YAML too
-    except (RecipeError, yaml.YAMLError) as err:
+        recipe = load_recipe_json(job.recipe, source=f"job {job_id} recipe")  # checked again: files may be gone
+    except RecipeError as err:
         return _finish(store, job_id, "failed", log, error=str(err))
     if job.status == "queued":
         store.set_status(job_id, "running")
@@ -207,8 +206,7 @@ def standalone_job(recipe_path: Path, database_url: str | None, workdir: Path) -
     recipe = load_recipe(recipe_path)  # RecipeError names the file and the field; nothing written yet
     Path(workdir).mkdir(parents=True, exist_ok=True)
     store = JobStore(database_url or f"sqlite:///{Path(workdir).resolve() / 'sea-convert-jobs.db'}")
-    text = json.dumps(recipe.model_dump(mode="json", by_alias=True))
-    job, _ = store.submit(recipe.name, text)
+    job, _ = store.submit(recipe.name, recipe_json(recipe))
     return store, job.id
 
 

@@ -7,9 +7,8 @@ import datetime as dt
 import logging
 import threading
 
-import yaml
-
-from sea_convert.recipe import RecipeError, parse_recipe
+from sea_convert.recipe import RecipeError
+from sea_convert.recipe_json import load_recipe_json
 from workers.service.jobstore import Job, JobStore, OutputBusy, Schedule
 from workers.service.orchestrator import RayRunner
 from workers.service.schedules import fire_due
@@ -22,9 +21,9 @@ def submit_scheduled(store: JobStore, schedule: Schedule, key: str) -> Job | Non
     (the job re-resolves model and data when it runs). None: an active job holds its output folder."""
     name, output_dir = schedule.name, None
     try:
-        recipe = parse_recipe(yaml.safe_load(schedule.recipe), source=f"schedule {schedule.name}")
+        recipe = load_recipe_json(schedule.recipe, source=f"schedule {schedule.name}")
         name, output_dir = recipe.name, str(recipe.output.dir)
-    except (RecipeError, yaml.YAMLError):
+    except RecipeError:
         pass  # the job records the recipe error when it runs
     try:
         job, _created = store.submit(name, schedule.recipe, idempotency_key=key, schedule_id=schedule.id,

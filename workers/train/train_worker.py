@@ -1,8 +1,9 @@
 """The worker body of a parallel stage A: one process per GPU (or CPU rank with gloo).
 
-A plain function of a JSON-able config. Ray Train's TorchTrainer calls it (workers/train/train_launch.py),
-`python -m torch.distributed.run -m workers.train.train_worker CONFIG.json` calls it, and so does a plain
-`python -m workers.train.train_worker CONFIG.json` (one process, no process group).
+A plain function of a JSON-able config, `WorkerConfig`, whose recipe is the validated recipe's JSON
+(loaded with `load_recipe_json`, never parsed from YAML again). Ray Train's TorchTrainer calls it
+(workers/train/train_launch.py), `python -m torch.distributed.run -m workers.train.train_worker CONFIG.json`
+calls it, and so does a plain `python -m workers.train.train_worker CONFIG.json` (one process, no process group).
 
 Per rank: the teacher (sharded with FSDP2 when there are several ranks), the predictors (whole,
 data-parallel), its rows of each global batch. Distributed checkpoints every
@@ -31,6 +32,7 @@ from sea_convert.distill import StageATrainer
 from sea_convert.integration import attach_sea, check_supported, compile_predictors, predictors
 from sea_convert.models import DTYPES, load_teacher, source_location
 from sea_convert.recipe import Recipe
+from sea_convert.recipe_json import load_recipe_json
 from sea_convert.train_state import recipe_fingerprint
 from workers.train.dist_checkpoint import DistCheckpoints
 from workers.train.parallel import gradient_averager, rank_and_world, rank_rows, shard_teacher
@@ -50,7 +52,7 @@ class SyntheticTeacher(BaseModel):
 
 class WorkerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    recipe: dict[str, Any]  # the validated recipe, dumped by alias (its paths absolute)
+    recipe: str  # the validated recipe as JSON (sea_convert.recipe_json: its paths absolute)
     out_dir: str
     checkpoint_uri: str | None = None
     storage_options: dict[str, Any] = {}
@@ -154,10 +156,10 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def train_worker(config: dict, report: Report | None = None) -> dict:
+def train_worker(config: dict | WorkerConfig, report: Report | None = None) -> dict:
     """Run (or resume) stage A on this rank; returns the run's summary (the same on every rank)."""
     cfg = WorkerConfig.model_validate(config)
-    recipe = Recipe.model_validate(cfg.recipe)
+    recipe = load_recipe_json(cfg.recipe, source="worker config recipe")
     stage, dcfg = recipe.distill.stage_a, recipe.distill
     rank, world, device = init_distributed(recipe)
     if device.type == "cpu" and world > 1:
@@ -240,7 +242,7 @@ def train_worker(config: dict, report: Report | None = None) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m workers.train.train_worker CONFIG.json")
-    config = json.loads(Path(argv[0]).read_text())
+    config = WorkerConfig.model_validate_json(Path(argv[0]).read_text())
     try:
         train_worker(config)
     finally:
