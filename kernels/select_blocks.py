@@ -98,3 +98,37 @@ def select_key_blocks(
         HKV=Hkv, HP=max(2, triton.next_power_of_2(Hkv)), NKB_P=nkb_p, num_warps=_num_warps(Hkv * nkb_p),
     )
     return index, count
+
+
+@triton.jit
+def _scores_from_bins(
+    P, S, NKB, K,
+    spb, sph, spr, spk, ssb, ssh, ssr, ssk,
+    H: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Row r's score of key block j: its bin's probability over the bin's width in blocks; -inf past r."""
+    r = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < NKB
+    n = r + 1  # the row's causal key blocks
+    bins = tl.minimum((j * K) // n, K - 1)  # reference.key_bins
+    width = tl.maximum(((bins + 1) * n + K - 1) // K - (bins * n + K - 1) // K, 1)  # reference.bin_starts
+    p = tl.load(P + b * spb + h * sph + r * spr + bins * spk, mask=j_ok, other=0.0).to(tl.float32)
+    s = tl.where(j > r, float("-inf"), p / width.to(tl.float32))
+    tl.store(S + b * ssb + h * ssh + r * ssr + j * ssk, s, mask=j_ok)
+
+
+def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.block_scores_from_bins in one kernel (the full pass's rows 0..R-1; the decoder's rows at
+    given positions are a few, left to the reference)."""
+    if rows is not None:
+        return reference.block_scores_from_bins(probs, num_key_blocks, rows)
+    B, H, R, K = probs.shape
+    scores = torch.empty(B, H, R, num_key_blocks, dtype=torch.float32, device=probs.device)
+    block_j = min(1024, max(16, triton.next_power_of_2(num_key_blocks)))
+    _scores_from_bins[(R, B * H, triton.cdiv(num_key_blocks, block_j))](
+        probs, scores, num_key_blocks, K, *probs.stride(), *scores.stride(), H=H, BLOCK_J=block_j,
+    )
+    return scores

@@ -16,7 +16,7 @@ from kernels.block_estimator import block_rows_estimate
 from kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_gated
 from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
 from kernels.linear_attention import block_linear_attention, causal_linear_attention
-from kernels.select_blocks import select_key_blocks
+from kernels.select_blocks import block_scores_from_bins, select_key_blocks
 from kernels.sparse_decode import sparse_decode_attention, sparse_decode_mixed
 from kernels.teacher_target import teacher_target
 
@@ -27,7 +27,7 @@ from kernels.teacher_target import teacher_target
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
-# - the block-row predictor's ops (opening_means, block_teacher_target, block_scores_from_bins,
+# - the block-row predictor's ops (opening_means, block_teacher_target,
 #   and its decoding: decode_block_sums, decode_block_row, decode_block_cnn_probs, decode_select_block_row):
 #   the reference until their Triton versions land (issue 20).
 from kernels.reference import (
@@ -36,7 +36,6 @@ from kernels.reference import (
     decode_block_row,
     decode_block_sums,
     decode_select_block_row,
-    block_scores_from_bins,
     block_teacher_target,
     linear_attention_step,
     per_query_sparse_attention,

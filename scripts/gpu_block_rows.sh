@@ -12,18 +12,18 @@ mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "${TESTS:-1}" = 1 ]; then
 python3 -m pytest -q -p no:cacheprovider -s tests/test_triton_kernels.py tests/test_gpu_integration.py \
-  -k "gated or block_linear or select_key_blocks or cuda_graph or block_sparse_bf16" 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+  -k "gated or block_linear or block_rows_estimate or block_scores or select_key_blocks or cuda_graph or block_sparse_bf16" 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi
 if [ "${BENCH:-1}" = 1 ]; then
 python3 benchmarks/attention_bench.py --kv-heads 8 --predictor-rows ${ROWS:-token block} --no-density-budget --cuda-graph \
   --lengths ${LENGTHS:-4096 8192 16384 32768 65536 131072} --json "$OUT/attention_block_rows.json" ${ARGS:---compile} 2>&1 \
   | tee "$OUT/attention_block_rows.log" | grep "^T="
 fi
-for T in ${PROFILE_T-32768 131072}; do
-  python3 benchmarks/profile_sea_layer.py --T "$T" --kv-heads 8 --predictor-rows block --rows 25 ${ARGS:---compile} 2>&1 \
-    | grep -v "Warn\|warn" > "$OUT/profile_block_$T.log"
-  head -8 "$OUT/profile_block_$T.log"
-done
 if [ "${DECODE:-1}" = 1 ]; then
   python3 benchmarks/decode_bench.py --predictor-rows block --json "$OUT/decode_block.json" 2>&1 | grep -v "Warn\|warn" | tail -8
 fi
+for T in ${PROFILE_T-32768 131072}; do
+  python3 benchmarks/profile_sea_layer.py --T "$T" --kv-heads 8 --predictor-rows block --rows 45 ${ARGS:---compile} 2>&1 \
+    | grep -v "Warn\|warn" > "$OUT/profile_block_$T.log"
+  head -9 "$OUT/profile_block_$T.log"
+done

@@ -249,6 +249,16 @@ def test_select_key_blocks_at_given_positions():
     assert (got[1][0] == 4).all() and (got[0][0, :, 0, :4] == torch.arange(4, device=DEV)).all()  # block 3: all 4 kept
 
 
+@pytest.mark.parametrize("H,R,K", [(3, 37, 16), (2, 20, 64), (1, 70, 32)])
+def test_block_scores_from_bins_matches_reference(H, R, K):
+    """Rows below the cap (a bin per key block, empty bins between), above it (bins of 2-3 blocks), and at it."""
+    g = torch.Generator().manual_seed(R * K)
+    probs = torch.rand(2, H, R, K, generator=g).to(DEV)
+    got = sel.block_scores_from_bins(probs, R)
+    want = ref.block_scores_from_bins(probs, R)
+    assert torch.equal(got, want)  # a gather and one fp32 division, as the reference's: exact
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("nqb", [512, 2048])
 def test_select_key_blocks_gpu_model_shapes(nqb):
