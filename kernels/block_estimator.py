@@ -153,7 +153,8 @@ def _forward(q_feat, k, v, position_values, projection, scale: float, block_size
     nseg = triton.cdiv(R, seg_blocks)
     grid = (B * Hk, nseg, 2 * tiles)
     common = dict(BS=block_size, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_DV=block_dv, TILES=tiles, HK=Hk, NSEG=nseg,
-                  PREC=FEATURE_PRECISION, num_warps=8 if block_m * block_dv > 64 * 64 else 4)
+                  PREC=FEATURE_PRECISION, num_warps=8 if block_m * block_dv > 64 * 64 else 4,
+                  num_stages=1)  # tf32x3 operands in fp32: pipelined copies would pass 228 KB of shared memory (H100)
     strides = (*k.stride(), *v.stride(), *position_values.stride())
     state = torch.empty(B * Hk, nseg, 2 * tiles, block_m, block_dv, device=k.device, dtype=torch.float32)
     norm = torch.empty(B * Hk, nseg, 2 * tiles, block_m, device=k.device, dtype=torch.float32)
@@ -184,6 +185,7 @@ class _BlockRowsEstimate(torch.autograd.Function):
         return (*_grads_through(op, ctx.saved_tensors, grad_out), None, None)
 
 
+@torch.compiler.disable  # inductor's own compile of the kernel failed on the H100 (2026-12-06); eager launch
 def block_rows_estimate(q_feat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_values: torch.Tensor,
                         projection: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
     if block_size not in (16, 32, 64, 128):  # one key block is one tile, as in the block-sparse kernel

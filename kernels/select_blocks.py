@@ -116,7 +116,7 @@ def _scores_from_bins(
     bins = tl.minimum((j * K) // n, K - 1)  # reference.key_bins
     width = tl.maximum(((bins + 1) * n + K - 1) // K - (bins * n + K - 1) // K, 1)  # reference.bin_starts
     p = tl.load(P + b * spb + h * sph + r * spr + bins * spk, mask=j_ok, other=0.0).to(tl.float32)
-    s = tl.where(j > r, float("-inf"), p / width.to(tl.float32))
+    s = tl.where(j > r, float("-inf"), tl.math.div_rn(p, width.to(tl.float32)))  # IEEE division, as torch's
     tl.store(S + b * ssb + h * ssh + r * ssr + j * ssk, s, mask=j_ok)
 
 
