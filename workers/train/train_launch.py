@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sea_convert.recipe import Recipe
+from workers.train.dist_checkpoint import checkpoints_for
 from workers.train.train_worker import RESULT_FILE, WorkerConfig, train_worker
 
 Log = Callable[[str], None]
@@ -24,10 +25,9 @@ class TrainingFailed(RuntimeError):
 
 
 def worker_config(recipe: Recipe, out_dir: Path, state_dir: Path, **extra) -> dict:
-    par = recipe.distill.parallel
-    uri = par.checkpoint_uri or str(Path(state_dir).resolve() / "dcp")
     return WorkerConfig(recipe=recipe.model_dump(mode="json", by_alias=True), out_dir=str(Path(out_dir).resolve()),
-                        checkpoint_uri=uri, storage_options=par.storage_options, **extra).model_dump()
+                        checkpoint_uri=checkpoints_for(recipe, state_dir).uri,
+                        storage_options=recipe.distill.parallel.storage_options, **extra).model_dump()
 
 
 def uses_gpu(recipe: Recipe) -> bool:
