@@ -365,11 +365,11 @@ class ParallelConfig(_Strict):
         " weight (safetensors folders); GGUF and hub-only sources load whole on every worker, then shard"
     )
     checkpoint_uri: str | None = Field(
-        None, description="where distributed checkpoints go (a folder or s3://bucket/prefix); default:"
-        " the state folder's 'dcp' subfolder"
+        None, description="where the training checkpoints (DCP) go, with 1 worker or N (a folder or"
+        " s3://bucket/prefix); default: the state folder's 'dcp' subfolder"
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for checkpoint_uri")
-    keep_checkpoints: int = Field(2, ge=1, description="complete distributed checkpoints kept (oldest deleted)")
+    keep_checkpoints: int = Field(2, ge=1, description="complete training checkpoints kept (oldest deleted)")
     max_failures: int = Field(3, ge=0, description="worker-group restarts after a lost worker (Ray Train or torchrun)")
     cpus_per_worker: float = Field(1, gt=0, description="CPU cores each training worker reserves")
 

@@ -1,23 +1,18 @@
-"""The resumable training state of a distillation: written atomically, checked against its recipe.
-
-One file, `train_state.pt`, in the state folder: which stage it is in, the trainer's state
-(trainable weights, optimizer, schedule, step), the data position, the random state, and the
-history so far. A state written by a different recipe is refused, never silently resumed.
+"""What identifies and restores a distillation's training state: the recipe fingerprint it must match
+(a state written by a different recipe is refused, never silently resumed), the random state, and the
+state folder sea-convert may remove. The checkpoints themselves are written by workers.train.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from sea_convert.recipe_policy import OWNED_MARKER
-
-STATE_FILE = "train_state.pt"
 
 
 class ResumeError(ValueError):
@@ -52,7 +47,7 @@ def set_rng_state(state: dict) -> None:
 
 def make_state_dir(folder: Path) -> None:
     """Create the state folder with a marker that says sea-convert made it, so cleanup may remove it; a
-    folder that existed before gets no marker, and cleanup removes only the state file from it."""
+    folder that existed before gets no marker, and cleanup removes only the checkpoints from it."""
     try:
         folder.mkdir(parents=True)
     except FileExistsError:
@@ -61,32 +56,7 @@ def make_state_dir(folder: Path) -> None:
 
 
 def clear_state_dir(folder: Path) -> None:
-    """After a successful publish: the whole folder if sea-convert made it, else only what it wrote there."""
+    """After a successful publish (its checkpoints already removed): the whole folder if sea-convert made
+    it; a folder that existed before keeps what else it holds."""
     if (folder / OWNED_MARKER).is_file():
         shutil.rmtree(folder)
-        return
-    for name in (STATE_FILE, f".{STATE_FILE}.tmp"):
-        (folder / name).unlink(missing_ok=True)
-
-
-def save_state(folder: Path, state: dict) -> Path:
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous state intact."""
-    make_state_dir(folder)
-    path = folder / STATE_FILE
-    tmp = folder / f".{STATE_FILE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_state(folder: Path, fingerprint: str) -> dict | None:
-    path = folder / STATE_FILE
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        raise ResumeError(
-            f"{path} was written by a different recipe (model, sea, data or distill settings changed);"
-            " delete the folder or set distill.resume: false to start over"
-        )
-    return state

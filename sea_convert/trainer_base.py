@@ -1,7 +1,7 @@
-"""What stage A and stage B trainers share: the optimizer, the schedule and a resumable state.
+"""What stage A and stage B trainers share: the optimizer, the schedule and the step count.
 
-The state holds the trainable parameters by name (predictors, adapters or base weights), the
-optimizer, the schedule and the step, so a run restored from it continues bit for bit.
+Their state is checkpointed from outside (workers/train/dist_checkpoint.py): the trainable parameters
+(those with requires_grad), the optimizer, the schedule, `step_count` and `total_steps`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ class TrainerBase:
     def _build_optimizer(self, groups: list[dict], weight_decay: float, warmup: int, total_steps: int) -> None:
         self.total_steps, self.warmup = total_steps, warmup
         self.params = [p for g in groups for p in g["params"]]
-        ids = {id(p) for p in self.params}
-        self.trainable_names = [n for n, p in self.model.named_parameters() if id(p) in ids]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
         # reads self.total_steps at every step, so a caller may shorten the run (set_total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -53,26 +51,3 @@ class TrainerBase:
         self.scheduler.step()
         self.step_count += 1
         return lr
-
-    def state_dict(self) -> dict:
-        named = dict(self.model.named_parameters())
-        return {
-            "trainable": {n: named[n].detach().clone() for n in self.trainable_names},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step_count,
-            "total_steps": self.total_steps,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        named = dict(self.model.named_parameters())
-        missing = set(self.trainable_names) - set(state["trainable"])
-        if missing:
-            raise ValueError(f"training state lacks {len(missing)} trainable parameters, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for n in self.trainable_names:
-                named[n].copy_(state["trainable"][n])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step_count = state["step"]
-        self.total_steps = state["total_steps"]

@@ -127,7 +127,7 @@ def test_a_bad_recipe_file_exits_2_naming_the_file_and_field(tmp_path, capsys):
 
 def test_a_job_records_its_progress_and_removes_only_what_it_made(tmp_path, tiny_model_dir):
     """The state folder named by the recipe existed before (with a file of its own): the run uses it, and
-    afterwards removes only its state file from it; the work folder it made is gone; progress was recorded."""
+    afterwards removes only its checkpoints from it; the work folder it made is gone; progress was recorded."""
     existing = tmp_path / "kept"
     existing.mkdir()
     (existing / "canary.txt").write_text("was here before")

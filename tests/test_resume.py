@@ -11,7 +11,8 @@ from sea_convert.data import Splits
 from sea_convert.integration import attach_sea
 from sea_convert.recipe import parse_recipe
 from sea_convert.train_state import ResumeError
-from workers.pipeline.distill import distill_stage
+from workers.pipeline.distill import LEGACY_STATE_FILE, distill_stage
+from workers.train.dist_checkpoint import DistCheckpoints
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -79,3 +80,29 @@ def test_state_from_another_recipe_is_refused(tmp_path):
     with pytest.raises(ResumeError, match="different recipe"):
         _run(changed, tmp_path)
     assert _run(_recipe(checkpoint_every=3), tmp_path)[1].resumed_from is not None  # save cadence is not part of it
+
+
+def test_a_run_cut_just_after_a_stage_resumes_from_that_stage_s_end(tmp_path):
+    """The checkpoint written at stage A's end (its held-out loss after included): stage B starts from it."""
+    recipe = _recipe(checkpoint_every=4)
+    straight, res_straight = _run(recipe, tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        _run(recipe, tmp_path / "resumed", stop_at=("b", 1))
+    resumed, res_resumed = _run(recipe, tmp_path / "resumed")
+    assert res_resumed.resumed_from == {"stage": "a", "step": 6}
+    a, b = _trained_state(straight), _trained_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [h["loss"] for h in res_resumed.history] == [h["loss"] for h in res_straight.history]
+    untimed = [{k: {f: v for f, v in m.items() if f != "seconds"} for k, m in res.held_out.items()}
+               for res in (res_straight, res_resumed)]
+    assert untimed[0] == untimed[1]
+
+
+def test_a_state_file_of_an_older_version_is_named_not_resumed(tmp_path):
+    """Before DCP, one process saved one torch file: it is refused by name, never half-read."""
+    (tmp_path / LEGACY_STATE_FILE).write_bytes(b"an older sea-convert's state")
+    with pytest.raises(ResumeError, match=LEGACY_STATE_FILE):
+        _run(_recipe(checkpoint_every=2), tmp_path)
+    assert _run(_recipe(checkpoint_every=2, resume=False), tmp_path)[1].resumed_from is None
+    # a world of one checkpoints like N workers: DCP step folders, named by the steps of both stages (6 + 5)
+    assert DistCheckpoints(str(tmp_path / "dcp")).complete_steps() == [10, 11]

@@ -14,7 +14,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -32,9 +32,9 @@ from sea_convert.models import DTYPES, load_teacher, pick_device, source_locatio
 from sea_convert.provenance import data_provenance, model_provenance
 from sea_convert.recipe import Recipe, check_fits_model
 from sea_convert.train_state import make_state_dir
-from workers.train.dist_checkpoint import DistCheckpoints
-from workers.pipeline.distill import DistillResult, clear_state, distill_stage
+from workers.pipeline.distill import clear_state, distill_stage
 from workers.pipeline.job_paths import JobPaths, remove_work, work_owner
+from workers.train.loop import DistillResult
 from workers.train.sharded_load import build_skeleton
 from workers.pipeline.publish import publish_stage
 from workers.pipeline.run_estimate import RunEstimate, fmt_duration, time_modes
@@ -231,8 +231,7 @@ def _distill_parallel(recipe: Recipe, paths: JobPaths, log: Log):
     attach_sea(model, recipe.sea, device="cpu")
     load_predictor_state(model, load_file(str(paths.work / "parallel" / PREDICTORS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    distilled = DistillResult(result["steps"], result["seconds"], result["tokens"], result["history"],
-                              result["held_out"], {"a": result["seconds"]}, result["resumed_from"])
+    distilled = DistillResult(**{f.name: result[f.name] for f in fields(DistillResult)})
     return model, tokenizer, None, distilled
 
 
@@ -288,9 +287,7 @@ def stage_publish(recipe: Recipe, paths: JobPaths, owner: str, log: Log = print)
         out["published"] = asdict(pub)
         log(f"published {pub.uri}" + (" (same content as before: nothing uploaded)" if pub.reused else "")
             + ("; latest -> this version" if pub.promoted else ""))
-    clear_state(paths.state)
-    if recipe.distill.parallel.checkpoint_uri:  # distributed checkpoints kept elsewhere (e.g. S3)
-        DistCheckpoints(recipe.distill.parallel.checkpoint_uri, recipe.distill.parallel.storage_options).clear()
+    clear_state(recipe, paths.state)
     remove_work(paths.work, owner)
     return out
 

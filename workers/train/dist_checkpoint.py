@@ -1,19 +1,22 @@
-"""Distributed checkpoints of a parallel distillation, with torch.distributed.checkpoint (DCP),
-in a local folder or on S3 (fsspec).
+"""The checkpoints of every distillation (one process or N), with torch.distributed.checkpoint (DCP),
+in a local folder or on S3 (fsspec). One process writes them without a process group.
 
 Layout under the checkpoint URI:
     step-00000040/.metadata     written last by DCP's coordinator: a step folder without it is unfinished
     step-00000040/__0_0.distcp  the ranks' data
 A checkpoint holds what decides the rest of the run: the trainable weights (the predictors; the
 frozen teacher is not saved: it is reloaded from its source), the optimizer, the schedule and step,
-the data position, each rank's random state, and the history so far. Resuming on the same number
-of workers continues exactly where the run stopped.
+the data position, the stage, each rank's random state, and the history so far. Resuming on the same
+number of workers continues exactly where the run stopped.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 import fsspec
 import torch
@@ -30,6 +33,14 @@ _STEP = re.compile(r"step-(\d{8})$")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # loading: the frozen weights are missing on purpose; the trainable ones come from the same template
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns at every save and load without a process group; one process is a world of one on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _bytes(obj) -> io.BytesIO:
@@ -72,17 +83,37 @@ class DistCheckpoints:
         """Every rank calls this at the same step. `extra` (the same on every rank): data position,
         history, fingerprint..."""
         rank, _ = rank_and_world()
+        if rank == 0 and self.fs.exists(f"{self.root}/step-{step:08d}"):
+            # left by an earlier attempt: its old .metadata must not vouch for data half rewritten
+            self.fs.rm(f"{self.root}/step-{step:08d}", recursive=True)
+        if dist.is_initialized():
+            dist.barrier()
         model_sd, optim_sd = get_state_dict(model, trainer.optimizer, options=_OPTIONS)
         state = {"model": model_sd, "optim": optim_sd,
                  "extra": _bytes({**extra, "scheduler": trainer.scheduler.state_dict(), "step": trainer.step_count,
                                   "total_steps": trainer.total_steps}),
                  f"rng_rank{rank}": _bytes(rng_state())}
-        dcp.save(state, storage_writer=FsspecWriter(self._step_uri(step), **self.options))
+        with _quiet_single_process():
+            dcp.save(state, storage_writer=FsspecWriter(self._step_uri(step), **self.options))
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
             for old in self.complete_steps()[:-self.keep]:
                 self.fs.rm(f"{self.root}/step-{old:08d}", recursive=True)
+
+    def extra(self, step: int, fingerprint: str) -> dict:
+        """Only `extra` (what to build before loading the rest: e.g. which stage's trainer); a checkpoint
+        written by a different recipe is refused."""
+        state = {"extra": io.BytesIO()}
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=FsspecReader(self._step_uri(step), **self.options))
+        return self._checked(step, _unbytes(state["extra"]), fingerprint)
+
+    def _checked(self, step: int, extra: dict, fingerprint: str) -> dict:
+        if extra.get("fingerprint") != fingerprint:
+            raise ResumeError(f"{self._step_uri(step)} was written by a different recipe; delete {self.uri}"
+                              " or set distill.resume: false to start over")
+        return extra
 
     def load(self, step: int, model, trainer, fingerprint: str) -> dict:
         """Restore the trainer (weights, optimizer, schedule, step) and this rank's random state;
@@ -90,11 +121,9 @@ class DistCheckpoints:
         rank, _ = rank_and_world()
         model_sd, optim_sd = get_state_dict(model, trainer.optimizer, options=_OPTIONS)
         state = {"model": model_sd, "optim": optim_sd, "extra": io.BytesIO(), f"rng_rank{rank}": io.BytesIO()}
-        dcp.load(state, storage_reader=FsspecReader(self._step_uri(step), **self.options))
-        extra = _unbytes(state["extra"])
-        if extra.get("fingerprint") != fingerprint:
-            raise ResumeError(f"{self._step_uri(step)} was written by a different recipe; delete {self.uri}"
-                              " or set distill.resume: false to start over")
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=FsspecReader(self._step_uri(step), **self.options))
+        extra = self._checked(step, _unbytes(state["extra"]), fingerprint)
         set_state_dict(model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_LOAD_OPTIONS)
         trainer.scheduler.load_state_dict(extra.pop("scheduler"))
@@ -118,3 +147,11 @@ class DistCheckpoints:
                 self.fs.rmdir(self.root)
         except (FileNotFoundError, OSError):
             pass  # object stores have no empty folders to remove
+
+
+def checkpoints_for(recipe, state_dir: Path) -> DistCheckpoints:
+    """Where a run's checkpoints go, whatever its worker count: distill.parallel.checkpoint_uri, else
+    the state folder's dcp/."""
+    par = recipe.distill.parallel
+    return DistCheckpoints(par.checkpoint_uri or str(Path(state_dir).resolve() / "dcp"), par.storage_options,
+                           par.keep_checkpoints)

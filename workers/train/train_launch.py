@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sea_convert.recipe import Recipe
 from sea_convert.recipe_json import recipe_json
+from workers.train.dist_checkpoint import checkpoints_for
 from workers.train.train_worker import RESULT_FILE, WorkerConfig, train_worker
 
 Log = Callable[[str], None]
@@ -25,10 +26,9 @@ class TrainingFailed(RuntimeError):
 
 
 def worker_config(recipe: Recipe, out_dir: Path, state_dir: Path, **extra) -> dict:
-    par = recipe.distill.parallel
-    uri = par.checkpoint_uri or str(Path(state_dir).resolve() / "dcp")
     return WorkerConfig(recipe=recipe_json(recipe), out_dir=str(Path(out_dir).resolve()),
-                        checkpoint_uri=uri, storage_options=par.storage_options, **extra).model_dump()
+                        checkpoint_uri=checkpoints_for(recipe, state_dir).uri,
+                        storage_options=recipe.distill.parallel.storage_options, **extra).model_dump()
 
 
 def uses_gpu(recipe: Recipe) -> bool:

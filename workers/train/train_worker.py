@@ -6,9 +6,10 @@ A plain function of a JSON-able config, `WorkerConfig`, whose recipe is the vali
 calls it, and so does a plain `python -m workers.train.train_worker CONFIG.json` (one process, no process group).
 
 Per rank: the teacher (sharded with FSDP2 when there are several ranks), the predictors (whole,
-data-parallel), its rows of each global batch. Distributed checkpoints every
-`distill.checkpoint_every` steps; a restarted worker group resumes from the newest whole one.
-Rank 0 writes the trained predictors and the run's summary to `out_dir`, each file atomically.
+data-parallel); then the one training loop (workers.train.loop), which takes this rank's rows of each
+global batch, checkpoints every `distill.checkpoint_every` steps and resumes a restarted worker group
+from the newest whole checkpoint. Rank 0 writes the trained predictors and the run's summary to
+`out_dir`, each file atomically.
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
 from sea_convert.checkpoint import PREDICTORS_FILE, write_predictors
-from sea_convert.data import TrainBatches, build_splits
-from sea_convert.distill import StageATrainer
+from sea_convert.data import build_splits
 from sea_convert.integration import attach_sea, check_supported, compile_predictors, predictors
 from sea_convert.models import DTYPES, load_teacher, source_location
 from sea_convert.recipe import Recipe
 from sea_convert.recipe_json import load_recipe_json
 from sea_convert.train_state import recipe_fingerprint
 from workers.train.dist_checkpoint import DistCheckpoints
-from workers.train.parallel import gradient_averager, rank_and_world, rank_rows, shard_teacher
+from workers.train.loop import train_stages
+from workers.train.parallel import rank_and_world, shard_teacher
 from workers.train.sharded_load import build_skeleton, init_random_weights, load_sharded_weights, materialize
 
 RESULT_FILE = "result.json"
@@ -139,17 +140,6 @@ def _training_windows(cfg: WorkerConfig, recipe: Recipe, tokenizer):
     return splits.train, splits.held_out[:seq].unsqueeze(0)
 
 
-def _per_rank(values: list[float], device: torch.device) -> list[list[float]]:
-    """Every rank's `values` (one all-gather per step; NCCL gathers GPU tensors, gloo CPU ones)."""
-    if not dist.is_initialized():
-        return [values]
-    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor(values, dtype=torch.float64, device=where)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    return [t.tolist() for t in gathered]
-
-
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -160,7 +150,7 @@ def train_worker(config: dict | WorkerConfig, report: Report | None = None) -> d
     """Run (or resume) stage A on this rank; returns the run's summary (the same on every rank)."""
     cfg = WorkerConfig.model_validate(config)
     recipe = load_recipe_json(cfg.recipe, source="worker config recipe")
-    stage, dcfg = recipe.distill.stage_a, recipe.distill
+    stage_a, dcfg = recipe.distill.stage_a, recipe.distill
     rank, world, device = init_distributed(recipe)
     if device.type == "cpu" and world > 1:
         # as many threads as the cores the worker reserved, under either launcher (Ray sets OMP_NUM_THREADS
@@ -173,62 +163,27 @@ def train_worker(config: dict | WorkerConfig, report: Report | None = None) -> d
     load_s = time.perf_counter() - t_load
     windows, probe = _training_windows(cfg, recipe, tokenizer)
     log(f"{world} worker(s) on {device.type}; teacher ready in {load_s:.1f} s;"
-        f" {windows.shape[0]} training windows of {windows.shape[1]} tokens, global batch {stage.batch_size}")
+        f" {windows.shape[0]} training windows of {windows.shape[1]} tokens, global batch {stage_a.batch_size}")
 
     if recipe.sea.compile and device.type == "cuda":
         compile_predictors(model)  # fewer kernel launches per layer: matters once each GPU's share is small
-    trainer = StageATrainer(model, recipe.sea, stage)
-    trainer.grad_sync = gradient_averager(trainer.params)
-    batches = TrainBatches(windows, stage.batch_size, dcfg.seed)
-    fingerprint = recipe_fingerprint(recipe)
     ckpts = DistCheckpoints(cfg.checkpoint_uri, cfg.storage_options, dcfg.parallel.keep_checkpoints) \
         if cfg.checkpoint_uri else None
-    latest = ckpts.latest() if ckpts is not None and dcfg.resume else None
-    history: list[dict] = []
-    held_out: dict = {}
-    resumed_from = None
-    if latest is not None:
-        extra = ckpts.load(latest, model, trainer, fingerprint)
-        batches.load_state_dict(extra["batches"])
-        history, held_out = extra["history"], extra["held_out"]
-        resumed_from = {"stage": "a", "step": trainer.step_count}
-        log(f"resumed from {ckpts.uri} at step {trainer.step_count}")
-    else:
-        held_out["a_before"] = asdict(trainer.evaluate(probe.to(device)))
+    last = min(stage_a.steps, cfg.max_steps or stage_a.steps)
 
-    stop = min(trainer.total_steps, cfg.max_steps) if cfg.max_steps else trainer.total_steps
-    while trainer.step_count < stop:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        rows = rank_rows(batches.next(), rank, world).to(device)
-        m = trainer.step(rows)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        ranks = _per_rank([m.loss, m.kl, m.mse, m.density, m.seconds, peak], device)
-        loss, kl, mse, density = (sum(r[i] for r in ranks) / world for i in range(4))
-        seconds = max(r[4] for r in ranks)  # the step ends when the slowest rank does
-        tokens = m.tokens * world
-        entry = {"stage": "a", "step": m.step, "loss": loss, "kl": kl, "mse": mse, "density": density, "lr": m.lr,
-                 "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "workers": world,
-                 "memory_gib_per_rank": [round(r[5], 2) for r in ranks] if device.type == "cuda" else []}
-        history.append(entry)
-        if m.step % cfg.log_every == 0 or trainer.step_count == stop:
+    def on_step(stage: str, m, entry: dict) -> None:
+        if m.step % cfg.log_every == 0 or m.step == last:
             if report is not None:
                 # Ray Train's report() is a barrier of all workers through an actor: ~1.7 s a call on a 2-core
                 # host (measured), so once per log line, not per step (the history has every step)
                 report(entry)
-            log(f"step {m.step}: loss {loss:.4f}, {entry['tokens_per_s']:.0f} tokens/s, {seconds:.2f} s/step"
+            log(f"step {m.step}: loss {m.loss:.4f}, {entry['tokens_per_s']:.0f} tokens/s, {m.seconds:.2f} s/step"
                 + (f", peak GiB per rank {entry['memory_gib_per_rank']}" if entry["memory_gib_per_rank"] else ""))
-        if ckpts is not None and dcfg.checkpoint_every and trainer.step_count % dcfg.checkpoint_every == 0:
-            t_save = time.perf_counter()
-            ckpts.save(trainer.step_count, model, trainer, {"fingerprint": fingerprint, "batches": batches.state_dict(),
-                                                            "history": history, "held_out": held_out})
-            entry["checkpoint_s"] = round(time.perf_counter() - t_save, 3)
-            log(f"checkpoint of step {trainer.step_count} saved to {ckpts.uri} in {entry['checkpoint_s']:.2f} s")
-    if trainer.step_count == trainer.total_steps:
-        held_out["a_after"] = asdict(trainer.evaluate(probe.to(device)))
-    summary = {"steps": trainer.step_count, "workers": world, "history": history, "held_out": held_out,
-               "seconds": sum(h["seconds"] for h in history), "tokens": sum(h["tokens"] for h in history),
-               "resumed_from": resumed_from, "fingerprint": fingerprint, "teacher_load_s": round(load_s, 1)}
+
+    result = train_stages(recipe, model, windows, probe.to(device), device, ckpts, only=("a",), on_step=on_step,
+                          max_steps=cfg.max_steps, log=log)
+    summary = {**asdict(result), "workers": world, "fingerprint": recipe_fingerprint(recipe),
+               "teacher_load_s": round(load_s, 1)}
     if rank == 0:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
