@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 from benchmarks_timing import median_ms
@@ -70,8 +71,12 @@ def main() -> None:
     if pred.block_rows is not None:  # the same estimate from raw k and v in one kernel pair (the candidate path)
         est_mod, bs = pred.estimator, pred.block_rows
         qf_open = est_mod.features(ops.opening_means(q, bs), k[:, :, :1], d ** -0.5)[0]
-        stages["estimator from raw k, v (kernel pair)"] = lambda: ops.block_rows_estimate(
-            qf_open, k, v, est_mod.position_values, est_mod.projection, d ** -0.5, bs)
+        from kernels import block_estimator
+
+        for ft in (32, 64):  # features per program: the kernel pair's one tuning knob
+            stages[f"estimator from raw k, v (pair, {ft} features)"] = functools.partial(
+                block_estimator._forward, qf_open, k, v, est_mod.position_values, est_mod.projection, d ** -0.5, bs,
+                feature_tile=ft)
     if pred.block_rows is not None:  # what the layer runs at inference: the gates in the kernel's epilogue
         stages["kernel + gates (one kernel)"] = lambda: ops.block_sparse_attention_gated(
             q, k, v, sel.block_index, sel.block_count, sel.block_size, d ** -0.5, est.gates)

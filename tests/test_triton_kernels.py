@@ -507,6 +507,17 @@ def test_block_rows_estimate_matches_reference(H, Hk, T, bs, d):
     assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("feature_tile", [16, 64, 128])
+def test_block_rows_estimate_any_feature_tile(feature_tile):
+    """The feature slices' partial sums add up to the whole whatever the slice (77 features: 5, 2 or 1 slices)."""
+    qf, k, v, table, proj = _estimator_inputs(4, 2, 90, 128, seed=11)
+    qf = qf[:, :, :3]
+    got = be._forward(qf, k, v, table, proj, 0.1, 32, feature_tile=feature_tile)
+    want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, 32).float()
+    tol = 1e-2 if ON_GPU else 1e-5  # as test_block_rows_estimate_matches_reference
+    assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+
+
 def test_block_rows_estimate_trains_the_position_table_through_the_reference():
     qf, k, v, table, proj = _estimator_inputs(4, 2, 50, 32, seed=3)
     qf = qf[:, :, :4]
