@@ -9,7 +9,8 @@ from pathlib import Path
 
 from api.settings import Settings
 from workers.service.jobstore import JobStore
-from workers.service.orchestrator import LocalRayHead, RayRunner, RunnerConfig
+from workers.service.orchestrator import RayRunner, RunnerConfig
+from workers.service.ray_head import LocalRayHead
 from workers.service.service_loop import ServiceLoop
 
 log = logging.getLogger("sea_convert.service")

@@ -135,7 +135,7 @@ def ray_head():
     Ray Train): started as the service starts its head, in a state folder that service settings name to
     adopt it; stopped at the end of the run, its whole process group with it."""
     pytest.importorskip("ray")
-    from workers.service.orchestrator import LocalRayHead
+    from workers.service.ray_head import LocalRayHead
 
     head = LocalRayHead(TEST_ROOT / "ray-head", num_cpus=RAY_HEAD_CPUS)
     head.ensure()

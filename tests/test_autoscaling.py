@@ -25,7 +25,7 @@ from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from conftest import service_data_roots  # noqa: E402
 from test_service_ray import ADMIN, _recipe, _submit, _wait  # noqa: E402
-from workers.service.orchestrator import HEAD_ENV, LocalRayHead, _alive, _auth_headers  # noqa: E402
+from workers.service.ray_head import HEAD_ENV, LocalRayHead, _alive, _auth_headers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_CLUSTER = ROOT / "docker" / "ray" / "fake-cluster.yaml"

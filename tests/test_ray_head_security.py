@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-from workers.service.orchestrator import (  # noqa: E402
+from workers.service.ray_head import (  # noqa: E402
     REQUIRED_ROLES,
     WORKER_PORTS,
     LocalRayHead,

@@ -25,7 +25,7 @@ from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
 from conftest import HELD_OUT_TEXT, RAY_HEAD_CPUS, TRAIN_TEXT, make_bucket, s3_options, s3_recipe_options, service_data_roots  # noqa: E402
 from workers.service.jobstore import JobStore  # noqa: E402
-from workers.service.orchestrator import LocalRayHead  # noqa: E402
+from workers.service.ray_head import LocalRayHead  # noqa: E402
 
 ADMIN = {"Authorization": "Bearer admin"}
 FINAL = ("succeeded", "failed", "gated", "cancelled")
