@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
+from kernels.block_budget import BlockBudget
 from kernels.reference_decode import CNNWeights, RowWeights
 from kernels.sparse_decode import gate_weights
 
@@ -467,11 +468,12 @@ def _select_candidates_kernel(
     key = tl.where(forced, INT32_MAX, key)
     key = tl.where(causal, key, INT32_MIN)
     tl.store(Keys + pid * NKBP + j, key)
+    # BlockBudget.blocks (kernels/block_budget.py) is the rule, here in tl ops: qb is known only on the device
     if HAS_DENSITY:
-        per_head = tl.ceil(density * (qb + 1).to(tl.float32)).to(tl.int32)
+        base = tl.ceil(density * (qb + 1).to(tl.float32)).to(tl.int32)
     else:
-        per_head = PER_HEAD
-    budget = tl.maximum(tl.minimum(qb + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
+        base = PER_HEAD
+    budget = tl.minimum(qb + 1, tl.maximum(base, SINK + LOCAL)) * HKV
 
     # the budget-th largest key of this head: the largest t with #(key >= t) >= budget
     lo = tl.full([], INT32_MIN + 1, tl.int64)
@@ -555,7 +557,7 @@ def _select_lists_kernel(
 @torch.compiler.disable
 def decode_select_blocks(
     probs: torch.Tensor, block_sum: torch.Tensor, length: torch.Tensor, block_size: int, num_key_blocks: int,
-    per_head: int, density: float | None, sink_blocks: int, local_blocks: int, max_budget: int,
+    budget: BlockBudget, max_budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hkv, K = probs.shape
     if not (block_sum.is_contiguous() and length.is_contiguous()):
@@ -575,9 +577,10 @@ def decode_select_blocks(
     step = torch.empty(B, 2, dtype=torch.int32, device=dev)
     _select_candidates_kernel[(B * Hkv,)](
         probs.contiguous(), block_sum, length, cdf, keys, cand, thr, ties, step,
-        0.0 if density is None else float(density),
+        0.0 if budget.density is None else budget.density,
         HKV=Hkv, K=K, KP=KP, NKB=num_key_blocks, NKBP=nkbp, MAXB=maxb, MAXBP=maxbp, BS=block_size,
-        PER_HEAD=per_head, HAS_DENSITY=density is not None, SINK=sink_blocks, LOCAL=local_blocks,
+        PER_HEAD=budget.per_head or 0, HAS_DENSITY=budget.density is not None, SINK=budget.sink_blocks,
+        LOCAL=budget.local_blocks,
         WIDE=nkbp > PACK16_MAX, num_warps=min(8, max(4, nkbp // 512)),
     )
     _select_lists_kernel[(B * Hkv,)](

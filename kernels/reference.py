@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from kernels.block_budget import BlockBudget
+
 # ---------------------------------------------------------------------------
 # bins: row t's K bins stretch over its own prefix of length n = t + 1;
 # key s of row t falls in bin floor(s * K / n).
@@ -277,15 +279,13 @@ def spread_bins_to_key_blocks(pooled: torch.Tensor, n: torch.Tensor, block_size:
 
 
 def select_key_blocks(
-    scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int,
-    block_pos: torch.Tensor | None = None, max_budget: int | None = None,
+    scores: torch.Tensor, budget: BlockBudget, block_pos: torch.Tensor | None = None, max_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped top-k over key blocks: the KV heads of a query block share one budget.
 
-    scores: (B, Hkv, NQB, NKB) with -inf for non-causal blocks. blocks_per_head: an int, or a
-    tensor broadcastable to the query blocks' positions for a budget that varies by query block.
-    Query block i keeps min(blocks_per_head, i + 1) * Hkv blocks in all (never fewer than the
-    forced ones), always including the sink blocks and the local (diagonal) blocks of every head.
+    scores: (B, Hkv, NQB, NKB) with -inf for non-causal blocks. Query block i keeps
+    budget.blocks(i) * Hkv blocks in all, always including the sink blocks and the local
+    (diagonal) blocks of every head.
     block_pos: (B or 1, NQB) position i of each row of scores (default 0..NQB-1; the decoder passes
     each sequence's current query block). max_budget: a bound on the largest budget known on the
     host (the decoder's), which spares a device sync and fixes the output's shape (MAXB =
@@ -296,14 +296,13 @@ def select_key_blocks(
     i = torch.arange(nqb, device=scores.device)[None, :] if block_pos is None else block_pos.to(scores.device)
     i = i[..., None]  # (B or 1, NQB, 1)
     j = torch.arange(nkb, device=scores.device)
-    forced = ((j < sink_blocks) | ((j <= i) & (j > i - local_blocks))) & (j <= i)  # (B or 1, NQB, NKB)
+    forced = ((j < budget.sink_blocks) | ((j <= i) & (j > i - budget.local_blocks))) & (j <= i)  # (B or 1, NQB, NKB)
     s = scores.float().masked_fill(forced[:, None], float("inf"))
-    per_head = torch.as_tensor(blocks_per_head, device=scores.device)
-    budget = torch.minimum(i[..., 0] + 1, per_head).clamp_min(forced.sum(-1)) * Hkv  # (B or 1, NQB)
+    total = budget.blocks_tensor(i[..., 0]) * Hkv  # (B or 1, NQB)
     # top-k of the largest budget instead of a full sort: the budget is far below Hkv * NKB at long T
-    kmax = min(int(budget.max()) if max_budget is None else max_budget, Hkv * nkb)
+    kmax = min(int(total.max()) if max_budget is None else max_budget, Hkv * nkb)
     values, picked = _grouped_topk(s.permute(0, 2, 1, 3), kmax)
-    keep = (torch.arange(kmax, device=s.device) < budget[..., None]) & (values > float("-inf"))
+    keep = (torch.arange(kmax, device=s.device) < total[..., None]) & (values > float("-inf"))
     chosen = torch.zeros(B, nqb, Hkv * nkb, dtype=torch.bool, device=s.device).scatter_(-1, picked, keep)
     chosen = chosen.view(B, nqb, Hkv, nkb).permute(0, 2, 1, 3)
     return blocks_to_index(chosen, None if max_budget is None else min(nkb, kmax))

@@ -20,6 +20,7 @@ import math
 import torch
 
 from kernels import reference as ref  # a module object: kernels.reference imports this module at its end
+from kernels.block_budget import BlockBudget
 
 
 def opening_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -238,7 +239,7 @@ def decode_block_cnn_probs(ring: torch.Tensor, current: torch.Tensor, row: torch
 
 
 def decode_select_block_row(probs: torch.Tensor, length: torch.Tensor, block_size: int, num_key_blocks: int,
-                            per_head: int, density: float | None, sink_blocks: int, local_blocks: int, max_budget: int):
+                            budget: BlockBudget, max_budget: int):
     """decode_select_blocks for block rows: the current block's probabilities (B, Hkv, K) read per key block, then the
     same grouped top-k; the row counted in (length += 1). Returns (block_index (B, Hkv, MAXB), block_count
     (B, Hkv), kept (B, Hkv))."""
@@ -246,4 +247,4 @@ def decode_select_block_row(probs: torch.Tensor, length: torch.Tensor, block_siz
 
     qb = length // block_size
     scores = block_scores_from_bins(probs[:, :, None], num_key_blocks, rows=qb[:, None])
-    return rd.select_row_blocks(scores, length, block_size, per_head, density, sink_blocks, local_blocks, max_budget)
+    return rd.select_row_blocks(scores, length, block_size, budget, max_budget)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference as ops  # a module object: kernels.reference imports this module's ops at its end
+from kernels.block_budget import BlockBudget
 
 
 class RowWeights(NamedTuple):
@@ -143,14 +144,6 @@ def empty_bins(rows: torch.Tensor, K: int) -> torch.Tensor:
     return starts[..., 1:] == starts[..., :-1]
 
 
-def blocks_per_head_rule(block_pos: torch.Tensor, per_head: int, density: float | None) -> torch.Tensor:
-    """Key blocks each KV head may keep in query blocks at positions `block_pos` (any shape), before
-    the forced sink/local blocks are counted in: a fixed number, or a density of the causal blocks."""
-    if density is not None:
-        return torch.ceil(density * (block_pos + 1).float()).long()
-    return torch.full_like(block_pos, per_head)
-
-
 def kept_from_blocks(block_index: torch.Tensor, block_count: torch.Tensor, block_size: int, T: int) -> torch.Tensor:
     """Keys kept per row: full blocks before the row's own block, plus the causal part of its own block."""
     nqb = block_index.shape[2]
@@ -254,7 +247,7 @@ def decode_cnn_probs(image: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, 
 
 def decode_select_blocks(
     probs: torch.Tensor, block_sum: torch.Tensor, length: torch.Tensor, block_size: int, num_key_blocks: int,
-    per_head: int, density: float | None, sink_blocks: int, local_blocks: int, max_budget: int,
+    budget: BlockBudget, max_budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-mode selection for the new row of each sequence, and the row counted in: length += 1.
 
@@ -262,9 +255,9 @@ def decode_select_blocks(
     position); block_sum (B, Hkv, K) the sum of the current query block's rows before this one,
     updated in place (reset when the row opens a new block). The block's rows pooled (their mean,
     what the prefill pools for a partial last block) are spread over key blocks 0..num_key_blocks-1
-    (future ones masked) and select_key_blocks keeps the grouped top-k: blocks_per_head_rule(per_head,
-    density) per KV head, sink and local blocks forced. max_budget: the host's bound on the total
-    budget, which fixes the lists' width MAXB = min(num_key_blocks, max_budget).
+    (future ones masked) and select_key_blocks keeps the grouped top-k: budget.blocks(query block) per
+    KV head, sink and local blocks forced. max_budget: the host's bound on the total budget, which
+    fixes the lists' width MAXB = min(num_key_blocks, max_budget).
     Returns (block_index (B, Hkv, MAXB) int32 sorted and -1 padded, block_count (B, Hkv) int32,
     kept (B, Hkv) keys the row attends to).
     """
@@ -275,20 +268,19 @@ def decode_select_blocks(
     block_sum.masked_fill_(fresh, 0.0).add_(probs)
     pooled = block_sum / (pos % bs + 1).view(B, 1, 1).float()
     scores = ops.spread_bins_to_key_blocks(pooled[:, :, None], (pos + 1)[:, None].float(), bs, num_key_blocks)
-    return select_row_blocks(scores, length, bs, per_head, density, sink_blocks, local_blocks, max_budget)
+    return select_row_blocks(scores, length, bs, budget, max_budget)
 
 
-def select_row_blocks(scores: torch.Tensor, length: torch.Tensor, block_size: int, per_head: int, density: float | None,
-                      sink_blocks: int, local_blocks: int, max_budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_row_blocks(scores: torch.Tensor, length: torch.Tensor, block_size: int, budget: BlockBudget,
+                      max_budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decoder's selection for the new row of each sequence from its block scores (B, Hkv, 1, NKB)
     (future blocks are masked here), and the row counted in: length += 1. See decode_select_blocks."""
     B, num_key_blocks = scores.shape[0], scores.shape[-1]
     pos = length.clone()
     qb = pos // block_size
     future = torch.arange(num_key_blocks, device=scores.device)[None, None, None, :] > qb.view(B, 1, 1, 1)
-    index, count = ops.select_key_blocks(scores.masked_fill(future, float("-inf")),
-                                         blocks_per_head_rule(qb[:, None], per_head, density), sink_blocks, local_blocks,
-                                         block_pos=qb[:, None], max_budget=max_budget)
+    index, count = ops.select_key_blocks(scores.masked_fill(future, float("-inf")), budget, block_pos=qb[:, None],
+                                         max_budget=max_budget)
     index, count = index[:, :, 0], count[:, :, 0]
     kept = kept_from_blocks_row(index, count, block_size, pos)
     length.add_(1)

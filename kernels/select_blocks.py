@@ -16,6 +16,7 @@ import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels import reference
+from kernels.block_budget import BlockBudget
 
 
 @triton.jit
@@ -27,7 +28,7 @@ def _ordered(x):
 
 @triton.jit
 def _select_kernel(
-    S, PerHead, BlockPos, Index, Count,
+    S, Blocks, BlockPos, Index, Count,
     NKB, sink, local, MAXB, MAX_BUDGET,
     ssb, ssh, ssq, ssk, spb, spq, sbb, sbq, sib, sih, siq, sij, scb, sch, scq,
     HKV: tl.constexpr, HP: tl.constexpr, NKB_P: tl.constexpr,
@@ -41,8 +42,7 @@ def _select_kernel(
     i = tl.load(BlockPos + b * sbb + q * sbq)
     forced = ((j < sink) | ((j <= i) & (j > i - local))) & (j <= i) & (j < NKB)
     s = tl.where(forced[None, :] & inside, float("inf"), s)
-    per_head = tl.load(PerHead + b * spb + q * spq)
-    budget = tl.maximum(tl.minimum(i + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
+    budget = tl.load(Blocks + b * spb + q * spq) * HKV  # BlockBudget.blocks of query block i, from the host
     cand = inside & (s > float("-inf"))
     take = tl.minimum(tl.minimum(budget, MAX_BUDGET), tl.sum(tl.sum(cand.to(tl.int32), 1), 0))  # as the reference's top-k
     key = _ordered(s)
@@ -73,28 +73,25 @@ def _num_warps(tile: int) -> int:
 
 
 def select_key_blocks(
-    scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int,
-    block_pos: torch.Tensor | None = None, max_budget: int | None = None,
+    scores: torch.Tensor, budget: BlockBudget, block_pos: torch.Tensor | None = None, max_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.select_key_blocks in one kernel. Without max_budget the lists' width depends on the data
     (a device sync): that case is left to the reference."""
     if max_budget is None:
-        return reference.select_key_blocks(scores, blocks_per_head, sink_blocks, local_blocks, block_pos)
+        return reference.select_key_blocks(scores, budget, block_pos)
     B, Hkv, nqb, nkb = scores.shape
     dev = scores.device
     maxb = min(nkb, max_budget)
-    pos = (torch.arange(nqb, device=dev)[None, :] if block_pos is None else block_pos.to(dev)).expand(B, nqb)
-    if isinstance(blocks_per_head, torch.Tensor):
-        per_head = blocks_per_head.to(dev).expand(B, nqb)
-    else:
-        per_head = torch.full((1, 1), int(blocks_per_head), device=dev, dtype=torch.long).expand(B, nqb)
+    pos = torch.arange(nqb, device=dev)[None, :] if block_pos is None else block_pos.to(dev)
+    blocks = budget.blocks_tensor(pos).expand(B, nqb)
+    pos = pos.expand(B, nqb)
     index = torch.full((B, Hkv, nqb, maxb), -1, dtype=torch.int32, device=dev)
     count = torch.empty(B, Hkv, nqb, dtype=torch.int32, device=dev)
     s = scores.float()
     nkb_p = max(16, triton.next_power_of_2(nkb))
     _select_kernel[(nqb, B)](
-        s, per_head, pos, index, count, nkb, sink_blocks, local_blocks, maxb, max_budget,
-        *s.stride(), *per_head.stride(), *pos.stride(), *index.stride(), *count.stride(),
+        s, blocks, pos, index, count, nkb, budget.sink_blocks, budget.local_blocks, maxb, max_budget,
+        *s.stride(), *blocks.stride(), *pos.stride(), *index.stride(), *count.stride(),
         HKV=Hkv, HP=max(2, triton.next_power_of_2(Hkv)), NKB_P=nkb_p, num_warps=_num_warps(Hkv * nkb_p),
     )
     return index, count
