@@ -1,6 +1,6 @@
 """The decode step's predictor and selection in Triton: a few kernels instead of ~100 small ops.
 
-Contract: `kernels.reference_decode` (same signatures, same outputs; the reference is the math
+Contract: `kernels.reference_decode_step` (same signatures, same outputs; the reference is the math
 the prefill runs, so decoding on these kernels continues a prefill as a full re-run would).
 
 Decoding one token is launch-bound: the work per layer is a few small matrix products and
@@ -40,7 +40,7 @@ import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels.block_budget import BlockBudget
-from kernels.reference_decode import CNNWeights, RowWeights
+from kernels.reference_predictor import CNNWeights, RowWeights
 from kernels.sparse_decode import gate_weights
 
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and columns)

@@ -1,7 +1,7 @@
 """Triton grouped top-k over key blocks: one program per (sequence, query block) makes every KV head's
 sorted block list at once, on the device, with no host sync.
 
-Matches `reference.select_key_blocks` (same signature) wherever no two candidate scores tie at the
+Matches `reference_select.select_key_blocks` (same signature) wherever no two candidate scores tie at the
 budget's edge: the reference takes torch.topk's order among equal scores, this kernel the lowest
 (head, block) first. Forced blocks (sink and local) are +inf, so they never tie with a real score and are
 always kept (the budget is never below them). The budget's threshold is found by bisection on the
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
-from kernels import reference
+from kernels import reference_block_rows, reference_select
 from kernels.block_budget import BlockBudget
 
 
@@ -75,10 +75,10 @@ def _num_warps(tile: int) -> int:
 def select_key_blocks(
     scores: torch.Tensor, budget: BlockBudget, block_pos: torch.Tensor | None = None, max_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.select_key_blocks in one kernel. Without max_budget the lists' width depends on the data
+    """reference_select.select_key_blocks in one kernel. Without max_budget the lists' width depends on the data
     (a device sync): that case is left to the reference."""
     if max_budget is None:
-        return reference.select_key_blocks(scores, budget, block_pos)
+        return reference_select.select_key_blocks(scores, budget, block_pos)
     B, Hkv, nqb, nkb = scores.shape
     dev = scores.device
     maxb = min(nkb, max_budget)
@@ -110,18 +110,18 @@ def _scores_from_bins(
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = j < NKB
     n = r + 1  # the row's causal key blocks
-    bins = tl.minimum((j * K) // n, K - 1)  # reference.key_bins
-    width = tl.maximum(((bins + 1) * n + K - 1) // K - (bins * n + K - 1) // K, 1)  # reference.bin_starts
+    bins = tl.minimum((j * K) // n, K - 1)  # bins.key_bins
+    width = tl.maximum(((bins + 1) * n + K - 1) // K - (bins * n + K - 1) // K, 1)  # bins.bin_starts
     p = tl.load(P + b * spb + h * sph + r * spr + bins * spk, mask=j_ok, other=0.0).to(tl.float32)
     s = tl.where(j > r, float("-inf"), tl.math.div_rn(p, width.to(tl.float32)))  # IEEE division, as torch's
     tl.store(S + b * ssb + h * ssh + r * ssr + j * ssk, s, mask=j_ok)
 
 
 def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """reference.block_scores_from_bins in one kernel (the full pass's rows 0..R-1; the decoder's rows at
+    """reference_block_rows.block_scores_from_bins in one kernel (the full pass's rows 0..R-1; the decoder's rows at
     given positions are a few, left to the reference)."""
     if rows is not None:
-        return reference.block_scores_from_bins(probs, num_key_blocks, rows)
+        return reference_block_rows.block_scores_from_bins(probs, num_key_blocks, rows)
     B, H, R, K = probs.shape
     scores = torch.empty(B, H, R, num_key_blocks, dtype=torch.float32, device=probs.device)
     block_j = min(1024, max(16, triton.next_power_of_2(num_key_blocks)))

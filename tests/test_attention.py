@@ -172,7 +172,7 @@ def test_cnn_shortcut_equals_upsample_then_project():
     """The CNN projects and normalises at width K/4, then upsamples: the same as the paper's order."""
     import torch.nn.functional as F
 
-    from sea_convert.attention.predictor import CausalCNN
+    from sea_convert.attention.cnn import CausalCNN
 
     torch.manual_seed(0)
     cnn = CausalCNN(heads=3, channels_per_head=2, K=32)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from kernels.block_budget import BlockBudget
-from kernels.reference_decode import kept_from_blocks_row
+from kernels.reference_gates import kept_from_blocks_row
 from sea_convert.attention.layer import SEAOutput, sea_attention
 from sea_convert.attention.predictor import SEAPredictor
 from sea_convert.attention.select import block_budget, kept_from_bins_row
@@ -159,7 +159,7 @@ def _compiled_step():
 
 def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: float, ops, state: DecodeState,
           key_blocks: int, budget: BlockBudget, opens: bool) -> torch.Tensor:
-    """Five ops (see kernels.reference_decode; block rows: kernels.reference_block_rows): predictor rows,
+    """Five ops (see kernels.reference_decode_step; block rows: kernels.reference_block_rows): predictor rows,
     CNN row and pooled estimate, selection, sparse attention, gates; in block mode with gates the last two
     are one op. Block rows: only a step where some sequence opens a block (`opens`, known on the host) makes
     rows and selections; the others add to the sums and attend over the stored selection."""

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from kernels.block_budget import BlockBudget
-from kernels.reference import bin_starts
-from kernels.reference_decode import kept_from_blocks
+from kernels.bins import bin_starts
+from kernels.reference_gates import kept_from_blocks
+from kernels.reference_select import select_key_blocks
+from kernels.reference_teacher_target import block_attention_mass
 from sea_convert.recipe import SEAConfig
 
 
@@ -109,8 +111,6 @@ def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig
     mass of the query block they share with a sequence's last real rows: that block's mass is
     recomputed on the sequence alone, so real rows select as without the pads.
     """
-    from kernels.reference import block_attention_mass, select_key_blocks
-
     mass = block_attention_mass(q, k, scale, cfg.block_size)
     if valid is not None:
         bs, T = cfg.block_size, q.shape[2]
