@@ -2,7 +2,7 @@
 
 The one definition of the rule. The selection (select_key_blocks, its Triton version), the decoder's
 selection, the host's bounds on the lists' widths and the benchmarks all read it from a BlockBudget;
-only the decoder's selection kernel (kernels.decode_step) re-expresses it in tl ops, from these fields.
+only the decoder's selection kernel (kernels.decode_step_select) re-expresses it in tl ops, from these fields.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ signature of its Triton counterpart, gathered from the reference modules that si
     reference_block_sparse       kernels.block_sparse_attention, kernels.cpu_block_sparse
     reference_select             kernels.select_blocks (block scores, grouped top-k, per-query bins)
     reference_sparse_decode      kernels.sparse_decode
-    reference_decode_step        kernels.decode_step (built on reference_predictor's row math)
+    reference_decode_step        kernels.decode_step_* (built on reference_predictor's row math)
     reference_gates              the output gates of the gated / mixed kernels
     reference_block_rows         the block-row predictor (sea.predictor_rows: block)
 

@@ -1,4 +1,5 @@
-"""Reference of the fused decode step's ops (kernels.decode_step: same signatures, same outputs).
+"""Reference of the fused decode step's ops (kernels.decode_step_rows, decode_step_cnn, decode_step_select,
+decode_step_mix: same signatures, same outputs).
 
 A decode step (sea_convert.attention.decode) is five ops:
 1. decode_predictor_rows: the estimator's running-sum update and its new row, the encoder, the row

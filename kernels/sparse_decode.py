@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
+from kernels.tiles import pow2
 
 LOG2E = 1.4426950408889634
-MIN_ROWS = 16  # tl.dot needs at least 16 rows
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def _attend(q, k, v, block_index, block_count, block_size, scale, start, length,
         raise ValueError(f"need Hq a multiple of Hkv and block_size a power of two >= 16; got Hq={Hq}, Hkv={Hkv},"
                          f" block_size={block_size}")
     G = Hq // Hkv
-    GP = max(MIN_ROWS, triton.next_power_of_2(G))
+    GP = pow2(G)  # the group's rows, padded to tl.dot's 16 at least
     BLOCK_D = triton.next_power_of_2(d)
     maxb = block_index.shape[-1]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4

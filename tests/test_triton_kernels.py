@@ -41,7 +41,10 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from kernels import block_estimator as be  # noqa: E402
 from kernels import block_sparse_attention as bsa  # noqa: E402
 from kernels.block_budget import BlockBudget  # noqa: E402
-from kernels import decode_step as ds  # noqa: E402
+from kernels import decode_step_cnn as dsc  # noqa: E402
+from kernels import decode_step_mix as dsm  # noqa: E402
+from kernels import decode_step_rows as dsr  # noqa: E402
+from kernels import decode_step_select as dss  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels import linear_attention as la  # noqa: E402
 from kernels import reference as ref  # noqa: E402
@@ -59,7 +62,10 @@ if IN_PROCESS and not ON_GPU and not isinstance(bsa._fwd_kernel, InterpretedFunc
     la = importlib.reload(la)
     sd = importlib.reload(sd)
     sel = importlib.reload(sel)
-    ds = importlib.reload(ds)
+    dsr = importlib.reload(dsr)
+    dsc = importlib.reload(dsc)
+    dss = importlib.reload(dss)
+    dsm = importlib.reload(dsm)
     be = importlib.reload(be)
     triton_ops = importlib.reload(triton_ops)
 ROOT = Path(__file__).resolve().parents[1]
@@ -636,7 +642,7 @@ def test_sparse_decode_bf16_gpu_model_shapes(S):
 
 
 # ---------------------------------------------------------------------------
-# the decode step's fused kernels (kernels.decode_step) from a real prefill's state
+# the decode step's fused kernels (kernels.decode_step_*) from a real prefill's state
 
 
 def _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed, mode="block", bs=16, nbf=2, **cfg_kw):
@@ -716,7 +722,7 @@ def _check_rows_and_cnn(case, dtype, bs=16, nbf=2):
     ks, vs = kc[:, :, -1:], vc[:, :, -1:]
     a, b = copy.deepcopy(state), copy.deepcopy(state)
     with torch.no_grad():
-        row_k, gates_k = ds.decode_predictor_rows(q, ks, vs, a.length, a.shift, a.kv, a.norm, a.v_sum, pred.row_weights(), d**-0.5)
+        row_k, gates_k = dsr.decode_predictor_rows(q, ks, vs, a.length, a.shift, a.kv, a.norm, a.v_sum, pred.row_weights(), d**-0.5)
         row_r, gates_r = ref.decode_predictor_rows(q, ks, vs, b.length, b.shift, b.kv, b.norm, b.v_sum, pred.row_weights(), d**-0.5)
     tol = STEP_TOL[dtype]
     assert row_k.shape == row_r.shape and row_k.dtype == row_r.dtype
@@ -727,7 +733,7 @@ def _check_rows_and_cnn(case, dtype, bs=16, nbf=2):
         assert (x - y).abs().max().item() <= 2e-5 * max(1.0, y.abs().max().item()), name
     # the CNN on the same new row (the reference's), from the same ring
     with torch.no_grad():
-        probs_k = ds.decode_cnn_probs(a.image, row_r, a.length, pred.cnn.weights(), Hkv)
+        probs_k = dsc.decode_cnn_probs(a.image, row_r, a.length, pred.cnn.weights(), Hkv)
         probs_r = ref.decode_cnn_probs(b.image, row_r, b.length, pred.cnn.weights(), Hkv)
     assert probs_k.shape == (B, Hkv, K)
     assert (probs_k - probs_r).abs().max().item() <= tol["probs"]
@@ -746,7 +752,7 @@ def _select_case(B, Hkv, K, lengths, nkb, seed, pooled=False, block_size=16, per
                 max_budget=3 * Hkv if max_budget is None else max_budget)
     la, lb = torch.tensor(lengths, device=DEV), torch.tensor(lengths, device=DEV)
     sa, sb = block_sum.clone(), block_sum.clone()
-    got = ds.decode_select_blocks(probs, sa, la, **args)
+    got = dss.decode_select_blocks(probs, sa, la, **args)
     want = ref.decode_select_blocks(probs, sb, lb, **args)
     assert torch.equal(la, lb) and torch.equal(la.cpu(), torch.tensor(lengths) + 1)
     assert torch.allclose(sa, sb, atol=1e-6)  # one fp32 add of the same operands: measured 0
@@ -815,15 +821,15 @@ def test_decode_select_blocks_budget_is_block_budgets(budget):
     lengths = [qb * bs + (7 * qb) % bs for qb in range(nkb)]
     g = torch.Generator().manual_seed(nkb)
     probs = torch.softmax(_randn(nkb, Hkv, 32, gen=g), -1)
-    _, count, _ = ds.decode_select_blocks(probs, torch.zeros_like(probs), torch.tensor(lengths, device=DEV), bs, nkb,
-                                          budget, budget.bound(nkb) * Hkv)
+    _, count, _ = dss.decode_select_blocks(probs, torch.zeros_like(probs), torch.tensor(lengths, device=DEV), bs, nkb,
+                                           budget, budget.bound(nkb) * Hkv)
     assert count.sum(-1).tolist() == [budget.blocks(qb) * Hkv for qb in range(nkb)]
 
 
 def test_decode_select_blocks_wide_count_packing(monkeypatch):
     """Very long position tables pack the search's two counts in 32-bit fields of an int64; force that
     path on a small case (the 16-bit path runs in every other case)."""
-    monkeypatch.setattr(ds, "PACK16_MAX", 0)
+    monkeypatch.setattr(dss, "PACK16_MAX", 0)
     (index, count, kept), (ri, rc, rk), pooled = _select_case(3, 3, 32, [100, 32, 7], 9, seed=11, max_budget=9, pooled=True)
     assert _top_k_margin(ri, rc, pooled, [100, 32, 7], 9) > 1e-4  # measured 1.7e-2: exact lists (see above)
     assert torch.equal(index, ri) and torch.equal(count, rc) and torch.equal(kept, rk)
@@ -838,9 +844,9 @@ def test_decode_select_blocks_exact_ties_go_to_the_lowest_head_and_block():
     probs = torch.full((1, Hkv, K), 1 / K, device=DEV)
     block_sum = torch.full((1, Hkv, K), 15 / K, device=DEV)  # 15 rows of the query block before this one
     length = torch.tensor([511], device=DEV)
-    index, count, kept = ds.decode_select_blocks(probs, block_sum, length, block_size=16, num_key_blocks=32,
-                                                 budget=BlockBudget(per_head=per_head, sink_blocks=1, local_blocks=1),
-                                                 max_budget=per_head * Hkv)
+    index, count, kept = dss.decode_select_blocks(probs, block_sum, length, block_size=16, num_key_blocks=32,
+                                                  budget=BlockBudget(per_head=per_head, sink_blocks=1, local_blocks=1),
+                                                  max_budget=per_head * Hkv)
     assert count.tolist() == [[2 + Hkv, 2, 2]]  # sink + local each, the Hkv tied slots to head 0
     assert index[0, 0].tolist() == [0, 1, 2, 3, 31, -1, -1, -1, -1]
     assert index[0, 1].tolist() == index[0, 2].tolist() == [0, 31, -1, -1, -1, -1, -1, -1, -1]
