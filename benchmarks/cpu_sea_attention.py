@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kernels import cpu_block_sparse, dispatch, reference  # noqa: E402
+from kernels.block_budget import BlockBudget  # noqa: E402
 from sea_convert.attention import SEAPredictor, sea_attention  # noqa: E402
 from sea_convert.recipe import SEAConfig  # noqa: E402
 
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--k", type=int, default=128, help="keys per head per query (blocks per head = k / block_size)")
+    ap.add_argument("--k", type=int, default=128, help="keys per head per query (blocks per head = k / block_size, rounded up)")
     ap.add_argument("--sink-blocks", type=int, default=1)
     ap.add_argument("--local-blocks", type=int, default=1)
     ap.add_argument("--predictor-length", type=int, default=256, help="K, the estimate's width (whole-layer columns)")
@@ -68,7 +69,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     Hq, Hkv, d, bs = a.heads, a.kv_heads, a.head_dim, a.block_size
-    per_head = max(1, a.k // bs)
+    budget = BlockBudget.from_keys(a.k, bs, sink_blocks=a.sink_blocks, local_blocks=a.local_blocks)
+    per_head = budget.per_head
     scale = d ** -0.5
     rows = []
     load0 = os.getloadavg()[0]  # other work on the cores slows the sparse paths' many small parallel ops most
@@ -83,7 +85,7 @@ def main() -> None:
         v = torch.randn(1, Hkv, T, d)
         nb = math.ceil(T / bs)
         scores = torch.rand(1, Hkv, nb, nb).masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
-        index, count = reference.select_key_blocks(scores, per_head, a.sink_blocks, a.local_blocks)
+        index, count = reference.select_key_blocks(scores, budget)
         kept = float(count.sum()) * bs * bs / (Hkv * T * (T + 1) / 2)  # kept (query, key) pairs, block-rounded, / causal pairs
         with torch.no_grad():
             dense, dense_t = _median_ms(lambda: reference.dense_causal_attention(q, k, v, scale), a.runs)

@@ -35,6 +35,7 @@ from benchmarks_timing import graph_ms, median_ms
 from kernels import dispatch, reference
 from sea_convert.attention.decode import prefill, step
 from sea_convert.attention.predictor import SEAPredictor
+from sea_convert.attention.select import block_budget
 from sea_convert.recipe import SEAConfig
 
 
@@ -57,9 +58,9 @@ def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128)
         got = step(q, k, v, pred, cfg, scale, ops, copy.deepcopy(state0))
         want = step(q, k, v, pred, cfg, scale, reference, copy.deepcopy(state0))
         step_err = (got - want).abs().max().item()
-        # the decode kernel alone at this context: a 2048-key selection
+        # the decode kernel alone at this context: the budget's selection for the new row's query block
         nkb = math.ceil((T + 1) / cfg.block_size)
-        per_head = cfg.block_keys // cfg.block_size
+        per_head = block_budget(cfg).blocks(nkb - 1)
         idx = torch.stack([torch.sort(torch.randperm(nkb - 1, device="cuda", generator=g)[: per_head - 1]).values
                            for _ in range(Hkv)])
         idx = torch.cat([idx, torch.full((Hkv, 1), nkb - 1, device="cuda")], 1)[None].to(torch.int32)

@@ -36,19 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 
 from kernels import reference as ref  # noqa: E402
+from kernels.block_budget import BlockBudget  # noqa: E402
 from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from kernels.teacher_target import teacher_target  # noqa: E402
 
 FULL = dict(B=1, Hq=32, Hkv=8, d=128, lengths=[4096, 16384], block=64, budget_keys=2048, K=256, fp32_ref_max_T=4096)
 # Interpreter: tiny shapes; fp16 because the interpreter's tl.dot cannot multiply bf16.
 SMALL = dict(B=1, Hq=4, Hkv=2, d=32, lengths=[200, 333], block=32, budget_keys=64, K=32, fp32_ref_max_T=200)
+FORCED = dict(sink_blocks=1, local_blocks=1)  # the sink and local blocks every list keeps
 
 
 def blocks_per_head_for_density(nb: int, density: float) -> int:
     """Smallest per-head block budget whose kept share of the causal blocks reaches `density`."""
     causal = nb * (nb + 1) / 2
     for bph in range(1, nb + 1):
-        if sum(min(bph, i + 1) for i in range(nb)) >= density * causal:
+        if sum(BlockBudget(per_head=bph, **FORCED).blocks(i) for i in range(nb)) >= density * causal:
             return bph
     return nb
 
@@ -109,7 +111,7 @@ def check_block_sparse(cfg: dict, T: int, bph: int, label: str, dtype, device, r
     nb = math.ceil(T / bs)
     scores = torch.rand(B, Hkv, nb, nb, device=device, generator=g)
     scores = scores.masked_fill(~torch.ones(nb, nb, dtype=torch.bool, device=device).tril(), float("-inf"))
-    bi, bc = ref.select_key_blocks(scores, bph, 1, 1)
+    bi, bc = ref.select_key_blocks(scores, BlockBudget(per_head=bph, **FORCED))
     density = float(bc.sum()) / (B * Hkv * nb * (nb + 1) / 2)
     shape = f"B{B} Hq{Hq} Hkv{Hkv} T{T} d{d} bs{bs} {label} ({bph} blk/head, density {density:.2f})"
     scale = d**-0.5
@@ -175,7 +177,7 @@ def main() -> None:
     t0 = time.time()
     for T in cfg["lengths"]:
         nb = math.ceil(T / cfg["block"])
-        budgets = [(cfg["budget_keys"] // cfg["block"], f"{cfg['budget_keys']} keys/query"),
+        budgets = [(BlockBudget.from_keys(cfg["budget_keys"], cfg["block"], **FORCED).per_head, f"{cfg['budget_keys']} keys/query"),
                    (blocks_per_head_for_density(nb, 0.25), "25% density")]
         for bph, label in budgets:
             check_block_sparse(cfg, T, bph, label, dtype, device, rows, timings)

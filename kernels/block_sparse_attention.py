@@ -1,6 +1,6 @@
 """Block-sparse causal flash attention in Triton, forward and backward, with native GQA.
 
-Contract: `kernels.reference.block_sparse_attention` (same signature, same outputs).
+Contract: `kernels.reference_block_sparse.block_sparse_attention` (same signature, same outputs).
 
 Layout of the work
 - Forward and dq: grid (query block, batch x KV head x head chunk). A program stacks the rows of
@@ -155,7 +155,7 @@ def _fwd_kernel(
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    if GATED:  # the output gates (kernels.reference_decode.mix_gated) with the query block's gates
+    if GATED:  # the output gates (kernels.reference_gates.mix_gated) with the query block's gates
         kept = (full_blocks * BLOCK + diagonal * (t - i * BLOCK + 1)).to(tl.float32)
         out = _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
                               VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)

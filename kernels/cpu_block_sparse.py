@@ -1,6 +1,6 @@
 """Block-sparse SEA attention for the CPU that computes only the selected key blocks.
 
-Why this exists: `kernels.reference.block_sparse_attention` is the specification. It builds a
+Why this exists: `kernels.reference_block_sparse.block_sparse_attention` is the specification. It builds a
 dense (query x key) score matrix per chunk and masks it, so on the CPU, where no Triton kernel
 runs, SEA attention cost more than dense attention (an eval at 2k context was slower with SEA
 than without). Here each query block gathers only its listed key blocks' keys and values (one
@@ -60,7 +60,7 @@ def block_sparse_attention(
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.reference.block_sparse_attention` (same arguments, outputs and fp32 arithmetic), over the
+    """`kernels.reference_block_sparse.block_sparse_attention` (same arguments, outputs and fp32 arithmetic), over the
     listed key blocks only; a row with no key gets a zero output and an lse of -inf."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]

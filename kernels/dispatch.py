@@ -66,17 +66,14 @@ _cpu_ops: ModuleType | None = None
 
 
 def _cpu_module() -> ModuleType:
-    """The reference's ops (all of `reference`'s public names) with kernels.cpu_block_sparse's
-    block_sparse_attention in place of the reference's dense-mask one. Built once."""
+    """The reference's ops with kernels.cpu_block_sparse's block_sparse_attention in place of the
+    reference's dense-mask one. Built once."""
     global _cpu_ops
     if _cpu_ops is None:
         from kernels import cpu_block_sparse, reference_block_rows
 
         mod = ModuleType("kernels.cpu_ops", "kernels.reference with kernels.cpu_block_sparse.block_sparse_attention")
-        for name, obj in vars(reference).items():
-            if not name.startswith("_") and getattr(obj, "__module__", None) == reference.__name__:
-                setattr(mod, name, obj)
-        for name in OP_NAMES:  # the decode step's ops are looked up lazily by the reference
+        for name in OP_NAMES:
             setattr(mod, name, getattr(reference, name))
         mod.block_sparse_attention = cpu_block_sparse.block_sparse_attention
         mod.block_sparse_attention_gated = reference_block_rows.gated_with(cpu_block_sparse.block_sparse_attention)

@@ -1,6 +1,6 @@
 """Triton causal linear attention: a sequential scan over chunks, the running state in registers.
 
-Matches `reference.causal_linear_attention(q_feat, k_feat, v, chunk)`. The sequence is cut
+Matches `reference_linear_attention.causal_linear_attention(q_feat, k_feat, v, chunk)`. The sequence is cut
 into segments so that enough programs run at once: pass 1 sums each segment's state
 (kf^T v, and kf) per KV head in parallel; a tiny prefix over segments gives each segment its
 starting state; pass 2 has one program per (batch x query head, segment, tile of value
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
-from kernels import reference
+from kernels import reference_block_rows, reference_linear_attention
 
 
 @triton.jit
@@ -161,9 +161,9 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.block_size:
-            op = lambda *x: reference.block_linear_attention(*x, ctx.block_size)  # noqa: E731
+            op = lambda *x: reference_block_rows.block_linear_attention(*x, ctx.block_size)  # noqa: E731
         else:
-            op = lambda *x: reference.causal_linear_attention(*x, chunk=ctx.chunk)  # noqa: E731
+            op = lambda *x: reference_linear_attention.causal_linear_attention(*x, chunk=ctx.chunk)  # noqa: E731
         return (*_grads_through(op, ctx.saved_tensors, grad_out), None, None)
 
 
@@ -271,7 +271,7 @@ def _block_forward(q_feat, k_feat, v, block_size: int, segments: int | None = No
 
 def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.Tensor, block_size: int,
                            chunk_blocks: int = 8) -> torch.Tensor:
-    """reference.block_linear_attention in two Triton passes (chunk_blocks is the reference's memory knob:
+    """reference_block_rows.block_linear_attention in two Triton passes (chunk_blocks is the reference's memory knob:
     here the segments are sized for the GPU). Backward recomputes through the reference."""
     if block_size not in (16, 32, 64, 128):  # as the block-sparse kernel: one key block is one tile
         raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")

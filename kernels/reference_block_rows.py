@@ -2,7 +2,7 @@
 
 With block rows, the predictor makes one estimate row per (query block, head) instead of one per
 query. Its grid is the key blocks: row i (query block i) has n = i + 1 causal key blocks, and its K
-bins split those n blocks the way a token row's bins split its keys (`kernels.reference.key_bins`
+bins split those n blocks the way a token row's bins split its keys (`kernels.bins.key_bins`
 with key blocks for keys): below the cap (n <= K) each key block is its own bin; above it, a bin
 holds ceil or floor of n / K blocks.
 
@@ -19,7 +19,13 @@ import math
 
 import torch
 
-from kernels import reference as ref  # a module object: kernels.reference imports this module at its end
+from kernels.bins import bin_starts, empty_bins, key_bins
+from kernels.block_budget import BlockBudget
+from kernels.reference_block_sparse import block_sparse_attention
+from kernels.reference_decode_step import select_row_blocks
+from kernels.reference_gates import kept_from_blocks, mix_gated, running_mean
+from kernels.reference_predictor import cnn_last_row, decode_rows, encode_rows, positive_features
+from kernels.reference_teacher_target import causal_scores_chunk
 
 
 def opening_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -79,8 +85,6 @@ def block_rows_estimate(q_feat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q_feat (B, Hq, NQB, m) the block rows' query features; k, v (B, Hkv, T, d); position_values (L >= T, d);
     projection (m, d). Returns (B, Hq, NQB, 2d) fp32. (On the GPU one kernel pair computes the features and
     reads the two halves of the values in place: no fp32 copy of the keys' features or of the values.)"""
-    from kernels.reference_decode import positive_features
-
     B, Hkv, T, d = v.shape
     k_feat = positive_features(k.float() * math.sqrt(scale), projection.float(), is_query=False)
     values = torch.cat([v.float(), position_values[:T].float().expand(B, Hkv, T, d)], dim=-1)
@@ -102,14 +106,14 @@ def block_teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int,
     rows = (T - torch.arange(nb, device=q.device) * block_size).clamp_max(block_size).float()  # (NQB,) rows per block
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        s = ref._scores_chunk(q, k, t0, t1, scale)
+        s = causal_scores_chunk(q, k, t0, t1, scale)
         p = s.sub_(torch.logsumexp(s, dim=-1, keepdim=True)).exp_()  # (B, Hq, C, t1)
         nkb = math.ceil(t1 / block_size)
         per_block = torch.nn.functional.pad(p, (0, nkb * block_size - t1)).view(B, Hq, t1 - t0, nkb, block_size).sum(-1)
         b0, b1 = t0 // block_size, math.ceil(t1 / block_size)
         qb = torch.arange(t0, t1, device=q.device) // block_size - b0
         mass = torch.zeros(B, Hq, b1 - b0, nkb, dtype=torch.float32, device=q.device).index_add_(2, qb, per_block)
-        bins = ref.key_bins(torch.arange(b0, b1, device=q.device), nkb, K).expand(B, Hq, -1, -1)
+        bins = key_bins(torch.arange(b0, b1, device=q.device), nkb, K).expand(B, Hq, -1, -1)
         target[:, :, b0:b1].scatter_add_(-1, bins, mass)
     return target / rows[None, None, :, None]
 
@@ -123,8 +127,8 @@ def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch
     dev = probs.device
     i = torch.arange(R, device=dev) if rows is None else rows  # (R,) or (B, R)
     j = torch.arange(num_key_blocks, device=dev)
-    bins = ref.key_bins(i, num_key_blocks, K)  # each key block's bin in its row, key blocks for keys: (.., R, NKB)
-    starts = ref.bin_starts(i, K)
+    bins = key_bins(i, num_key_blocks, K)  # each key block's bin in its row, key blocks for keys: (.., R, NKB)
+    starts = bin_starts(i, K)
     width = (starts[..., 1:] - starts[..., :-1]).clamp_min(1).float().gather(-1, bins)
     future = j > i[..., None]
     if rows is not None:  # per sequence: broadcast over heads
@@ -139,19 +143,18 @@ def block_sparse_attention_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     gates (B, Hq, NQB, 2) fp32, the block rows' (every row of a block reads its block's). The keys each row
     attends come from the lists; the running mean of v from v. Returns (B, Hq, T, d) fp32.
     (On the GPU one kernel: the gates are applied in the attention's epilogue.)"""
-    return gated_with(ref.block_sparse_attention)(q, k, v, block_index, block_count, block_size, scale, gates)
+    return gated_with(block_sparse_attention)(q, k, v, block_index, block_count, block_size, scale, gates)
 
 
 def gated_with(attend):
     """block_sparse_attention_gated over another implementation of block_sparse_attention (the CPU's)."""
-    from kernels import reference_decode as rd
 
     def gated(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor) -> torch.Tensor:
         T = q.shape[2]
         out, _ = attend(q, k, v, block_index, block_count, block_size, scale)
-        kept = rd.kept_from_blocks(block_index, block_count, block_size, T)
+        kept = kept_from_blocks(block_index, block_count, block_size, T)
         rows = torch.arange(1, T + 1, device=q.device, dtype=torch.float32)
-        return rd.mix_gated(out, gates.repeat_interleave(block_size, dim=2)[:, :, :T], kept, rd.running_mean(v), rows)
+        return mix_gated(out, gates.repeat_interleave(block_size, dim=2)[:, :, :T], kept, running_mean(v), rows)
 
     return gated
 
@@ -168,13 +171,11 @@ def decode_block_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     block's tails (the rows after its first; a token that opens a block starts them empty). q (B, Hq, 1, d);
     k, v (B, Hkv, 1, d) at positions pos (B,). A token inside a block needs nothing else: its block's row,
     gates and selection were made when the block opened."""
-    from kernels import reference_decode as rd
-
     B, Hkv = k.shape[:2]
     fresh = (pos % block_size == 0).view(B, 1, 1, 1)
     q_tail.add_(q.float()).masked_fill_(fresh, 0.0)
     v_tail.add_(v.float()).masked_fill_(fresh, 0.0)
-    kf = rd.positive_features(k.float() * math.sqrt(scale), w.projection.float(), is_query=False, key_shift=shift)
+    kf = positive_features(k.float() * math.sqrt(scale), w.projection.float(), is_query=False, key_shift=shift)
     positions = w.position_values.float()[pos][:, None, None].expand(-1, Hkv, -1, -1)
     kv += kf.transpose(-1, -2) @ torch.cat([v.float(), positions], dim=-1)
     norm += kf[:, :, 0]
@@ -191,23 +192,21 @@ def decode_block_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     Updated in place as decode_block_sums; block_gates (B, Hq, 1, 2), the current block's gates, replaced
     where the token opens a block. Returns (the row's CNN input (B, Hq*C, 1, K/4), meaningful only where pos
     opens a block; block_gates)."""
-    from kernels import reference_decode as rd
-
     B, Hq, _, d = q.shape
     Hkv = k.shape[1]
     fresh = (pos % block_size == 0).view(B, 1, 1, 1)
     rows = (pos + 1).clamp_max(block_size).float().view(B, 1, 1, 1)  # the opening window's rows
     q_open, v_open = (q_tail + q.float()) / rows, (v_tail + v.float()) / rows
     decode_block_sums(q, k, v, pos, shift, kv, norm, v_sum, q_tail, v_tail, w, scale, block_size)
-    qf = rd.positive_features(q_open * math.sqrt(scale), w.projection.float(), is_query=True)
+    qf = positive_features(q_open * math.sqrt(scale), w.projection.float(), is_query=True)
     qf = qf.view(B, Hkv, Hq // Hkv, -1)  # reads the keys up to the new one, as linear_attention_step
     lin = ((qf @ kv) / (qf @ norm.unsqueeze(-1)).clamp_min(1e-30)).view(B, Hq, 1, -1)
     wdtype = w.dec_weight.dtype
-    h = rd.encode_rows(lin.to(wdtype), v_open.to(wdtype), Hq // Hkv, w)
+    h = encode_rows(lin.to(wdtype), v_open.to(wdtype), Hq // Hkv, w)
     if block_gates is not None:
         gates = torch.nn.functional.linear(h, w.gate_weight, w.gate_bias).float()
         block_gates.copy_(torch.where(fresh, gates, block_gates))
-    return rd.decode_rows(h, w), block_gates
+    return decode_rows(h, w), block_gates
 
 
 def decode_block_cnn_probs(ring: torch.Tensor, current: torch.Tensor, row: torch.Tensor, pos: torch.Tensor,
@@ -217,8 +216,6 @@ def decode_block_cnn_probs(ring: torch.Tensor, current: torch.Tensor, row: torch
     block's row; probs (B, Hkv, K): its probabilities, pooled over each KV head's query heads. Where the token
     at pos (B,) opens a block, `row` is the new block's row: the finished block's row moves into the ring,
     `current` becomes `row` and `probs` its probabilities (all in place). Returns probs."""
-    from kernels import reference_decode as rd
-
     B, C, R, W = ring.shape
     Hkv = probs.shape[1]
     qb = pos // block_size
@@ -230,20 +227,18 @@ def decode_block_cnn_probs(ring: torch.Tensor, current: torch.Tensor, row: torch
     slots = (qb[:, None] - R + torch.arange(R, device=pos.device)) % R  # blocks qb-R .. qb-1
     window = torch.cat([ring.gather(2, slots[:, None, :, None].expand(B, C, R, W)), row], dim=2)
     absent = torch.arange(R + 1, device=pos.device)[None, :] < (R - qb)[:, None]
-    logits = rd.cnn_last_row(window, absent, w).float()  # (B, Hq, 1, K)
+    logits = cnn_last_row(window, absent, w).float()  # (B, Hq, 1, K)
     Hq, K = logits.shape[1], logits.shape[3]
-    logits.masked_fill_(rd.empty_bins(qb, K)[:, None, None, :], float("-inf"))
+    logits.masked_fill_(empty_bins(qb, K)[:, None, None, :], float("-inf"))
     new = torch.log_softmax(logits, dim=-1).exp().view(B, Hkv, Hq // Hkv, K).mean(2)
     return probs.copy_(torch.where(opens.view(B, 1, 1), new, probs))
 
 
 def decode_select_block_row(probs: torch.Tensor, length: torch.Tensor, block_size: int, num_key_blocks: int,
-                            per_head: int, density: float | None, sink_blocks: int, local_blocks: int, max_budget: int):
+                            budget: BlockBudget, max_budget: int):
     """decode_select_blocks for block rows: the current block's probabilities (B, Hkv, K) read per key block, then the
     same grouped top-k; the row counted in (length += 1). Returns (block_index (B, Hkv, MAXB), block_count
     (B, Hkv), kept (B, Hkv))."""
-    from kernels import reference_decode as rd
-
     qb = length // block_size
     scores = block_scores_from_bins(probs[:, :, None], num_key_blocks, rows=qb[:, None])
-    return rd.select_row_blocks(scores, length, block_size, per_head, density, sink_blocks, local_blocks, max_budget)
+    return select_row_blocks(scores, length, block_size, budget, max_budget)

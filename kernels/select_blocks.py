@@ -1,7 +1,7 @@
 """Triton grouped top-k over key blocks: one program per (sequence, query block) makes every KV head's
 sorted block list at once, on the device, with no host sync.
 
-Matches `reference.select_key_blocks` (same signature) wherever no two candidate scores tie at the
+Matches `reference_select.select_key_blocks` (same signature) wherever no two candidate scores tie at the
 budget's edge: the reference takes torch.topk's order among equal scores, this kernel the lowest
 (head, block) first. Forced blocks (sink and local) are +inf, so they never tie with a real score and are
 always kept (the budget is never below them). The budget's threshold is found by bisection on the
@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
-from kernels import reference
+from kernels import reference_block_rows, reference_select
+from kernels.block_budget import BlockBudget
 
 
 @triton.jit
@@ -27,7 +28,7 @@ def _ordered(x):
 
 @triton.jit
 def _select_kernel(
-    S, PerHead, BlockPos, Index, Count,
+    S, Blocks, BlockPos, Index, Count,
     NKB, sink, local, MAXB, MAX_BUDGET,
     ssb, ssh, ssq, ssk, spb, spq, sbb, sbq, sib, sih, siq, sij, scb, sch, scq,
     HKV: tl.constexpr, HP: tl.constexpr, NKB_P: tl.constexpr,
@@ -41,8 +42,7 @@ def _select_kernel(
     i = tl.load(BlockPos + b * sbb + q * sbq)
     forced = ((j < sink) | ((j <= i) & (j > i - local))) & (j <= i) & (j < NKB)
     s = tl.where(forced[None, :] & inside, float("inf"), s)
-    per_head = tl.load(PerHead + b * spb + q * spq)
-    budget = tl.maximum(tl.minimum(i + 1, per_head), tl.sum(forced.to(tl.int32), 0)) * HKV
+    budget = tl.load(Blocks + b * spb + q * spq) * HKV  # BlockBudget.blocks of query block i, from the host
     cand = inside & (s > float("-inf"))
     take = tl.minimum(tl.minimum(budget, MAX_BUDGET), tl.sum(tl.sum(cand.to(tl.int32), 1), 0))  # as the reference's top-k
     key = _ordered(s)
@@ -73,28 +73,25 @@ def _num_warps(tile: int) -> int:
 
 
 def select_key_blocks(
-    scores: torch.Tensor, blocks_per_head: int | torch.Tensor, sink_blocks: int, local_blocks: int,
-    block_pos: torch.Tensor | None = None, max_budget: int | None = None,
+    scores: torch.Tensor, budget: BlockBudget, block_pos: torch.Tensor | None = None, max_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.select_key_blocks in one kernel. Without max_budget the lists' width depends on the data
+    """reference_select.select_key_blocks in one kernel. Without max_budget the lists' width depends on the data
     (a device sync): that case is left to the reference."""
     if max_budget is None:
-        return reference.select_key_blocks(scores, blocks_per_head, sink_blocks, local_blocks, block_pos)
+        return reference_select.select_key_blocks(scores, budget, block_pos)
     B, Hkv, nqb, nkb = scores.shape
     dev = scores.device
     maxb = min(nkb, max_budget)
-    pos = (torch.arange(nqb, device=dev)[None, :] if block_pos is None else block_pos.to(dev)).expand(B, nqb)
-    if isinstance(blocks_per_head, torch.Tensor):
-        per_head = blocks_per_head.to(dev).expand(B, nqb)
-    else:
-        per_head = torch.full((1, 1), int(blocks_per_head), device=dev, dtype=torch.long).expand(B, nqb)
+    pos = torch.arange(nqb, device=dev)[None, :] if block_pos is None else block_pos.to(dev)
+    blocks = budget.blocks_tensor(pos).expand(B, nqb)
+    pos = pos.expand(B, nqb)
     index = torch.full((B, Hkv, nqb, maxb), -1, dtype=torch.int32, device=dev)
     count = torch.empty(B, Hkv, nqb, dtype=torch.int32, device=dev)
     s = scores.float()
     nkb_p = max(16, triton.next_power_of_2(nkb))
     _select_kernel[(nqb, B)](
-        s, per_head, pos, index, count, nkb, sink_blocks, local_blocks, maxb, max_budget,
-        *s.stride(), *per_head.stride(), *pos.stride(), *index.stride(), *count.stride(),
+        s, blocks, pos, index, count, nkb, budget.sink_blocks, budget.local_blocks, maxb, max_budget,
+        *s.stride(), *blocks.stride(), *pos.stride(), *index.stride(), *count.stride(),
         HKV=Hkv, HP=max(2, triton.next_power_of_2(Hkv)), NKB_P=nkb_p, num_warps=_num_warps(Hkv * nkb_p),
     )
     return index, count
@@ -113,18 +110,18 @@ def _scores_from_bins(
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = j < NKB
     n = r + 1  # the row's causal key blocks
-    bins = tl.minimum((j * K) // n, K - 1)  # reference.key_bins
-    width = tl.maximum(((bins + 1) * n + K - 1) // K - (bins * n + K - 1) // K, 1)  # reference.bin_starts
+    bins = tl.minimum((j * K) // n, K - 1)  # bins.key_bins
+    width = tl.maximum(((bins + 1) * n + K - 1) // K - (bins * n + K - 1) // K, 1)  # bins.bin_starts
     p = tl.load(P + b * spb + h * sph + r * spr + bins * spk, mask=j_ok, other=0.0).to(tl.float32)
     s = tl.where(j > r, float("-inf"), tl.math.div_rn(p, width.to(tl.float32)))  # IEEE division, as torch's
     tl.store(S + b * ssb + h * ssh + r * ssr + j * ssk, s, mask=j_ok)
 
 
 def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """reference.block_scores_from_bins in one kernel (the full pass's rows 0..R-1; the decoder's rows at
+    """reference_block_rows.block_scores_from_bins in one kernel (the full pass's rows 0..R-1; the decoder's rows at
     given positions are a few, left to the reference)."""
     if rows is not None:
-        return reference.block_scores_from_bins(probs, num_key_blocks, rows)
+        return reference_block_rows.block_scores_from_bins(probs, num_key_blocks, rows)
     B, H, R, K = probs.shape
     scores = torch.empty(B, H, R, num_key_blocks, dtype=torch.float32, device=probs.device)
     block_j = min(1024, max(16, triton.next_power_of_2(num_key_blocks)))

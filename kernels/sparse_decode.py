@@ -1,7 +1,7 @@
 """Block-sparse decode attention in Triton: one new query per sequence against its selected key blocks
 of the KV cache, split over the blocks (flash-decoding) so that one long list keeps the GPU busy.
 
-Contract: `kernels.reference.sparse_decode_attention` (same signature, same outputs).
+Contract: `kernels.reference_sparse_decode.sparse_decode_attention` (same signature, same outputs).
 
 Layout of the work
 - Grid (batch x KV head, split). A program stacks the G query heads of one KV head (padded to 16
@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
+from kernels.tiles import pow2
 
 LOG2E = 1.4426950408889634
-MIN_ROWS = 16  # tl.dot needs at least 16 rows
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _decode_kernel(
 
 @triton.jit
 def gate_weights(s0, s1, kept, n):
-    """reference_decode.mix_gated's weights for a row of n causal keys of which `kept` are attended
+    """reference_gates.mix_gated's weights for a row of n causal keys of which `kept` are attended
     (u = 1 - kept / n left out): (weight of the sparse output, weight of the running mean of v)."""
     u = tl.maximum(1.0 - kept / n, 0.0)
     w = tl.sigmoid(s1) * u
@@ -106,7 +106,7 @@ def _combine_kernel(
 ):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits, one query head per
     program (every split's partial is read in one go: no loop of dependent loads over the splits).
-    MIX: then the output gates (reference_decode.mix_gated) on out rounded to ROUND_TO (the
+    MIX: then the output gates (reference_gates.mix_gated) on out rounded to ROUND_TO (the
     attention output's dtype, as the unfused ops give it), written fp32; no log-sum-exp."""
     pid = tl.program_id(0)
     b = pid // Hq
@@ -168,7 +168,7 @@ def _attend(q, k, v, block_index, block_count, block_size, scale, start, length,
         raise ValueError(f"need Hq a multiple of Hkv and block_size a power of two >= 16; got Hq={Hq}, Hkv={Hkv},"
                          f" block_size={block_size}")
     G = Hq // Hkv
-    GP = max(MIN_ROWS, triton.next_power_of_2(G))
+    GP = pow2(G)  # the group's rows, padded to tl.dot's 16 at least
     BLOCK_D = triton.next_power_of_2(d)
     maxb = block_index.shape[-1]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4

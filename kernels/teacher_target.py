@@ -1,6 +1,6 @@
 """Fused teacher target in Triton: dense causal attention rows pooled into K bins, never T x T.
 
-Contract: `kernels.reference.teacher_target` (same signature, same outputs).
+Contract: `kernels.reference_teacher_target.teacher_target` (same signature, same outputs).
 
 Grid (query block, batch x KV head x head chunk); rows of HPP query heads of one KV head are
 stacked as in the block-sparse kernel, so each K tile is loaded once for all of them. Two passes

@@ -14,7 +14,10 @@ except Exception as exc:  # a broken install can raise more than ImportError; di
 
 from kernels.block_estimator import block_rows_estimate
 from kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_gated
-from kernels.decode_step import decode_cnn_probs, decode_mix_output, decode_predictor_rows, decode_select_blocks
+from kernels.decode_step_cnn import decode_cnn_probs
+from kernels.decode_step_mix import decode_mix_output
+from kernels.decode_step_rows import decode_predictor_rows
+from kernels.decode_step_select import decode_select_blocks
 from kernels.linear_attention import block_linear_attention, causal_linear_attention
 from kernels.select_blocks import block_scores_from_bins, select_key_blocks
 from kernels.sparse_decode import sparse_decode_attention, sparse_decode_mixed
@@ -26,7 +29,7 @@ from kernels.teacher_target import teacher_target
 # - pool_key_block_scores, select_bins_per_query: O(T x K) or O(NQB x NKB)
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
-#   kernels.decode_step fuse them), per_query_sparse_decode (the reference mode).
+#   kernels.decode_step_* fuse them), per_query_sparse_decode (the reference mode).
 # - the block-row predictor's ops (opening_means, block_teacher_target,
 #   and its decoding: decode_block_sums, decode_block_row, decode_block_cnn_probs, decode_select_block_row):
 #   the reference until their Triton versions land (issue 20).

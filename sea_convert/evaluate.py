@@ -11,7 +11,7 @@ import torch
 from sea_convert.progress import progress_bar
 
 from kernels import dispatch
-from kernels.reference import key_bins
+from kernels.bins import key_bins
 from sea_convert.attention import measure_density, select
 from sea_convert.integration import attention_mode, attention_modules, capture_attention, predictors
 

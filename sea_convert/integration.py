@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kernels import dispatch
-from kernels.reference import dense_causal_attention
+from kernels.reference_block_sparse import dense_causal_attention
 from sea_convert.attention import SEAPredictor, sea_attention
 from sea_convert.attention.decode import prefill
 from sea_convert.attention.decode import step as decode_step

@@ -110,6 +110,7 @@ def test_sparse_rows_sum_to_one_and_gqa_shares_selection(mode):
 
 def test_grouped_budget_is_shared_across_heads():
     from kernels import reference
+    from kernels.block_budget import BlockBudget
 
     # a head whose estimate is confident gets the shared budget; the other keeps only forced blocks
     B, H, T, K, bs = 1, 2, 256, 64, 16
@@ -117,7 +118,7 @@ def test_grouped_budget_is_shared_across_heads():
     est[:, 0] = 0
     est[:, 0, :, [10, 20, 30, 40]] = 0.25  # head 0: mass on 4 distinct key blocks of the last query block
     scores = reference.pool_key_block_scores(est, bs)
-    index, count = reference.select_key_blocks(scores, blocks_per_head=4, sink_blocks=1, local_blocks=1)
+    index, count = reference.select_key_blocks(scores, BlockBudget(per_head=4, sink_blocks=1, local_blocks=1))
     last = count[0, :, -1]
     assert int(last.sum()) == 2 * 4  # the budget is shared: 2 heads x 4 blocks in all
     # head 0 takes all 4 free places (0.25 per block beats head 1's uniform 1/16); head 1 keeps sink + local
@@ -171,7 +172,7 @@ def test_cnn_shortcut_equals_upsample_then_project():
     """The CNN projects and normalises at width K/4, then upsamples: the same as the paper's order."""
     import torch.nn.functional as F
 
-    from sea_convert.attention.predictor import CausalCNN
+    from sea_convert.attention.cnn import CausalCNN
 
     torch.manual_seed(0)
     cnn = CausalCNN(heads=3, channels_per_head=2, K=32)

@@ -9,6 +9,7 @@ import torch
 from kernels import cpu_block_sparse as cbs
 from kernels import dispatch
 from kernels import reference as ref
+from kernels.block_budget import BlockBudget
 
 # B, Hq, Hkv, T, d, block_size: T not a multiple of the block, GQA groups of 3, 4 and 1, batch > 1
 SHAPES = [(2, 6, 2, 130, 16, 32), (1, 9, 3, 77, 64, 16), (3, 4, 4, 33, 8, 8), (2, 8, 2, 200, 32, 64)]
@@ -24,7 +25,7 @@ def _lists(B, Hkv, T, bs, per_head, seed=1):
     nb = math.ceil(T / bs)
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(B, Hkv, nb, nb, generator=g).masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
-    return ref.select_key_blocks(scores, per_head, sink_blocks=1, local_blocks=1)
+    return ref.select_key_blocks(scores, BlockBudget(per_head=per_head, sink_blocks=1, local_blocks=1))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -137,7 +138,8 @@ def test_dispatch_uses_it_on_the_cpu(monkeypatch):
             if name not in ("block_sparse_attention", "block_sparse_attention_gated"):
                 assert getattr(ops, name) is getattr(ref, name), name
         q, k, v = torch.randn(1, 4, 50, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
-        index, count = ref.select_key_blocks(torch.rand(1, 2, 4, 4).tril().log(), 2, 1, 1)
+        budget = BlockBudget(per_head=2, sink_blocks=1, local_blocks=1)
+        index, count = ref.select_key_blocks(torch.rand(1, 2, 4, 4).tril().log(), budget)
         gates = torch.randn(1, 4, 4, 2)
         got = ops.block_sparse_attention_gated(q, k, v, index, count, 16, 0.3, gates)
         want = ref.block_sparse_attention_gated(q, k, v, index, count, 16, 0.3, gates)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels import reference as ref
+from kernels.block_budget import BlockBudget
 
 SHAPES = [(1, 4, 2, 77, 16), (2, 6, 3, 130, 32), (1, 2, 2, 33, 8)]  # B, Hq, Hkv, T, d
 
@@ -78,7 +79,7 @@ def test_block_sparse_attention(shape, bs, per_head):
     g = torch.Generator().manual_seed(3)
     scores = torch.rand(B, Hkv, nb, nb, generator=g).masked_fill(
         torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
-    index, count = ref.select_key_blocks(scores, per_head, sink_blocks=1, local_blocks=1)
+    index, count = ref.select_key_blocks(scores, BlockBudget(per_head=per_head, sink_blocks=1, local_blocks=1))
     keep_blocks = torch.zeros(B, Hkv, nb, nb, dtype=torch.bool)
     for b in range(B):
         for h in range(Hkv):

@@ -40,7 +40,11 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels import block_estimator as be  # noqa: E402
 from kernels import block_sparse_attention as bsa  # noqa: E402
-from kernels import decode_step as ds  # noqa: E402
+from kernels.block_budget import BlockBudget  # noqa: E402
+from kernels import decode_step_cnn as dsc  # noqa: E402
+from kernels import decode_step_mix as dsm  # noqa: E402
+from kernels import decode_step_rows as dsr  # noqa: E402
+from kernels import decode_step_select as dss  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels import linear_attention as la  # noqa: E402
 from kernels import reference as ref  # noqa: E402
@@ -58,7 +62,10 @@ if IN_PROCESS and not ON_GPU and not isinstance(bsa._fwd_kernel, InterpretedFunc
     la = importlib.reload(la)
     sd = importlib.reload(sd)
     sel = importlib.reload(sel)
-    ds = importlib.reload(ds)
+    dsr = importlib.reload(dsr)
+    dsc = importlib.reload(dsc)
+    dss = importlib.reload(dss)
+    dsm = importlib.reload(dsm)
     be = importlib.reload(be)
     triton_ops = importlib.reload(triton_ops)
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +141,7 @@ def _lists(B: int, Hkv: int, T: int, bs: int, blocks_per_head: int | None, seed:
     g = torch.Generator().manual_seed(seed + 1)
     scores = torch.rand(B, Hkv, nb, nb, generator=g).to(DEV)
     scores = scores.masked_fill(~torch.ones(nb, nb, dtype=torch.bool, device=DEV).tril(), float("-inf"))
-    return ref.select_key_blocks(scores, blocks_per_head or nb, sink, local)
+    return ref.select_key_blocks(scores, BlockBudget(per_head=blocks_per_head or nb, sink_blocks=sink, local_blocks=local))
 
 
 def _run_bsa(fn, q, k, v, do, bi, bc, bs, scale):
@@ -212,7 +219,7 @@ def test_block_sparse_gated_matches_reference(shape, bs, blocks_per_head, dtype)
         assert _max_err(exact["out"], plain) > 10 * ABS[dtype]["out"]
 
 
-# B, Hkv, NQB, NKB, per-head budget (an int, or "density": a tensor per query block), sink, local, max_budget
+# B, Hkv, NQB, NKB, per-head budget (an int, or "density": 25% of each query block's causal blocks), sink, local, max_budget
 SELECT_CASES = [
     (1, 2, 5, 5, 2, 1, 1, 16),
     (2, 3, 9, 9, 3, 1, 2, 24),
@@ -230,10 +237,10 @@ def test_select_key_blocks_matches_reference(case):
     g = torch.Generator().manual_seed(nkb)
     scores = torch.rand(B, Hkv, nqb, nkb, generator=g).masked_fill(torch.ones(nqb, nkb, dtype=torch.bool).triu(1),
                                                                    float("-inf")).to(DEV)
-    if per_head == "density":
-        per_head = torch.ceil(0.25 * (torch.arange(nqb, device=DEV) + 1).float()).long()
-    want = ref.select_key_blocks(scores, per_head, sink, local, max_budget=max_budget)
-    got = sel.select_key_blocks(scores, per_head, sink, local, max_budget=max_budget)
+    forced = dict(sink_blocks=sink, local_blocks=local)
+    budget = BlockBudget(density=0.25, **forced) if per_head == "density" else BlockBudget(per_head=per_head, **forced)
+    want = ref.select_key_blocks(scores, budget, max_budget=max_budget)
+    got = sel.select_key_blocks(scores, budget, max_budget=max_budget)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
@@ -243,8 +250,9 @@ def test_select_key_blocks_at_given_positions():
     nkb, pos = 50, torch.tensor([[3], [40], [49]])
     scores = torch.rand(3, 2, 1, nkb, generator=g)
     scores = scores.masked_fill(torch.arange(nkb)[None, None, None, :] > pos[:, None, :, None], float("-inf")).to(DEV)
-    want = ref.select_key_blocks(scores, 4, 1, 1, block_pos=pos.to(DEV), max_budget=8)
-    got = sel.select_key_blocks(scores, 4, 1, 1, block_pos=pos.to(DEV), max_budget=8)
+    budget = BlockBudget(per_head=4, sink_blocks=1, local_blocks=1)
+    want = ref.select_key_blocks(scores, budget, block_pos=pos.to(DEV), max_budget=8)
+    got = sel.select_key_blocks(scores, budget, block_pos=pos.to(DEV), max_budget=8)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert (got[1][0] == 4).all() and (got[0][0, :, 0, :4] == torch.arange(4, device=DEV)).all()  # block 3: all 4 kept
 
@@ -266,8 +274,9 @@ def test_select_key_blocks_gpu_model_shapes(nqb):
     g = torch.Generator(device="cuda").manual_seed(nqb)
     scores = torch.rand(1, 8, nqb, nqb, device="cuda", generator=g)
     scores = scores.masked_fill(torch.ones(nqb, nqb, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
-    want = ref.select_key_blocks(scores, 32, 1, 1, max_budget=256)
-    got = sel.select_key_blocks(scores, 32, 1, 1, max_budget=256)
+    budget = BlockBudget(per_head=32, sink_blocks=1, local_blocks=1)
+    want = ref.select_key_blocks(scores, budget, max_budget=256)
+    got = sel.select_key_blocks(scores, budget, max_budget=256)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
@@ -644,7 +653,7 @@ def test_sparse_decode_bf16_gpu_model_shapes(S):
 
 
 # ---------------------------------------------------------------------------
-# the decode step's fused kernels (kernels.decode_step) from a real prefill's state
+# the decode step's fused kernels (kernels.decode_step_*) from a real prefill's state
 
 
 def _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed, mode="block", bs=16, nbf=2, **cfg_kw):
@@ -724,7 +733,7 @@ def _check_rows_and_cnn(case, dtype, bs=16, nbf=2):
     ks, vs = kc[:, :, -1:], vc[:, :, -1:]
     a, b = copy.deepcopy(state), copy.deepcopy(state)
     with torch.no_grad():
-        row_k, gates_k = ds.decode_predictor_rows(q, ks, vs, a.length, a.shift, a.kv, a.norm, a.v_sum, pred.row_weights(), d**-0.5)
+        row_k, gates_k = dsr.decode_predictor_rows(q, ks, vs, a.length, a.shift, a.kv, a.norm, a.v_sum, pred.row_weights(), d**-0.5)
         row_r, gates_r = ref.decode_predictor_rows(q, ks, vs, b.length, b.shift, b.kv, b.norm, b.v_sum, pred.row_weights(), d**-0.5)
     tol = STEP_TOL[dtype]
     assert row_k.shape == row_r.shape and row_k.dtype == row_r.dtype
@@ -735,7 +744,7 @@ def _check_rows_and_cnn(case, dtype, bs=16, nbf=2):
         assert (x - y).abs().max().item() <= 2e-5 * max(1.0, y.abs().max().item()), name
     # the CNN on the same new row (the reference's), from the same ring
     with torch.no_grad():
-        probs_k = ds.decode_cnn_probs(a.image, row_r, a.length, pred.cnn.weights(), Hkv)
+        probs_k = dsc.decode_cnn_probs(a.image, row_r, a.length, pred.cnn.weights(), Hkv)
         probs_r = ref.decode_cnn_probs(b.image, row_r, b.length, pred.cnn.weights(), Hkv)
     assert probs_k.shape == (B, Hkv, K)
     assert (probs_k - probs_r).abs().max().item() <= tol["probs"]
@@ -743,16 +752,18 @@ def _check_rows_and_cnn(case, dtype, bs=16, nbf=2):
     assert torch.equal(a.image, b.image)  # the ring took the new row in the same slot
 
 
-def _select_case(B, Hkv, K, lengths, nkb, seed, pooled=False, **kw):
+def _select_case(B, Hkv, K, lengths, nkb, seed, pooled=False, block_size=16, per_head=3, density=None, sink_blocks=1,
+                 local_blocks=1, max_budget=None):
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(_randn(B, Hkv, K, gen=g) * 2, -1)
     block_sum = torch.rand(B, Hkv, K, generator=g).to(DEV)
-    args = dict(block_size=16, num_key_blocks=nkb, per_head=3, density=None, sink_blocks=1, local_blocks=1,
-                max_budget=3 * Hkv)
-    args.update(kw)
+    budget = BlockBudget(per_head=None if density is not None else per_head, density=density, sink_blocks=sink_blocks,
+                         local_blocks=local_blocks)
+    args = dict(block_size=block_size, num_key_blocks=nkb, budget=budget,
+                max_budget=3 * Hkv if max_budget is None else max_budget)
     la, lb = torch.tensor(lengths, device=DEV), torch.tensor(lengths, device=DEV)
     sa, sb = block_sum.clone(), block_sum.clone()
-    got = ds.decode_select_blocks(probs, sa, la, **args)
+    got = dss.decode_select_blocks(probs, sa, la, **args)
     want = ref.decode_select_blocks(probs, sb, lb, **args)
     assert torch.equal(la, lb) and torch.equal(la.cpu(), torch.tensor(lengths) + 1)
     assert torch.allclose(sa, sb, atol=1e-6)  # one fp32 add of the same operands: measured 0
@@ -807,10 +818,29 @@ def test_decode_select_blocks_matches_reference(case, Hkv):
         assert (rc.sum(-1) < causal * Hkv).any()
 
 
+@pytest.mark.parametrize("budget", [
+    BlockBudget(per_head=5, sink_blocks=2, local_blocks=1),
+    BlockBudget(per_head=1, sink_blocks=0, local_blocks=3),
+    BlockBudget(density=0.3, sink_blocks=1, local_blocks=1),
+    BlockBudget(density=0.07, sink_blocks=0, local_blocks=1),
+], ids=str)
+def test_decode_select_blocks_budget_is_block_budgets(budget):
+    """The decoder's selection kernel re-expresses BlockBudget.blocks in tl ops: one row in every query block
+    of an odd table (23 blocks of 16, rows at odd offsets inside their block) keeps exactly
+    budget.blocks(query block) blocks per KV head (every causal block is a candidate: the counts are the budget)."""
+    Hkv, nkb, bs = 2, 23, 16
+    lengths = [qb * bs + (7 * qb) % bs for qb in range(nkb)]
+    g = torch.Generator().manual_seed(nkb)
+    probs = torch.softmax(_randn(nkb, Hkv, 32, gen=g), -1)
+    _, count, _ = dss.decode_select_blocks(probs, torch.zeros_like(probs), torch.tensor(lengths, device=DEV), bs, nkb,
+                                           budget, budget.bound(nkb) * Hkv)
+    assert count.sum(-1).tolist() == [budget.blocks(qb) * Hkv for qb in range(nkb)]
+
+
 def test_decode_select_blocks_wide_count_packing(monkeypatch):
     """Very long position tables pack the search's two counts in 32-bit fields of an int64; force that
     path on a small case (the 16-bit path runs in every other case)."""
-    monkeypatch.setattr(ds, "PACK16_MAX", 0)
+    monkeypatch.setattr(dss, "PACK16_MAX", 0)
     (index, count, kept), (ri, rc, rk), pooled = _select_case(3, 3, 32, [100, 32, 7], 9, seed=11, max_budget=9, pooled=True)
     assert _top_k_margin(ri, rc, pooled, [100, 32, 7], 9) > 1e-4  # measured 1.7e-2: exact lists (see above)
     assert torch.equal(index, ri) and torch.equal(count, rc) and torch.equal(kept, rk)
@@ -825,9 +855,9 @@ def test_decode_select_blocks_exact_ties_go_to_the_lowest_head_and_block():
     probs = torch.full((1, Hkv, K), 1 / K, device=DEV)
     block_sum = torch.full((1, Hkv, K), 15 / K, device=DEV)  # 15 rows of the query block before this one
     length = torch.tensor([511], device=DEV)
-    index, count, kept = ds.decode_select_blocks(probs, block_sum, length, block_size=16, num_key_blocks=32,
-                                                 per_head=per_head, density=None, sink_blocks=1, local_blocks=1,
-                                                 max_budget=per_head * Hkv)
+    index, count, kept = dss.decode_select_blocks(probs, block_sum, length, block_size=16, num_key_blocks=32,
+                                                  budget=BlockBudget(per_head=per_head, sink_blocks=1, local_blocks=1),
+                                                  max_budget=per_head * Hkv)
     assert count.tolist() == [[2 + Hkv, 2, 2]]  # sink + local each, the Hkv tied slots to head 0
     assert index[0, 0].tolist() == [0, 1, 2, 3, 31, -1, -1, -1, -1]
     assert index[0, 1].tolist() == index[0, 2].tolist() == [0, 31, -1, -1, -1, -1, -1, -1, -1]

@@ -19,10 +19,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kernels.reference_decode import kept_from_blocks_row
+from kernels.block_budget import BlockBudget
+from kernels.reference_gates import kept_from_blocks_row
 from sea_convert.attention.layer import SEAOutput, sea_attention
 from sea_convert.attention.predictor import SEAPredictor
-from sea_convert.attention.select import budget_bound, fixed_blocks_per_head, kept_from_bins_row
+from sea_convert.attention.select import block_budget, kept_from_bins_row
 from sea_convert.recipe import SEAConfig
 
 
@@ -104,7 +105,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, predictor: SEAPre
         if res.estimate.gates is not None:
             state.gates = res.estimate.gates.gather(2, now_rows.expand(-1, Hq, 1, 2)).contiguous()
         # the current block's selection, as the decoder makes it (lists as wide as every step's)
-        state.block_index, state.block_count, _ = _select_block_row(ops, state.block_sum, last.clone(), predictor, cfg)
+        state.block_index, state.block_count, _ = _select_block_row(ops, state.block_sum, last.clone(), cfg.block_size,
+                                                                    _key_blocks(predictor, cfg), block_budget(cfg))
         state.residues = frozenset(int(n) % bs for n in lengths.tolist())  # prefill syncs anyway (max_length)
     res.estimate.image = None
     return res, state
@@ -130,7 +132,7 @@ def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predicto
                          " raise sea.position_table_len")
     opens = 0 in state.residues  # block rows: some sequence's new token opens a block (a superset is safe)
     run = _compiled_step() if cfg.compile and q.is_cuda else _step
-    out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, _key_blocks(predictor, cfg), opens)
+    out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, _key_blocks(predictor, cfg), block_budget(cfg), opens)
     state.slots += 1
     state.max_length += 1
     state.residues = frozenset((r + 1) % cfg.block_size for r in state.residues)
@@ -142,12 +144,11 @@ def _key_blocks(predictor: SEAPredictor, cfg: SEAConfig) -> int:
     return math.ceil(predictor.estimator.position_values.shape[0] / cfg.block_size)
 
 
-def _select_block_row(ops, probs: torch.Tensor, length: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig):
-    """decode_select_block_row at the decoder's fixed widths (the position table's key blocks)."""
-    key_blocks = _key_blocks(predictor, cfg)
-    return ops.decode_select_block_row(probs, length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg),
-                                       cfg.block_density, cfg.sink_blocks, cfg.local_blocks,
-                                       budget_bound(cfg, key_blocks) * probs.shape[1])
+def _select_block_row(ops, probs: torch.Tensor, length: torch.Tensor, block_size: int, key_blocks: int,
+                      budget: BlockBudget):
+    """decode_select_block_row at the decoder's fixed widths (key_blocks: the position table's)."""
+    return ops.decode_select_block_row(probs, length, block_size, key_blocks, budget,
+                                       budget.bound(key_blocks) * probs.shape[1])
 
 
 @functools.cache
@@ -157,8 +158,8 @@ def _compiled_step():
 
 
 def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: float, ops, state: DecodeState,
-          key_blocks: int, opens: bool) -> torch.Tensor:
-    """Five ops (see kernels.reference_decode; block rows: kernels.reference_block_rows): predictor rows,
+          key_blocks: int, budget: BlockBudget, opens: bool) -> torch.Tensor:
+    """Five ops (see kernels.reference_decode_step; block rows: kernels.reference_block_rows): predictor rows,
     CNN row and pooled estimate, selection, sparse attention, gates; in block mode with gates the last two
     are one op. Block rows: only a step where some sequence opens a block (`opens`, known on the host) makes
     rows and selections; the others add to the sums and attend over the stored selection."""
@@ -171,7 +172,7 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
                                           state.q_tail, state.v_tail, state.gates, w, scale, cfg.block_size)
             probs = ops.decode_block_cnn_probs(state.image, state.current, row, state.length, cfg.block_size,
                                                predictor.cnn.weights(), state.block_sum)
-            index, count, kept = _select_block_row(ops, probs, state.length, predictor, cfg)
+            index, count, kept = _select_block_row(ops, probs, state.length, cfg.block_size, key_blocks, budget)
             state.block_index.copy_(index)
             state.block_count.copy_(count)
         else:
@@ -186,9 +187,8 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
     probs = ops.decode_cnn_probs(state.image, row, state.length, predictor.cnn.weights(), Hkv)  # (B, Hkv, K)
     if cfg.mode == "block":
         # counts the new token in: state.length is n = pos + 1 from here on
-        index, count, kept = ops.decode_select_blocks(
-            probs, state.block_sum, state.length, cfg.block_size, key_blocks, fixed_blocks_per_head(cfg),
-            cfg.block_density, cfg.sink_blocks, cfg.local_blocks, budget_bound(cfg, key_blocks) * Hkv)
+        index, count, kept = ops.decode_select_blocks(probs, state.block_sum, state.length, cfg.block_size, key_blocks,
+                                                      budget, budget.bound(key_blocks) * Hkv)
         return _attend_block_mode(q, k_cache, v_cache, cfg, scale, ops, state, index, count, kept, gates)
     pos = state.length.clone()
     bin_mask = ops.select_bins_per_query(probs[:, :, None], cfg.k, rows=pos[:, None])[:, :, 0]  # (B, Hkv, K)

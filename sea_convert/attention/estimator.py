@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from kernels.reference_decode import positive_features
+from kernels.reference_predictor import positive_features
 
 
 def num_random_features(head_dim: int, nbf: float) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import dispatch
-from kernels.reference_decode import mix_gated, running_mean
+from kernels.reference_gates import mix_gated, running_mean
 from sea_convert.attention.losses import active_sink, estimate_kl, estimate_target
 from sea_convert.attention.predictor import Estimate, SEAPredictor
 from sea_convert.attention.select import Selection, select
@@ -56,7 +56,7 @@ def measure_density():
 
 
 def mix_output(sparse_out, gates, kept, v) -> torch.Tensor:
-    """The output gates (kernels.reference_decode.mix_gated) over whole sequences: kept (B, Hkv, T),
+    """The output gates (kernels.reference_gates.mix_gated) over whole sequences: kept (B, Hkv, T),
     the running mean of v (B, Hkv, T, d) and row t's t+1 from the rows themselves."""
     T = sparse_out.shape[2]
     rows = torch.arange(1, T + 1, device=kept.device, dtype=torch.float32)

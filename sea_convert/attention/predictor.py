@@ -12,15 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.reference_decode import (
-    CNN_RECEPTIVE_ROWS,
-    CNNWeights,
-    RowWeights,
-    cnn_forward,
-    decode_rows,
-    empty_bins,
-    encode_rows,
-)
+from kernels.bins import empty_bins
+from kernels.reference_predictor import RowWeights, decode_rows, encode_rows
+from sea_convert.attention.cnn import CausalCNN
 from sea_convert.attention.estimator import LinearAttentionEstimator
 from sea_convert.recipe import SEAConfig
 
@@ -40,30 +34,6 @@ class Estimate:
         if self.gates is None or self.block_size is None:
             return self.gates
         return self.gates.repeat_interleave(self.block_size, dim=2)[:, :, :T]
-
-
-class CausalCNN(nn.Module):
-    """Two 3x3 dilated convolutions over the (query time x compressed width) image.
-
-    Causal along time: a row sees only itself and earlier rows (padding on top only).
-    Then x4 upsampling along the width to K, a 1x1 conv to one channel per head, LayerNorm over K.
-    """
-
-    def __init__(self, heads: int, channels_per_head: int, K: int):
-        super().__init__()
-        c = heads * channels_per_head
-        self.conv1 = nn.Conv2d(c, c, 3, dilation=1)
-        self.conv2 = nn.Conv2d(c, c, 3, dilation=2)
-        self.to_heads = nn.Conv2d(c, heads, 1)
-        self.norm = nn.LayerNorm(K)
-        self.receptive_rows = CNN_RECEPTIVE_ROWS  # rows t-6..t feed row t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cnn_forward(x, self.weights())
-
-    def weights(self) -> CNNWeights:
-        return CNNWeights(self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
-                          self.to_heads.weight, self.to_heads.bias, self.norm.weight, self.norm.bias, self.norm.eps)
 
 
 class SEAPredictor(nn.Module):

@@ -10,13 +10,15 @@ share one budget (the paper's grouped top-k).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import bin_starts
-from kernels.reference_decode import blocks_per_head_rule, kept_from_blocks
+from kernels.block_budget import BlockBudget
+from kernels.bins import bin_starts
+from kernels.reference_gates import kept_from_blocks
+from kernels.reference_select import select_key_blocks
+from kernels.reference_teacher_target import block_attention_mass
 from sea_convert.recipe import SEAConfig
 
 
@@ -61,24 +63,13 @@ def kept_from_bins(bin_mask: torch.Tensor) -> torch.Tensor:
     return (bin_mask * widths).sum(-1)
 
 
-def blocks_per_head(cfg: SEAConfig, block_pos: torch.Tensor) -> torch.Tensor:
-    """Key blocks each KV head may keep in query blocks at positions `block_pos` (any shape; before
-    the forced sink/local blocks are counted in)."""
-    return blocks_per_head_rule(block_pos, fixed_blocks_per_head(cfg), cfg.block_density)
-
-
-def budget_bound(cfg: SEAConfig, nkb: int) -> int:
-    """Most key blocks one KV head's share of a query block's budget can be (select_key_blocks' rule),
-    for query blocks up to nkb - 1, from host numbers: with it, selection needs no device sync and its
-    lists have a fixed width."""
-    per_head = int(blocks_per_head(cfg, torch.tensor(nkb - 1)))  # a CPU scalar: the rule itself, no device sync
-    return max(min(nkb, per_head), min(nkb, cfg.sink_blocks + cfg.local_blocks))
-
-
-def fixed_blocks_per_head(cfg: SEAConfig) -> int:
-    """The per-head block budget when it does not scale with position (no block_density)."""
-    keys = cfg.block_keys if cfg.block_keys is not None else cfg.k
-    return math.ceil(keys / cfg.block_size)
+def block_budget(cfg: SEAConfig) -> BlockBudget:
+    """Block mode's budget from the SEA settings: block_density, else block_keys (default k) keys per
+    head per query in whole blocks, rounded up; sink and local blocks always kept."""
+    forced = dict(sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks)
+    if cfg.block_density is not None:
+        return BlockBudget(density=cfg.block_density, **forced)
+    return BlockBudget.from_keys(cfg.block_keys if cfg.block_keys is not None else cfg.k, cfg.block_size, **forced)
 
 
 def kept_from_bins_row(bin_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -106,9 +97,8 @@ def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, vali
             scores = ops.block_scores_from_bins(grouped, R)
         else:
             scores = ops.pool_key_block_scores(grouped, cfg.block_size, lengths)
-        nkb = scores.shape[-1]
-        index, count = ops.select_key_blocks(scores, blocks_per_head(cfg, torch.arange(scores.shape[2], device=scores.device)),
-                                             cfg.sink_blocks, cfg.local_blocks, max_budget=budget_bound(cfg, nkb) * num_kv_heads)
+        budget = block_budget(cfg)
+        index, count = ops.select_key_blocks(scores, budget, max_budget=budget.bound(scores.shape[-1]) * num_kv_heads)
         return Selection("block", T, block_index=index, block_count=count, block_size=cfg.block_size)
     return Selection("per_query", T, bin_mask=ops.select_bins_per_query(grouped, cfg.k))
 
@@ -121,8 +111,6 @@ def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig
     mass of the query block they share with a sequence's last real rows: that block's mass is
     recomputed on the sequence alone, so real rows select as without the pads.
     """
-    from kernels.reference import block_attention_mass, select_key_blocks
-
     mass = block_attention_mass(q, k, scale, cfg.block_size)
     if valid is not None:
         bs, T = cfg.block_size, q.shape[2]
@@ -131,6 +119,5 @@ def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig
                 i = length // bs
                 alone = block_attention_mass(q[b : b + 1, :, :length], k[b : b + 1, :, :length], scale, bs)
                 mass[b, :, i, : i + 1] = alone[0, :, i]
-    index, count = select_key_blocks(mass, blocks_per_head(cfg, torch.arange(mass.shape[2], device=mass.device)),
-                                     cfg.sink_blocks, cfg.local_blocks)
+    index, count = select_key_blocks(mass, block_budget(cfg))
     return Selection("block", q.shape[2], block_index=index, block_count=count, block_size=cfg.block_size)
