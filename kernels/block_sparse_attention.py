@@ -363,8 +363,11 @@ def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, g
 def block_prefix_sums(v: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, H, T, d) -> (B, H, NQB, d) fp32: the sum of v over the blocks before each block."""
     B, H, T, d = v.shape
-    nb = triton.cdiv(T, block_size)
-    sums = torch.nn.functional.pad(v.float(), (0, 0, 0, nb * block_size - T)).view(B, H, nb, block_size, d).sum(3)
+    full = T // block_size
+    # summed in fp32 straight from v's dtype: no fp32 or padded copy of v (those were 0.25 ms at 32k, H100)
+    sums = v[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
+    if T % block_size:  # the partial last block
+        sums = torch.cat([sums, v[:, :, full * block_size :].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
     return sums.cumsum(2) - sums
 
 
