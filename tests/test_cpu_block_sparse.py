@@ -37,8 +37,11 @@ def test_matches_reference_fp32(shape, per_head):
     want, want_lse = ref.block_sparse_attention(q, k, v, index, count, bs, d ** -0.5)
     got, got_lse = cbs.block_sparse_attention(q, k, v, index, count, bs, d ** -0.5)
     assert got.dtype == q.dtype and got.shape == want.shape and got_lse.shape == want_lse.shape
-    assert torch.allclose(got, want, atol=1e-5, rtol=0)  # measured 9.5e-7 (|out| <= 3.2)
-    assert torch.allclose(got_lse, want_lse, atol=1e-5, rtol=0)  # measured 4.8e-7 (|lse| <= 6.3)
+    # measured 9.5e-7 on out (|out| <= 3.2) and 4.8e-7 on lse (|lse| <= 6.3), except when this is the process's
+    # first such reduction: then the reference itself gives out 5.4e-5, lse 5.0e-5 away from its own second call
+    # (the same inputs, in 2 of 30 fresh processes, from the softmax's exp/sum on CPU), hence 1e-4
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert torch.allclose(got_lse, want_lse, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
