@@ -28,6 +28,7 @@ import triton.language as tl
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels import reference_block_rows
 from kernels.linear_attention import _grads_through
+from kernels.tiles import MIN_ROWS, pow2
 
 FEATURE_TILE = 32  # random features per program: each program owns a slice of the features, all value columns
 TARGET_PROGRAMS = 512  # programs per pass: enough to fill an H100/H200 twice over, few segments to prefix
@@ -76,8 +77,8 @@ def _segment_state(
     b, hk = pid_bh // HK, pid_bh % HK
     offs_m, offs_d, m_ok, d_ok, projT, shift = _program_setup(PROJ, SHIFT, pid_bh, pid_m, M, D, FT, BLOCK_D)
     offs_c = tl.arange(0, BS)
-    kb_ptr = K + b * skb + hk * skh
-    vb_ptr = V + b * svb + hk * svh
+    kb_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh  # int64: k and v may pass 2^31 elements
+    vb_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     state_v = tl.zeros((FT, BLOCK_D), dtype=tl.float32)
     state_p = tl.zeros((FT, BLOCK_D), dtype=tl.float32)
     norm = tl.zeros((FT,), dtype=tl.float32)
@@ -115,8 +116,8 @@ def _block_rows(
     g_ok = offs_g < G
     heads = hk * G + offs_g
     q_ptr = QF + b * sqb + heads * sqh
-    kb_ptr = K + b * skb + hk * skh
-    vb_ptr = V + b * svb + hk * svh
+    kb_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh  # int64: k and v may pass 2^31 elements
+    vb_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     slot = (pid_bh * NSEG + seg) * MT + pid_m
     at = STATE0 + slot * 2 * FT * BLOCK_D + tl.arange(0, FT)[:, None] * BLOCK_D + offs_d[None, :]
     state_v = tl.load(at)
@@ -153,8 +154,8 @@ def _forward(q_feat, k, v, position_values, projection, scale: float, block_size
     proj = projection.float().contiguous()
     # each sequence and head's key stabiliser: from its first key alone (positive_features' rule)
     shift = ((k[:, :, 0].float() * root) @ proj.T).amax(-1).reshape(B * Hk).contiguous()
-    block_d = max(16, triton.next_power_of_2(D))
-    ft = max(16, min(feature_tile, triton.next_power_of_2(M)))
+    block_d = pow2(D)
+    ft = max(MIN_ROWS, min(feature_tile, triton.next_power_of_2(M)))
     mt = triton.cdiv(M, ft)
     nseg = max(1, min(R, triton.cdiv(TARGET_PROGRAMS, B * Hk * mt)))
     seg_blocks = triton.cdiv(R, nseg)
@@ -172,7 +173,7 @@ def _forward(q_feat, k, v, position_values, projection, scale: float, block_size
     part = torch.empty(mt, B, H, R, 2 * D + 1, device=k.device, dtype=torch.float32)
     G = H // Hk
     _block_rows[grid](qf, k, v, position_values, proj, shift, state0, norm0, part, T, M, D, R, seg_blocks, root,
-                      *qf.stride()[:3], *strides, G=G, GP=max(16, triton.next_power_of_2(G)), H=H, **common)
+                      *qf.stride()[:3], *strides, G=G, GP=pow2(G), H=H, **common)
     total = part.sum(0)  # the feature slices' sums
     return total[..., : 2 * D] / total[..., 2 * D :].clamp_min(1e-30)
 
@@ -201,4 +202,7 @@ def block_rows_estimate(q_feat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
     if position_values.shape[0] < k.shape[2]:
         raise ValueError(f"position table of {position_values.shape[0]} rows is shorter than the {k.shape[2]} keys")
+    if q_feat.shape[2] != triton.cdiv(k.shape[2], block_size):  # the kernel writes one row per key block
+        raise ValueError(f"q_feat has {q_feat.shape[2]} block rows; {k.shape[2]} keys in blocks of {block_size} "
+                         f"make {triton.cdiv(k.shape[2], block_size)}")
     return _BlockRowsEstimate.apply(q_feat, k, v, position_values, projection, float(scale), int(block_size))

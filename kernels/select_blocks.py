@@ -17,6 +17,7 @@ import triton.language as tl
 import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 from kernels import reference_block_rows, reference_select
 from kernels.block_budget import BlockBudget
+from kernels.tiles import pow2
 
 
 @triton.jit
@@ -88,11 +89,11 @@ def select_key_blocks(
     index = torch.full((B, Hkv, nqb, maxb), -1, dtype=torch.int32, device=dev)
     count = torch.empty(B, Hkv, nqb, dtype=torch.int32, device=dev)
     s = scores.float()
-    nkb_p = max(16, triton.next_power_of_2(nkb))
+    nkb_p = pow2(nkb)
     _select_kernel[(nqb, B)](
         s, blocks, pos, index, count, nkb, budget.sink_blocks, budget.local_blocks, maxb, max_budget,
         *s.stride(), *blocks.stride(), *pos.stride(), *index.stride(), *count.stride(),
-        HKV=Hkv, HP=max(2, triton.next_power_of_2(Hkv)), NKB_P=nkb_p, num_warps=_num_warps(Hkv * nkb_p),
+        HKV=Hkv, HP=pow2(Hkv, least=2), NKB_P=nkb_p, num_warps=_num_warps(Hkv * nkb_p),
     )
     return index, count
 
@@ -124,7 +125,7 @@ def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch
         return reference_block_rows.block_scores_from_bins(probs, num_key_blocks, rows)
     B, H, R, K = probs.shape
     scores = torch.empty(B, H, R, num_key_blocks, dtype=torch.float32, device=probs.device)
-    block_j = min(1024, max(16, triton.next_power_of_2(num_key_blocks)))
+    block_j = min(1024, pow2(num_key_blocks))
     _scores_from_bins[(R, B * H, triton.cdiv(num_key_blocks, block_j))](
         probs, scores, num_key_blocks, K, *probs.stride(), *scores.stride(), H=H, BLOCK_J=block_j,
     )

@@ -37,7 +37,6 @@ from sea_convert.recipe_fields import (  # noqa: F401  (RecipeError, MalformedRe
 from sea_convert.recipe_policy import RecipePolicy
 from sea_convert.recipe_training import (  # noqa: F401  (the distill section's models: re-exported)
     DistillConfig,
-    ParallelConfig,
     StageAConfig,
     StageBConfig,
 )

@@ -63,7 +63,8 @@ def _submodel(field) -> type[BaseModel] | None:
 
 
 def input_path_fields(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
-    """The dotted names (as a recipe spells them) of every input path field of `model`."""
+    """The dotted names (as a recipe spells them) of every input path field of `model`: what the CLI resolves,
+    listed (tests/test_recipe_json.py holds it equal to the fields load_recipe resolves)."""
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         if _is_input(field):

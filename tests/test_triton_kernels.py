@@ -257,9 +257,10 @@ def test_select_key_blocks_at_given_positions():
     assert (got[1][0] == 4).all() and (got[0][0, :, 0, :4] == torch.arange(4, device=DEV)).all()  # block 3: all 4 kept
 
 
-@pytest.mark.parametrize("H,R,K", [(3, 37, 16), (2, 20, 64), (1, 70, 32)])
+@pytest.mark.parametrize("H,R,K", [(3, 37, 16), (2, 20, 64), (1, 70, 32), (1, 1100, 64)])
 def test_block_scores_from_bins_matches_reference(H, R, K):
-    """Rows below the cap (a bin per key block, empty bins between), above it (bins of 2-3 blocks), and at it."""
+    """Rows below the cap (a bin per key block, empty bins between), above it (bins of 2-3 blocks), at it, and more
+    than 1024 key blocks (two tiles of key blocks per row)."""
     g = torch.Generator().manual_seed(R * K)
     probs = torch.rand(2, H, R, K, generator=g).to(DEV)
     got = sel.block_scores_from_bins(probs, R)
@@ -525,6 +526,25 @@ def test_block_rows_estimate_any_feature_tile(feature_tile):
     want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, 32).float()
     tol = 1e-2 if ON_GPU else 1e-5  # as test_block_rows_estimate_matches_reference
     assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+
+
+def test_block_rows_estimate_batch_and_many_blocks_per_segment(monkeypatch):
+    """Batch 2 with non-contiguous keys (the batch strides and PART's batch rows), and few programs, so each
+    segment walks several blocks and carries its state from one to the next."""
+    monkeypatch.setattr(be, "TARGET_PROGRAMS", 5)
+    g = torch.Generator().manual_seed(4)
+    H, Hk, T, d, bs = 4, 2, 150, 64, 16
+    m = int(d * math.log(d) / 8)
+    k = torch.randn(2, T, Hk, d, generator=g).to(DEV).transpose(1, 2)  # (B, Hk, T, d) as a view
+    v = torch.randn(2, Hk, T, d, generator=g).to(DEV)
+    qf = torch.rand(2, H, math.ceil(T / bs), m, generator=g).to(DEV)
+    table, proj = torch.randn(T, d, generator=g).to(DEV), torch.randn(m, d, generator=g).to(DEV)
+    got = be.block_rows_estimate(qf, k, v, table, proj, 0.1, bs)
+    want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, bs).float()
+    tol = 1e-2 if ON_GPU else 1e-5  # as test_block_rows_estimate_matches_reference
+    assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+    with pytest.raises(ValueError, match="block rows"):  # one row per key block, or the kernel would write past R
+        be.block_rows_estimate(qf[:, :, :-1], k, v, table, proj, 0.1, bs)
 
 
 def test_block_rows_estimate_trains_the_position_table_through_the_reference():

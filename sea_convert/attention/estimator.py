@@ -67,7 +67,7 @@ class LinearAttentionEstimator(nn.Module):
         qf, kf = self.features(q_open, k, scale)
         return ops.block_linear_attention(qf, kf, self.values(v), block_size)
 
-    def check_length(self, T: int) -> None:
+    def _check_length(self, T: int) -> None:
         if T > self.position_values.shape[0]:
             raise ValueError(
                 f"sequence of {T} tokens exceeds the SEA position table ({self.position_values.shape[0]} rows);"
@@ -77,7 +77,7 @@ class LinearAttentionEstimator(nn.Module):
     def values(self, v: torch.Tensor) -> torch.Tensor:
         """[v, positional values] (B, Hkv, T, 2d) fp32, the estimator's values; T checked against the table."""
         B, Hkv, T, d = v.shape
-        self.check_length(T)
+        self._check_length(T)
         return torch.cat([v.float(), self.positions(torch.arange(T, device=v.device)).expand(B, Hkv, T, d)], dim=-1)
 
     def features(self, q: torch.Tensor, k: torch.Tensor, scale: float, shift: torch.Tensor | None = None):

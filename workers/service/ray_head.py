@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import httpx
-from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger("sea_convert.ray_head")
 
