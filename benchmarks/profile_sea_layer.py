@@ -12,6 +12,8 @@ import torch
 from benchmarks_timing import median_ms
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from kernels import block_estimator
+from kernels.reference_predictor import positive_features
 from sea_convert.attention import SEAPredictor, sea_attention
 from sea_convert.recipe import SEAConfig
 
@@ -70,9 +72,7 @@ def main() -> None:
     }
     if pred.block_rows is not None:  # the same estimate from raw k and v in one kernel pair (the candidate path)
         est_mod, bs = pred.estimator, pred.block_rows
-        qf_open = est_mod.features(ops.opening_means(q, bs), k[:, :, :1], d ** -0.5)[0]
-        from kernels import block_estimator
-
+        qf_open = positive_features(ops.opening_means(q, bs) * d ** -0.25, est_mod.projection.float(), is_query=True)
         for ft in (32, 64):  # features per program: the kernel pair's one tuning knob
             stages[f"estimator from raw k, v (pair, {ft} features)"] = functools.partial(
                 block_estimator._forward, qf_open, k, v, est_mod.position_values, est_mod.projection, d ** -0.5, bs,
