@@ -517,21 +517,22 @@ def test_block_rows_estimate_matches_reference(H, Hk, T, bs, d):
     assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("feature_tile", [16, 64, 128])
-def test_block_rows_estimate_any_feature_tile(feature_tile):
-    """The feature slices' partial sums add up to the whole whatever the slice (77 features: 5, 2 or 1 slices)."""
+@pytest.mark.parametrize("segment_rows", [1, 6, 8, 1024])
+def test_block_rows_estimate_any_segment_length(segment_rows):
+    """The segments' states and their prefix add up to the whole whatever the segment (G = 2, 6 query blocks):
+    one block per segment (each row reads only the prefix and its own first key), 3 blocks (6 rows, padded to
+    16), 4 blocks (the last segment short), and one segment for the whole sequence."""
     qf, k, v, table, proj = _estimator_inputs(4, 2, 90, 128, seed=11)
-    qf = qf[:, :, :3]
-    got = be._forward(qf, k, v, table, proj, 0.1, 32, feature_tile=feature_tile)
-    want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, 32).float()
+    qf = qf[:, :, :6]
+    got = be._forward(qf, k, v, table, proj, 0.1, 16, segment_rows=segment_rows)
+    want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, 16).float()
     tol = 1e-2 if ON_GPU else 1e-5  # as test_block_rows_estimate_matches_reference
     assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
 
 
-def test_block_rows_estimate_batch_and_many_blocks_per_segment(monkeypatch):
-    """Batch 2 with non-contiguous keys (the batch strides and PART's batch rows), and few programs, so each
-    segment walks several blocks and carries its state from one to the next."""
-    monkeypatch.setattr(be, "TARGET_PROGRAMS", 5)
+def test_block_rows_estimate_batch_and_many_blocks_per_segment():
+    """Batch 2 with non-contiguous keys (the batch strides), and short segments, so each segment holds several
+    blocks and later segments start from the earlier ones' prefix."""
     g = torch.Generator().manual_seed(4)
     H, Hk, T, d, bs = 4, 2, 150, 64, 16
     m = int(d * math.log(d) / 8)
@@ -539,7 +540,7 @@ def test_block_rows_estimate_batch_and_many_blocks_per_segment(monkeypatch):
     v = torch.randn(2, Hk, T, d, generator=g).to(DEV)
     qf = torch.rand(2, H, math.ceil(T / bs), m, generator=g).to(DEV)
     table, proj = torch.randn(T, d, generator=g).to(DEV), torch.randn(m, d, generator=g).to(DEV)
-    got = be.block_rows_estimate(qf, k, v, table, proj, 0.1, bs)
+    got = be._forward(qf, k, v, table, proj, 0.1, bs, segment_rows=8)  # 4 blocks a segment, 3 segments
     want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, bs).float()
     tol = 1e-2 if ON_GPU else 1e-5  # as test_block_rows_estimate_matches_reference
     assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
