@@ -6,13 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 from benchmarks_timing import median_ms
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from kernels import block_estimator
 from kernels.reference_predictor import positive_features
 from sea_convert.attention import SEAPredictor, sea_attention
 from sea_convert.recipe import SEAConfig
@@ -70,13 +68,15 @@ def main() -> None:
         "gates mix": lambda: (_compiled_mix() if a.compile else mix_output)(sparse, est.per_query_gates(T), sel.kept, v),
         "whole layer": run,
     }
-    if pred.block_rows is not None:  # the same estimate from raw k and v in one kernel pair (the candidate path)
+    if pred.block_rows is not None:  # the earlier path, for comparison: features and [v, p] in torch, two walks
         est_mod, bs = pred.estimator, pred.block_rows
         qf_open = positive_features(ops.opening_means(q, bs) * d ** -0.25, est_mod.projection.float(), is_query=True)
-        for ft in (32, 64):  # features per program: the kernel pair's one tuning knob
-            stages[f"estimator from raw k, v (pair, {ft} features)"] = functools.partial(
-                block_estimator._forward, qf_open, k, v, est_mod.position_values, est_mod.projection, d ** -0.5, bs,
-                feature_tile=ft)
+
+        def walked():
+            _, kf = est_mod.features(q[:, :1, :1], k, d ** -0.5)
+            return ops.block_linear_attention(qf_open, kf, est_mod.values(v), bs)
+
+        stages["estimator, earlier path (walks)"] = walked
     if pred.block_rows is not None:  # what the layer runs at inference: the gates in the kernel's epilogue
         stages["kernel + gates (one kernel)"] = lambda: ops.block_sparse_attention_gated(
             q, k, v, sel.block_index, sel.block_count, sel.block_size, d ** -0.5, est.gates)

@@ -26,5 +26,11 @@ def _patch_interpreter_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton 3.6's interpreter multiplies bf16 operands of tl.dot wrongly (errors ~1e9 on 16 x 16 tiles of [0, 1)
+# values): a kernel whose dot takes bf16 operands rounds them to bf16 and multiplies in fp32 there instead,
+# the same products (exact in fp32) as the GPU's bf16 MMA with fp32 accumulation.
+BF16_DOT_WORKS = not INTERPRETING
+
+if INTERPRETING:
     _patch_interpreter_loop_bounds()

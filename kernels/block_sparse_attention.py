@@ -368,7 +368,10 @@ def block_prefix_sums(v: torch.Tensor, block_size: int) -> torch.Tensor:
     sums = v[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
     if T % block_size:  # the partial last block
         sums = torch.cat([sums, v[:, :, full * block_size :].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
-    return sums.cumsum(2) - sums
+    # scanned along the last dimension: torch's scan along an outer one runs a column per thread, each load
+    # waiting on the last (0.19 ms at 32k and 0.76 ms at 128k on an H100, for 1 MiB and 4 MiB)
+    sums = sums.transpose(2, 3).contiguous()
+    return (sums.cumsum(3) - sums).transpose(2, 3)
 
 
 def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, scale: float):

@@ -504,17 +504,24 @@ def _estimator_inputs(H, Hk, T, d, seed, dtype=torch.float32):
 def test_block_rows_estimate_matches_reference(H, Hk, T, bs, d):
     """The estimator from raw k and v (features made in the kernel, values read in place): GQA 1, 3, 4;
     d 64 and 128 (77 features, two halves of values) and a d that is no power of two; T never a multiple
-    of the block."""
+    of the block. One query block per segment, so every row but the first reads the segments' state sums."""
     qf, k, v, table, proj = _estimator_inputs(H, Hk, T, d, seed=T + d)
     qf = qf[:, :, : math.ceil(T / bs)]
     scale = d**-0.5
-    got = be.block_rows_estimate(qf, k, v, table, proj, scale, bs)
+    got = be._forward(qf, k, v, table, proj, scale, bs, segment_rows=H // Hk)
     want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), scale, bs).float()
-    # interpreter (numpy fp32): measured max abs error 1.1e-6 (|out| <= 3.9); GPU: tf32x3 features, tf32 states,
-    # bound 1e-2 (1 + |out|) as the other estimator kernels'
-    tol = 1e-2 if ON_GPU else 1e-5
     assert got.shape == want.shape == (1, H, math.ceil(T / bs), 2 * d)
-    assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+    assert _estimate_error(got, want) < ESTIMATE_TOL, _estimate_error(got, want)
+
+
+# The segment sums multiply bf16 halves of fp32 operands (bf16x3): interpreter (numpy, same rounding) measured
+# max |error| / (1 + |out|) 3.8e-5 over these shapes at 3 seeds with one block per segment (the pass-2 rows
+# alone, one segment: 9e-7). GPU: tf32 in pass 2, bound 1e-2 as the other estimator kernels' (measured 1.1e-3 at 8k).
+ESTIMATE_TOL = 1e-2 if ON_GPU else 1e-4
+
+
+def _estimate_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs() / (1 + want.double().abs())).max().item()
 
 
 @pytest.mark.parametrize("segment_rows", [1, 6, 8, 1024])
@@ -526,8 +533,7 @@ def test_block_rows_estimate_any_segment_length(segment_rows):
     qf = qf[:, :, :6]
     got = be._forward(qf, k, v, table, proj, 0.1, 16, segment_rows=segment_rows)
     want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, 16).float()
-    tol = 1e-2 if ON_GPU else 1e-5  # as test_block_rows_estimate_matches_reference
-    assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+    assert _estimate_error(got, want) < ESTIMATE_TOL, _estimate_error(got, want)
 
 
 def test_block_rows_estimate_batch_and_many_blocks_per_segment():
@@ -542,8 +548,7 @@ def test_block_rows_estimate_batch_and_many_blocks_per_segment():
     table, proj = torch.randn(T, d, generator=g).to(DEV), torch.randn(m, d, generator=g).to(DEV)
     got = be._forward(qf, k, v, table, proj, 0.1, bs, segment_rows=8)  # 4 blocks a segment, 3 segments
     want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, bs).float()
-    tol = 1e-2 if ON_GPU else 1e-5  # as test_block_rows_estimate_matches_reference
-    assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+    assert _estimate_error(got, want) < ESTIMATE_TOL, _estimate_error(got, want)
     with pytest.raises(ValueError, match="block rows"):  # one row per key block, or the kernel would write past R
         be.block_rows_estimate(qf[:, :, :-1], k, v, table, proj, 0.1, bs)
 

@@ -61,11 +61,11 @@ class LinearAttentionEstimator(nn.Module):
     def block_rows(self, q_open: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops,
                    block_size: int) -> torch.Tensor:
         """The same linear attention read once per query block, at its first row: q_open (B, Hq, NQB, d), each
-        block's opening mean query, attends to the keys up to that row -> (B, Hq, NQB, 2d)."""
-        # ops.block_rows_estimate computes the same from raw k and v; its first Triton form measured slower
-        # than this path on an H100 (4.1 against ~1.9 ms at 32k, docs/benchmarks.md), so this one runs
-        qf, kf = self.features(q_open, k, scale)
-        return ops.block_linear_attention(qf, kf, self.values(v), block_size)
+        block's opening mean query, attends to the keys up to that row -> (B, Hq, NQB, 2d). The keys' features
+        and the values [v, positions] are made inside the op (on the GPU never stored as [v, positions])."""
+        self._check_length(k.shape[2])
+        qf = positive_features(q_open.float() * math.sqrt(scale), self.projection.float(), is_query=True)
+        return ops.block_rows_estimate(qf, k, v, self.position_values, self.projection, scale, block_size)
 
     def _check_length(self, T: int) -> None:
         if T > self.position_values.shape[0]:
