@@ -336,8 +336,10 @@ def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) ->
                 PREC=_dot_precision(dtype), num_warps=_num_warps(hpp * block_size * block_d), num_stages=2)
 
 
-def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor | None = None):
-    """gates (B, Hq, NQB, 2): apply the output gates in the epilogue; the output is then fp32."""
+def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor | None = None,
+             out_dtype: torch.dtype = torch.float32):
+    """gates (B, Hq, NQB, 2): apply the output gates in the epilogue; the output is then out_dtype (rounded once,
+    from the fp32 tile)."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     meta = _meta(Hq // Hkv, block_size, d, MAX_ROWS, q.dtype)
@@ -348,7 +350,7 @@ def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, g
         gates = v_prefix = lse  # not read
         gate_strides = prefix_strides = (0, 0, 0, 0)
     else:
-        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
         v_prefix = block_prefix_sums(v, block_size)
         gate_strides, prefix_strides = gates.stride(), v_prefix.stride()
     _fwd_kernel[(triton.cdiv(T, block_size), B * Hkv * meta["NHC"])](
@@ -439,12 +441,13 @@ def block_sparse_attention(
 
 
 def block_sparse_attention_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor,
-                                 block_count: torch.Tensor, block_size: int, scale: float, gates: torch.Tensor) -> torch.Tensor:
+                                 block_count: torch.Tensor, block_size: int, scale: float, gates: torch.Tensor,
+                                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """block_sparse_attention with the block rows' output gates in its epilogue (see the reference op in
-    kernels.reference_block_rows): one kernel, (B, Hq, T, d) fp32. Inference only (no autograd)."""
+    kernels.reference_block_rows): one kernel, (B, Hq, T, d) in out_dtype. Inference only (no autograd)."""
     _check(q, k, v, block_index, block_size)
     if gates.shape != (*q.shape[:2], block_index.shape[2], 2):
         raise ValueError(f"gates {tuple(gates.shape)} do not match (B, Hq, NQB, 2)")
     out, _ = _forward(q, k, v, block_index.to(torch.int32), block_count.to(torch.int32), int(block_size), float(scale),
-                      gates.float())
+                      gates.float(), out_dtype)
     return out

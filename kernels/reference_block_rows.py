@@ -138,23 +138,27 @@ def block_scores_from_bins(probs: torch.Tensor, num_key_blocks: int, rows: torch
 
 
 def block_sparse_attention_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor,
-                                 block_count: torch.Tensor, block_size: int, scale: float, gates: torch.Tensor) -> torch.Tensor:
+                                 block_count: torch.Tensor, block_size: int, scale: float, gates: torch.Tensor,
+                                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """block_sparse_attention, then the output gates (mix_gated) with one pair of gates per query block:
     gates (B, Hq, NQB, 2) fp32, the block rows' (every row of a block reads its block's). The keys each row
-    attends come from the lists; the running mean of v from v. Returns (B, Hq, T, d) fp32.
+    attends come from the lists; the running mean of v from v. Returns (B, Hq, T, d) in out_dtype, computed in fp32
+    and rounded once (the layer asks for the model's dtype at inference: the model rounds to it anyway).
     (On the GPU one kernel: the gates are applied in the attention's epilogue.)"""
-    return gated_with(block_sparse_attention)(q, k, v, block_index, block_count, block_size, scale, gates)
+    return gated_with(block_sparse_attention)(q, k, v, block_index, block_count, block_size, scale, gates, out_dtype)
 
 
 def gated_with(attend):
     """block_sparse_attention_gated over another implementation of block_sparse_attention (the CPU's)."""
 
-    def gated(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor) -> torch.Tensor:
+    def gated(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         T = q.shape[2]
         out, _ = attend(q, k, v, block_index, block_count, block_size, scale)
         kept = kept_from_blocks(block_index, block_count, block_size, T)
         rows = torch.arange(1, T + 1, device=q.device, dtype=torch.float32)
-        return mix_gated(out, gates.repeat_interleave(block_size, dim=2)[:, :, :T], kept, running_mean(v), rows)
+        mixed = mix_gated(out, gates.repeat_interleave(block_size, dim=2)[:, :, :T], kept, running_mean(v), rows)
+        return mixed.to(out_dtype)
 
     return gated
 

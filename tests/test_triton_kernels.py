@@ -217,6 +217,10 @@ def test_block_sparse_gated_matches_reference(shape, bs, blocks_per_head, dtype)
     if blocks_per_head is not None:  # rows miss keys, so the gates move the output off plain attention: 0.47 .. 1.95
         plain = ref.block_sparse_attention(q.float(), k.float(), v.float(), bi, bc, bs, scale)[0]
         assert _max_err(exact["out"], plain) > 10 * ABS[dtype]["out"]
+    if dtype != torch.float32:  # the layer asks for q's dtype at inference: the same fp32 tile, rounded once
+        rounded = bsa.block_sparse_attention_gated(q, k, v, bi, bc, bs, scale, gates, out_dtype=dtype)
+        assert rounded.dtype == dtype and torch.equal(rounded, got["out"].to(dtype))
+        assert ref.block_sparse_attention_gated(q, k, v, bi, bc, bs, scale, gates, out_dtype=dtype).dtype == dtype
 
 
 # B, Hkv, NQB, NKB, per-head budget (an int, or "density": 25% of each query block's causal blocks), sink, local, max_budget

@@ -71,7 +71,7 @@ def _compiled_mix():
 
 @dataclass
 class SEAOutput:
-    out: torch.Tensor  # (B, Hq, T, d) fp32
+    out: torch.Tensor  # (B, Hq, T, d) fp32; in q's dtype from the gated kernel (block rows at inference)
     estimate: Estimate
     selection: Selection
 
@@ -96,8 +96,10 @@ def sea_attention(
     T = q.shape[2]
     sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops, valid=valid, seq_len=T)
     if est.gates is not None and est.block_size is not None and not torch.is_grad_enabled():
-        # block rows at inference: the block's gates applied in the attention's epilogue (one kernel on the GPU)
-        out = ops.block_sparse_attention_gated(q, k, v, sel.block_index, sel.block_count, sel.block_size, scale, est.gates)
+        # block rows at inference: the block's gates applied in the attention's epilogue (one kernel on the GPU),
+        # written in the model's dtype (the model rounds to it anyway; fp32 doubled the output's writes)
+        out = ops.block_sparse_attention_gated(q, k, v, sel.block_index, sel.block_count, sel.block_size, scale,
+                                               est.gates, out_dtype=q.dtype)
     else:
         sparse_out, _ = sel.attend(q, k, v, scale, ops)
         mix = _compiled_mix() if cfg.compile and q.is_cuda else mix_output
