@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 from benchmarks_timing import median_ms
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from kernels import block_estimator
 from kernels.reference_predictor import positive_features
 from sea_convert.attention import SEAPredictor, sea_attention
 from sea_convert.recipe import SEAConfig
@@ -77,6 +79,10 @@ def main() -> None:
             return ops.block_linear_attention(qf_open, kf, est_mod.values(v), bs)
 
         stages["estimator, earlier path (walks)"] = walked
+        for tile in (64, 128):  # value columns per program: the chunked estimator's tuning knob
+            stages[f"estimator kernels, value tile {tile}"] = functools.partial(
+                block_estimator._forward, qf_open, k, v, est_mod.position_values, est_mod.projection, d ** -0.5, bs,
+                value_tile=tile)
     if pred.block_rows is not None:  # what the layer runs at inference: the gates in the kernel's epilogue
         stages["kernel + gates (one kernel)"] = lambda: ops.block_sparse_attention_gated(
             q, k, v, sel.block_index, sel.block_count, sel.block_size, d ** -0.5, est.gates)

@@ -5,8 +5,8 @@ attention over the keys' positive random features with values [v, positions], re
 its first row. Laid out as chunked linear attention usually is, so that no program walks a chain of states:
 
 1. `_key_features`: the keys' features, once (a (bs x d) @ (d x m) product per key block in tf32x3, about
-   fp32's accuracy, which the features' exp needs), stored fp32 and zero-padded to whole blocks and a power
-   of two of features, so the passes below load them without masks.
+   fp32's accuracy, which the features' exp needs), stored fp32, zero-padded to whole blocks and to a multiple
+   of 8 features (77 -> 80 at d 128: a power of two, 128, would be 60% more to read in each pass).
 2. `_segment_sums`: each segment (a run of whole key blocks) sums kf^T [v | p] and kf, per KV head, in
    parallel over segments and value tiles; v and the position table are read in place (no [v, p] copy).
 3. `_exclusive_prefix`: each segment's starting state, the sum of the segments before it.
@@ -45,7 +45,7 @@ FEATURE_PRECISION = "tf32x3"  # plain tf32 would put ~1e-3 relative error into w
 @triton.jit
 def _key_features(K, PROJ, SHIFT, KF, T, M, D, NB, root,
                   skb, skh, skt, skd,
-                  BS: tl.constexpr, MP: tl.constexpr, BLOCK_D: tl.constexpr, HK: tl.constexpr,
+                  BS: tl.constexpr, MP: tl.constexpr, KS: tl.constexpr, BLOCK_D: tl.constexpr, HK: tl.constexpr,
                   BLOCKS: tl.constexpr, PREC: tl.constexpr):
     """kf = exp(w.x - |x|^2/2 - c) + 1e-6 of BLOCKS key blocks (x = k sqrt(scale)), one projection load for
     them all; 0 past T and past M."""
@@ -57,7 +57,7 @@ def _key_features(K, PROJ, SHIFT, KF, T, M, D, NB, root,
     projT = tl.load(PROJ + offs_m[None, :] * D + offs_d[:, None], mask=m_ok[None, :] & d_ok[:, None], other=0.0)
     shift = tl.load(SHIFT + pid_bh)
     kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh  # int64: k may pass 2^31 elements
-    out = KF + pid_bh.to(tl.int64) * NB * BS * MP
+    out = KF + pid_bh.to(tl.int64) * NB * BS * KS
     for blk in range(pid * BLOCKS, tl.minimum(NB, (pid + 1) * BLOCKS)):
         rows = blk * BS + tl.arange(0, BS)
         r_ok = rows < T
@@ -66,7 +66,7 @@ def _key_features(K, PROJ, SHIFT, KF, T, M, D, NB, root,
         wx = tl.dot(kx, projT, input_precision=PREC)
         half_sq = 0.5 * tl.sum(kx * kx, axis=1)
         kf = tl.where(r_ok[:, None] & m_ok[None, :], tl.exp(wx - half_sq[:, None] - shift) + 1e-6, 0.0)
-        tl.store(out + rows[:, None] * MP + offs_m[None, :], kf)
+        tl.store(out + rows[:, None] * KS + offs_m[None, :], kf, mask=(offs_m < KS)[None, :])
 
 
 @triton.jit
@@ -88,19 +88,19 @@ def _value_tile(V, P, b, hk, rows, tile, T, D,
 @triton.jit
 def _segment_sums(KF, V, P, STATE, NORM, T, D, SEG_BLOCKS, NB,
                   svb, svh, svt, svd, spt, spd,
-                  BS: tl.constexpr, MP: tl.constexpr, DT: tl.constexpr, HALF_TILES: tl.constexpr, HK: tl.constexpr,
-                  BF16_DOT: tl.constexpr):
+                  BS: tl.constexpr, MP: tl.constexpr, KS: tl.constexpr, DT: tl.constexpr, HALF_TILES: tl.constexpr,
+                  HK: tl.constexpr, BF16_DOT: tl.constexpr):
     """Pass 1: each segment's own sums of kf^T [v | p] (this program's value tile) and of kf."""
     pid_bh, seg, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = pid_bh // HK, pid_bh % HK
     offs_c = tl.arange(0, BS)
     offs_m = tl.arange(0, MP)
-    kf_base = KF + pid_bh.to(tl.int64) * NB * BS * MP
+    kf_base = KF + pid_bh.to(tl.int64) * NB * BS * KS
     state = tl.zeros((MP, DT), dtype=tl.float32)
     norm = tl.zeros((MP,), dtype=tl.float32)
     for i in range(seg * SEG_BLOCKS, tl.minimum(NB, (seg + 1) * SEG_BLOCKS)):
         rows = i * BS + offs_c
-        kf = tl.load(kf_base + rows[:, None] * MP + offs_m[None, :])
+        kf = tl.load(kf_base + rows[:, None] * KS + offs_m[None, :], mask=(offs_m < KS)[None, :], other=0.0)
         vals = _value_tile(V, P, b, hk, rows, tile, T, D, svb, svh, svt, svd, spt, spd, BS, DT, HALF_TILES)
         # bf16 operands, each split in two (hi + lo, "bf16x3": about fp32's accuracy): tf32 has no MMA with
         # these operand layouts (kf^T and v both major along the keys), and the tf32 dot ran at half the
@@ -141,8 +141,8 @@ def _exclusive_prefix(X, NSEG, WIDTH, NSEG_P: tl.constexpr, COLS: tl.constexpr):
 @triton.jit
 def _segment_rows(QF, KF, V, P, STATE0, NORM0, OUT, T, M, D, R, SEG_BLOCKS, NB,
                   sqb, sqh, sqr, svb, svh, svt, svd, spt, spd, sob, soh, sor,
-                  G: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr, MP: tl.constexpr, DT: tl.constexpr,
-                  HALF_TILES: tl.constexpr, HK: tl.constexpr):
+                  G: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr, MP: tl.constexpr, KS: tl.constexpr,
+                  DT: tl.constexpr, HALF_TILES: tl.constexpr, HK: tl.constexpr):
     """Pass 2: the rows (query head g, block i) of this segment's query blocks; row i reads the state of the
     segments before plus the segment's keys up to row i's first key. Numerator / denominator per value tile."""
     pid_bh, seg, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -163,11 +163,11 @@ def _segment_rows(QF, KF, V, P, STATE0, NORM0, OUT, T, M, D, R, SEG_BLOCKS, NB,
     state0 = tl.load(STATE0 + slot * MP * width + offs_m[:, None] * width + tile * DT + tl.arange(0, DT)[None, :])
     acc = tl.dot(qf, state0)
     den = tl.sum(qf * tl.load(NORM0 + slot * MP + offs_m)[None, :], axis=1)
-    kf_base = KF + pid_bh.to(tl.int64) * NB * BS * MP
+    kf_base = KF + pid_bh.to(tl.int64) * NB * BS * KS
     first = seg * SEG_BLOCKS
     for j in range(first, tl.minimum(NB, first + SEG_BLOCKS)):
         rows = j * BS + offs_c
-        kf = tl.load(kf_base + rows[:, None] * MP + offs_m[None, :])
+        kf = tl.load(kf_base + rows[:, None] * KS + offs_m[None, :], mask=(offs_m < KS)[None, :], other=0.0)
         vals = _value_tile(V, P, b, hk, rows, tile, T, D, svb, svh, svt, svd, spt, spd, BS, DT, HALF_TILES)
         a = tl.dot(qf, tl.trans(kf))  # (RP, BS)
         seen = (j < i)[:, None] | ((j == i)[:, None] & (offs_c == 0)[None, :])  # whole earlier blocks; own first key
@@ -188,7 +188,7 @@ def _layout(R: int, G: int, segment_rows: int) -> tuple[int, int]:
 
 
 def _forward(q_feat, k, v, position_values, projection, scale: float, block_size: int,
-             segment_rows: int | None = None) -> torch.Tensor:
+             segment_rows: int | None = None, value_tile: int | None = None) -> torch.Tensor:
     B, H, R, M = q_feat.shape
     _, Hk, T, D = k.shape
     G = H // Hk
@@ -198,21 +198,23 @@ def _forward(q_feat, k, v, position_values, projection, scale: float, block_size
     # each sequence and head's key stabiliser: from its first key alone (positive_features' rule)
     shift = ((k[:, :, 0].float() * root) @ proj.T).amax(-1).reshape(B * Hk).contiguous()
     mp, block_d = pow2(M), pow2(D)
-    dt = min(VALUE_TILE, block_d)
+    ks = triton.cdiv(M, 8) * 8  # kf's row: the features rounded up to 32 bytes, not to the tile's power of two
+    dt = min(value_tile or VALUE_TILE, block_d)
     half_tiles = triton.cdiv(D, dt)
     tiles = 2 * half_tiles
     seg_blocks, nseg = _layout(R, G, segment_rows or SEGMENT_ROWS)
     dev = k.device
-    kf = torch.empty(B * Hk, R * block_size, mp, device=dev, dtype=torch.float32)
+    kf = torch.empty(B * Hk, R * block_size, ks, device=dev, dtype=torch.float32)
     warps = 8 if block_size * block_d > 64 * 64 else 4
     _key_features[(triton.cdiv(R, FEATURE_BLOCKS), B * Hk)](
-        k, proj, shift, kf, T, M, D, R, root, *k.stride(), BS=block_size, MP=mp, BLOCK_D=block_d, HK=Hk,
+        k, proj, shift, kf, T, M, D, R, root, *k.stride(), BS=block_size, MP=mp, KS=ks, BLOCK_D=block_d, HK=Hk,
         BLOCKS=FEATURE_BLOCKS, PREC=FEATURE_PRECISION, num_warps=warps)
     state = torch.empty(B * Hk, nseg, mp, tiles * dt, device=dev, dtype=torch.float32)
     norm = torch.empty(B * Hk, nseg, mp, device=dev, dtype=torch.float32)
     value_strides = (*v.stride(), *position_values.stride())
     grid = (B * Hk, nseg, tiles)
-    common = dict(BS=block_size, MP=mp, DT=dt, HALF_TILES=half_tiles, HK=Hk, num_warps=4)
+    common = dict(BS=block_size, MP=mp, KS=ks, DT=dt, HALF_TILES=half_tiles, HK=Hk,
+                  num_warps=8 if dt * mp > 64 * 128 else 4)
     _segment_sums[grid](kf, v, position_values, state, norm, T, D, seg_blocks, R, *value_strides,
                         BF16_DOT=BF16_DOT_WORKS, **common)
     nseg_p = pow2(nseg, 1)

@@ -528,14 +528,15 @@ def _estimate_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs() / (1 + want.double().abs())).max().item()
 
 
-@pytest.mark.parametrize("segment_rows", [1, 6, 8, 1024])
-def test_block_rows_estimate_any_segment_length(segment_rows):
+@pytest.mark.parametrize("segment_rows,value_tile", [(1, 64), (6, 16), (8, 128), (1024, 64)])
+def test_block_rows_estimate_any_segment_length(segment_rows, value_tile):
     """The segments' states and their prefix add up to the whole whatever the segment (G = 2, 6 query blocks):
     one block per segment (each row reads only the prefix and its own first key), 3 blocks (6 rows, padded to
-    16), 4 blocks (the last segment short), and one segment for the whole sequence."""
+    16), 4 blocks (the last segment short), and one segment for the whole sequence; value tiles of 16, 64 and
+    128 columns (16 and 2 programs per KV head and segment at d 128)."""
     qf, k, v, table, proj = _estimator_inputs(4, 2, 90, 128, seed=11)
     qf = qf[:, :, :6]
-    got = be._forward(qf, k, v, table, proj, 0.1, 16, segment_rows=segment_rows)
+    got = be._forward(qf, k, v, table, proj, 0.1, 16, segment_rows=segment_rows, value_tile=value_tile)
     want = ref.block_rows_estimate(qf.double(), k.double(), v.double(), table.double(), proj.double(), 0.1, 16).float()
     assert _estimate_error(got, want) < ESTIMATE_TOL, _estimate_error(got, want)
 
