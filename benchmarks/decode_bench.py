@@ -148,6 +148,26 @@ def e2e_bench(gguf: Path, ctx: int, new_tokens: int) -> list[dict]:
     return rows
 
 
+def per_token_over_blocks(layers: list[dict], block_size: int) -> list[dict]:
+    """Block rows: generation pays one opening step (row, CNN, selection) and block_size - 1 steps inside the
+    block per block_size tokens. The mean step from the pair timed at each context (compiled, graph replay)."""
+    by_context = {row["context"]: row for row in layers}
+    out = []
+    print(f"per token over a block of {block_size} (compiled step, graph): context | opening  inside  mean | dense | speed-up")
+    for T, opening in sorted(by_context.items()):
+        inside = by_context.get(T - 1)
+        if not opening["opens_block"] or inside is None:
+            continue
+        mean = (opening["sea_compiled_graph_ms"] + (block_size - 1) * inside["sea_compiled_graph_ms"]) / block_size
+        dense = (opening["dense_graph_ms"] + inside["dense_graph_ms"]) / 2
+        out.append({"context": T, "opening_ms": opening["sea_compiled_graph_ms"],
+                    "inside_ms": inside["sea_compiled_graph_ms"], "mean_step_ms": mean, "dense_ms": dense,
+                    "speedup": dense / mean})
+        print(f"{T:>7} | {opening['sea_compiled_graph_ms'] * 1e3:7.1f} {inside['sea_compiled_graph_ms'] * 1e3:7.1f} "
+              f"{mean * 1e3:7.1f} | {dense * 1e3:7.1f} | {dense / mean:5.2f}x")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
@@ -169,9 +189,10 @@ def main() -> None:
     if cfg.predictor_rows == "block":  # a step that opens a block (makes its row and selection) and one inside it
         contexts = sorted({c for T in a.contexts for c in (T, T - 1)})
     layers = [layer_bench(T, cfg) for T in contexts]
+    per_token = per_token_over_blocks(layers, cfg.block_size) if cfg.predictor_rows == "block" else []
     e2e = e2e_bench(a.gguf, a.e2e_context, a.new_tokens) if a.gguf else []
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sea": cfg.model_dump(mode="json"),
-            "layer": layers, "smollm2_e2e": e2e}
+            "layer": layers, "block_rows_per_token": per_token, "smollm2_e2e": e2e}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(info, indent=2))
     print("wrote", a.json)
