@@ -208,7 +208,8 @@ def _forward(q_feat, k, v, position_values, projection, scale: float, block_size
     warps = 8 if block_size * block_d > 64 * 64 else 4
     _key_features[(triton.cdiv(R, FEATURE_BLOCKS), B * Hk)](
         k, proj, shift, kf, T, M, D, R, root, *k.stride(), BS=block_size, MP=mp, KS=ks, BLOCK_D=block_d, HK=Hk,
-        BLOCKS=FEATURE_BLOCKS, PREC=FEATURE_PRECISION, num_warps=warps)
+        BLOCKS=FEATURE_BLOCKS, PREC=FEATURE_PRECISION, num_warps=warps,
+        num_stages=1)  # fp32 keys, pipelined, passed the H100's 228 KB of shared memory (tf32x3 operands)
     state = torch.empty(B * Hk, nseg, mp, tiles * dt, device=dev, dtype=torch.float32)
     norm = torch.empty(B * Hk, nseg, mp, device=dev, dtype=torch.float32)
     value_strides = (*v.stride(), *position_values.stride())
