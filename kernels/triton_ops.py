@@ -19,6 +19,7 @@ from kernels.decode_step_mix import decode_mix_output
 from kernels.decode_step_rows import decode_predictor_rows
 from kernels.decode_step_select import decode_select_blocks
 from kernels.linear_attention import block_linear_attention, causal_linear_attention
+from kernels.opening_means import opening_means
 from kernels.select_blocks import block_scores_from_bins, select_key_blocks
 from kernels.sparse_decode import sparse_decode_attention, sparse_decode_mixed
 from kernels.teacher_target import teacher_target
@@ -30,11 +31,10 @@ from kernels.teacher_target import teacher_target
 #   elementwise work plus a sort on small tensors; bandwidth-bound and negligible next to attention.
 # - decoding: linear_attention_step and spread_bins_to_key_blocks (the decode step's kernels in
 #   kernels.decode_step_* fuse them), per_query_sparse_decode (the reference mode).
-# - the block-row predictor's ops (opening_means, block_teacher_target,
+# - the block-row predictor's ops (block_teacher_target,
 #   and its decoding: decode_block_sums, decode_block_row, decode_block_cnn_probs, decode_select_block_row):
 #   the reference until their Triton versions land (issue 20).
 from kernels.reference import (
-    opening_means,
     decode_block_cnn_probs,
     decode_block_row,
     decode_block_sums,
