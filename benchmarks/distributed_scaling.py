@@ -28,16 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model_shapes import LLAMA_13B, TINY  # noqa: E402
+
 from sea_convert.recipe import Recipe  # noqa: E402
 from workers.train.train_launch import launch_torchrun, worker_config  # noqa: E402
 
 DATA = (ROOT.parent / "shared" / "data").resolve()
 PAPER_STEPS = 2000
-LLAMA_13B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
-             "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
-             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
-TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
 def _recipe(model: dict, sea: dict, seq: int, batch: int, micro: int | None, steps: int, warmup: int, workers: int,

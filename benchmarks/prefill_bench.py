@@ -1,9 +1,17 @@
-"""Whole-model prefill: SmolLM2-135M at 8k tokens, SEA vs SDPA, on one GPU.
+"""Whole-model prefill, SEA against dense in the same run: SmolLM2-135M (real weights) and a LLaMA-13B-shaped stack.
 
-    python3 benchmarks/prefill_bench.py --gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf --json $OUT/prefill.json
+    python3 benchmarks/prefill_bench.py --model smollm2 --gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --tokens 8192 32768 --batch 1 4 --json $OUT/prefill_smollm2.json
+    python3 benchmarks/prefill_bench.py --model llama13b --layers 4 --tokens 32768 131072 --batch 1 --json $OUT/prefill_13b.json
+    python3 benchmarks/prefill_bench.py --model tiny --device cpu --tokens 256 --batch 1 2   (the script's own check)
 
-The predictors are freshly initialised (timing does not depend on training); bf16 weights, no grad,
-use_cache=False for both. Prints a table and writes JSON.
+Both attentions run the same way: bf16 weights, no grad, no KV cache, the logits of the last position only
+(128k x 32000 fp32 logits would be 16 GB), each prefill timed eagerly and replayed from a CUDA graph (the host's
+launches removed: SEA runs dozens of small kernels a layer). SEA: block rows (K=1024), 2,048 keys per query,
+blocks of 64, predictors in bf16 and compiled, the position table sized to the longest prompt by the script
+(RoPE as the model has it). The predictors are fresh: speed does not depend on training. The 13B-shaped stack
+is built on the meta device and given random weights, as the distributed code builds one
+(`workers/train/sharded_load.py`). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -11,55 +19,130 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
-from benchmarks_timing import median_ms
+from benchmarks_timing import graph_ms, median_ms
+from model_shapes import LLAMA_13B, TINY
 
-from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors
-from sea_convert.models import load_teacher
-from sea_convert.recipe import ModelSource, SEAConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
+
+from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors  # noqa: E402
+from sea_convert.recipe import SEAConfig  # noqa: E402
+
+
+def build_model(a, device: torch.device):
+    """(model, its description) in bf16 on `device`."""
+    if a.model == "smollm2":
+        from sea_convert.models import load_teacher
+        from sea_convert.recipe import ModelSource
+
+        if a.gguf is None:
+            raise SystemExit("--gguf: the SmolLM2 GGUF file is needed for --model smollm2")
+        model, _ = load_teacher(ModelSource(path=a.gguf.parent, gguf_file=a.gguf.name, dtype="bfloat16"), str(device))
+        return model, "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, bf16)"
+    from transformers import AutoConfig
+
+    from workers.train.sharded_load import build_skeleton, init_random_weights, materialize
+
+    fields = dict(LLAMA_13B if a.model == "llama13b" else TINY)
+    if a.layers:
+        fields["num_hidden_layers"] = a.layers
+    fields["max_position_embeddings"] = max(fields["max_position_embeddings"], max(a.tokens))
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = build_skeleton(config, torch.bfloat16)
+    materialize(model, device)
+    init_random_weights(model, seed=0)
+    return model, f"{a.model}-shaped: {config.num_hidden_layers} layers x {config.hidden_size}, random bf16 weights"
+
+
+def sea_config(a, device: torch.device) -> SEAConfig:
+    return SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=a.block_K,
+                     predictor_rows="block", position_table_len=max(a.tokens),
+                     backend="triton" if device.type == "cuda" else "auto",
+                     compile=device.type == "cuda")
+
+
+def time_prefill(model, mode: str, ids: torch.Tensor, graph: bool) -> dict:
+    """Eager and (on CUDA) CUDA-graph times of one prefill; a capture that fails is reported, not hidden."""
+    def run():
+        with torch.no_grad(), attention_mode(model, mode):
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    cuda = ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    row = {"eager_ms": median_ms(run, runs=5)}
+    if cuda:
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if cuda and graph:
+        try:
+            row["graph_ms"] = graph_ms(run, runs=10)
+        except Exception as err:  # noqa: BLE001  (a host sync or dynamic shape inside the model: say which)
+            row["graph_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return row
+
+
+def best_ms(row: dict) -> float:
+    return row.get("graph_ms", row["eager_ms"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True, type=Path)
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--model", choices=["smollm2", "llama13b", "tiny"], default="smollm2")
+    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (for --model smollm2)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of a shaped model (llama13b: 4)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--block-K", type=int, default=1024, help="K of the block-row predictor")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-graph", action="store_true", help="eager only")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
     a = ap.parse_args()
-    model, _ = load_teacher(ModelSource(path=a.gguf.parent, gguf_file=a.gguf.name, dtype="bfloat16"), "cuda")
-    ids = torch.randint(0, model.config.vocab_size, (1, a.tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    rows = []
-
-    def bench(mode: str, label: str) -> None:
-        def run():
-            with torch.no_grad(), attention_mode(model, mode):
-                return model(input_ids=ids, use_cache=False).logits
-
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        ms = median_ms(run)
-        rows.append({"setting": label, "ms": ms, "tokens_per_s": a.tokens / ms * 1e3, "peak_mib": peak})
-        print(f"{label:34s} {ms:9.2f} ms {a.tokens / ms * 1e3:11.0f} tok/s  peak {peak:8.0f} MiB", flush=True)
-
-    bench("dense", "SDPA (dense)")
-    for label, cfg in (
-        ("SEA block, 2048 keys/query", SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, backend="triton")),
-        ("SEA block, 25% density", SEAConfig(mode="block", k=64, block_density=0.25, block_size=64, backend="triton")),
-    ):
-        attach_sea(model, cfg)
-        for p in predictors(model):
-            p.to(torch.bfloat16)
-        bench("sea", label)
+    device = torch.device(a.device)
+    model, described = build_model(a, device)
+    cfg = sea_config(a, device)
+    attach_sea(model, cfg)
+    for p in predictors(model):
+        p.to(torch.bfloat16)
+    if device.type == "cuda":
         compile_predictors(model)
-        bench("sea", label + " + compile")
-    info = {"device": torch.cuda.get_device_name(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, bf16)",
-            "tokens": a.tokens, "rows": rows}
-    with open(a.json, "w") as f:
-        json.dump(info, f, indent=1)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    print(f"{described}; SEA block rows K={cfg.predictor_length}, {cfg.block_keys} keys/query, blocks of {cfg.block_size}")
+    print("    T  batch | dense eager   graph | SEA eager   graph | speed-up (graph, else eager)")
+    for T in a.tokens:
+        for B in a.batch:
+            ids = torch.randint(0, model.config.vocab_size, (B, T), device=device, generator=gen)
+            entry = {"T": T, "batch": B}
+            for mode in ("dense", "sea"):
+                try:
+                    entry[mode] = time_prefill(model, mode, ids, graph=not a.no_graph)
+                except torch.OutOfMemoryError:
+                    entry[mode] = {"error": "out of memory"}
+                    torch.cuda.empty_cache()
+            ok = all("eager_ms" in entry[m] for m in ("dense", "sea"))
+            both_graphs = ok and all("graph_ms" in entry[m] for m in ("dense", "sea"))
+            if ok:  # like with like: both from graphs, or both eager
+                dense, sea = ((entry["dense"]["graph_ms"], entry["sea"]["graph_ms"]) if both_graphs else
+                              (entry["dense"]["eager_ms"], entry["sea"]["eager_ms"]))
+                entry["speedup"] = dense / sea
+                entry["speedup_from"] = "graph" if both_graphs else "eager"
+            rows.append(entry)
+            cells = [f"{entry[m].get(k, float('nan')):8.1f}" for m in ("dense", "sea") for k in ("eager_ms", "graph_ms")]
+            speed = f"{entry['speedup']:.2f}x ({entry['speedup_from']})" if ok else "-"
+            print(f"{T:>6} {B:>5} | {cells[0]} {cells[1]} | {cells[2]} {cells[3]} | {speed}", flush=True)
+            for m in ("dense", "sea"):
+                for key in ("graph_error", "error"):
+                    if key in entry[m]:
+                        print(f"       {m}: {entry[m][key]}")
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "model": described, "sea": cfg.model_dump(mode="json"), "rows": rows}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(info, indent=1))
+    print("wrote", a.json)
 
 
 if __name__ == "__main__":
