@@ -139,6 +139,12 @@ def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropou
     layer = module.sea_layer_idx
     if states is not None and layer in states:
         return _decode_forward(module, query, key, value, scale, states[layer]), None
+    if states is not None and _preallocated(cache) and key.shape[2] > query.shape[2]:
+        # a static cache's prefill (a generation's first forward: its states are empty): the prompt fills the
+        # first T of the cache's preallocated slots
+        T = query.shape[2]
+        key, value = key[:, :, :T], value[:, :, :T]
+        attention_mask = None if attention_mask is None else attention_mask[..., :T]
     valid = _check_plain_causal(module, query, key, attention_mask)
     B, T = query.shape[0], query.shape[2]
     start, length = _own_positions(valid, B, T, query.device)
@@ -158,10 +164,12 @@ def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
     """New tokens against the cache, one at a time (generate() sends one; assisted decoding more)."""
     new = query.shape[2]
     seen = state.slots
-    if seen + new != key.shape[2]:
+    cache = module._sea_cache
+    fits = seen + new <= key.shape[2] if _preallocated(cache) else seen + new == key.shape[2]
+    if not fits:
         raise ValueError(f"SEA decoding state covers {seen} cache slots but the cache has {key.shape[2]} with"
-                         f" {new} new: SEA decodes with a growing cache (DynamicCache, generate()'s default), not a"
-                         " static or sliding one, nor one cropped or reused across generations")
+                         f" {new} new: SEA decodes with a growing cache (DynamicCache, generate()'s default) or a"
+                         " static one (the tokens so far in its first slots), not a sliding one, nor one cropped")
     ops = dispatch.ops(module.sea_config.backend, query.device)
     outs = []
     for i in range(new):
@@ -171,12 +179,25 @@ def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
     return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2)
 
 
+def _preallocated(cache) -> bool:
+    """A static cache: its slots exist before they are filled (the tokens so far are its first slots)."""
+    max_length = getattr(cache, "get_max_length", None)
+    return max_length is not None and (max_length() or -1) > 0
+
+
 def decode_states(cache) -> dict:
     """The SEA decoding states {layer: DecodeState} that live with a transformers Cache object (so a new
-    generation starts fresh). Beam search's reordering reorders them too; cropping is refused."""
+    generation starts fresh, also when generate() resets and reuses a static cache). Beam search's reordering
+    reorders them too; cropping is refused."""
     states = getattr(cache, "_sea_states", None)
     if states is None:
         states = cache._sea_states = {}
+        reset = getattr(cache, "reset", None)
+        if reset is not None:
+            def reset_with_sea(*args, _reset=reset, **kwargs):
+                _reset(*args, **kwargs)
+                states.clear()
+            cache.reset = reset_with_sea
         reorder = getattr(cache, "reorder_cache", None)
         if reorder is not None:
             def reorder_with_sea(beam_idx, _reorder=reorder):
