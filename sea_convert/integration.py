@@ -171,11 +171,15 @@ def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
                          f" {new} new: SEA decodes with a growing cache (DynamicCache, generate()'s default) or a"
                          " static one (the tokens so far in its first slots), not a sliding one, nor one cropped")
     ops = dispatch.ops(module.sea_config.backend, query.device)
+    static = _preallocated(cache)
+    if static and state.next_slot is None:  # the first step after a static cache's prefill
+        state.next_slot = torch.tensor([seen], device=key.device)
     outs = []
     for i in range(new):
-        end = seen + i + 1
-        outs.append(decode_step(query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], module.sea_predictor,
-                                module.sea_config, scale, ops, state))
+        # a static cache is read whole (fixed shapes: the step can be captured), a growing one up to the new token
+        k, v = (key, value) if static else (key[:, :, : seen + i + 1], value[:, :, : seen + i + 1])
+        outs.append(decode_step(query[:, :, i : i + 1], k, v, module.sea_predictor, module.sea_config, scale, ops,
+                                state))
     return torch.cat(outs, dim=2).to(query.dtype).transpose(1, 2)
 
 

@@ -143,6 +143,33 @@ def test_static_cache_generates_as_the_growing_cache(mode, rows, block_keys):
             assert err < TOL, err  # measured 0: the same steps over the same keys
 
 
+def test_static_cache_step_traces_to_two_graphs_for_a_whole_generation(monkeypatch):
+    """With a static cache the decode step has the same shapes at every token, so torch.compile traces it into
+    two whole graphs for a generation (a step that opens a query block and one inside it) with no graph break:
+    what a CUDA-graph capture of the step needs. With the growing cache every token is a new shape (measured:
+    the 8-recompile limit within 24 tokens)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from sea_convert.attention import decode
+
+    frames = {}
+    for impl in ("static", None):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        monkeypatch.setattr(decode, "_step", torch.compile(decode._step, backend=counter, dynamic=False))
+        model = _sea_model("llama", "block", rows="block", block_keys=16)
+        model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+        g = torch.Generator().manual_seed(5)
+        ids, mask = _left_padded([torch.randint(1, 128, (n,), generator=g) for n in (13, 6, 9)])
+        with torch.no_grad(), attention_mode(model, "sea"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, cache_implementation=impl)
+        frames[impl] = counter.frame_count
+        monkeypatch.undo()
+    torch._dynamo.reset()
+    assert frames["static"] == 2, frames
+    assert frames[None] > 2, frames
+
+
 @pytest.mark.parametrize("rows, block_keys", [("token", 8), ("block", 16)])
 def test_beam_search_reorders_the_decoding_state(rows, block_keys):
     model = _sea_model("llama", "block", rows=rows, block_keys=block_keys)

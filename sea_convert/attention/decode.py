@@ -51,12 +51,15 @@ class DecodeState:
     # host copies, so that a step needs no device sync (and can be captured in a CUDA graph)
     slots: int = 0  # cache slots covered: max(start + length); every sequence ends in the last slot
     max_length: int = 0  # max(length)
+    # a static (preallocated) cache: the slot the next token's key and value fill, (1,) int64 on the device, so
+    # that a step reads the whole cache at fixed shapes (None: a growing cache, the new token in its last slot)
+    next_slot: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reorders its beams)."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and f.name != "next_slot":  # one slot for the whole batch
                 setattr(self, f.name, value.index_select(0, index.to(self.start.device)))
 
 
@@ -121,7 +124,8 @@ def _grouped(log_probs: torch.Tensor, Hkv: int) -> torch.Tensor:
 def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predictor: SEAPredictor, cfg: SEAConfig,
          scale: float, ops, state: DecodeState) -> torch.Tensor:
     """One new token per sequence: q (B, Hq, 1, d); the cache (B, Hkv, S, d) with the new key and value
-    in its last slot. Returns (B, Hq, 1, d) fp32, what the prefix's full re-run gives for that row.
+    in its last slot, or (state.next_slot set) a static cache's whole buffer with them in that slot.
+    Returns (B, Hq, 1, d) fp32, what the prefix's full re-run gives for that row.
 
     Every tensor shape here is fixed for a generation (block scores cover the key blocks of the whole
     position table, masked past each sequence's own), the state is updated in place and nothing
@@ -134,6 +138,8 @@ def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predicto
     run = _compiled_step() if cfg.compile and q.is_cuda else _step
     out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, _key_blocks(predictor, cfg), block_budget(cfg), opens)
     state.slots += 1
+    if state.next_slot is not None:
+        state.next_slot.add_(1)
     state.max_length += 1
     state.residues = frozenset((r + 1) % cfg.block_size for r in state.residues)
     return out
@@ -164,7 +170,10 @@ def _step(q, k_cache, v_cache, predictor: SEAPredictor, cfg: SEAConfig, scale: f
     are one op. Block rows: only a step where some sequence opens a block (`opens`, known on the host) makes
     rows and selections; the others add to the sums and attend over the stored selection."""
     Hkv = k_cache.shape[1]
-    k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
+    if state.next_slot is None:
+        k_new, v_new = k_cache[:, :, -1:], v_cache[:, :, -1:]
+    else:  # a static cache: read at a slot held on the device, so the step's shapes never change
+        k_new, v_new = k_cache.index_select(2, state.next_slot), v_cache.index_select(2, state.next_slot)
     if predictor.block_rows is not None:
         w = predictor.row_weights()
         if opens:
