@@ -1,8 +1,8 @@
-"""Decoding speed: per-token latency of one attention layer at long contexts, and SmolLM2 end to end.
+"""Decoding speed of one attention layer at long contexts (whole-model generation: benchmarks/generate_bench.py).
 
-    python3 benchmarks/decode_bench.py --json $OUT/decode.json [--gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python3 benchmarks/decode_bench.py --json $OUT/decode.json [--predictor-rows block]
 
-1. One attention layer (H=32 query heads, 8 KV heads, d=128, bf16, batch 1) with a KV cache of
+One attention layer (H=32 query heads, 8 KV heads, d=128, bf16, batch 1) with a KV cache of
    8k / 32k / 128k tokens, one new token:
    - dense: SDPA over the whole cache (PyTorch's flash / memory-efficient decode kernels);
    - SEA: the whole decode step of sea_convert.attention.decode (estimator state update, row
@@ -14,8 +14,6 @@
    replayed CUDA graph (launch overhead removed: how a serving loop runs it). Before timing, the
    step is checked against the same step on the PyTorch reference ops, and the decode kernel
    against its reference at that context.
-2. SmolLM2-135M (bf16, fresh predictors: speed does not depend on training) generating 64 tokens
-   after an 8k-token prompt with transformers' generate() and its KV cache: decode tokens/s, SEA vs SDPA.
 Prints tables and writes JSON.
 """
 
@@ -26,7 +24,6 @@ import copy
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -108,46 +105,6 @@ def layer_bench(T: int, cfg: SEAConfig, H: int = 32, Hkv: int = 8, d: int = 128)
     return row
 
 
-def e2e_bench(gguf: Path, ctx: int, new_tokens: int) -> list[dict]:
-    from sea_convert.integration import attach_sea, attention_mode, predictors
-    from sea_convert.models import load_teacher
-    from sea_convert.recipe import ModelSource
-
-    model, _ = load_teacher(ModelSource(path=gguf.parent, gguf_file=gguf.name, dtype="bfloat16"), "cuda")
-    cfg = SEAConfig(mode="block", k=64, block_keys=256, block_size=64, predictor_length=256,
-                    position_table_len=ctx + 2 * new_tokens, backend="triton")
-    attach_sea(model, cfg)
-    for p in predictors(model):
-        p.to(torch.bfloat16)
-    model.generation_config.pad_token_id = model.generation_config.eos_token_id
-    ids = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    rows = []
-    for mode, label, compiled in (("dense", "SDPA (dense)", False), ("sea", "SEA block, 256 keys/query", False),
-                                  ("sea", "SEA block, 256 keys/query + compile", True)):
-        from sea_convert.integration import set_sea_config
-        set_sea_config(model, cfg.model_copy(update={"compile": compiled}))
-
-        def gen(n):
-            with torch.no_grad(), attention_mode(model, mode):
-                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
-
-        def timed(n):
-            gen(n)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = gen(n)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0, out
-
-        t_prefill, _ = timed(1)
-        t_all, out = timed(new_tokens + 1)
-        tok_s = new_tokens / (t_all - t_prefill)
-        rows.append({"setting": label, "context": ctx, "new_tokens": new_tokens, "prefill_s": t_prefill,
-                     "decode_tokens_per_s": tok_s, "ms_per_token": 1e3 / tok_s})
-        print(f"{label:28s} prefill {t_prefill * 1e3:8.1f} ms   decode {tok_s:8.1f} tok/s ({1e3 / tok_s:6.2f} ms/token)", flush=True)
-    return rows
-
-
 def per_token_over_blocks(layers: list[dict], block_size: int) -> list[dict]:
     """Block rows: generation pays one opening step (row, CNN, selection) and block_size - 1 steps inside the
     block per block_size tokens. The mean step from the pair timed at each context (compiled, graph replay)."""
@@ -171,9 +128,6 @@ def per_token_over_blocks(layers: list[dict], block_size: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
-    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF for the end-to-end run")
-    ap.add_argument("--e2e-context", type=int, default=8192)
-    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     ap.add_argument("--predictor-rows", default="token", choices=["token", "block"])
     ap.add_argument("--K", type=int, default=None, help="predictor_length (default 256 token rows, 1024 block rows)")
@@ -190,9 +144,8 @@ def main() -> None:
         contexts = sorted({c for T in a.contexts for c in (T, T - 1)})
     layers = [layer_bench(T, cfg) for T in contexts]
     per_token = per_token_over_blocks(layers, cfg.block_size) if cfg.predictor_rows == "block" else []
-    e2e = e2e_bench(a.gguf, a.e2e_context, a.new_tokens) if a.gguf else []
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sea": cfg.model_dump(mode="json"),
-            "layer": layers, "block_rows_per_token": per_token, "smollm2_e2e": e2e}
+            "layer": layers, "block_rows_per_token": per_token}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(info, indent=2))
     print("wrote", a.json)

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model_shapes import LLAMA_13B, TINY  # noqa: E402
+from bench_models import LLAMA_13B, TINY  # noqa: E402
 
 from sea_convert.recipe import Recipe  # noqa: E402
 from workers.train.train_launch import launch_torchrun, worker_config  # noqa: E402

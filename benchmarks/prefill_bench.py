@@ -24,44 +24,11 @@ from pathlib import Path
 
 import torch
 from benchmarks_timing import graph_ms, median_ms
-from model_shapes import LLAMA_13B, TINY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
+from bench_models import build_model, sea_block_rows  # noqa: E402
 from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors  # noqa: E402
-from sea_convert.recipe import SEAConfig  # noqa: E402
-
-
-def build_model(a, device: torch.device):
-    """(model, its description) in bf16 on `device`."""
-    if a.model == "smollm2":
-        from sea_convert.models import load_teacher
-        from sea_convert.recipe import ModelSource
-
-        if a.gguf is None:
-            raise SystemExit("--gguf: the SmolLM2 GGUF file is needed for --model smollm2")
-        model, _ = load_teacher(ModelSource(path=a.gguf.parent, gguf_file=a.gguf.name, dtype="bfloat16"), str(device))
-        return model, "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized, bf16)"
-    from transformers import AutoConfig
-
-    from workers.train.sharded_load import build_skeleton, init_random_weights, materialize
-
-    fields = dict(LLAMA_13B if a.model == "llama13b" else TINY)
-    if a.layers:
-        fields["num_hidden_layers"] = a.layers
-    fields["max_position_embeddings"] = max(fields["max_position_embeddings"], max(a.tokens))
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    model = build_skeleton(config, torch.bfloat16)
-    materialize(model, device)
-    init_random_weights(model, seed=0)
-    return model, f"{a.model}-shaped: {config.num_hidden_layers} layers x {config.hidden_size}, random bf16 weights"
-
-
-def sea_config(a, device: torch.device) -> SEAConfig:
-    return SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=a.block_K,
-                     predictor_rows="block", position_table_len=max(a.tokens),
-                     backend="triton" if device.type == "cuda" else "auto",
-                     compile=device.type == "cuda")
 
 
 def time_prefill(model, mode: str, ids: torch.Tensor, graph: bool) -> dict:
@@ -102,8 +69,8 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
     a = ap.parse_args()
     device = torch.device(a.device)
-    model, described = build_model(a, device)
-    cfg = sea_config(a, device)
+    model, described = build_model(a.model, device, max(a.tokens), a.gguf, a.layers)
+    cfg = sea_block_rows(device, max(a.tokens), a.block_K)
     attach_sea(model, cfg)
     for p in predictors(model):
         p.to(torch.bfloat16)

