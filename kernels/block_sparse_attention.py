@@ -12,7 +12,8 @@ Layout of the work
   programs per group and G=3 two with one masked padding head. Stacking a whole large group
   would give 256-512-row fp32 accumulators that spill registers (ptxas for sm_90 already
   reports spills at 128 rows x d=128 with 4 warps), hence the cap; MAX_ROWS = block_size gives
-  per-head programs. Not timed yet: tune MAX_ROWS on the GPU.
+  per-head programs. `benchmarks/tune_block_sparse.py` times the forward's alternatives (the row cap, two key
+  blocks per step, warps, stages: FORWARD_LAUNCH).
 - Online softmax in fp32 in base 2 (scale * log2 e folded into the scores); the row
   log-sum-exp is saved in natural log, fp32. A row with no key gives out 0, lse -inf.
 - Backward, flash-attention-2 style: a preprocess computes delta = rowsum(dO * O); a dk/dv
@@ -105,8 +106,10 @@ def _fwd_kernel(
     spb, sph, spq, spd,
     Hkv, T, qk_scale,
     G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, GATED: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, GATED: tl.constexpr, KPS: tl.constexpr,
 ):
+    """KPS key blocks per step of the list (1 or 2): two make (rows x 2 block) score tiles, fewer softmax
+    rescales and wider MMAs, a list of odd length masking its last step's second half."""
     i = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     pid = tl.program_id(1)
     hc = pid % NHC
@@ -116,7 +119,8 @@ def _fwd_kernel(
     head = (hk * G + g).to(tl.int64)
     dcol = tl.arange(0, BLOCK_D)
     dmask = dcol < D
-    cols = tl.arange(0, BLOCK)
+    cols = tl.arange(0, KPS * BLOCK)
+    half = cols // BLOCK  # which of the step's key blocks a column is in
 
     q = tl.load(Q + b.to(tl.int64) * sqb + head[:, None] * sqh + t[:, None] * sqt + dcol[None, :] * sqd,
                 mask=row_ok[:, None] & dmask[None, :], other=0.0)
@@ -132,23 +136,35 @@ def _fwd_kernel(
     diagonal = 0
     n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
     idx = BlockIndex + b * sib + hk * sih + i * siq
-    for jj in range(0, n):
+    for jj in range(0, n, KPS):
         kb = tl.load(idx + jj * sij)
         if GATED:
             full_blocks += (kb < i).to(tl.int32)
             diagonal += (kb == i).to(tl.int32)
-        kpos = kb * BLOCK + cols
-        kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd, mask=dmask[:, None] & (kpos < T)[None, :], other=0.0)
+        if KPS == 1:
+            kpos = kb * BLOCK + cols
+            listed = cols >= 0
+        else:
+            second = jj + 1 < n
+            kb2 = tl.load(idx + (jj + 1) * sij, mask=second, other=0)
+            if GATED:
+                full_blocks += ((kb2 < i) & second).to(tl.int32)
+                diagonal += ((kb2 == i) & second).to(tl.int32)
+            kpos = tl.where(half == 0, kb, kb2) * BLOCK + cols % BLOCK
+            listed = (half == 0) | second
+        kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd,
+                     mask=dmask[:, None] & ((kpos < T) & listed)[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         # row_ok and kpos <= t < T also drop keys past T
-        allowed = row_ok[:, None] & (kpos[None, :] <= t[:, None])
+        allowed = row_ok[:, None] & (kpos[None, :] <= t[:, None]) & listed[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kpos[:, None] * svt + dcol[None, :] * svd, mask=(kpos < T)[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svt + dcol[None, :] * svd, mask=((kpos < T) & listed)[:, None] & dmask[None, :],
+                    other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
 
@@ -336,13 +352,26 @@ def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) ->
                 PREC=_dot_precision(dtype), num_warps=_num_warps(hpp * block_size * block_d), num_stages=2)
 
 
+# The forward's launch: KPS key blocks per step, and overrides of _meta's row cap, warps and stages. The
+# defaults are what the benchmarks measured; benchmarks/tune_block_sparse.py times the alternatives.
+FORWARD_LAUNCH = {"KPS": 1}
+
+
+def _forward_meta(G: int, block_size: int, d: int, dtype: torch.dtype, launch: dict | None = None) -> dict:
+    """_meta for the forward, with FORWARD_LAUNCH and then `launch` over it (max_rows, KPS, num_warps, num_stages)."""
+    launch = {**FORWARD_LAUNCH, **(launch or {})}
+    meta = _meta(G, block_size, d, launch.pop("max_rows", MAX_ROWS), dtype)
+    meta.update(launch)
+    return meta
+
+
 def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor | None = None,
-             out_dtype: torch.dtype = torch.float32):
+             out_dtype: torch.dtype = torch.float32, launch: dict | None = None):
     """gates (B, Hq, NQB, 2): apply the output gates in the epilogue; the output is then out_dtype (rounded once,
     from the fp32 tile)."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
-    meta = _meta(Hq // Hkv, block_size, d, MAX_ROWS, q.dtype)
+    meta = _forward_meta(Hq // Hkv, block_size, d, q.dtype, launch)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     gated = gates is not None
     if not gated:

@@ -4,7 +4,8 @@
 # and dense FlashAttention in the same run (benchmarks/attention_bench.py, eager and replayed from a CUDA graph);
 # the other profiles.
 #   bash scripts/gpu_block_rows.sh            (carry .whl: pydantic's cp312 wheels)
-#   TESTS=0 BENCH=0 DECODE=0 PROFILE_T="" skip a part (two calls when one would pass the 10-minute limit)
+#   TESTS=0 BENCH=0 DECODE=0 PROFILE_T="" skip a part (two calls when one would pass the 10-minute limit); TUNE=1 adds
+#   the block-sparse forward's launch settings, timed side by side
 #   LENGTHS="4096 32768" PROFILE_T="32768" ROWS="block" ARGS="--compile" bash scripts/gpu_block_rows.sh
 set -euo pipefail
 source scripts/gpu_setup.sh
@@ -15,6 +16,9 @@ if [ "${TESTS:-1}" = 1 ]; then
 python3 -m pytest -q -p no:cacheprovider -s tests/test_triton_kernels.py tests/test_gpu_integration.py \
   -k "gated or block_linear or block_rows_estimate or block_scores or select_key_blocks or cuda_graph or block_sparse_bf16" 2>&1 | tee "$OUT/gpu_tests.log" | tail -5 \
   || echo "GPU tests FAILED (gpu_tests.log); timing the rest anyway: a device call is too dear to stop here"
+fi
+if [ "${TUNE:-0}" = 1 ]; then  # the block-sparse forward's launch settings (benchmarks/tune_block_sparse.py)
+  python3 benchmarks/tune_block_sparse.py --json "$OUT/tune_block_sparse.json" 2>&1 | tee "$OUT/tune_block_sparse.log" | head -40
 fi
 # the 32k profile first: its stages decide the estimator path (docs/benchmarks.md)
 profile() {

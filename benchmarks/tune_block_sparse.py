@@ -1,0 +1,82 @@
+"""Launch settings of the block-sparse forward (the gated kernel the block-row layer runs), timed side by side.
+
+    python3 benchmarks/tune_block_sparse.py --lengths 32768 131072 --json $OUT/tune_block_sparse.json
+
+B=1, 32 query heads, 8 KV heads, d=128, bf16, blocks of 64, 2,048 keys per query (the benchmarks' budget: 32
+blocks per KV head, sink and local blocks among them, the rest drawn at random), the gates in the epilogue and a
+bf16 output, as `sea_attention` runs it at inference. Each setting of `kernels.block_sparse_attention`'s
+forward launch (key blocks per step KPS, the stacked-row cap, warps, pipeline stages) is checked against the
+default's output, then timed; a setting that does not compile (shared memory) is reported. Prints a table
+sorted by time and writes JSON. The default (FORWARD_LAUNCH, _meta) is the first row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from benchmarks_timing import median_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
+
+from kernels import block_sparse_attention as bsa  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels.block_budget import BlockBudget  # noqa: E402
+
+
+def inputs(T: int, H: int = 32, Hkv: int = 8, d: int = 128, bs: int = 64, keys: int = 2048):
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q, k, v = (torch.randn(1, h, T, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (H, Hkv, Hkv))
+    nb = T // bs
+    scores = torch.rand(1, Hkv, nb, nb, device="cuda", generator=g)
+    scores = scores.masked_fill(~torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril(), float("-inf"))
+    ops = dispatch.ops("triton", q.device)
+    bi, bc = ops.select_key_blocks(scores, BlockBudget(per_head=keys // bs, sink_blocks=1, local_blocks=1))
+    gates = torch.randn(1, H, nb, 2, device="cuda", generator=g)
+    return (q, k, v, bi.to(torch.int32), bc.to(torch.int32), bs, d**-0.5, gates), float(bc.sum()) * (H // Hkv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "tune_block_sparse.json"))
+    a = ap.parse_args()
+    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages)
+            for kps, rows, warps, stages in itertools.product((1, 2), (64, 128, 256), (4, 8), (2, 3))]
+    results = []
+    print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out")
+    for T in a.lengths:
+        args, tiles = inputs(T)
+        want, _ = bsa._forward(*args, out_dtype=torch.bfloat16)
+        flops = 4 * 128 * tiles * 64**2
+        rows = []
+        for launch in [None, *grid]:
+            label = "default" if launch is None else " ".join(f"{k}={v}" for k, v in launch.items())
+            try:
+                got, _ = bsa._forward(*args, out_dtype=torch.bfloat16, launch=launch)
+                err = (got.float() - want.float()).abs().max().item()
+                ms = median_ms(lambda launch=launch: bsa._forward(*args, out_dtype=torch.bfloat16, launch=launch))
+                rows.append({"T": T, "launch": label, "ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff": err})
+            except Exception as exc:  # noqa: BLE001  (a setting that does not compile is a row, not a crash)
+                rows.append({"T": T, "launch": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
+        timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+        default = next(r for r in rows if r["launch"] == "default")
+        print(f"T={T}: default {default.get('ms', float('nan')):.3f} ms")
+        for r in timed[:8]:
+            print(f"  {r['launch']:45s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TFLOP/s  diff {r['max_abs_diff']:.1e}")
+        for r in rows:
+            if "error" in r:
+                print(f"  {r['launch']:45s} {r['error']}")
+        results.extend(rows)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": results}, indent=1))
+    print("wrote", a.json)
+
+
+if __name__ == "__main__":
+    main()
