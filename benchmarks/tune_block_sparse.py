@@ -44,10 +44,14 @@ def inputs(T: int, H: int = 32, Hkv: int = 8, d: int = 128, bs: int = 64, keys: 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--kps", type=int, nargs="+", default=[1, 2], help="key blocks per step")
+    ap.add_argument("--max-rows", type=int, nargs="+", default=[64, 128, 256], help="stacked-row caps")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "tune_block_sparse.json"))
     a = ap.parse_args()
     grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages)
-            for kps, rows, warps, stages in itertools.product((1, 2), (64, 128, 256), (4, 8), (2, 3))]
+            for kps, rows, warps, stages in itertools.product(a.kps, a.max_rows, a.warps, a.stages)]
     results = []
     print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out")
     for T in a.lengths:
@@ -64,6 +68,7 @@ def main() -> None:
                 rows.append({"T": T, "launch": label, "ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff": err})
             except Exception as exc:  # noqa: BLE001  (a setting that does not compile is a row, not a crash)
                 rows.append({"T": T, "launch": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
+            print("   ", json.dumps(rows[-1]), flush=True)  # as it goes: a call cut short keeps what it timed
         timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         default = next(r for r in rows if r["launch"] == "default")
         print(f"T={T}: default {default.get('ms', float('nan')):.3f} ms")
