@@ -286,6 +286,49 @@ def mmlu(
 
 
 @app.command()
+def passkey(
+    checkpoint: Annotated[Path, typer.Argument(help="converted checkpoint folder")],
+    lengths: Annotated[str, typer.Option("--lengths", help="comma-separated prompt lengths in tokens")] = "1024,2048,4096,8192",
+    depths: Annotated[str, typer.Option("--depths", help="comma-separated key depths, 0 to 1")] = "0,0.25,0.5,0.75,1",
+    per_cell: Annotated[int, typer.Option("--per-cell", min=1, help="samples per (length, depth)")] = 5,
+    modes: Annotated[str, typer.Option("--modes", help="attention modes: dense (the teacher), sea, oracle")] = "dense,sea,oracle",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="write the depth x length heat map (PNG) here")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Passkey retrieval: a random key hidden at each depth of filler text, read back by teacher, SEA and oracle."""
+    from sea_convert.passkey import make_grid, passkey_accuracy, plot_heatmap
+
+    try:
+        sizes = [int(x) for x in lengths.split(",") if x.strip()]
+        where = [float(x) for x in depths.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--lengths and --depths take comma-separated numbers, got {lengths!r} and {depths!r}")
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not sizes or not where or not chosen or set(chosen) - {"dense", "sea", "oracle"}:
+        _fail(f"--modes: choose among dense, sea, oracle (got {modes!r}); --lengths and --depths must not be empty")
+    limit = _context_limit(checkpoint)
+    if max(sizes) > limit:  # before any work: SEA's position table ends there
+        _fail(f"--lengths: {max(sizes)} is longer than the checkpoint's {limit} positions (its SEA position table)")
+    model, tokenizer = _load_checkpoint(checkpoint, _device(device))
+    try:
+        samples = make_grid(tokenizer, sizes, where, per_cell, seed, add_bos=_report_add_bos(checkpoint))
+    except ValueError as err:
+        _fail(f"--lengths/--depths: {err}")
+    res = passkey_accuracy(model, samples, chosen)
+    rows = [(f"{mode} {n} tokens", "  ".join(f"{d:.0%}: {a:.2f}" for d, a in row.items()))
+            for mode in chosen for n, row in res[mode]["grid"].items()]
+    rows += [(f"{mode} mean", f"{res[mode]['mean']:.3f}") for mode in chosen]
+    out.print(_table(f"passkey retrieval: {checkpoint} ({per_cell} per cell)", rows))
+    if plot is not None:
+        plot_heatmap(res, plot, title=f"passkey retrieval, {checkpoint.name}")
+    if as_json is not None:
+        as_json.write_text(json.dumps({"checkpoint": str(checkpoint), "per_cell": per_cell, "seed": seed,
+                                       "results": res}, indent=2))
+
+
+@app.command()
 def harness(
     checkpoint: Annotated[Path, typer.Argument(help="converted checkpoint folder")],
     tasks: Annotated[str, typer.Option("--tasks", help="comma-separated harness tasks or groups")] = "sea_text_ppl,sea_mmlu",

@@ -237,15 +237,43 @@ class HarnessEval(_Strict):
         return v
 
 
+class PasskeyEval(_Strict):
+    """Passkey retrieval (sea_convert.passkey): a random key hidden at each depth of filler, read back or not."""
+
+    lengths: list[int] = Field(default_factory=list, description="prompt lengths in tokens; empty: not run")
+    depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="key depths, 0 to 1")
+    per_cell: int = Field(5, ge=1, description="samples per (length, depth)")
+    seed: int = Field(0, description="draws the keys")
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        for n in v:
+            if n < 128:  # the instruction, key line and question take ~70 tokens; the filler needs some room
+                raise ValueError(f"a passkey prompt needs at least 128 tokens, got {n}")
+        policy = _policy(info)
+        return v if policy is None else [policy.at_most(n, "max_seq_len") for n in v]
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= d <= 1.0 for d in v):
+            raise ValueError(f"depths lie in [0, 1], got {v}")
+        return v
+
+
 class Gates(_Strict):
     max_ppl_ratio: float | None = Field(None, gt=1.0, description="fail if SEA ppl / teacher ppl exceeds this")
     max_mmlu_drop: float | None = Field(None, ge=0.0, description="fail if teacher MMLU - SEA MMLU exceeds this")
+    max_passkey_drop: float | None = Field(
+        None, ge=0.0, description="fail if the teacher's passkey accuracy - SEA's exceeds this (needs validate.passkey)")
 
 
 class ValidateConfig(_Strict):
     perplexity: PerplexityEval = PerplexityEval()
     mmlu: MMLUEval = MMLUEval()
     harness: HarnessEval = HarnessEval()
+    passkey: PasskeyEval = PasskeyEval()
     gates: Gates = Gates()
     picture: bool = Field(True, description="write attention.png: teacher, estimate and mask side by side")
 
@@ -349,7 +377,8 @@ def check_fits_model(recipe: Recipe, config) -> None:
     if not positions:
         return
     problems = [f"  {name}: {value} is longer than the model's {positions} positions"
-                for name, value in (("data.seq_len", recipe.data.seq_len), ("validate.perplexity.ctx", recipe.validate_.perplexity.ctx))
+                for name, value in (("data.seq_len", recipe.data.seq_len), ("validate.perplexity.ctx", recipe.validate_.perplexity.ctx),
+                                    ("validate.passkey.lengths", max(recipe.validate_.passkey.lengths, default=0)))
                 if value > positions]
     if problems:
         raise RecipeError("\n".join([f"recipe {recipe.name}: does not fit {recipe.model.describe()}"] + problems))

@@ -22,6 +22,7 @@ class ValidationReport:
     mmlu: dict | None
     gate_failures: list[str] = field(default_factory=list)
     harness: dict | None = None
+    passkey: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -31,6 +32,8 @@ class ValidationReport:
         out = {"perplexity": self.perplexity, "mmlu": self.mmlu, "gates_passed": self.passed, "gate_failures": self.gate_failures}
         if self.harness is not None:
             out["harness"] = self.harness
+        if self.passkey is not None:
+            out["passkey"] = self.passkey
         return out
 
 
@@ -45,6 +48,17 @@ def harness_scores(recipe: Recipe, model, tokenizer, mode: str) -> dict | None:
     res = evaluate(model, list(h.tasks), attention=mode, tokenizer=tokenizer, limit=h.limit, num_fewshot=h.num_fewshot,
                    include_path=h.include_path, device=device)
     return {task: dict([headline(res, task)]) for task in h.tasks}
+
+
+def passkey_scores(recipe: Recipe, model, tokenizer, mode: str) -> dict | None:
+    """{"grid": {length: {depth: accuracy}}, "mean": ...} of validate.passkey in one attention mode (None: not asked)."""
+    p = recipe.validate_.passkey
+    if not p.lengths:
+        return None
+    from sea_convert.passkey import make_grid, passkey_accuracy
+
+    samples = make_grid(tokenizer, p.lengths, p.depths, p.per_cell, p.seed, add_bos=recipe.data.add_bos)
+    return passkey_accuracy(model, samples, (mode,))[mode]
 
 
 def mmlu_accuracy(model, tokenizer, mode: str, source: str, shots: int, limit: int | None, progress: bool = False,
@@ -85,11 +99,20 @@ def teacher_reference(recipe: Recipe, model, tokenizer, splits: Splits, progress
                                     v.mmlu.batch_size)
     if v.harness.tasks:
         ref["harness"] = harness_scores(recipe, model, tokenizer, "dense")
+    if v.passkey.lengths:
+        ref["passkey"] = passkey_scores(recipe, model, tokenizer, "dense")
+        if v.perplexity.oracle:  # the oracle's retrieval at SEA's budget, as its perplexity
+            ref["passkey_oracle"] = passkey_scores(recipe, model, tokenizer, "oracle")
     return ref
 
 
-def check_gates(recipe: Recipe, ppl: dict, mmlu: dict | None) -> list[str]:
+def check_gates(recipe: Recipe, ppl: dict, mmlu: dict | None, passkey: dict | None = None) -> list[str]:
     gates, failures = recipe.validate_.gates, []
+    if gates.max_passkey_drop is not None:
+        if passkey is None:
+            failures.append("max_passkey_drop is set but validate.passkey.lengths is empty")
+        elif passkey["drop"] > gates.max_passkey_drop:
+            failures.append(f"passkey accuracy drop {passkey['drop']:.4f} > max_passkey_drop {gates.max_passkey_drop}")
     if gates.max_ppl_ratio is not None and ppl["ppl_ratio"] > gates.max_ppl_ratio:
         failures.append(f"perplexity ratio {ppl['ppl_ratio']:.4f} > max_ppl_ratio {gates.max_ppl_ratio}")
     if gates.max_mmlu_drop is not None:
@@ -122,4 +145,10 @@ def validate_stage(recipe: Recipe, model, tokenizer, splits: Splits, reference: 
         sea_h = harness_scores(recipe, model, tokenizer, "sea")
         harness = {task: {"metric": next(iter(reference["harness"][task])), "teacher": next(iter(reference["harness"][task].values())),
                           "sea": next(iter(sea_h[task].values()))} for task in reference["harness"]}
-    return ValidationReport(ppl, mmlu, check_gates(recipe, ppl, mmlu), harness)
+    passkey = None
+    if reference.get("passkey"):
+        sea_p = passkey_scores(recipe, model, tokenizer, "sea")
+        passkey = {"teacher": reference["passkey"], "sea": sea_p, "drop": reference["passkey"]["mean"] - sea_p["mean"]}
+        if "passkey_oracle" in reference:
+            passkey["oracle"] = reference["passkey_oracle"]
+    return ValidationReport(ppl, mmlu, check_gates(recipe, ppl, mmlu, passkey), harness, passkey)
