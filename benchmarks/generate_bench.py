@@ -90,9 +90,11 @@ def main() -> None:
                 try:
                     t_prompt, _ = timed(model, mode, ids, 1, hf_compile)
                     t_all, out = timed(model, mode, ids, a.new_tokens + 1, hf_compile)
-                    tok_s = B * a.new_tokens / (t_all - t_prompt)
-                    entry["settings"][label] = {"prefill_ms": t_prompt * 1e3, "decode_tokens_per_s": tok_s,
-                                                "ms_per_step": 1e3 * B / tok_s}
+                    row = {"prefill_ms": t_prompt * 1e3, "total_ms": t_all * 1e3}
+                    if t_all > t_prompt:  # else the new tokens took less than the timing's noise (tiny CPU runs)
+                        row["decode_tokens_per_s"] = B * a.new_tokens / (t_all - t_prompt)
+                        row["ms_per_step"] = 1e3 * (t_all - t_prompt) / a.new_tokens
+                    entry["settings"][label] = row
                     if mode == "sea" and same_tokens is None:  # static vs growing cache: the same greedy tokens
                         growing = generate(model, "sea", ids, a.new_tokens + 1, False, static=False)
                         same_tokens = bool(torch.equal(out, growing))
@@ -101,11 +103,11 @@ def main() -> None:
                     torch.cuda.empty_cache()
             got = entry["settings"]
             sea = got.get(SETTINGS[2][1], {}).get("decode_tokens_per_s")
-            dense = [v["decode_tokens_per_s"] for k, v in got.items() if k != SETTINGS[2][1] and "error" not in v]
+            dense = [v["decode_tokens_per_s"] for k, v in got.items() if k != SETTINGS[2][1] and "decode_tokens_per_s" in v]
             if sea and dense:
                 entry["sea_vs_fastest_dense"] = sea / max(dense)
             rows.append(entry)
-            cells = [f"{v['decode_tokens_per_s']:9.1f}; {v['prefill_ms']:8.1f}" if "error" not in v else v["error"]
+            cells = [v["error"] if "error" in v else f"{v.get('decode_tokens_per_s', float('nan')):9.1f}; {v['prefill_ms']:8.1f}"
                      for v in got.values()]
             ratio = f"  SEA / fastest dense {entry['sea_vs_fastest_dense']:.2f}x" if "sea_vs_fastest_dense" in entry else ""
             print(f"{ctx:>8} {B:>5} | " + " | ".join(cells) + ratio, flush=True)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,5 +23,9 @@ def test_generate_bench_runs_on_cpu(tmp_path):
     assert [(r["context"], r["batch"]) for r in info["rows"]] == [(130, 1), (130, 2)]
     for r in info["rows"]:
         assert set(r["settings"]) == {"dense (SDPA), eager", "SEA block rows, compiled step"}  # no compile on CPU
-        assert all(v["decode_tokens_per_s"] > 0 and v["prefill_ms"] > 0 for v in r["settings"].values())
-        assert r["sea_vs_fastest_dense"] > 0
+        for v in r["settings"].values():
+            assert v["total_ms"] > 0 and v["prefill_ms"] > 0
+            # the rate only where the new tokens outlast the timing's noise (6 tokens of a tiny model on a busy
+            # CPU may not): then it is the tokens over the time they took
+            if "decode_tokens_per_s" in v:
+                assert v["decode_tokens_per_s"] == pytest.approx(r["batch"] * 6 / ((v["total_ms"] - v["prefill_ms"]) / 1e3))
