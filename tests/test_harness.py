@@ -117,3 +117,28 @@ def test_validate_stage_runs_the_recipes_harness_tasks(tiny_model_dir, tasks, tm
     report = run_pipeline(recipe).report
     row = report["harness"]["sea_text_ppl"]
     assert row["metric"] == "word_perplexity" and row["teacher"] > 1 and row["sea"] > 1
+
+
+def test_cli_harness_runs_offline_ruler_at_the_lengths_asked(converted, tmp_path):
+    """RULER's needle task through the harness, its samples made at 512 tokens by the checkpoint's own tokenizer:
+    the project's task files (the installed ones name only 4k .. 128k) score the length asked, teacher and SEA."""
+    pytest.importorskip("wonderwords")
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["harness", str(converted), "--tasks", "sea_ruler_niah_single_1", "--limit", "2",
+                                   "--write-tasks", str(tmp_path / "tasks"), "--ruler-lengths", "512", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    for mode in ("teacher", "sea"):
+        (metric, score), = data[mode]["sea_ruler_niah_single_1"].items()
+        assert metric == "ruler@512" and 0.0 <= score <= 1.0
+    assert data["samples"]["sea_ruler_niah_single_1"] == 2
+    assert sorted(p.name for p in (tmp_path / "tasks").glob("sea_ruler_*.yaml")) == sorted(
+        f"sea_ruler_{t}.yaml" for t in harness.RULER_OFFLINE)
+    bad = CliRunner().invoke(app, ["harness", str(converted), "--ruler-lengths", "512"])
+    assert bad.exit_code == 2 and "--write-tasks" in bad.output
+    bad = CliRunner().invoke(app, ["harness", str(converted), "--ruler-lengths", "100000", "--write-tasks", str(tmp_path / "t")])
+    assert bad.exit_code == 2 and "longer than the checkpoint" in bad.output
