@@ -141,7 +141,11 @@ def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropou
         return _decode_forward(module, query, key, value, scale, states[layer]), None
     if states is not None and _preallocated(cache) and key.shape[2] > query.shape[2]:
         # a static cache's prefill (a generation's first forward: its states are empty): the prompt fills the
-        # first T of the cache's preallocated slots
+        # first T of the cache's preallocated slots; a cache holding earlier tokens SEA did not see is refused
+        positions = kwargs.get("position_ids")
+        if positions is not None and int(positions.min()) != 0:
+            raise ValueError("SEA's decoding state is empty but this static cache holds earlier tokens (filled with"
+                             " another attention, or not reset between generations): call cache.reset() first")
         T = query.shape[2]
         key, value = key[:, :, :T], value[:, :, :T]
         attention_mask = None if attention_mask is None else attention_mask[..., :T]
@@ -164,14 +168,13 @@ def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
     """New tokens against the cache, one at a time (generate() sends one; assisted decoding more)."""
     new = query.shape[2]
     seen = state.slots
-    cache = module._sea_cache
-    fits = seen + new <= key.shape[2] if _preallocated(cache) else seen + new == key.shape[2]
+    static = _preallocated(module._sea_cache)
+    fits = seen + new <= key.shape[2] if static else seen + new == key.shape[2]
     if not fits:
         raise ValueError(f"SEA decoding state covers {seen} cache slots but the cache has {key.shape[2]} with"
                          f" {new} new: SEA decodes with a growing cache (DynamicCache, generate()'s default) or a"
                          " static one (the tokens so far in its first slots), not a sliding one, nor one cropped")
     ops = dispatch.ops(module.sea_config.backend, query.device)
-    static = _preallocated(cache)
     if static and state.next_slot is None:  # the first step after a static cache's prefill
         state.next_slot = torch.tensor([seen], device=key.device)
     outs = []

@@ -141,6 +141,12 @@ def test_static_cache_generates_as_the_growing_cache(mode, rows, block_keys):
             assert torch.equal(static.sequences, growing.sequences)
             err = max((a - b).abs().max().item() for a, b in zip(static.logits, growing.logits))
             assert err < TOL, err  # measured 0: the same steps over the same keys
+        # a static cache filled under another attention holds tokens SEA never saw: refused, not misread
+        filled = StaticCache(config=model.config, max_cache_len=40)
+        with attention_mode(model, "dense"):
+            model(ids[:1, :8], past_key_values=filled, use_cache=True)
+        with pytest.raises(ValueError, match="static cache holds earlier tokens"):
+            model(ids[:1, 8:12], past_key_values=filled, use_cache=True)
 
 
 def test_static_cache_step_traces_to_two_graphs_for_a_whole_generation(monkeypatch):
