@@ -228,9 +228,7 @@ def eval_(
 
     if not text.is_file():
         _fail(f"--text: file not found: {text}")
-    limit = _context_limit(checkpoint)
-    if ctx > limit:  # before any work: SEA's position table ends there
-        _fail(f"--ctx: {ctx} is longer than the checkpoint's {limit} positions (its SEA position table)")
+    _check_fits(checkpoint, "--ctx", ctx)
     where = _device(device)
     model, tokenizer = _load_checkpoint(checkpoint, where)
     add_bos = _report_add_bos(checkpoint)
@@ -244,13 +242,16 @@ def eval_(
         out.print(_table(f"eval {checkpoint}", [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in rep.items()]))
 
 
-def _context_limit(checkpoint: Path) -> int:
+def _check_fits(checkpoint: Path, option: str, length: int) -> None:
+    """Before any work: a length past the checkpoint's positions (its SEA position table) fails, naming the option."""
     from sea_convert.checkpoint import CheckpointError, context_limit
 
     try:
-        return context_limit(checkpoint)
+        limit = context_limit(checkpoint)
     except CheckpointError as err:
         _fail(str(err))
+    if length > limit:
+        _fail(f"{option}: {length} is longer than the checkpoint's {limit} positions (its SEA position table)")
 
 
 def _report_add_bos(checkpoint: Path) -> bool:
@@ -308,9 +309,7 @@ def passkey(
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     if not sizes or not where or not chosen or set(chosen) - {"dense", "sea", "oracle"}:
         _fail(f"--modes: choose among dense, sea, oracle (got {modes!r}); --lengths and --depths must not be empty")
-    limit = _context_limit(checkpoint)
-    if max(sizes) > limit:  # before any work: SEA's position table ends there
-        _fail(f"--lengths: {max(sizes)} is longer than the checkpoint's {limit} positions (its SEA position table)")
+    _check_fits(checkpoint, "--lengths", max(sizes))
     model, tokenizer = _load_checkpoint(checkpoint, _device(device))
     try:
         samples = make_grid(tokenizer, sizes, where, per_cell, seed, add_bos=_report_add_bos(checkpoint))
@@ -362,8 +361,7 @@ def harness(
             _fail("--ruler-lengths: give the lengths and --write-tasks (the folder the RULER task files go into)")
         if importlib.util.find_spec("wonderwords") is None:
             _fail("--ruler-lengths: RULER makes its samples with the wonderwords package: pip install wonderwords")
-        if max(lengths) > _context_limit(checkpoint):
-            _fail(f"--ruler-lengths: {max(lengths)} is longer than the checkpoint's {_context_limit(checkpoint)} positions")
+        _check_fits(checkpoint, "--ruler-lengths", max(lengths))
     if local_tasks is not None:
         if "sea_text_ppl" in names and (text is None or not text.is_file()):
             _fail("--text: sea_text_ppl needs a text file to score")

@@ -75,7 +75,7 @@ def main() -> None:
         qf_open = positive_features(ops.opening_means(q, bs) * d ** -0.25, est_mod.projection.float(), is_query=True)
 
         def walked():
-            _, kf = est_mod.features(q[:, :1, :1], k, d ** -0.5)
+            kf = positive_features(k.float() * d ** -0.25, est_mod.projection.float(), is_query=False)
             return ops.block_linear_attention(qf_open, kf, est_mod.values(v), bs)
 
         stages["estimator, earlier path (walks)"] = walked
