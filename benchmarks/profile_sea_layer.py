@@ -1,6 +1,10 @@
 """Profile one SEA layer forward on the GPU: which ops cost what (torch profiler, CUDA time).
 
     python benchmarks/profile_sea_layer.py --T 32768 --kv-heads 8
+    python benchmarks/profile_sea_layer.py --T 32768 --predictor-rows block --compile --backward
+
+--backward profiles the training step instead (fp32 predictor weights under bf16 autocast, the layer's output
+backward to q, k, v and the predictor, as attention_bench.py's fwd+bwd), with no stage table.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the predictor and the gates mix")
     ap.add_argument("--predictor-rows", default="token", choices=["token", "block"])
     ap.add_argument("--K", type=int, default=None, help="predictor_length (default 256 token rows, 1024 block rows)")
+    ap.add_argument("--backward", action="store_true", help="profile the training step (forward + backward)")
     a = ap.parse_args()
     d, T = 128, a.T
     K = a.K or (256 if a.predictor_rows == "token" else 1024)
@@ -35,6 +40,9 @@ def main() -> None:
     q = torch.randn(1, a.heads, T, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, a.kv_heads, T, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
+    if a.backward:
+        training_profile(q, k, v, cfg, a)
+        return
     pred = SEAPredictor(cfg, a.heads, a.kv_heads, d, T, 0).cuda().to(torch.bfloat16)  # inference weights
     if a.compile:
         pred.compile()
@@ -94,6 +102,28 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("sea_layer"):
             run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+
+
+def training_profile(q, k, v, cfg: SEAConfig, a) -> None:
+    """The training step: fp32 predictor weights, bf16 autocast, the output's backward (q, k, v and predictor)."""
+    d = q.shape[-1]
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    pred = SEAPredictor(cfg, a.heads, a.kv_heads, d, a.T, 0).cuda()
+    if a.compile:
+        pred.compile()
+    do = torch.randn_like(q, dtype=torch.float32)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sea_attention(q, k, v, pred, cfg, d ** -0.5).out
+        out.backward(do)
+
+    print(f"{'training step (fwd+bwd)':32s} {median_ms(step):8.2f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("sea_layer_fwd_bwd"):
+            step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
 

@@ -46,9 +46,12 @@ FEATURE_PRECISION = "tf32x3"  # plain tf32 would put ~1e-3 relative error into w
 def _key_features(K, PROJ, SHIFT, KF, T, M, D, NB, root,
                   skb, skh, skt, skd,
                   BS: tl.constexpr, MP: tl.constexpr, KS: tl.constexpr, BLOCK_D: tl.constexpr, HK: tl.constexpr,
-                  BLOCKS: tl.constexpr, PREC: tl.constexpr):
+                  BLOCKS: tl.constexpr, PREC: tl.constexpr, BF16_KEYS: tl.constexpr, BF16_DOT: tl.constexpr):
     """kf = exp(w.x - |x|^2/2 - c) + 1e-6 of BLOCKS key blocks (x = k sqrt(scale)), one projection load for
-    them all; 0 past T and past M."""
+    them all; 0 past T and past M; stored in KF's dtype.
+
+    w.x: bf16 keys are exact bf16 operands, so w split in two bf16 halves gives w.k to about fp32's accuracy in
+    two bf16 products ("bf16x2", then times sqrt(scale)); other keys go through PREC (tf32x3)."""
     pid, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HK, pid_bh % HK
     offs_d = tl.arange(0, BLOCK_D)
@@ -58,15 +61,26 @@ def _key_features(K, PROJ, SHIFT, KF, T, M, D, NB, root,
     shift = tl.load(SHIFT + pid_bh)
     kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh  # int64: k may pass 2^31 elements
     out = KF + pid_bh.to(tl.int64) * NB * BS * KS
+    if BF16_KEYS:
+        p_hi = projT.to(tl.bfloat16)
+        p_lo = (projT - p_hi.to(tl.float32)).to(tl.bfloat16)
+        if not BF16_DOT:  # the interpreter (kernels._interpreter_compat): the same bf16 values, fp32 products
+            p_hi, p_lo = p_hi.to(tl.float32), p_lo.to(tl.float32)
     for blk in range(pid * BLOCKS, tl.minimum(NB, (pid + 1) * BLOCKS)):
         rows = blk * BS + tl.arange(0, BS)
         r_ok = rows < T
-        kx = tl.load(kb + rows[:, None] * skt + offs_d[None, :] * skd, mask=r_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32) * root
-        wx = tl.dot(kx, projT, input_precision=PREC)
+        kraw = tl.load(kb + rows[:, None] * skt + offs_d[None, :] * skd, mask=r_ok[:, None] & d_ok[None, :],
+                       other=0.0)
+        kx = kraw.to(tl.float32) * root
+        if BF16_KEYS:
+            if not BF16_DOT:
+                kraw = kraw.to(tl.float32)
+            wx = (tl.dot(kraw, p_hi) + tl.dot(kraw, p_lo)) * root
+        else:
+            wx = tl.dot(kx, projT, input_precision=PREC)
         half_sq = 0.5 * tl.sum(kx * kx, axis=1)
         kf = tl.where(r_ok[:, None] & m_ok[None, :], tl.exp(wx - half_sq[:, None] - shift) + 1e-6, 0.0)
-        tl.store(out + rows[:, None] * KS + offs_m[None, :], kf, mask=(offs_m < KS)[None, :])
+        tl.store(out + rows[:, None] * KS + offs_m[None, :], kf.to(KF.dtype.element_ty), mask=(offs_m < KS)[None, :])
 
 
 @triton.jit
@@ -89,8 +103,9 @@ def _value_tile(V, P, b, hk, rows, tile, T, D,
 def _segment_sums(KF, V, P, STATE, NORM, T, D, SEG_BLOCKS, NB,
                   svb, svh, svt, svd, spt, spd,
                   BS: tl.constexpr, MP: tl.constexpr, KS: tl.constexpr, DT: tl.constexpr, HALF_TILES: tl.constexpr,
-                  HK: tl.constexpr, BF16_DOT: tl.constexpr):
-    """Pass 1: each segment's own sums of kf^T [v | p] (this program's value tile) and of kf."""
+                  HK: tl.constexpr, BF16_DOT: tl.constexpr, FAST: tl.constexpr):
+    """Pass 1: each segment's own sums of kf^T [v | p] (this program's value tile) and of kf. FAST: kf is
+    stored bf16 and multiplies the values rounded to bf16, one product (for a 16-bit consumer)."""
     pid_bh, seg, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = pid_bh // HK, pid_bh % HK
     offs_c = tl.arange(0, BS)
@@ -102,20 +117,25 @@ def _segment_sums(KF, V, P, STATE, NORM, T, D, SEG_BLOCKS, NB,
         rows = i * BS + offs_c
         kf = tl.load(kf_base + rows[:, None] * KS + offs_m[None, :], mask=(offs_m < KS)[None, :], other=0.0)
         vals = _value_tile(V, P, b, hk, rows, tile, T, D, svb, svh, svt, svd, spt, spd, BS, DT, HALF_TILES)
-        # bf16 operands, each split in two (hi + lo, "bf16x3": about fp32's accuracy): tf32 has no MMA with
-        # these operand layouts (kf^T and v both major along the keys), and the tf32 dot ran at half the
-        # speed of pass 2's (0.82 against 0.37 ms at 32k, H100)
         kft = tl.trans(kf)
-        k_hi = kft.to(tl.bfloat16)
-        k_lo = (kft - k_hi.to(tl.float32)).to(tl.bfloat16)
         v_hi = vals.to(tl.bfloat16)
-        v_lo = (vals - v_hi.to(tl.float32)).to(tl.bfloat16)
-        if not BF16_DOT:  # the interpreter: the same rounding, products in fp32 (kernels._interpreter_compat)
-            k_hi, k_lo, v_hi, v_lo = k_hi.to(tl.float32), k_lo.to(tl.float32), v_hi.to(tl.float32), v_lo.to(tl.float32)
-        state = tl.dot(k_hi, v_hi, state)
-        state = tl.dot(k_lo, v_hi, state)
-        state = tl.dot(k_hi, v_lo, state)
-        norm += tl.sum(kf, axis=0)
+        if FAST:  # kf is bf16 already: one product
+            if not BF16_DOT:
+                kft, v_hi = kft.to(tl.float32), v_hi.to(tl.float32)
+            state = tl.dot(kft, v_hi, state)
+        else:
+            # bf16 operands, each split in two (hi + lo, "bf16x3": about fp32's accuracy): tf32 has no MMA with
+            # these operand layouts (kf^T and v both major along the keys), and the tf32 dot ran at half the
+            # speed of pass 2's (0.82 against 0.37 ms at 32k, H100)
+            k_hi = kft.to(tl.bfloat16)
+            k_lo = (kft - k_hi.to(tl.float32)).to(tl.bfloat16)
+            v_lo = (vals - v_hi.to(tl.float32)).to(tl.bfloat16)
+            if not BF16_DOT:  # the interpreter: the same rounding, products in fp32 (kernels._interpreter_compat)
+                k_hi, k_lo, v_hi, v_lo = k_hi.to(tl.float32), k_lo.to(tl.float32), v_hi.to(tl.float32), v_lo.to(tl.float32)
+            state = tl.dot(k_hi, v_hi, state)
+            state = tl.dot(k_lo, v_hi, state)
+            state = tl.dot(k_hi, v_lo, state)
+        norm += tl.sum(kf.to(tl.float32), axis=0)
     nseg = tl.num_programs(1)
     width = tl.num_programs(2) * DT
     slot = (pid_bh * nseg + seg).to(tl.int64)
@@ -142,9 +162,11 @@ def _exclusive_prefix(X, NSEG, WIDTH, NSEG_P: tl.constexpr, COLS: tl.constexpr):
 def _segment_rows(QF, KF, V, P, STATE0, NORM0, OUT, T, M, D, R, SEG_BLOCKS, NB,
                   sqb, sqh, sqr, svb, svh, svt, svd, spt, spd, sob, soh, sor,
                   G: tl.constexpr, RP: tl.constexpr, BS: tl.constexpr, MP: tl.constexpr, KS: tl.constexpr,
-                  DT: tl.constexpr, HALF_TILES: tl.constexpr, HK: tl.constexpr):
+                  DT: tl.constexpr, HALF_TILES: tl.constexpr, HK: tl.constexpr, BF16_DOT: tl.constexpr,
+                  FAST: tl.constexpr):
     """Pass 2: the rows (query head g, block i) of this segment's query blocks; row i reads the state of the
-    segments before plus the segment's keys up to row i's first key. Numerator / denominator per value tile."""
+    segments before plus the segment's keys up to row i's first key. Numerator / denominator per value tile,
+    stored in OUT's dtype. FAST: the (rows x keys) products and their values in bf16 (kf is bf16 already)."""
     pid_bh, seg, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = pid_bh // HK, pid_bh % HK
     r = tl.arange(0, RP)
@@ -161,23 +183,38 @@ def _segment_rows(QF, KF, V, P, STATE0, NORM0, OUT, T, M, D, R, SEG_BLOCKS, NB,
     width = tl.num_programs(2) * DT
     slot = (pid_bh * nseg + seg).to(tl.int64)
     state0 = tl.load(STATE0 + slot * MP * width + offs_m[:, None] * width + tile * DT + tl.arange(0, DT)[None, :])
+    if FAST:  # qf rounded once, so that every product of a row (state, keys, denominator) sees the same weights
+        qf = qf.to(tl.bfloat16).to(tl.float32)
     acc = tl.dot(qf, state0)
     den = tl.sum(qf * tl.load(NORM0 + slot * MP + offs_m)[None, :], axis=1)
     kf_base = KF + pid_bh.to(tl.int64) * NB * BS * KS
     first = seg * SEG_BLOCKS
+    q_op = qf
+    if FAST and BF16_DOT:
+        q_op = qf.to(tl.bfloat16)  # exact: qf holds bf16 values
     for j in range(first, tl.minimum(NB, first + SEG_BLOCKS)):
         rows = j * BS + offs_c
         kf = tl.load(kf_base + rows[:, None] * KS + offs_m[None, :], mask=(offs_m < KS)[None, :], other=0.0)
         vals = _value_tile(V, P, b, hk, rows, tile, T, D, svb, svh, svt, svd, spt, spd, BS, DT, HALF_TILES)
-        a = tl.dot(qf, tl.trans(kf))  # (RP, BS)
+        if FAST and not BF16_DOT:
+            kf = kf.to(tl.float32)
+        a = tl.dot(q_op, tl.trans(kf))  # (RP, BS)
         seen = (j < i)[:, None] | ((j == i)[:, None] & (offs_c == 0)[None, :])  # whole earlier blocks; own first key
         a = tl.where(seen, a, 0.0)
-        acc = tl.dot(a, vals, acc)
-        den += tl.sum(a, axis=1)
+        if FAST:  # the denominator sums the weights as rounded for the numerator: a convex mix stays one
+            a_op, v_op = a.to(tl.bfloat16), vals.to(tl.bfloat16)
+            den += tl.sum(a_op.to(tl.float32), axis=1)
+            if not BF16_DOT:
+                a_op, v_op = a_op.to(tl.float32), v_op.to(tl.float32)
+            acc = tl.dot(a_op, v_op, acc)
+        else:
+            den += tl.sum(a, axis=1)
+            acc = tl.dot(a, vals, acc)
     cols = (tile % HALF_TILES) * DT + tl.arange(0, DT)
     out_cols = cols + (tile // HALF_TILES) * D  # v's columns first, then the positions'
     out = acc / tl.maximum(den, 1e-30)[:, None]
-    tl.store(OUT + b.to(tl.int64) * sob + head[:, None] * soh + i[:, None] * sor + out_cols[None, :], out,
+    tl.store(OUT + b.to(tl.int64) * sob + head[:, None] * soh + i[:, None] * sor + out_cols[None, :],
+             out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & (cols < D)[None, :])
 
 
@@ -188,10 +225,15 @@ def _layout(R: int, G: int, segment_rows: int) -> tuple[int, int]:
 
 
 def _forward(q_feat, k, v, position_values, projection, scale: float, block_size: int,
-             segment_rows: int | None = None, value_tile: int | None = None) -> torch.Tensor:
+             segment_rows: int | None = None, value_tile: int | None = None, out_dtype: torch.dtype = torch.float32,
+             warps: int | None = None) -> torch.Tensor:
+    """The estimate in out_dtype. A 16-bit out_dtype (the predictor's weights at inference) takes the fast path:
+    features stored bf16 and every product in bf16 with fp32 sums, errors below the output's own rounding
+    (ESTIMATE_TOL_FAST in tests/test_triton_kernels.py). fp32 keeps about fp32's accuracy (bf16x3, tf32)."""
     B, H, R, M = q_feat.shape
     _, Hk, T, D = k.shape
     G = H // Hk
+    fast = out_dtype in (torch.bfloat16, torch.float16)
     root = math.sqrt(scale)
     qf = q_feat.float().contiguous()
     proj = projection.float().contiguous()
@@ -204,52 +246,87 @@ def _forward(q_feat, k, v, position_values, projection, scale: float, block_size
     tiles = 2 * half_tiles
     seg_blocks, nseg = _layout(R, G, segment_rows or SEGMENT_ROWS)
     dev = k.device
-    kf = torch.empty(B * Hk, R * block_size, ks, device=dev, dtype=torch.float32)
-    warps = 8 if block_size * block_d > 64 * 64 else 4
+    kf = torch.empty(B * Hk, R * block_size, ks, device=dev, dtype=torch.bfloat16 if fast else torch.float32)
     _key_features[(triton.cdiv(R, FEATURE_BLOCKS), B * Hk)](
         k, proj, shift, kf, T, M, D, R, root, *k.stride(), BS=block_size, MP=mp, KS=ks, BLOCK_D=block_d, HK=Hk,
-        BLOCKS=FEATURE_BLOCKS, PREC=FEATURE_PRECISION, num_warps=warps,
+        BLOCKS=FEATURE_BLOCKS, PREC=FEATURE_PRECISION, BF16_KEYS=k.dtype == torch.bfloat16, BF16_DOT=BF16_DOT_WORKS,
+        num_warps=8 if block_size * block_d > 64 * 64 else 4,
         num_stages=1)  # fp32 keys, pipelined, passed the H100's 228 KB of shared memory (tf32x3 operands)
     state = torch.empty(B * Hk, nseg, mp, tiles * dt, device=dev, dtype=torch.float32)
     norm = torch.empty(B * Hk, nseg, mp, device=dev, dtype=torch.float32)
     value_strides = (*v.stride(), *position_values.stride())
     grid = (B * Hk, nseg, tiles)
-    common = dict(BS=block_size, MP=mp, KS=ks, DT=dt, HALF_TILES=half_tiles, HK=Hk,
-                  num_warps=8 if dt * mp > 64 * 128 else 4)
-    _segment_sums[grid](kf, v, position_values, state, norm, T, D, seg_blocks, R, *value_strides,
-                        BF16_DOT=BF16_DOT_WORKS, **common)
+    common = dict(BS=block_size, MP=mp, KS=ks, DT=dt, HALF_TILES=half_tiles, HK=Hk, BF16_DOT=BF16_DOT_WORKS, FAST=fast,
+                  num_warps=warps or (8 if dt * mp > 64 * 128 else 4))
+    _segment_sums[grid](kf, v, position_values, state, norm, T, D, seg_blocks, R, *value_strides, **common)
     nseg_p = pow2(nseg, 1)
     cols = max(16, PREFIX_TILE // nseg_p)
     for x in (state, norm):
         width = x[0, 0].numel()
         _exclusive_prefix[(B * Hk, triton.cdiv(width, cols))](x, nseg, width, NSEG_P=nseg_p, COLS=cols)
-    out = torch.empty(B, H, R, 2 * D, device=dev, dtype=torch.float32)
+    out = torch.empty(B, H, R, 2 * D, device=dev, dtype=out_dtype)
     _segment_rows[grid](qf, kf, v, position_values, state, norm, out, T, M, D, R, seg_blocks, R,
                         *qf.stride()[:3], *value_strides, *out.stride()[:3],
                         G=G, RP=pow2(G * seg_blocks), **common)
     return out
 
 
+def position_table_grad(q_feat, k, position_values, projection, scale: float, block_size: int,
+                        grad_out: torch.Tensor) -> torch.Tensor:
+    """d loss / d position_values of block_rows_estimate, in closed form (the only input that learns in
+    stage A: the predictor reads q, k, v detached and the projection is fixed).
+
+    The positional half of row i is (qf_i . sum_{s <= i bs} kf_s p_s) / den_i, linear in p. So key s of block j
+    gets kf_s . W, with W the sum over the rows that read s of qf_i (x) g_i / den_i: the rows of the blocks after
+    j, and row j itself for its block's first key. Summed over batch and KV heads. Memory: one (M x d) state per
+    (sequence, KV head, block), never the (B, Hkv, T, 2d) values and chunk states that autograd through the
+    reference keeps."""
+    B, H, R, M = q_feat.shape
+    _, Hk, T, D = k.shape
+    G, bs = H // Hk, block_size
+    kf = reference_block_rows.positive_features(k.float() * math.sqrt(scale), projection.float(), is_query=False)
+    kf = torch.nn.functional.pad(kf, (0, 0, 0, R * bs - T)).view(B, Hk, R, bs, M)  # pad keys: zero features
+    first = kf[:, :, :, 0]  # (B, Hk, R, M): each block's first key
+    z = kf.sum(3).cumsum(2) - kf.sum(3) + first  # the features' sum over the keys each block row reads
+    qf = q_feat.float().view(B, Hk, G, R, M)
+    den = (qf * z[:, :, None]).sum(-1).clamp_min(1e-30)  # (B, Hk, G, R), as the forward's
+    u = grad_out[..., D:].float().view(B, Hk, G, R, D) / den[..., None]
+    U = torch.einsum("bkgrm,bkgrd->bkrmd", qf, u)  # (B, Hk, R, M, D)
+    later = U.flip(2).cumsum(2).flip(2) - U  # rows of the blocks after each block
+    grad = kf @ later  # (B, Hk, R, bs, D)
+    grad[:, :, :, 0] += (first[..., None, :] @ U).squeeze(-2)
+    out = torch.zeros_like(position_values, dtype=torch.float32)
+    out[:T] = grad.sum((0, 1)).reshape(R * bs, D)[:T]
+    return out.to(position_values.dtype)
+
+
 class _BlockRowsEstimate(torch.autograd.Function):
-    """Forward in Triton; backward by autograd through the reference (the position table learns in stage A)."""
+    """Forward in Triton. Backward: the position table's gradient in closed form (`position_table_grad`); the
+    other inputs' (never asked for by the predictor) by autograd through the reference."""
 
     @staticmethod
-    def forward(ctx, q_feat, k, v, position_values, projection, scale, block_size):
+    def forward(ctx, q_feat, k, v, position_values, projection, scale, block_size, out_dtype):
         ctx.save_for_backward(q_feat, k, v, position_values, projection)
         ctx.scale, ctx.block_size = scale, block_size
-        return _forward(q_feat, k, v, position_values, projection, scale, block_size)
+        return _forward(q_feat, k, v, position_values, projection, scale, block_size, out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        q_feat, k, v, table, projection = ctx.saved_tensors
+        if not any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4)):
+            grad_table = position_table_grad(q_feat, k, table, projection, ctx.scale, ctx.block_size, grad_out)
+            return None, None, None, grad_table, None, None, None, None
+
         def op(*x):
             return reference_block_rows.block_rows_estimate(*x, ctx.scale, ctx.block_size)
 
-        return (*_grads_through(op, ctx.saved_tensors, grad_out), None, None)
+        return (*_grads_through(op, ctx.saved_tensors, grad_out.float()), None, None, None)
 
 
 @torch.compiler.disable  # inductor's own compile of an earlier form failed on the H100 (2026-12-06); eager launch
 def block_rows_estimate(q_feat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_values: torch.Tensor,
-                        projection: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+                        projection: torch.Tensor, scale: float, block_size: int,
+                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if block_size not in (16, 32, 64, 128):  # one key block is one tile, as in the block-sparse kernel
         raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
     if position_values.shape[0] < k.shape[2]:
@@ -257,4 +334,4 @@ def block_rows_estimate(q_feat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q_feat.shape[2] != triton.cdiv(k.shape[2], block_size):  # the kernels write one row per key block
         raise ValueError(f"q_feat has {q_feat.shape[2]} block rows; {k.shape[2]} keys in blocks of {block_size} "
                          f"make {triton.cdiv(k.shape[2], block_size)}")
-    return _BlockRowsEstimate.apply(q_feat, k, v, position_values, projection, float(scale), int(block_size))
+    return _BlockRowsEstimate.apply(q_feat, k, v, position_values, projection, float(scale), int(block_size), out_dtype)

@@ -78,17 +78,19 @@ def block_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v: torch.
 
 
 def block_rows_estimate(q_feat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_values: torch.Tensor,
-                        projection: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+                        projection: torch.Tensor, scale: float, block_size: int,
+                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The block-row estimator from the raw keys and values: block_linear_attention over the keys' positive
     random features (stabiliser from each sequence's first key) and the values [v, position_values[:T]].
 
     q_feat (B, Hq, NQB, m) the block rows' query features; k, v (B, Hkv, T, d); position_values (L >= T, d);
-    projection (m, d). Returns (B, Hq, NQB, 2d) fp32. (On the GPU one kernel pair computes the features and
+    projection (m, d). Returns (B, Hq, NQB, 2d), computed in fp32, in out_dtype (the consumer's: a 16-bit one
+    lets the Triton op compute in bf16). (On the GPU one kernel pair computes the features and
     reads the two halves of the values in place: no fp32 copy of the keys' features or of the values.)"""
     B, Hkv, T, d = v.shape
     k_feat = positive_features(k.float() * math.sqrt(scale), projection.float(), is_query=False)
     values = torch.cat([v.float(), position_values[:T].float().expand(B, Hkv, T, d)], dim=-1)
-    return block_linear_attention(q_feat, k_feat, values, block_size)
+    return block_linear_attention(q_feat, k_feat, values, block_size).to(out_dtype)
 
 
 def block_teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int, block_size: int,

@@ -5,7 +5,8 @@
 # the other profiles.
 #   bash scripts/gpu_block_rows.sh            (carry .whl: pydantic's cp312 wheels)
 #   TESTS=0 BENCH=0 DECODE=0 PROFILE_T="" skip a part (two calls when one would pass the 10-minute limit); TUNE=1 adds
-#   the block-sparse forward's launch settings, timed side by side
+#   the block-sparse forward's launch settings, timed side by side; TUNE_ESTIMATOR=1 the block-row estimator's
+#   (paths and launch settings); TRAIN_PROFILE=32768 profiles the training step (forward + backward) at that T
 #   LENGTHS="4096 32768" PROFILE_T="32768" ROWS="block" ARGS="--compile" bash scripts/gpu_block_rows.sh
 set -euo pipefail
 source scripts/gpu_setup.sh
@@ -19,6 +20,15 @@ python3 -m pytest -q -p no:cacheprovider -s tests/test_triton_kernels.py tests/t
 fi
 if [ "${TUNE:-0}" = 1 ]; then  # the block-sparse forward's launch settings (benchmarks/tune_block_sparse.py)
   python3 benchmarks/tune_block_sparse.py --json "$OUT/tune_block_sparse.json" 2>&1 | tee "$OUT/tune_block_sparse.log" | head -40
+fi
+if [ "${TUNE_ESTIMATOR:-0}" = 1 ]; then  # benchmarks/tune_block_estimator.py
+  python3 benchmarks/tune_block_estimator.py --json "$OUT/tune_block_estimator.json" 2>&1 | grep -v "^    {" \
+    | tee "$OUT/tune_block_estimator.log" | head -60
+fi
+if [ -n "${TRAIN_PROFILE:-}" ]; then
+  python3 benchmarks/profile_sea_layer.py --T "$TRAIN_PROFILE" --kv-heads 8 --predictor-rows block --rows 40 --backward \
+    ${ARGS:---compile} 2>&1 | grep -v "Warn\|warn" > "$OUT/profile_train_$TRAIN_PROFILE.log"
+  head -30 "$OUT/profile_train_$TRAIN_PROFILE.log"
 fi
 # the 32k profile first: its stages decide the estimator path (docs/benchmarks.md)
 profile() {

@@ -59,13 +59,14 @@ class LinearAttentionEstimator(nn.Module):
         return ops.causal_linear_attention(qf, kf, self.values(v))  # GQA: query heads read their KV head's kf, values
 
     def block_rows(self, q_open: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops,
-                   block_size: int) -> torch.Tensor:
+                   block_size: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The same linear attention read once per query block, at its first row: q_open (B, Hq, NQB, d), each
         block's opening mean query, attends to the keys up to that row -> (B, Hq, NQB, 2d). The keys' features
-        and the values [v, positions] are made inside the op (on the GPU never stored as [v, positions])."""
+        and the values [v, positions] are made inside the op (on the GPU never stored as [v, positions]).
+        out_dtype: the consumer's (the encoder's weights); a 16-bit one lets the op compute in bf16."""
         self._check_length(k.shape[2])
         qf = positive_features(q_open.float() * math.sqrt(scale), self.projection.float(), is_query=True)
-        return ops.block_rows_estimate(qf, k, v, self.position_values, self.projection, scale, block_size)
+        return ops.block_rows_estimate(qf, k, v, self.position_values, self.projection, scale, block_size, out_dtype)
 
     def _check_length(self, T: int) -> None:
         if T > self.position_values.shape[0]:

@@ -69,7 +69,8 @@ class SEAPredictor(nn.Module):
             h, image = self._rows(lin, v, G)
         else:  # one row per query block, made when it opens: the mean query and value of the bs rows up to its first
             bs = self.block_rows
-            lin = self.estimator.block_rows(ops.opening_means(q, bs), k, v, scale, ops, bs)  # (B, Hq, NQB, 2d)
+            # (B, Hq, NQB, 2d), in the encoder's dtype: bf16 weights at inference round it to bf16 anyway
+            lin = self.estimator.block_rows(ops.opening_means(q, bs), k, v, scale, ops, bs, self.row_decoder.weight.dtype)
             h, image = self._rows(lin, ops.opening_means(v, bs), G)
         logits = self.cnn(image).float()  # (B, Hq, R, K)
         R = logits.shape[2]
