@@ -5,7 +5,8 @@
 B=1, 32 query heads, 8 KV heads, d=128, bf16 keys and values, blocks of 64, 77 random features: the shapes of
 the layer benchmarks. For each output dtype (fp32: the accurate path; bf16: the fast path a bf16 predictor
 takes) and each launch setting (value columns per program, rows per segment, warps), the estimate is checked
-against the fp64 reference at 8k-shaped slices (max |error| / (1 + |out|)) and timed. Then the default's
+against the fp64 reference at 8k (max |error| / (1 + |out|)) and timed; the features kernel's own settings (key
+blocks a program, pipeline stages) are timed alone. Then the default's
 kernels, one by one (torch profiler), and the position table's gradient (closed form against autograd through
 the reference). Prints tables and writes JSON.
 """
@@ -57,8 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--value-tiles", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--segment-rows", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--segment-rows", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4])
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "tune_block_estimator.json"))
     a = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}: block-row estimator, 32 query heads, 8 KV heads, d 128, blocks of 64")
@@ -89,7 +90,19 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001  (a setting that does not compile is a row, not a crash)
                 rows.append({"T": T, "setting": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
             print("   ", json.dumps(rows[-1]), flush=True)  # as it goes: a call cut short keeps what it timed
+        for blocks, stages in itertools.product((1, 2, 4), (1, 2, 3)):  # the features kernel, fast path (bf16 keys)
+            label = f"bfloat16 features: {blocks} blocks a program, {stages} stages"
+            run = lambda blocks=blocks, stages=stages: be._forward(  # noqa: E731
+                *args, out_dtype=torch.bfloat16, feature_blocks=blocks, feature_stages=stages)
+            try:
+                ms = kernel_times(run).get("_key_features", float("nan"))
+                rows.append({"T": T, "setting": label, "features_ms": ms})
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"T": T, "setting": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
+            print("   ", json.dumps(rows[-1]), flush=True)
         print(f"T={T}:")
+        for r in sorted((r for r in rows if "features_ms" in r), key=lambda r: r["features_ms"])[:4]:
+            print(f"  {r['setting']:40s} {r['features_ms']:7.3f} ms (features kernel alone)")
         for r in sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])[:10]:
             print(f"  {r['setting']:40s} {r['ms']:7.3f} ms")
         for key in (f"{T} float32 default", f"{T} bfloat16 default"):

@@ -69,6 +69,10 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001  (a setting that does not compile is a row, not a crash)
                 rows.append({"T": T, "launch": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
             print("   ", json.dumps(rows[-1]), flush=True)  # as it goes: a call cut short keeps what it timed
+        # the same lists without the gates, bf16 out: what the epilogue costs on top
+        plain = median_ms(lambda: bsa._forward(*args[:7]))
+        rows.append({"T": T, "launch": "default, no gates", "ms": plain, "tflops": flops / plain / 1e9, "max_abs_diff": 0.0})
+        print("   ", json.dumps(rows[-1]), flush=True)
         timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         default = next(r for r in rows if r["launch"] == "default")
         print(f"T={T}: default {default.get('ms', float('nan')):.3f} ms")

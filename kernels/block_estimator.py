@@ -35,8 +35,10 @@ from kernels import reference_block_rows
 from kernels.linear_attention import _grads_through
 from kernels.tiles import pow2
 
+# Launch settings from benchmarks/tune_block_estimator.py (H100, 32k and 128k, 32 query heads on 8 KV heads, d 128):
 SEGMENT_ROWS = 64  # rows (query heads x query blocks) of a pass-2 program: the segment's length in blocks follows
-VALUE_TILE = 64  # value columns per program
+VALUE_TILE = {"fast": 128, "fp32": 64}  # value columns per program: bf16 0.556 ms at 32k against 0.721 with 64; fp32 0.953 against 1.07
+WARPS = 4  # 4 beat 8 in 6 of the 8 (path, tile, segment) settings timed
 FEATURE_BLOCKS = 4  # key blocks per feature program: the projection is loaded once for them
 PREFIX_TILE = 8192  # elements of a prefix program's tile (segments x columns)
 FEATURE_PRECISION = "tf32x3"  # plain tf32 would put ~1e-3 relative error into w.x, then through exp
@@ -226,7 +228,7 @@ def _layout(R: int, G: int, segment_rows: int) -> tuple[int, int]:
 
 def _forward(q_feat, k, v, position_values, projection, scale: float, block_size: int,
              segment_rows: int | None = None, value_tile: int | None = None, out_dtype: torch.dtype = torch.float32,
-             warps: int | None = None) -> torch.Tensor:
+             warps: int | None = None, feature_blocks: int | None = None, feature_stages: int = 1) -> torch.Tensor:
     """The estimate in out_dtype. A 16-bit out_dtype (the predictor's weights at inference) takes the fast path:
     features stored bf16 and every product in bf16 with fp32 sums, errors below the output's own rounding
     (ESTIMATE_TOL_FAST in tests/test_triton_kernels.py). fp32 keeps about fp32's accuracy (bf16x3, tf32)."""
@@ -241,23 +243,24 @@ def _forward(q_feat, k, v, position_values, projection, scale: float, block_size
     shift = ((k[:, :, 0].float() * root) @ proj.T).amax(-1).reshape(B * Hk).contiguous()
     mp, block_d = pow2(M), pow2(D)
     ks = triton.cdiv(M, 8) * 8  # kf's row: the features rounded up to 32 bytes, not to the tile's power of two
-    dt = min(value_tile or VALUE_TILE, block_d)
+    dt = min(value_tile or VALUE_TILE["fast" if fast else "fp32"], block_d)
     half_tiles = triton.cdiv(D, dt)
     tiles = 2 * half_tiles
     seg_blocks, nseg = _layout(R, G, segment_rows or SEGMENT_ROWS)
     dev = k.device
     kf = torch.empty(B * Hk, R * block_size, ks, device=dev, dtype=torch.bfloat16 if fast else torch.float32)
-    _key_features[(triton.cdiv(R, FEATURE_BLOCKS), B * Hk)](
+    feature_blocks = feature_blocks or FEATURE_BLOCKS
+    _key_features[(triton.cdiv(R, feature_blocks), B * Hk)](
         k, proj, shift, kf, T, M, D, R, root, *k.stride(), BS=block_size, MP=mp, KS=ks, BLOCK_D=block_d, HK=Hk,
-        BLOCKS=FEATURE_BLOCKS, PREC=FEATURE_PRECISION, BF16_KEYS=k.dtype == torch.bfloat16, BF16_DOT=BF16_DOT_WORKS,
+        BLOCKS=feature_blocks, PREC=FEATURE_PRECISION, BF16_KEYS=k.dtype == torch.bfloat16, BF16_DOT=BF16_DOT_WORKS,
         num_warps=8 if block_size * block_d > 64 * 64 else 4,
-        num_stages=1)  # fp32 keys, pipelined, passed the H100's 228 KB of shared memory (tf32x3 operands)
+        num_stages=feature_stages)  # fp32 keys, pipelined, passed the H100's 228 KB of shared memory (tf32x3 operands)
     state = torch.empty(B * Hk, nseg, mp, tiles * dt, device=dev, dtype=torch.float32)
     norm = torch.empty(B * Hk, nseg, mp, device=dev, dtype=torch.float32)
     value_strides = (*v.stride(), *position_values.stride())
     grid = (B * Hk, nseg, tiles)
     common = dict(BS=block_size, MP=mp, KS=ks, DT=dt, HALF_TILES=half_tiles, HK=Hk, BF16_DOT=BF16_DOT_WORKS, FAST=fast,
-                  num_warps=warps or (8 if dt * mp > 64 * 128 else 4))
+                  num_warps=warps or WARPS)
     _segment_sums[grid](kf, v, position_values, state, norm, T, D, seg_blocks, R, *value_strides, **common)
     nseg_p = pow2(nseg, 1)
     cols = max(16, PREFIX_TILE // nseg_p)

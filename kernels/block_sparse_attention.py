@@ -19,7 +19,8 @@ Layout of the work
 - Backward, flash-attention-2 style: a preprocess computes delta = rowsum(dO * O); a dk/dv
   kernel per (key block, batch x KV head) walks the reverse lists (which query blocks list this
   key block, built by `reverse_block_index`) and, inside, every head chunk of the group, so dk/dv
-  come out in KV-head shape with no atomics; a dq kernel per (query block, ..., head chunk)
+  come out in KV-head shape; a key block listed by more than REV_CHUNK query blocks (the sink block is listed
+  by all) is split over several programs that add atomically in fp32; a dq kernel per (query block, ..., head chunk)
   walks the forward lists. In dk/dv the stacking only sets the Q/dO tile shape (K/V are loaded
   once per program whatever it is), so it has its own, smaller cap DKDV_MAX_ROWS. All
   accumulation is fp32; results are cast to the input dtype.
@@ -37,6 +38,7 @@ import kernels._interpreter_compat  # noqa: F401  (CPU interpreter only)
 # Row caps of a stacked tile (heads x block rows); see the module docstring. Tune on the GPU.
 MAX_ROWS = 128  # forward and dq: stacking saves K/V loads
 DKDV_MAX_ROWS = 64  # dk/dv: K/V stay resident anyway; smaller Q/dO tiles keep shared memory low
+REV_CHUNK = 16  # dk/dv: query blocks per program; a key block listed by more is split over programs
 LOG2E = 1.4426950408889634
 
 
@@ -107,9 +109,11 @@ def _fwd_kernel(
     Hkv, T, qk_scale,
     G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, GATED: tl.constexpr, KPS: tl.constexpr,
+    MAXB: tl.constexpr,
 ):
     """KPS key blocks per step of the list (1 or 2): two make (rows x 2 block) score tiles, fewer softmax
-    rescales and wider MMAs, a list of odd length masking its last step's second half."""
+    rescales and wider MMAs, a list of odd length masking its last step's second half. MAXB: the lists' width
+    as a power of two (GATED reads a whole list at once)."""
     i = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     pid = tl.program_id(1)
     hc = pid % NHC
@@ -130,26 +134,16 @@ def _fwd_kernel(
     m_i = tl.full([HPP * BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([HPP * BLOCK], tl.float32)
     acc = tl.zeros([HPP * BLOCK, BLOCK_D], tl.float32)
-    # GATED counts the keys each row attends from the list alone (whole blocks before the row's, and the
-    # diagonal block up to the row): scalars, where a per-tile row sum cost as much as the softmax's own
-    full_blocks = 0
-    diagonal = 0
     n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
     idx = BlockIndex + b * sib + hk * sih + i * siq
     for jj in range(0, n, KPS):
         kb = tl.load(idx + jj * sij)
-        if GATED:
-            full_blocks += (kb < i).to(tl.int32)
-            diagonal += (kb == i).to(tl.int32)
         if KPS == 1:
             kpos = kb * BLOCK + cols
             listed = cols >= 0
         else:
             second = jj + 1 < n
             kb2 = tl.load(idx + (jj + 1) * sij, mask=second, other=0)
-            if GATED:
-                full_blocks += ((kb2 < i) & second).to(tl.int32)
-                diagonal += ((kb2 == i) & second).to(tl.int32)
             kpos = tl.where(half == 0, kb, kb2) * BLOCK + cols % BLOCK
             listed = (half == 0) | second
         kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd,
@@ -172,6 +166,11 @@ def _fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     if GATED:  # the output gates (kernels.reference_gates.mix_gated) with the query block's gates
+        # the keys each row attended, from the list alone (whole blocks before the row's, and the diagonal block
+        # up to the row), read once here: counters carried through the loop cost it its pipelining
+        listed_blocks = tl.load(idx + tl.arange(0, MAXB) * sij, mask=tl.arange(0, MAXB) < n, other=-1)
+        full_blocks = tl.sum(((listed_blocks >= 0) & (listed_blocks < i)).to(tl.int32), 0)
+        diagonal = tl.sum((listed_blocks == i).to(tl.int32), 0)
         kept = (full_blocks * BLOCK + diagonal * (t - i * BLOCK + 1)).to(tl.float32)
         out = _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
                               VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
@@ -211,11 +210,16 @@ def _bwd_dkdv_kernel(
     sgvb, sgvh, sgvt, sgvd,
     sib, sih, siq, sij,
     scb, sch, scq,
-    Hkv, T, qk_scale, scale,
+    Hkv, T, qk_scale, scale, SPLITS,
     G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    j = tl.program_id(0)
+    """Key block j's dk, dv over chunk c of the query blocks that list it (CHUNK of them). A list that fits one
+    chunk is stored by its chunk-0 program; a longer one (the sink block, listed by every query block) is
+    spread over several programs that add into DK/DV (fp32, zeroed) atomically: one program walking all 512
+    query blocks of a 32k sink block was the kernel's critical path (13.7 ms against 3.1 for dq, H100)."""
+    j = tl.program_id(0) // SPLITS
+    c = tl.program_id(0) % SPLITS
     b = tl.program_id(1) // Hkv
     hk = tl.program_id(1) % Hkv
     kpos = j * BLOCK + tl.arange(0, BLOCK)
@@ -234,9 +238,10 @@ def _bwd_dkdv_kernel(
 
     n = tl.load(RevCount + b * scb + hk * sch + j * scq)
     idx = RevIndex + b * sib + hk * sih + j * siq
+    first = c * CHUNK
     # one flat loop over (listed query block, head chunk) pairs: a single loop is what the
     # compiler software-pipelines
-    for it in range(0, n * NHC):
+    for it in range(first * NHC, tl.minimum(n, first + CHUNK) * NHC):
         i = tl.load(idx + (it // NHC) * sij)
         g, t, row_ok = _stacked_rows(i, it % NHC, T, G, HPP, BLOCK)
         head = (hk * G + g).to(tl.int64)
@@ -257,8 +262,14 @@ def _bwd_dkdv_kernel(
 
     dk_off = b64 * sgkb + hk64 * sgkh + kpos[:, None] * sgkt + dcol[None, :] * sgkd
     dv_off = b64 * sgvb + hk64 * sgvh + kpos[:, None] * sgvt + dcol[None, :] * sgvd
-    tl.store(DK + dk_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if n <= CHUNK:
+        alone = kv_mask & (c == 0)
+        tl.store(DK + dk_off, dk * scale, mask=alone)
+        tl.store(DV + dv_off, dv, mask=alone)
+    else:
+        shared = kv_mask & (first < n)
+        tl.atomic_add(DK + dk_off, dk * scale, mask=shared)
+        tl.atomic_add(DV + dv_off, dv, mask=shared)
 
 
 @triton.jit
@@ -390,7 +401,7 @@ def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, g
         q, k, v, out, lse, block_index, block_count, gates, v_prefix,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *block_index.stride(), *block_count.stride(), *gate_strides, *prefix_strides,
-        Hkv, T, scale * LOG2E, GATED=gated, **meta,
+        Hkv, T, scale * LOG2E, GATED=gated, MAXB=triton.next_power_of_2(block_index.shape[-1]), **meta,
     )
     return out, lse
 
@@ -409,7 +420,10 @@ def block_prefix_sums(v: torch.Tensor, block_size: int) -> torch.Tensor:
     return (sums.cumsum(3) - sums).transpose(2, 3)
 
 
-def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, scale: float):
+def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, scale: float,
+              rev_chunk: int | None = None):
+    """rev_chunk: query blocks a dk/dv program walks at most (REV_CHUNK; tests pass small ones)."""
+    rev_chunk = rev_chunk or REV_CHUNK
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -421,14 +435,18 @@ def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, 
         num_warps=_num_warps(block_size * block_d),
     )
     rev_index, rev_count = reverse_block_index(block_index, block_count, nb)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
+    # fp32 and zeroed: a key block listed by more than rev_chunk query blocks is summed atomically
+    dk, dv = (torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     meta = _meta(G, block_size, d, DKDV_MAX_ROWS, q.dtype)
     meta["num_warps"] = max(meta["num_warps"], _num_warps(2 * block_size * meta["BLOCK_D"]))  # dk and dv accumulators
-    _bwd_dkdv_kernel[(nb, B * Hkv)](
+    splits = triton.cdiv(nb, rev_chunk)  # a bound on any list's chunks, known without a host sync
+    _bwd_dkdv_kernel[(nb * splits, B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, rev_index, rev_count, *common, *dk.stride(), *dv.stride(),
-        *rev_index.stride(), *rev_count.stride(), Hkv, T, scale * LOG2E, scale, **meta,
+        *rev_index.stride(), *rev_count.stride(), Hkv, T, scale * LOG2E, scale, splits, CHUNK=rev_chunk, **meta,
     )
+    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     meta = _meta(G, block_size, d, MAX_ROWS, q.dtype)
     _bwd_dq_kernel[(nb, B * Hkv * meta["NHC"])](
         q, k, v, do, lse, delta, dq, block_index, block_count, *common, *dq.stride(),

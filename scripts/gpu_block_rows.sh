@@ -5,7 +5,7 @@
 # the other profiles.
 #   bash scripts/gpu_block_rows.sh            (carry .whl: pydantic's cp312 wheels)
 #   TESTS=0 BENCH=0 DECODE=0 PROFILE_T="" skip a part (two calls when one would pass the 10-minute limit); TUNE=1 adds
-#   the block-sparse forward's launch settings, timed side by side; TUNE_ESTIMATOR=1 the block-row estimator's
+#   the block-sparse forward's launch settings, timed side by side (TUNE_ARGS narrows them); TUNE_ESTIMATOR=1 the block-row estimator's
 #   (paths and launch settings); TRAIN_PROFILE=32768 profiles the training step (forward + backward) at that T
 #   LENGTHS="4096 32768" PROFILE_T="32768" ROWS="block" ARGS="--compile" bash scripts/gpu_block_rows.sh
 set -euo pipefail
@@ -15,11 +15,12 @@ mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "${TESTS:-1}" = 1 ]; then
 python3 -m pytest -q -p no:cacheprovider -s tests/test_triton_kernels.py tests/test_gpu_integration.py \
-  -k "gated or block_linear or block_rows_estimate or block_scores or select_key_blocks or cuda_graph or block_sparse_bf16" 2>&1 | tee "$OUT/gpu_tests.log" | tail -5 \
+  -k "gated or block_linear or block_rows_estimate or block_scores or select_key_blocks or cuda_graph or block_sparse_bf16 or splits_long" 2>&1 | tee "$OUT/gpu_tests.log" | tail -5 \
   || echo "GPU tests FAILED (gpu_tests.log); timing the rest anyway: a device call is too dear to stop here"
 fi
 if [ "${TUNE:-0}" = 1 ]; then  # the block-sparse forward's launch settings (benchmarks/tune_block_sparse.py)
-  python3 benchmarks/tune_block_sparse.py --json "$OUT/tune_block_sparse.json" 2>&1 | tee "$OUT/tune_block_sparse.log" | head -40
+  python3 benchmarks/tune_block_sparse.py --json "$OUT/tune_block_sparse.json" ${TUNE_ARGS:-} 2>&1 \
+    | tee "$OUT/tune_block_sparse.log" | grep -v "^    {" | head -40
 fi
 if [ "${TUNE_ESTIMATOR:-0}" = 1 ]; then  # benchmarks/tune_block_estimator.py
   python3 benchmarks/tune_block_estimator.py --json "$OUT/tune_block_estimator.json" 2>&1 | grep -v "^    {" \

@@ -218,3 +218,26 @@ def test_oracle_keeps_the_heaviest_blocks():
     assert 3 in last and 0 in last and (T - 1) // bs in last
     mass = reference.block_attention_mass(q, k, 1.0, bs)
     assert int(mass[0, 0, -1, :-1].argmax()) == 3  # mass 16 against < 1e-9 for every other block
+
+
+@pytest.mark.parametrize("rows", ["token", "block"])
+def test_inference_estimate_carries_the_grouped_probabilities(rows):
+    """At inference the predictor hands the selection each KV head's mean probabilities, made beside the softmax;
+    they are the mean of exp(log_probs) over the group, and the selection from them is the selection from the
+    per-head probabilities. With grad on (training) the estimate carries none."""
+    from kernels import reference
+    from sea_convert.attention import SEAPredictor, select
+
+    cfg = SEAConfig(mode="block", k=16, predictor_length=32, block_size=16, predictor_rows=rows)
+    Hq, Hkv, T, d = 6, 2, 100, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, T, d, generator=g) for h in (Hq, Hkv, Hkv))
+    pred = SEAPredictor(cfg, Hq, Hkv, d, T, 0)
+    with torch.no_grad():
+        est = pred(q, k, v, d**-0.5, reference)
+    want = est.log_probs.exp().view(1, Hkv, Hq // Hkv, *est.log_probs.shape[2:]).mean(2)
+    assert est.grouped_probs.shape == want.shape and torch.allclose(est.grouped_probs, want)
+    a = select(est.grouped_probs, cfg, Hkv, reference, seq_len=T)
+    b = select(est.log_probs.exp(), cfg, Hkv, reference, seq_len=T)
+    assert torch.equal(a.block_index, b.block_index) and torch.equal(a.block_count, b.block_count)
+    assert pred(q, k, v, d**-0.5, reference).grouped_probs is None

@@ -326,6 +326,17 @@ def test_block_sparse_head_chunks(monkeypatch, max_rows):
     _compare_bsa((1, 6, 2, 77, 16), 16, 2, torch.float32)
 
 
+@pytest.mark.parametrize("rev_chunk", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_block_sparse_backward_splits_long_reverse_lists(monkeypatch, rev_chunk, dtype):
+    """dk/dv of a key block listed by more query blocks than one program walks (the sink block is listed by all):
+    its chunks add atomically; lists of one chunk are stored as before. Every block (the sink listed 7 times)
+    and 2 per head (lists of 1-7), G=3 and G=1."""
+    monkeypatch.setattr(bsa, "REV_CHUNK", rev_chunk)
+    _compare_bsa((1, 6, 2, 200, 16), 32, None, dtype)
+    _compare_bsa((1, 3, 1, 200, 32), 16, 2, dtype)
+
+
 def test_block_sparse_strided_inputs():
     """q, k, v as transformers hands them over: (B, T, H, d) memory seen as (B, H, T, d)."""
     (q, k, v), do = _inputs(1, 4, 2, 77, 16, torch.float32, seed=4)

@@ -94,7 +94,8 @@ def sea_attention(
         target = estimate_target(q.detach(), k.detach(), scale, cfg, sink.query_chunk, ops)
         sink.losses.append(estimate_kl(target, est.log_probs))
     T = q.shape[2]
-    sel = select(est.log_probs.detach().exp(), cfg, k.shape[1], ops, valid=valid, seq_len=T)
+    probs = est.grouped_probs if est.grouped_probs is not None else est.log_probs.detach().exp()
+    sel = select(probs, cfg, k.shape[1], ops, valid=valid, seq_len=T)
     if est.gates is not None and est.block_size is not None and not torch.is_grad_enabled():
         # block rows at inference: the block's gates applied in the attention's epilogue (one kernel on the GPU),
         # written in the model's dtype (the model rounds to it anyway; fp32 doubled the output's writes)

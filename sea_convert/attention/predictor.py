@@ -28,6 +28,9 @@ class Estimate:
     gates: torch.Tensor | None  # (B, Hq, R, 2): s0 (probability scale), s1 (running-mean mix)
     image: torch.Tensor | None = None  # the CNN's input (B, Hq*C, R, K/4), when asked for (decoding's prefill)
     block_size: int | None = None  # set for block rows
+    # at inference: the probabilities averaged over each KV head's query heads (B, Hkv, R, K), the selection's
+    # input, made beside the softmax (one fused pass under torch.compile, not an exp and a mean over (B, Hq, R, K))
+    grouped_probs: torch.Tensor | None = None
 
     def per_query_gates(self, T: int) -> torch.Tensor | None:
         """The gates of each query row (B, Hq, T, 2): block rows' repeated over their block's rows."""
@@ -77,6 +80,8 @@ class SEAPredictor(nn.Module):
         short = min(R, self.K)  # only rows shorter than K (keys, or key blocks) have empty bins
         logits[:, :, :short].masked_fill_(self.empty_bins(torch.arange(short, device=q.device)), float("-inf"))
         est = self._estimate(logits, h)
+        if not torch.is_grad_enabled():
+            est.grouped_probs = est.log_probs.exp().unflatten(1, (self.num_kv_heads, G)).mean(2)
         est.image = image if keep_image else None
         est.block_size = self.block_rows
         return est

@@ -80,8 +80,9 @@ def kept_from_bins_row(bin_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tenso
 
 def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, valid: torch.Tensor | None = None,
            seq_len: int | None = None) -> Selection:
-    """est_probs: (B, Hq, R, K) estimate probabilities (no grad needed): R = T token rows, or the NQB
-    block rows of `sea.predictor_rows: block` (then seq_len gives T).
+    """est_probs: (B, Hq, R, K) estimate probabilities (no grad needed), or their mean over each KV head's query
+    heads (B, Hkv, R, K) (`Estimate.grouped_probs`; with Hq = Hkv the two are the same): R = T token rows, or the
+    NQB block rows of `sea.predictor_rows: block` (then seq_len gives T).
 
     valid: (B, T) bool of a right-padded batch (each row's real tokens first). Per-query selection
     reads each row alone, so pads change nothing there; block mode pools rows of a query block, and
@@ -90,7 +91,7 @@ def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, vali
     """
     B, Hq, R, K = est_probs.shape
     T = R if seq_len is None else seq_len
-    grouped = est_probs.view(B, num_kv_heads, Hq // num_kv_heads, R, K).mean(2)
+    grouped = est_probs if Hq == num_kv_heads else est_probs.view(B, num_kv_heads, Hq // num_kv_heads, R, K).mean(2)
     if cfg.mode == "block":
         lengths = None if valid is None else valid.sum(-1)
         if cfg.predictor_rows == "block":  # already one row per query block, over key blocks
