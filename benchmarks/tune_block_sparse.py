@@ -49,7 +49,10 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "tune_block_sparse.json"))
+    ap.add_argument("--backward", action="store_true", help="time the backward's dk/dv launch settings instead")
     a = ap.parse_args()
+    if a.backward:
+        return tune_backward(a)
     grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages)
             for kps, rows, warps, stages in itertools.product(a.kps, a.max_rows, a.warps, a.stages)]
     results = []
@@ -69,10 +72,16 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001  (a setting that does not compile is a row, not a crash)
                 rows.append({"T": T, "launch": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
             print("   ", json.dumps(rows[-1]), flush=True)  # as it goes: a call cut short keeps what it timed
-        # the same lists without the gates, bf16 out: what the epilogue costs on top
+        # the same lists without the gates, bf16 out: what the gates cost on top; and the gates the other way
+        # (in the attention's epilogue, or a pass of their own: GATES_IN_EPILOGUE)
         plain = median_ms(lambda: bsa._forward(*args[:7]))
         rows.append({"T": T, "launch": "default, no gates", "ms": plain, "tflops": flops / plain / 1e9, "max_abs_diff": 0.0})
-        print("   ", json.dumps(rows[-1]), flush=True)
+        other = not bsa.GATES_IN_EPILOGUE
+        got, _ = bsa._forward(*args, out_dtype=torch.bfloat16, gates_in_epilogue=other)
+        ms = median_ms(lambda: bsa._forward(*args, out_dtype=torch.bfloat16, gates_in_epilogue=other))
+        rows.append({"T": T, "launch": f"default, gates_in_epilogue={other}", "ms": ms, "tflops": flops / ms / 1e9,
+                     "max_abs_diff": (got.float() - want.float()).abs().max().item()})
+        print("   ", json.dumps(rows[-2]), "\n   ", json.dumps(rows[-1]), flush=True)
         timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         default = next(r for r in rows if r["launch"] == "default")
         print(f"T={T}: default {default.get('ms', float('nan')):.3f} ms")
@@ -82,6 +91,38 @@ def main() -> None:
             if "error" in r:
                 print(f"  {r['launch']:45s} {r['error']}")
         results.extend(rows)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": results}, indent=1))
+    print("wrote", a.json)
+
+
+def tune_backward(a) -> None:
+    """The backward (dk/dv and dq kernels, bf16) for each dk/dv launch: its row cap, warps and stages."""
+    results = []
+    print(f"{torch.cuda.get_device_name()}: block-sparse backward, bf16")
+    for T in a.lengths:
+        args, tiles = inputs(T)
+        q, k, v, bi, bc, bs, scale, _ = args
+        out, lse = bsa._forward(q, k, v, bi, bc, bs, scale)
+        do = torch.randn_like(q)
+        want = bsa._backward(do, q, k, v, out, lse, bi, bc, bs, scale)
+        flops = 2.5 * 4 * 128 * tiles * 64**2  # dq, dk, dv: 5 of the forward's 2 products
+        for rows, warps, stages in itertools.product(a.max_rows, a.warps, a.stages):
+            launch = dict(max_rows=rows, num_warps=warps, num_stages=stages)
+            label = " ".join(f"{k}={v}" for k, v in launch.items())
+            try:
+                got = bsa._backward(do, q, k, v, out, lse, bi, bc, bs, scale, dkdv_launch=launch)
+                diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(got, want))
+                ms = median_ms(lambda launch=launch: bsa._backward(do, q, k, v, out, lse, bi, bc, bs, scale, dkdv_launch=launch))
+                results.append({"T": T, "dkdv_launch": label, "ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff": diff})
+            except Exception as exc:  # noqa: BLE001
+                results.append({"T": T, "dkdv_launch": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
+            print("   ", json.dumps(results[-1]), flush=True)
+        default = median_ms(lambda: bsa._backward(do, q, k, v, out, lse, bi, bc, bs, scale))
+        results.append({"T": T, "dkdv_launch": "default", "ms": default, "tflops": flops / default / 1e9})
+        print(f"T={T}: default {default:.3f} ms")
+        for r in sorted((r for r in results if r["T"] == T and "ms" in r), key=lambda r: r["ms"])[:8]:
+            print(f"  {r['dkdv_launch']:45s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TFLOP/s")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": results}, indent=1))
     print("wrote", a.json)

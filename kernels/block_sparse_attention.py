@@ -366,6 +366,10 @@ def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) ->
 # The forward's launch: KPS key blocks per step, and overrides of _meta's row cap, warps and stages. The
 # defaults are what the benchmarks measured; benchmarks/tune_block_sparse.py times the alternatives.
 FORWARD_LAUNCH = {"KPS": 1}
+# The block rows' output gates: in the attention's epilogue (one kernel), or as a pass of their own over its
+# output. The epilogue cost the forward 0.63 ms at 32k (3.41 against 2.76 ms without gates, H100,
+# tune_block_sparse.py) where a pass over the bf16 output reads and writes ~0.5 GB.
+GATES_IN_EPILOGUE = False
 
 
 def _forward_meta(G: int, block_size: int, d: int, dtype: torch.dtype, launch: dict | None = None) -> dict:
@@ -381,20 +385,25 @@ def _forward_meta(G: int, block_size: int, d: int, dtype: torch.dtype, launch: d
 
 
 def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor | None = None,
-             out_dtype: torch.dtype = torch.float32, launch: dict | None = None):
+             out_dtype: torch.dtype | None = None, launch: dict | None = None, gates_in_epilogue: bool | None = None):
     """gates (B, Hq, NQB, 2): apply the output gates in the epilogue; the output is then out_dtype (rounded once,
-    from the fp32 tile)."""
+    from the fp32 tile). gates_in_epilogue (default GATES_IN_EPILOGUE) False: the attention first, in out_dtype,
+    then `_gates_mix_kernel` over it in place."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
+    if gates is not None and not (GATES_IN_EPILOGUE if gates_in_epilogue is None else gates_in_epilogue):
+        out, lse = _forward(q, k, v, block_index, block_count, block_size, scale, launch=launch, out_dtype=out_dtype)
+        _gates_mix(out, v, block_index, block_count, block_size, gates)
+        return out, lse
     meta = _forward_meta(Hq // Hkv, block_size, d, q.dtype, launch)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     gated = gates is not None
     if not gated:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
         gates = v_prefix = lse  # not read
         gate_strides = prefix_strides = (0, 0, 0, 0)
     else:
-        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+        out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
         v_prefix = block_prefix_sums(v, block_size)
         gate_strides, prefix_strides = gates.stride(), v_prefix.stride()
     _fwd_kernel[(triton.cdiv(T, block_size), B * Hkv * meta["NHC"])](
@@ -404,6 +413,56 @@ def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, g
         Hkv, T, scale * LOG2E, GATED=gated, MAXB=triton.next_power_of_2(block_index.shape[-1]), **meta,
     )
     return out, lse
+
+
+@triton.jit
+def _gates_mix_kernel(
+    Out, V, BlockIndex, BlockCount, Gates, VPrefix,
+    sob, soh, sot, sod,
+    svb, svh, svt, svd,
+    sib, sih, siq, sij,
+    scb, sch, scq,
+    sgb, sgh, sgq, sgk,
+    spb, sph, spq, spd,
+    Hq, T,
+    G: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    MAXB: tl.constexpr,
+):
+    """The output gates over attention already written (query block i, one head), in place: the same epilogue
+    as the gated forward's, as a pass of its own over out."""
+    i = tl.program_id(0)
+    b = tl.program_id(1) // Hq
+    h = tl.program_id(1) % Hq
+    hk = h // G
+    t = i * BLOCK + tl.arange(0, BLOCK)
+    row_ok = t < T
+    dcol = tl.arange(0, BLOCK_D)
+    at = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t[:, None] * sot + dcol[None, :] * sod
+    mask = row_ok[:, None] & (dcol < D)[None, :]
+    out = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
+    listed = tl.load(BlockIndex + b * sib + hk * sih + i * siq + tl.arange(0, MAXB) * sij,
+                     mask=tl.arange(0, MAXB) < n, other=-1)
+    full_blocks = tl.sum(((listed >= 0) & (listed < i)).to(tl.int32), 0)
+    diagonal = tl.sum((listed == i).to(tl.int32), 0)
+    kept = (full_blocks * BLOCK + diagonal * (t - i * BLOCK + 1)).to(tl.float32)
+    head = tl.full([BLOCK], 0, tl.int64) + h
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    out = _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
+                          VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
+    tl.store(at, out.to(Out.dtype.element_ty), mask=mask)
+
+
+def _gates_mix(out, v, block_index, block_count, block_size: int, gates) -> None:
+    B, Hq, T, d = out.shape
+    v_prefix = block_prefix_sums(v, block_size)
+    block_d = max(16, triton.next_power_of_2(d))
+    _gates_mix_kernel[(triton.cdiv(T, block_size), B * Hq)](
+        out, v, block_index, block_count, gates, v_prefix, *out.stride(), *v.stride(), *block_index.stride(),
+        *block_count.stride(), *gates.stride(), *v_prefix.stride(), Hq, T,
+        G=Hq // v.shape[1], BLOCK=block_size, D=d, BLOCK_D=block_d, PREC=_dot_precision(v.dtype),
+        MAXB=triton.next_power_of_2(block_index.shape[-1]), num_warps=_num_warps(block_size * block_d),
+    )
 
 
 def block_prefix_sums(v: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -421,8 +480,10 @@ def block_prefix_sums(v: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, scale: float,
-              rev_chunk: int | None = None):
-    """rev_chunk: query blocks a dk/dv program walks at most (REV_CHUNK; tests pass small ones)."""
+              rev_chunk: int | None = None, dkdv_launch: dict | None = None):
+    """rev_chunk: query blocks a dk/dv program walks at most (REV_CHUNK; tests pass small ones). dkdv_launch:
+    max_rows, num_warps, num_stages of the dk/dv kernel (benchmarks/tune_block_sparse.py --backward)."""
+    dkdv_launch = dict(dkdv_launch or {})
     rev_chunk = rev_chunk or REV_CHUNK
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
@@ -439,8 +500,9 @@ def _backward(do, q, k, v, out, lse, block_index, block_count, block_size: int, 
     # fp32 and zeroed: a key block listed by more than rev_chunk query blocks is summed atomically
     dk, dv = (torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    meta = _meta(G, block_size, d, DKDV_MAX_ROWS, q.dtype)
+    meta = _meta(G, block_size, d, dkdv_launch.pop("max_rows", DKDV_MAX_ROWS), q.dtype)
     meta["num_warps"] = max(meta["num_warps"], _num_warps(2 * block_size * meta["BLOCK_D"]))  # dk and dv accumulators
+    meta.update(dkdv_launch)
     splits = triton.cdiv(nb, rev_chunk)  # a bound on any list's chunks, known without a host sync
     _bwd_dkdv_kernel[(nb * splits, B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, rev_index, rev_count, *common, *dk.stride(), *dv.stride(),

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_block_rows.sh            (carry .whl: pydantic's cp312 wheels)
 #   TESTS=0 BENCH=0 DECODE=0 PROFILE_T="" skip a part (two calls when one would pass the 10-minute limit); TUNE=1 adds
 #   the block-sparse forward's launch settings, timed side by side (TUNE_ARGS narrows them); TUNE_ESTIMATOR=1 the block-row estimator's
-#   (paths and launch settings); TRAIN_PROFILE=32768 profiles the training step (forward + backward) at that T
+#   (paths and launch settings); TUNE_BACKWARD=1 the block-sparse backward's dk/dv launch; TRAIN_PROFILE=32768 profiles the training step (forward + backward) at that T
 #   LENGTHS="4096 32768" PROFILE_T="32768" ROWS="block" ARGS="--compile" bash scripts/gpu_block_rows.sh
 set -euo pipefail
 source scripts/gpu_setup.sh
@@ -21,6 +21,10 @@ fi
 if [ "${TUNE:-0}" = 1 ]; then  # the block-sparse forward's launch settings (benchmarks/tune_block_sparse.py)
   python3 benchmarks/tune_block_sparse.py --json "$OUT/tune_block_sparse.json" ${TUNE_ARGS:-} 2>&1 \
     | tee "$OUT/tune_block_sparse.log" | grep -v "^    {" | head -40
+fi
+if [ "${TUNE_BACKWARD:-0}" = 1 ]; then  # the backward's dk/dv launch settings
+  python3 benchmarks/tune_block_sparse.py --backward --lengths 32768 --max-rows 64 128 --warps 4 8 --stages 1 2 3 \
+    --json "$OUT/tune_block_sparse_backward.json" 2>&1 | tee "$OUT/tune_block_sparse_backward.log" | grep -v "^    {" | head -20
 fi
 if [ "${TUNE_ESTIMATOR:-0}" = 1 ]; then  # benchmarks/tune_block_estimator.py
   python3 benchmarks/tune_block_estimator.py --json "$OUT/tune_block_estimator.json" 2>&1 | grep -v "^    {" \

@@ -197,11 +197,14 @@ def test_block_sparse_matches_reference(shape, bs, blocks_per_head, dtype):
 GATED_CASES = BSA_CASES + [((1, 4, 1, 150, 64), 32), ((1, 3, 1, 100, 128), 16)]
 
 
+@pytest.mark.parametrize("epilogue", [True, False], ids=["epilogue", "own-pass"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("blocks_per_head", [2, None], ids=["bph2", "all"])
 @pytest.mark.parametrize("shape,bs", GATED_CASES, ids=lambda c: str(c))
-def test_block_sparse_gated_matches_reference(shape, bs, blocks_per_head, dtype):
-    """Attention with the block rows' output gates in the epilogue equals attention, then mix_gated."""
+def test_block_sparse_gated_matches_reference(monkeypatch, shape, bs, blocks_per_head, dtype, epilogue):
+    """Attention with the block rows' output gates, in the attention's epilogue or as a pass of their own over
+    its output, equals attention, then mix_gated."""
+    monkeypatch.setattr(bsa, "GATES_IN_EPILOGUE", epilogue)
     B, Hq, Hkv, T, d = shape
     (q, k, v), _ = _inputs(B, Hq, Hkv, T, d, dtype, seed=T)
     bi, bc = _lists(B, Hkv, T, bs, blocks_per_head, seed=T)
@@ -218,9 +221,14 @@ def test_block_sparse_gated_matches_reference(shape, bs, blocks_per_head, dtype)
     if blocks_per_head is not None:  # rows miss keys, so the gates move the output off plain attention: 0.47 .. 1.95
         plain = ref.block_sparse_attention(q.float(), k.float(), v.float(), bi, bc, bs, scale)[0]
         assert _max_err(exact["out"], plain) > 10 * ABS[dtype]["out"]
-    if dtype != torch.float32:  # the layer asks for q's dtype at inference: the same fp32 tile, rounded once
+    if dtype != torch.float32:  # the layer asks for q's dtype at inference
         rounded = bsa.block_sparse_attention_gated(q, k, v, bi, bc, bs, scale, gates, out_dtype=dtype)
-        assert rounded.dtype == dtype and torch.equal(rounded, got["out"].to(dtype))
+        if epilogue:  # the same fp32 tile, rounded once
+            assert rounded.dtype == dtype and torch.equal(rounded, got["out"].to(dtype))
+        else:  # the attention rounded to dtype before the gates mix it, then the mix rounded: two roundings
+            eps = torch.finfo(dtype).eps
+            assert rounded.dtype == dtype
+            assert ((rounded.float() - got["out"]).abs() <= 2 * eps * (1 + got["out"].abs())).all()
         assert ref.block_sparse_attention_gated(q, k, v, bi, bc, bs, scale, gates, out_dtype=dtype).dtype == dtype
 
 
@@ -429,6 +437,9 @@ def test_block_sparse_gated_bf16_gpu(d):
     exact = {"out": ref.block_sparse_attention_gated(q.float(), k.float(), v.float(), bi, bc, bs, d**-0.5, gates)}
     low = {"out": ref.block_sparse_attention_gated(q, k, v, bi, bc, bs, d**-0.5, gates)}
     _check_rule(got, exact, low, torch.bfloat16)
+    # the layer's inference call: bf16 out (with the gates in a pass of their own, the attention rounded first)
+    rounded = bsa.block_sparse_attention_gated(q, k, v, bi, bc, bs, d**-0.5, gates, out_dtype=torch.bfloat16)
+    _check_rule({"out": rounded.float()}, exact, low, torch.bfloat16)
 
 
 @pytest.mark.gpu
