@@ -19,7 +19,12 @@ its first row. Laid out as chunked linear attention usually is, so that no progr
 2.35 ms at 32k on an H100, against 1.2 ms for the two walks of `kernels.linear_attention` over precomputed
 features; docs/benchmarks.md.)
 
-Backward goes through the reference by autograd (exact, memory-hungry), as the other estimator's.
+Precision follows the consumer (`out_dtype`): fp32 keeps about fp32's accuracy (features in fp32, bf16x3 sums,
+tf32 rows); a 16-bit consumer (the predictor's bf16 weights at inference, which round the estimate to bf16 at
+once) gets the fast path: features stored bf16, every product one bf16 MMA with fp32 sums.
+
+Backward: the position table's gradient in closed form (`position_table_grad`; the only input the predictor
+trains); any other input's by autograd through the reference (exact, memory-hungry).
 """
 
 from __future__ import annotations
