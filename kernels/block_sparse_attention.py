@@ -75,27 +75,40 @@ def _stacked_rows(i, hc, T, G: tl.constexpr, HPP: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
-                    VPrefix, spb, sph, spq, spd, T, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-                    PREC: tl.constexpr):
-    """mix_gated on a tile: u = 1 - kept / (t + 1); out * (1 - w)(1 + (2 sigmoid(s0) - 1) u) + w * mean_v with
-    w = sigmoid(s1) u. The running mean of v at row t: the blocks before the row's (VPrefix) plus the block's
-    rows up to t, one lower-triangular product over the block's values."""
+def _running_mean(t, i, b, hk, v_base, svt, svd, VPrefix, spb, sph, spq, spd, T,
+                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    """The running mean of v at rows t of query block i (one KV head's): the blocks before the row's (VPrefix)
+    plus the block's rows up to t, one lower-triangular product over the block's values."""
     dcol = tl.arange(0, BLOCK_D)
     dmask = dcol < D
     rows = i * BLOCK + tl.arange(0, BLOCK)
     vd = tl.load(v_base + rows[:, None] * svt + dcol[None, :] * svd, mask=(rows < T)[:, None] & dmask[None, :], other=0.0)
     lower = tl.where(rows[None, :] <= t[:, None], 1.0, 0.0).to(vd.dtype)  # exact in any dtype
     before = tl.load(VPrefix + b.to(tl.int64) * spb + hk.to(tl.int64) * sph + i * spq + dcol * spd, mask=dmask, other=0.0)
-    n = (t + 1).to(tl.float32)
-    mean_v = (tl.dot(lower, vd, input_precision=PREC) + before[None, :]) / n[:, None]
+    return (tl.dot(lower, vd, input_precision=PREC) + before[None, :]) / (t + 1).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _mix(out, mean_v, kept, t, row_ok, i, b, head, Gates, sgb, sgh, sgq, sgk):
+    """mix_gated on a tile: u = 1 - kept / (t + 1); out * (1 - w)(1 + (2 sigmoid(s0) - 1) u) + w * mean_v with
+    w = sigmoid(s1) u, the gates of each row's head for query block i."""
     g = Gates + b.to(tl.int64) * sgb + head * sgh + i * sgq
     s0 = tl.load(g, mask=row_ok, other=0.0)
     s1 = tl.load(g + sgk, mask=row_ok, other=0.0)
-    u = tl.maximum(1.0 - kept / n, 0.0)
+    u = tl.maximum(1.0 - kept / (t + 1).to(tl.float32), 0.0)
     w = tl.sigmoid(s1) * u
     keep = (1.0 - w) * (1.0 + (2.0 * tl.sigmoid(s0) - 1.0) * u)
     return keep[:, None] * out + w[:, None] * mean_v
+
+
+@triton.jit
+def _kept_keys(BlockIndex, n, t, i, BLOCK: tl.constexpr, MAXB: tl.constexpr, sij):
+    """The keys each row t of query block i attended, from its list alone (BlockIndex at the list, n entries):
+    whole blocks before the row's, and the diagonal block up to the row."""
+    listed = tl.load(BlockIndex + tl.arange(0, MAXB) * sij, mask=tl.arange(0, MAXB) < n, other=-1)
+    full_blocks = tl.sum(((listed >= 0) & (listed < i)).to(tl.int32), 0)
+    diagonal = tl.sum((listed == i).to(tl.int32), 0)
+    return (full_blocks * BLOCK + diagonal * (t - i * BLOCK + 1)).to(tl.float32)
 
 
 @triton.jit
@@ -169,14 +182,9 @@ def _fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     if GATED:  # the output gates (kernels.reference_gates.mix_gated) with the query block's gates
-        # the keys each row attended, from the list alone (whole blocks before the row's, and the diagonal block
-        # up to the row), read once here: counters carried through the loop cost it its pipelining
-        listed_blocks = tl.load(idx + tl.arange(0, MAXB) * sij, mask=tl.arange(0, MAXB) < n, other=-1)
-        full_blocks = tl.sum(((listed_blocks >= 0) & (listed_blocks < i)).to(tl.int32), 0)
-        diagonal = tl.sum((listed_blocks == i).to(tl.int32), 0)
-        kept = (full_blocks * BLOCK + diagonal * (t - i * BLOCK + 1)).to(tl.float32)
-        out = _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
-                              VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
+        kept = _kept_keys(idx, n, t, i, BLOCK, MAXB, sij)
+        mean_v = _running_mean(t, i, b, hk, v_base, svt, svd, VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
+        out = _mix(out, mean_v, kept, t, row_ok, i, b, head, Gates, sgb, sgh, sgq, sgk)
     tl.store(Out + b.to(tl.int64) * sob + head[:, None] * soh + t[:, None] * sot + dcol[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
     tl.store(Lse + ((b * Hkv * G).to(tl.int64) + head) * T + t, lse, mask=row_ok)
@@ -427,42 +435,39 @@ def _gates_mix_kernel(
     scb, sch, scq,
     sgb, sgh, sgq, sgk,
     spb, sph, spq, spd,
-    Hq, T,
+    Hkv, T,
     G: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     MAXB: tl.constexpr,
 ):
-    """The output gates over attention already written (query block i, one head), in place: the same epilogue
-    as the gated forward's, as a pass of its own over out."""
+    """The output gates over attention already written, in place: query block i of one KV head's G query heads.
+    The kept counts and the running mean of v are the KV head's, made once for its G heads."""
     i = tl.program_id(0)
-    b = tl.program_id(1) // Hq
-    h = tl.program_id(1) % Hq
-    hk = h // G
+    b = tl.program_id(1) // Hkv
+    hk = tl.program_id(1) % Hkv
     t = i * BLOCK + tl.arange(0, BLOCK)
     row_ok = t < T
     dcol = tl.arange(0, BLOCK_D)
-    at = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t[:, None] * sot + dcol[None, :] * sod
     mask = row_ok[:, None] & (dcol < D)[None, :]
-    out = tl.load(at, mask=mask, other=0.0).to(tl.float32)
     n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
-    listed = tl.load(BlockIndex + b * sib + hk * sih + i * siq + tl.arange(0, MAXB) * sij,
-                     mask=tl.arange(0, MAXB) < n, other=-1)
-    full_blocks = tl.sum(((listed >= 0) & (listed < i)).to(tl.int32), 0)
-    diagonal = tl.sum((listed == i).to(tl.int32), 0)
-    kept = (full_blocks * BLOCK + diagonal * (t - i * BLOCK + 1)).to(tl.float32)
-    head = tl.full([BLOCK], 0, tl.int64) + h
+    kept = _kept_keys(BlockIndex + b * sib + hk * sih + i * siq, n, t, i, BLOCK, MAXB, sij)
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    out = _gates_epilogue(out, kept, t, row_ok, i, b, hk, head, v_base, svt, svd, Gates, sgb, sgh, sgq, sgk,
-                          VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
-    tl.store(at, out.to(Out.dtype.element_ty), mask=mask)
+    mean_v = _running_mean(t, i, b, hk, v_base, svt, svd, VPrefix, spb, sph, spq, spd, T, BLOCK, BLOCK_D, D, PREC)
+    for g in range(G):
+        h = (hk * G + g).to(tl.int64)
+        at = Out + b.to(tl.int64) * sob + h * soh + t[:, None] * sot + dcol[None, :] * sod
+        out = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        out = _mix(out, mean_v, kept, t, row_ok, i, b, tl.full([BLOCK], 0, tl.int64) + h, Gates, sgb, sgh, sgq, sgk)
+        tl.store(at, out.to(Out.dtype.element_ty), mask=mask)
 
 
 def _gates_mix(out, v, block_index, block_count, block_size: int, gates) -> None:
     B, Hq, T, d = out.shape
     v_prefix = block_prefix_sums(v, block_size)
     block_d = max(16, triton.next_power_of_2(d))
-    _gates_mix_kernel[(triton.cdiv(T, block_size), B * Hq)](
+    Hkv = v.shape[1]
+    _gates_mix_kernel[(triton.cdiv(T, block_size), B * Hkv)](
         out, v, block_index, block_count, gates, v_prefix, *out.stride(), *v.stride(), *block_index.stride(),
-        *block_count.stride(), *gates.stride(), *v_prefix.stride(), Hq, T,
+        *block_count.stride(), *gates.stride(), *v_prefix.stride(), Hkv, T,
         G=Hq // v.shape[1], BLOCK=block_size, D=d, BLOCK_D=block_d, PREC=_dot_precision(v.dtype),
         MAXB=triton.next_power_of_2(block_index.shape[-1]), num_warps=_num_warps(block_size * block_d),
     )
