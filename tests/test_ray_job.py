@@ -77,6 +77,9 @@ def test_stage_tasks_ask_for_the_recipes_resources():
     parallel = parse_recipe(body)
     assert stage_options(parallel, "distill") == {"num_cpus": 1, "max_retries": 0}
     assert stage_options(parallel, "validate")["num_gpus"] == 1
+    # one worker launched under Ray Train (launch_single): the same, the worker holds the GPU
+    body["distill"]["parallel"] = {"workers": 1, "launch_single": True}
+    assert stage_options(parse_recipe(body), "distill") == {"num_cpus": 1, "max_retries": 0}
 
 
 def test_service_loop_fires_a_due_schedule_once(tmp_path, tiny_model_dir):

@@ -137,4 +137,29 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(two_ray_workers, tiny_mod
     print(f"\ntorchrun: killed worker pid {pid} at checkpoint step {newest}; resumed from step"
           f" {result['resumed_from']['step']}; predictors vs the uninterrupted Ray run: max |diff| {gap:.2e}")
     assert result["resumed_from"] is not None and result["resumed_from"]["step"] >= EVERY
-    assert gap < 1e-6
+    # the losses agree to 1e-6 (_same_run). The weights: a worker in a (one-rank) process group sums in another
+    # order than the plain process, and entries with ~0 gradient move by whole Adam updates on that noise, so
+    # they are bounded by what AdamW allows, as 1 worker against 2 above (tests/bounds.py); measured 3.6e-3
+    stage = recipe.distill.stage_a
+    assert gap < adamw_weight_gap_bound(stage.lr, stage.warmup_steps, stage.steps)
+
+
+def test_one_worker_launched_under_ray_train_resumes_after_a_kill(local_ray, tiny_model_dir, tmp_path):
+    """`distill.parallel.launch_single` (a one-GPU job's stage A under Ray Train, issue 24): the one worker,
+    SIGKILLed after the first checkpoint, is restarted by Ray Train, resumes from the checkpoint and ends where
+    the same worker body run in this process ends: the same losses, weights within AdamW's bound."""
+    data = _recipe(tiny_model_dir, 1).model_dump(mode="json", by_alias=True)
+    data["distill"]["parallel"]["launch_single"] = True
+    recipe = Recipe.model_validate(data)
+    assert recipe.distill.parallel.launched
+    result, weights, (pid, newest) = _interrupted(tmp_path, recipe, "RayTrainWorker")
+    here = _run(tmp_path, "here", _recipe(tiny_model_dir, 1))
+    gap = _same_run(result, weights, *here)
+    print(f"\none Ray Train worker: killed pid {pid} at checkpoint step {newest}; resumed from step"
+          f" {result['resumed_from']['step']}; predictors vs the run in this process: max |diff| {gap:.2e}")
+    assert result["resumed_from"] is not None and result["resumed_from"]["step"] >= EVERY
+    # the losses agree to 1e-6 (_same_run). The weights: a worker in a (one-rank) process group sums in another
+    # order than the plain process, and entries with ~0 gradient move by whole Adam updates on that noise, so
+    # they are bounded by what AdamW allows, as 1 worker against 2 above (tests/bounds.py); measured 3.6e-3
+    stage = recipe.distill.stage_a
+    assert gap < adamw_weight_gap_bound(stage.lr, stage.warmup_steps, stage.steps)

@@ -27,6 +27,8 @@ class StageOut(BaseModel):
     status: str
     attempts: int
     error: str | None
+    started_at: str | None  # ISO 8601 in UTC: each stage's own wall time, beside the job's
+    finished_at: str | None
 
 
 class JobOut(BaseModel):
@@ -54,7 +56,8 @@ class JobOut(BaseModel):
                    log_uri=f"/v1/jobs/{job.id}/logs" if job.ray_submission_id else None, schedule_id=job.schedule_id,
                    submitted_by=job.submitted_by, cancelled_by=job.cancelled_by,
                    created_at=iso(job.created_at), started_at=iso(job.started_at), finished_at=iso(job.finished_at),
-                   stages=[StageOut(name=s.name, status=s.status, attempts=s.attempts, error=s.error) for s in job.stages])
+                   stages=[StageOut(name=s.name, status=s.status, attempts=s.attempts, error=s.error,
+                                    started_at=iso(s.started_at), finished_at=iso(s.finished_at)) for s in job.stages])
 
 
 class JobPage(BaseModel):

@@ -159,7 +159,7 @@ def stage_distill(recipe: Recipe, paths: JobPaths, progress: bool = False, log: 
     done = _done(paths.work / "distill.json", log, "distill")
     if done is not None:
         return done
-    if recipe.distill.parallel.workers > 1:
+    if recipe.distill.parallel.launched:
         model, tokenizer, reference, distilled = _distill_parallel(recipe, paths, log)
     else:
         model, tokenizer, reference, distilled = _distill_here(recipe, paths, progress, log, log_every, on_progress)

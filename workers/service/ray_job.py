@@ -56,7 +56,7 @@ def stage_options(recipe: Recipe, stage: str) -> dict:
     if stage == "publish":
         return {"num_cpus": 1, "max_retries": 0}
     r = recipe.resources
-    if stage == "distill" and recipe.distill.parallel.workers > 1:
+    if stage == "distill" and recipe.distill.parallel.launched:
         # the stage only drives Ray Train, whose workers ask for the GPUs (and custom resources) themselves;
         # holding them here would leave the workers waiting forever
         return {"num_cpus": 1, "max_retries": 0}
