@@ -137,11 +137,7 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(two_ray_workers, tiny_mod
     print(f"\ntorchrun: killed worker pid {pid} at checkpoint step {newest}; resumed from step"
           f" {result['resumed_from']['step']}; predictors vs the uninterrupted Ray run: max |diff| {gap:.2e}")
     assert result["resumed_from"] is not None and result["resumed_from"]["step"] >= EVERY
-    # the losses agree to 1e-6 (_same_run). The weights: a worker in a (one-rank) process group sums in another
-    # order than the plain process, and entries with ~0 gradient move by whole Adam updates on that noise, so
-    # they are bounded by what AdamW allows, as 1 worker against 2 above (tests/bounds.py); measured 3.6e-3
-    stage = recipe.distill.stage_a
-    assert gap < adamw_weight_gap_bound(stage.lr, stage.warmup_steps, stage.steps)
+    assert gap < 1e-6
 
 
 def test_one_worker_launched_under_ray_train_resumes_after_a_kill(local_ray, tiny_model_dir, tmp_path):
