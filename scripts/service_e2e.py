@@ -80,16 +80,17 @@ def set_field(recipe: dict, item: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def kill_train_worker(step: int, t0: float) -> dict:
-    """SIGKILL the Ray Train worker (its process title names RayTrainWorker), as a lost GPU node would be."""
+def kill_train_worker(checkpoint_step: int, t0: float) -> dict:
+    """SIGKILL the Ray Train worker (its process title names RayTrainWorker), as a lost GPU node would be, once
+    it has logged its first checkpoint (of stage A's step `checkpoint_step`)."""
     import psutil
 
     found = [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in p.info["cmdline"] or [])]
     if not found:
         raise RuntimeError("no Ray Train worker process to kill")
     os.kill(found[0].pid, signal.SIGKILL)
-    print(f"killed Ray Train worker pid {found[0].pid} after stage A's first checkpoint (step {step} logged)")
-    return {"pid": found[0].pid, "after_step": step, "at_s": round(time.monotonic() - t0, 1)}
+    print(f"killed Ray Train worker pid {found[0].pid} after its checkpoint of stage A step {checkpoint_step}")
+    return {"pid": found[0].pid, "checkpoint_step": checkpoint_step, "at_s": round(time.monotonic() - t0, 1)}
 
 
 def stage_seconds(stages: list[dict]) -> dict:
@@ -199,8 +200,9 @@ def main() -> int:
         while not reached():
             if follower.poll() is not None:
                 raise RuntimeError("the log stream ended before the restart point:\n" + (work / "follow-1.log").read_text()[-3000:])
-            if args.kill_train_worker and "killed_worker" not in summary and "checkpoint of stage A" in (work / "follow-1.log").read_text():
-                summary["killed_worker"] = kill_train_worker(max(logged_steps(), default=0), t0)
+            saved = re.findall(r"checkpoint of stage A step (\d+)", (work / "follow-1.log").read_text())
+            if args.kill_train_worker and "killed_worker" not in summary and saved:
+                summary["killed_worker"] = kill_train_worker(int(saved[0]), t0)
             time.sleep(1)
         summary["restart_at_s"] = round(time.monotonic() - t0, 1)
         print(f"stage A reached step {args.restart_at_step}: stopping the service (SIG{args.service_signal})")
@@ -245,7 +247,9 @@ def main() -> int:
         summary["job_sea_ppl"] = ppl["sea_ppl"]
         summary["stage_seconds"] = stage_seconds(job["stages"])
         summary["gpu_hours"] = round(sum(summary["stage_seconds"].values()) / 3600 * recipe["resources"].get("gpus", 0), 4)
-        history = json.loads((pulled / "report.json").read_text())["distill_history"]
+        report = json.loads((pulled / "report.json").read_text())
+        history = report["distill_history"]
+        summary["resumed_from"] = report["distill"].get("resumed_from")  # after a killed train worker
         if args.in_process:
             summary["in_process"] = run_in_process(recipe, args.recipe, work, env, history)
     finally:
@@ -262,7 +266,8 @@ def main() -> int:
 
     rows = [("job status", summary["job"]["status"]), ("stages (name, status, attempts)", str(summary["stages"])),
             ("stage wall s", str(summary.get("stage_seconds"))), ("GPU-hours (stages x GPUs)", str(summary.get("gpu_hours"))),
-            ("killed train worker", str(summary.get("killed_worker"))), ("in-process run", str(summary.get("in_process"))),
+            ("killed train worker / resumed from", f"{summary.get('killed_worker')} / {summary.get('resumed_from')}"),
+            ("in-process run", str(summary.get("in_process"))),
             ("Ray submissions of the job", str(summary["ray_submissions"])),
             ("service stopped / started again at", f"{summary['restart_at_s']} s / {summary['restarted_at_s']} s"),
             ("job done at", f"{summary['job_done_s']} s"), ("published", summary["job"]["artifact_uri"]),
@@ -277,7 +282,7 @@ def main() -> int:
     ok = (summary["job"]["status"] == "succeeded" and summary["ray_submissions"] == 1
           and all(a == 1 for _, _, a in summary["stages"])
           and abs(summary["pulled_eval"]["sea_ppl"] - summary["job_sea_ppl"]) <= 1e-4 * summary["job_sea_ppl"]
-          and (not args.kill_train_worker or "killed_worker" in summary)
+          and (not args.kill_train_worker or ("killed_worker" in summary and summary["resumed_from"] is not None))
           # the resumed run against the uninterrupted one: tests/test_ray_train.py's bound on the losses
           and (not args.in_process or summary["in_process"]["loss_rel_gap_max"] <= 1e-6))
     print("RESULT:", "ok" if ok else "NOT ok")

@@ -170,16 +170,15 @@ def context_limit(path: Path) -> int:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Reload a converted checkpoint: (model in eval mode with SEA attention, tokenizer)."""
-    from sea_convert.models import DTYPES, source_location
+    from sea_convert.models import DTYPES, source_model
 
     path = Path(path)
     sea, base = read_sea_block(path)
     dtype = dtype or DTYPES[base.dtype]
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    else:  # predictors only: the base comes from its pinned source
-        where, kwargs = source_location(base)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    else:  # predictors only: the base comes from its pinned source (a GGUF one dequantized: it publishes)
+        model = source_model(base, dtype)
         model.config.sea = AutoConfig.from_pretrained(path).sea
     tokenizer = AutoTokenizer.from_pretrained(path)
     attach_sea(model, sea)

