@@ -97,8 +97,9 @@ def sea_attention(
     probs = est.grouped_probs if est.grouped_probs is not None else est.log_probs.detach().exp()
     sel = select(probs, cfg, k.shape[1], ops, valid=valid, seq_len=T)
     if est.gates is not None and est.block_size is not None and not torch.is_grad_enabled():
-        # block rows at inference: the block's gates applied in the attention's epilogue (one kernel on the GPU),
-        # written in the model's dtype (the model rounds to it anyway; fp32 doubled the output's writes)
+        # block rows at inference: the block's gates applied by the attention op (on the GPU a pass over its
+        # output, or its epilogue: GATES_IN_EPILOGUE), written in the model's dtype (the model rounds to it anyway;
+        # fp32 doubled the output's writes)
         out = ops.block_sparse_attention_gated(q, k, v, sel.block_index, sel.block_count, sel.block_size, scale,
                                                est.gates, out_dtype=q.dtype)
     else:
