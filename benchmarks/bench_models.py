@@ -7,6 +7,7 @@ one (`workers/train/sharded_load.py`): no 13B weights can be had here, and speed
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -18,6 +19,16 @@ LLAMA_13B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 5120, "i
              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options both whole-model benchmarks take: which model (build_model), batches, the SEA setting's K, device."""
+    ap.add_argument("--model", choices=["smollm2", "llama13b", "tiny"], default="smollm2")
+    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (for --model smollm2)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of a shaped model (llama13b: 4)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--block-K", type=int, default=1024, help="K of the block-row predictor")
+    ap.add_argument("--device", default="cuda")
 
 
 def build_model(kind: str, device: torch.device, longest: int, gguf: Path | None = None, layers: int | None = None):

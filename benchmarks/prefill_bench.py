@@ -27,7 +27,7 @@ from benchmarks_timing import graph_ms, median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
-from bench_models import build_model, sea_block_rows  # noqa: E402
+from bench_models import add_model_arguments, build_model, sea_block_rows  # noqa: E402
 from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors  # noqa: E402
 
 
@@ -58,13 +58,8 @@ def best_ms(row: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["smollm2", "llama13b", "tiny"], default="smollm2")
-    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (for --model smollm2)")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers of a shaped model (llama13b: 4)")
+    add_model_arguments(ap)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--block-K", type=int, default=1024, help="K of the block-row predictor")
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-graph", action="store_true", help="eager only")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
     a = ap.parse_args()

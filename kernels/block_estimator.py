@@ -295,7 +295,8 @@ def position_table_grad(q_feat, k, position_values, projection, scale: float, bl
     kf = reference_block_rows.positive_features(k.float() * math.sqrt(scale), projection.float(), is_query=False)
     kf = torch.nn.functional.pad(kf, (0, 0, 0, R * bs - T)).view(B, Hk, R, bs, M)  # pad keys: zero features
     first = kf[:, :, :, 0]  # (B, Hk, R, M): each block's first key
-    z = kf.sum(3).cumsum(2) - kf.sum(3) + first  # the features' sum over the keys each block row reads
+    block_sums = kf.sum(3)
+    z = block_sums.cumsum(2) - block_sums + first  # the features' sum over the keys each block row reads
     qf = q_feat.float().view(B, Hk, G, R, M)
     den = (qf * z[:, :, None]).sum(-1).clamp_min(1e-30)  # (B, Hk, G, R), as the forward's
     u = grad_out[..., D:].float().view(B, Hk, G, R, D) / den[..., None]
