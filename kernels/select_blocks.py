@@ -5,7 +5,9 @@ Matches `reference_select.select_key_blocks` (same signature) wherever no two ca
 budget's edge: the reference takes torch.topk's order among equal scores, this kernel the lowest
 (head, block) first. Forced blocks (sink and local) are +inf, so they never tie with a real score and are
 always kept (the budget is never below them). The budget's threshold is found by bisection on the
-scores' bits (an order-preserving int32 view), 32 counting passes over the tile held in registers.
+scores' bits (an order-preserving int32 view), 32 counting passes over the tile held in registers. A tile too
+large for registers (many KV heads at long context: 40 heads x 2,048 key blocks for a LLaMA-13B at 128k) is walked
+in chunks of heads instead, each pass reloading them from the cache (`_select_kernel_chunked`).
 """
 
 from __future__ import annotations
@@ -68,9 +70,85 @@ def _select_kernel(
     tl.store(Count + b * scb + h * sch + q * scq, tl.sum(chosen.to(tl.int32), 1), mask=h < HKV)
 
 
+@triton.jit
+def _chunk_keys(S, Blocks_q, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk,
+                HKV: tl.constexpr, HC: tl.constexpr, NKB_P: tl.constexpr):
+    """Heads c .. c+HC-1 of the tile: candidates and their ordered keys, forced blocks +inf (as _select_kernel)."""
+    h = c + tl.arange(0, HC)
+    j = tl.arange(0, NKB_P)
+    inside = (h < HKV)[:, None] & (j < NKB)[None, :]
+    s = tl.load(S + b * ssb + h[:, None] * ssh + q * ssq + j[None, :] * ssk, mask=inside, other=float("-inf"))
+    forced = ((j < sink) | ((j <= i) & (j > i - local))) & (j <= i) & (j < NKB)
+    s = tl.where(forced[None, :] & inside, float("inf"), s)
+    cand = inside & (s > float("-inf"))
+    return cand, _ordered(s).to(tl.int64), h, j
+
+
+@triton.jit
+def _select_kernel_chunked(
+    S, Blocks, BlockPos, Index, Count,
+    NKB, sink, local, MAXB, MAX_BUDGET,
+    ssb, ssh, ssq, ssk, spb, spq, sbb, sbq, sib, sih, siq, sij, scb, sch, scq,
+    HKV: tl.constexpr, HC: tl.constexpr, NKB_P: tl.constexpr,
+):
+    """_select_kernel's result with the tile walked HC heads at a time: every count is summed over the chunks, and
+    the ties at the threshold are ranked in (head, block) order by carrying the ties of earlier chunks."""
+    q = tl.program_id(0)
+    b = tl.program_id(1)
+    i = tl.load(BlockPos + b * sbb + q * sbq)
+    budget = tl.load(Blocks + b * spb + q * spq) * HKV
+    n_cand = 0
+    for c in range(0, HKV, HC):
+        cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+        n_cand += tl.sum(tl.sum(cand.to(tl.int32), 1), 0)
+    take = tl.minimum(tl.minimum(budget, MAX_BUDGET), n_cand)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483648, tl.int64)
+    for _ in range(33):
+        mid = (lo + hi) // 2
+        n = 0
+        for c in range(0, HKV, HC):
+            cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+            n += tl.sum(tl.sum((cand & (key >= mid)).to(tl.int32), 1), 0)
+        ok = n >= take
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    n_above = 0
+    for c in range(0, HKV, HC):
+        cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+        n_above += tl.sum(tl.sum((cand & (key > lo)).to(tl.int32), 1), 0)
+    need = take - n_above
+    ties_before = 0  # ties in the heads of earlier chunks, which rank first
+    for c in range(0, HKV, HC):
+        cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+        above = cand & (key > lo)
+        tie = cand & (key == lo)
+        row_ties = tl.sum(tie.to(tl.int32), 1)
+        rank = ties_before + tl.cumsum(row_ties, 0)[:, None] - row_ties[:, None] + tl.cumsum(tie.to(tl.int32), 1) - 1
+        chosen = above | (tie & (rank < need))
+        place = tl.cumsum(chosen.to(tl.int32), 1) - 1
+        tl.store(Index + b * sib + h[:, None] * sih + q * siq + place * sij, j[None, :] + 0 * place,
+                 mask=chosen & (place < MAXB))
+        tl.store(Count + b * scb + h * sch + q * scq, tl.sum(chosen.to(tl.int32), 1), mask=h < HKV)
+        ties_before += tl.sum(row_ties, 0)
+
+
+# The most scores one program holds in registers (~64 a thread at 16 warps; the cumsums' scratch, 4 bytes a score,
+# fits the shared memory). A larger tile (40 heads x 2,048 blocks needs 512 KiB) goes in chunks of heads.
+MAX_TILE = 32768
+
+
 def _num_warps(tile: int) -> int:
     # the whole (heads x key blocks) tile lives in registers: ~64 scores per thread at most
     return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+
+
+def _heads_per_chunk(heads: int, nkb_p: int) -> int:
+    """The largest power of two of heads whose chunk fits MAX_TILE (at least one head, whatever its width)."""
+    hc = 1
+    while hc * 2 * nkb_p <= MAX_TILE and hc * 2 <= pow2(heads, least=2):
+        hc *= 2
+    return hc
 
 
 def select_key_blocks(
@@ -90,11 +168,14 @@ def select_key_blocks(
     count = torch.empty(B, Hkv, nqb, dtype=torch.int32, device=dev)
     s = scores.float()
     nkb_p = pow2(nkb)
-    _select_kernel[(nqb, B)](
-        s, blocks, pos, index, count, nkb, budget.sink_blocks, budget.local_blocks, maxb, max_budget,
-        *s.stride(), *blocks.stride(), *pos.stride(), *index.stride(), *count.stride(),
-        HKV=Hkv, HP=pow2(Hkv, least=2), NKB_P=nkb_p, num_warps=_num_warps(Hkv * nkb_p),
-    )
+    args = (s, blocks, pos, index, count, nkb, budget.sink_blocks, budget.local_blocks, maxb, max_budget,
+            *s.stride(), *blocks.stride(), *pos.stride(), *index.stride(), *count.stride())
+    if pow2(Hkv, least=2) * nkb_p <= MAX_TILE:
+        _select_kernel[(nqb, B)](*args, HKV=Hkv, HP=pow2(Hkv, least=2), NKB_P=nkb_p,
+                                 num_warps=_num_warps(Hkv * nkb_p))
+    else:
+        hc = _heads_per_chunk(Hkv, nkb_p)
+        _select_kernel_chunked[(nqb, B)](*args, HKV=Hkv, HC=hc, NKB_P=nkb_p, num_warps=_num_warps(hc * nkb_p))
     return index, count
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
 from kernels import dispatch
 from kernels.reference_block_sparse import dense_causal_attention
@@ -241,12 +241,27 @@ def _oracle_forward(module, query, key, value, attention_mask, scaling=None, dro
     return _roll_rows(out, -start).to(query.dtype).transpose(1, 2), None
 
 
+def _sea_mask(*, q_length: int, kv_length: int, q_offset: int = 0, attention_mask=None,
+              mask_function=causal_mask_function, allow_is_causal_skip: bool = True, local_size: int | None = None,
+              **kwargs):
+    """SDPA's mask builder, except that a plain causal batch (no padding mask, as many keys as queries) always
+    gets None. SDPA's builder gives None there only when nothing traces: under CUDA-graph capture or
+    torch.compile it builds the (B, 1, T, T) mask (16 GiB at 128k), and reading it back in _check_plain_causal is
+    a host sync that breaks the capture. SEA is causal by construction, so None is exact."""
+    if (mask_function is causal_mask_function and attention_mask is None and allow_is_causal_skip
+            and local_size is None and q_offset == 0 and q_length == kv_length):
+        return None
+    return sdpa_mask(q_length=q_length, kv_length=kv_length, q_offset=q_offset, attention_mask=attention_mask,
+                     mask_function=mask_function, allow_is_causal_skip=allow_is_causal_skip, local_size=local_size,
+                     **kwargs)
+
+
 def register_attention_functions() -> None:
-    """Idempotent. Masks: SDPA's builder, which gives None for plain causal batches and a
-    (B, 1, T, T) bool mask for padded ones (right padding is supported, see _check_plain_causal)."""
+    """Idempotent. Masks: _sea_mask (None for plain causal batches) and a (B, 1, T, T) bool mask for padded
+    ones (right padding is supported, see _check_plain_causal)."""
     for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward), ("sea_oracle", _oracle_forward)):
         AttentionInterface.register(name, fn)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, _sea_mask)
 
 
 def attach_sea(model: nn.Module, cfg: SEAConfig, device: torch.device | str | None = None) -> list[SEAPredictor]:

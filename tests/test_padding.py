@@ -115,3 +115,28 @@ def test_capture_refuses_padding():
     ids, mask = _right_padded((40, 33))
     with torch.no_grad(), capture_attention(model), pytest.raises(ValueError, match="unpadded"):
         model(ids, attention_mask=mask, use_cache=False)
+
+
+def test_plain_causal_batch_gets_no_mask_even_while_tracing():
+    """Under CUDA-graph capture or torch.compile, SDPA's mask builder materialises the (B, 1, T, T) mask (its
+    None shortcut checks is_tracing), and SEA's check of that mask is a host sync that breaks the capture.
+    SEA's builder gives None for a plain causal batch in both cases, and the same mask as SDPA's otherwise."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from sea_convert.integration import register_attention_functions
+
+    register_attention_functions()
+    sea_mask = ALL_MASK_ATTENTION_FUNCTIONS["sea"]
+
+    def build(builder, x, padding=None):
+        return builder(batch_size=x.shape[0], q_length=x.shape[1], kv_length=x.shape[1], attention_mask=padding,
+                       device=x.device)
+
+    x = torch.zeros(2, 12)
+    traced = torch.compile(build, backend="eager", fullgraph=True)  # dynamo tracing: is_tracing() is True
+    assert traced(sea_mask, x) is None
+    assert traced(sdpa_mask, x) is not None  # the reason: SDPA's builder materialises the mask while tracing
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, 9:] = False
+    assert torch.equal(build(sea_mask, x, padding), build(sdpa_mask, x, padding))
+    assert build(sea_mask, x) is None and build(sdpa_mask, x) is None

@@ -41,6 +41,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from kernels import block_estimator as be  # noqa: E402
 from kernels import block_sparse_attention as bsa  # noqa: E402
 from kernels.block_budget import BlockBudget  # noqa: E402
+from kernels.tiles import pow2  # noqa: E402
 from kernels import decode_step_cnn as dsc  # noqa: E402
 from kernels import decode_step_mix as dsm  # noqa: E402
 from kernels import decode_step_rows as dsr  # noqa: E402
@@ -270,6 +271,32 @@ def test_select_key_blocks_at_given_positions():
     assert (got[1][0] == 4).all() and (got[0][0, :, 0, :4] == torch.arange(4, device=DEV)).all()  # block 3: all 4 kept
 
 
+@pytest.mark.parametrize("case", [(1, 5, 13, 13, 3, 1, 1, 15), (1, 4, 20, 20, "density", 1, 1, 4 * 5)], ids=str)
+def test_select_key_blocks_in_chunks_of_heads(case, monkeypatch):
+    """A tile too large for one program's registers (40 heads x 2,048 blocks at 128k) is walked a few heads at a
+    time: with the limit lowered, the same lists and counts as the reference, heads not a multiple of the chunk
+    (5 heads in chunks of 2) included, and ties at the budget's edge ranked in (head, block) order across chunks.
+    (Small shapes: the interpreter runs the 33 counting passes per chunk one program at a time.)"""
+    chunk_tile = 2 * pow2(case[3])  # two heads a chunk
+    monkeypatch.setattr(sel, "MAX_TILE", chunk_tile)
+    B, Hkv, nqb, nkb, per_head, sink, local, max_budget = case
+    assert sel._heads_per_chunk(Hkv, pow2(nkb)) == 2  # the chunked kernel, not the one-tile one
+    g = torch.Generator().manual_seed(nkb)
+    scores = torch.rand(B, Hkv, nqb, nkb, generator=g).masked_fill(torch.ones(nqb, nkb, dtype=torch.bool).triu(1),
+                                                                   float("-inf")).to(DEV)
+    forced = dict(sink_blocks=sink, local_blocks=local)
+    budget = BlockBudget(density=0.25, **forced) if per_head == "density" else BlockBudget(per_head=per_head, **forced)
+    want = ref.select_key_blocks(scores, budget, max_budget=max_budget)
+    got = sel.select_key_blocks(scores, budget, max_budget=max_budget)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    monkeypatch.setattr(sel, "MAX_TILE", 2**30)  # equal scores: the one-tile kernel's tie order is the rule
+    flat = torch.full_like(scores, 0.5).masked_fill(scores == float("-inf"), float("-inf"))
+    one_tile = sel.select_key_blocks(flat, budget, max_budget=max_budget)
+    monkeypatch.setattr(sel, "MAX_TILE", chunk_tile)
+    chunked = sel.select_key_blocks(flat, budget, max_budget=max_budget)
+    assert torch.equal(chunked[0], one_tile[0]) and torch.equal(chunked[1], one_tile[1])
+
+
 @pytest.mark.parametrize("H,R,K", [(3, 37, 16), (2, 20, 64), (1, 70, 32), (1, 1100, 64)])
 def test_block_scores_from_bins_matches_reference(H, R, K):
     """Rows below the cap (a bin per key block, empty bins between), above it (bins of 2-3 blocks), at it, and more
@@ -282,15 +309,16 @@ def test_block_scores_from_bins_matches_reference(H, R, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nqb", [512, 2048])
-def test_select_key_blocks_gpu_model_shapes(nqb):
-    """32k and 128k tokens in blocks of 64, 8 KV heads, 32 blocks per head (2048 keys), sink + local."""
+@pytest.mark.parametrize("nqb,hkv", [(512, 8), (2048, 8), (2048, 40)])
+def test_select_key_blocks_gpu_model_shapes(nqb, hkv):
+    """32k and 128k tokens in blocks of 64, 8 KV heads, 32 blocks per head (2048 keys), sink + local; and a
+    LLaMA-13B's 40 KV heads at 128k (the tile walked in chunks of heads)."""
     g = torch.Generator(device="cuda").manual_seed(nqb)
-    scores = torch.rand(1, 8, nqb, nqb, device="cuda", generator=g)
+    scores = torch.rand(1, hkv, nqb, nqb, device="cuda", generator=g)
     scores = scores.masked_fill(torch.ones(nqb, nqb, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
     budget = BlockBudget(per_head=32, sink_blocks=1, local_blocks=1)
-    want = ref.select_key_blocks(scores, budget, max_budget=256)
-    got = sel.select_key_blocks(scores, budget, max_budget=256)
+    want = ref.select_key_blocks(scores, budget, max_budget=32 * hkv)
+    got = sel.select_key_blocks(scores, budget, max_budget=32 * hkv)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
