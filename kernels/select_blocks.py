@@ -30,6 +30,21 @@ def _ordered(x):
 
 
 @triton.jit
+def _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk,
+                HKV: tl.constexpr, HC: tl.constexpr, NKB_P: tl.constexpr):
+    """Heads c .. c+HC-1 of query block q's scores: the candidates (causal, inside) and their order-preserving int32
+    keys (compared in int64 by the callers' bisection), the forced blocks (sink, local) at +inf so that they are always kept."""
+    h = c + tl.arange(0, HC)
+    j = tl.arange(0, NKB_P)
+    inside = (h < HKV)[:, None] & (j < NKB)[None, :]
+    s = tl.load(S + b * ssb + h[:, None] * ssh + q * ssq + j[None, :] * ssk, mask=inside, other=float("-inf"))
+    forced = ((j < sink) | ((j <= i) & (j > i - local))) & (j <= i) & (j < NKB)
+    s = tl.where(forced[None, :] & inside, float("inf"), s)
+    cand = inside & (s > float("-inf"))
+    return cand, _ordered(s), h, j
+
+
+@triton.jit
 def _select_kernel(
     S, Blocks, BlockPos, Index, Count,
     NKB, sink, local, MAXB, MAX_BUDGET,
@@ -38,17 +53,10 @@ def _select_kernel(
 ):
     q = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.arange(0, HP)
-    j = tl.arange(0, NKB_P)
-    inside = (h < HKV)[:, None] & (j < NKB)[None, :]
-    s = tl.load(S + b * ssb + h[:, None] * ssh + q * ssq + j[None, :] * ssk, mask=inside, other=float("-inf"))
     i = tl.load(BlockPos + b * sbb + q * sbq)
-    forced = ((j < sink) | ((j <= i) & (j > i - local))) & (j <= i) & (j < NKB)
-    s = tl.where(forced[None, :] & inside, float("inf"), s)
+    cand, key, h, j = _tile_keys(S, i, 0, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HP, NKB_P)
     budget = tl.load(Blocks + b * spb + q * spq) * HKV  # BlockBudget.blocks of query block i, from the host
-    cand = inside & (s > float("-inf"))
     take = tl.minimum(tl.minimum(budget, MAX_BUDGET), tl.sum(tl.sum(cand.to(tl.int32), 1), 0))  # as the reference's top-k
-    key = _ordered(s)
     # the largest t with count(key >= t) >= take: bisection over the int32 range (in int64, no overflow)
     lo = tl.full([], -2147483648, tl.int64)
     hi = tl.full([], 2147483648, tl.int64)  # count(key >= hi) = 0 < take (take >= 1 when any candidate)
@@ -71,20 +79,6 @@ def _select_kernel(
 
 
 @triton.jit
-def _chunk_keys(S, Blocks_q, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk,
-                HKV: tl.constexpr, HC: tl.constexpr, NKB_P: tl.constexpr):
-    """Heads c .. c+HC-1 of the tile: candidates and their ordered keys, forced blocks +inf (as _select_kernel)."""
-    h = c + tl.arange(0, HC)
-    j = tl.arange(0, NKB_P)
-    inside = (h < HKV)[:, None] & (j < NKB)[None, :]
-    s = tl.load(S + b * ssb + h[:, None] * ssh + q * ssq + j[None, :] * ssk, mask=inside, other=float("-inf"))
-    forced = ((j < sink) | ((j <= i) & (j > i - local))) & (j <= i) & (j < NKB)
-    s = tl.where(forced[None, :] & inside, float("inf"), s)
-    cand = inside & (s > float("-inf"))
-    return cand, _ordered(s).to(tl.int64), h, j
-
-
-@triton.jit
 def _select_kernel_chunked(
     S, Blocks, BlockPos, Index, Count,
     NKB, sink, local, MAXB, MAX_BUDGET,
@@ -99,7 +93,7 @@ def _select_kernel_chunked(
     budget = tl.load(Blocks + b * spb + q * spq) * HKV
     n_cand = 0
     for c in range(0, HKV, HC):
-        cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+        cand, key, h, j = _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
         n_cand += tl.sum(tl.sum(cand.to(tl.int32), 1), 0)
     take = tl.minimum(tl.minimum(budget, MAX_BUDGET), n_cand)
     lo = tl.full([], -2147483648, tl.int64)
@@ -108,21 +102,21 @@ def _select_kernel_chunked(
         mid = (lo + hi) // 2
         n = 0
         for c in range(0, HKV, HC):
-            cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
-            n += tl.sum(tl.sum((cand & (key >= mid)).to(tl.int32), 1), 0)
+            cand, key, h, j = _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+            n += tl.sum(tl.sum((cand & (key.to(tl.int64) >= mid)).to(tl.int32), 1), 0)
         ok = n >= take
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid)
     n_above = 0
     for c in range(0, HKV, HC):
-        cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
-        n_above += tl.sum(tl.sum((cand & (key > lo)).to(tl.int32), 1), 0)
+        cand, key, h, j = _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+        n_above += tl.sum(tl.sum((cand & (key.to(tl.int64) > lo)).to(tl.int32), 1), 0)
     need = take - n_above
     ties_before = 0  # ties in the heads of earlier chunks, which rank first
     for c in range(0, HKV, HC):
-        cand, key, h, j = _chunk_keys(S, Blocks, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
-        above = cand & (key > lo)
-        tie = cand & (key == lo)
+        cand, key, h, j = _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
+        above = cand & (key.to(tl.int64) > lo)
+        tie = cand & (key.to(tl.int64) == lo)
         row_ties = tl.sum(tie.to(tl.int32), 1)
         rank = ties_before + tl.cumsum(row_ties, 0)[:, None] - row_ties[:, None] + tl.cumsum(tie.to(tl.int32), 1) - 1
         chosen = above | (tie & (rank < need))

@@ -244,15 +244,21 @@ SELECT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", SELECT_CASES, ids=str)
-def test_select_key_blocks_matches_reference(case):
-    """Random continuous scores (no ties at the budget's edge): the same lists and counts as the reference."""
+def _random_scores_case(case):
+    """A SELECT_CASES row as (causal random scores, budget, max_budget)."""
     B, Hkv, nqb, nkb, per_head, sink, local, max_budget = case
     g = torch.Generator().manual_seed(nkb)
     scores = torch.rand(B, Hkv, nqb, nkb, generator=g).masked_fill(torch.ones(nqb, nkb, dtype=torch.bool).triu(1),
                                                                    float("-inf")).to(DEV)
     forced = dict(sink_blocks=sink, local_blocks=local)
     budget = BlockBudget(density=0.25, **forced) if per_head == "density" else BlockBudget(per_head=per_head, **forced)
+    return scores, budget, max_budget
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=str)
+def test_select_key_blocks_matches_reference(case):
+    """Random continuous scores (no ties at the budget's edge): the same lists and counts as the reference."""
+    scores, budget, max_budget = _random_scores_case(case)
     want = ref.select_key_blocks(scores, budget, max_budget=max_budget)
     got = sel.select_key_blocks(scores, budget, max_budget=max_budget)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
@@ -279,13 +285,8 @@ def test_select_key_blocks_in_chunks_of_heads(case, monkeypatch):
     (Small shapes: the interpreter runs the 33 counting passes per chunk one program at a time.)"""
     chunk_tile = 2 * pow2(case[3])  # two heads a chunk
     monkeypatch.setattr(sel, "MAX_TILE", chunk_tile)
-    B, Hkv, nqb, nkb, per_head, sink, local, max_budget = case
-    assert sel._heads_per_chunk(Hkv, pow2(nkb)) == 2  # the chunked kernel, not the one-tile one
-    g = torch.Generator().manual_seed(nkb)
-    scores = torch.rand(B, Hkv, nqb, nkb, generator=g).masked_fill(torch.ones(nqb, nkb, dtype=torch.bool).triu(1),
-                                                                   float("-inf")).to(DEV)
-    forced = dict(sink_blocks=sink, local_blocks=local)
-    budget = BlockBudget(density=0.25, **forced) if per_head == "density" else BlockBudget(per_head=per_head, **forced)
+    scores, budget, max_budget = _random_scores_case(case)
+    assert sel._heads_per_chunk(case[1], pow2(case[3])) == 2  # the chunked kernel, not the one-tile one
     want = ref.select_key_blocks(scores, budget, max_budget=max_budget)
     got = sel.select_key_blocks(scores, budget, max_budget=max_budget)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
