@@ -65,6 +65,8 @@ def main() -> None:
     add_model_arguments(ap)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--no-graph", action="store_true", help="eager only")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the table: the CUDA time per kernel of one SEA and one dense prefill at the first length")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -109,6 +111,25 @@ def main() -> None:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text(json.dumps(info, indent=1))  # after each row: a later length's failure keeps these
     print("wrote", a.json)
+    if a.profile:
+        profile_prefill(model, torch.randint(0, model.config.vocab_size, (1, a.tokens[0]), device=device, generator=gen))
+
+
+def profile_prefill(model, ids: torch.Tensor) -> None:
+    """Where a prefill's time goes (eager, one batch of one): the kernels by CUDA time, SEA then dense."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    for mode in ("sea", "dense"):
+        with torch.no_grad(), attention_mode(model, mode):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm
+            with profile(activities=activities) as prof:
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                if ids.is_cuda:
+                    torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if ids.is_cuda else "self_cpu_time_total"
+        print(f"--- {mode} prefill, T={ids.shape[1]}, by {sort}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
