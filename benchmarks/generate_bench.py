@@ -96,6 +96,8 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     entry["settings"][label] = {"error": "out of memory"}
                     torch.cuda.empty_cache()
+                except Exception as err:  # noqa: BLE001  (one failed setting is reported; the others still run)
+                    entry["settings"][label] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             got = entry["settings"]
             sea = got.get(SETTINGS[2][1], {}).get("decode_tokens_per_s")
             dense = [v["decode_tokens_per_s"] for k, v in got.items() if k != SETTINGS[2][1] and "decode_tokens_per_s" in v]
@@ -106,11 +108,11 @@ def main() -> None:
                      for v in got.values()]
             ratio = f"  SEA / fastest dense {entry['sea_vs_fastest_dense']:.2f}x" if "sea_vs_fastest_dense" in entry else ""
             print(f"{ctx:>8} {B:>5} | " + " | ".join(cells) + ratio, flush=True)
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "model": described, "sea": cfg.model_dump(mode="json"), "sea_static_equals_growing_tokens": same_tokens,
-            "rows": rows}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(info, indent=1))
+            info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "model": described, "sea": cfg.model_dump(mode="json"),
+                    "sea_static_equals_growing_tokens": same_tokens, "rows": rows}
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(info, indent=1))  # after each row: a later context's failure keeps these
     print(f"SEA's greedy tokens, static vs growing cache: {'identical' if same_tokens else 'DIFFERENT'}")
     print("wrote", a.json)
 
