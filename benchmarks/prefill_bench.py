@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--no-graph", action="store_true", help="eager only")
     ap.add_argument("--profile", action="store_true",
-                    help="after the table: the CUDA time per kernel of one SEA and one dense prefill at the first length")
+                    help="after the table: the time per kernel of one SEA and one dense prefill at the first length")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
     a = ap.parse_args()
     device = torch.device(a.device)

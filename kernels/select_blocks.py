@@ -32,8 +32,8 @@ def _ordered(x):
 @triton.jit
 def _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk,
                 HKV: tl.constexpr, HC: tl.constexpr, NKB_P: tl.constexpr):
-    """Heads c .. c+HC-1 of query block q's scores: the candidates (causal, inside) and their order-preserving int32
-    keys (compared in int64 by the callers' bisection), the forced blocks (sink, local) at +inf so that they are always kept."""
+    """Heads c .. c+HC-1 of query block q's scores: the candidates (causal, inside) and their order-preserving
+    int32 keys (compared in int64 by the callers' bisection); the forced blocks (sink, local) at +inf, always kept."""
     h = c + tl.arange(0, HC)
     j = tl.arange(0, NKB_P)
     inside = (h < HKV)[:, None] & (j < NKB)[None, :]
