@@ -35,7 +35,7 @@ from sea_convert.evaluate import mode_perplexity  # noqa: E402
 from sea_convert.integration import attach_sea, compile_predictors, predictors, set_sea_config  # noqa: E402
 from sea_convert.lora import adapters_off, apply_lora, lora_layers, remove_lora  # noqa: E402
 from sea_convert.models import load_teacher, pick_device  # noqa: E402
-from sea_convert.recipe import load_recipe, parse_recipe  # noqa: E402
+from sea_convert.recipe import RecipeError, load_recipe, parse_recipe  # noqa: E402
 from workers.pipeline.distill import distill_stage  # noqa: E402
 from workers.pipeline.validate import mmlu_accuracy  # noqa: E402
 
@@ -45,6 +45,24 @@ def deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
+
+
+def check_settings(spec: dict, base_dict: dict, base_dir: Path) -> dict:
+    """Every setting's recipe, parsed before any model loads (a bad override would otherwise stop a GPU run after
+    the settings before it): {name: recipe}. A `reuse` must name a setting of the file."""
+    names = [s["name"] for s in spec["settings"]]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"settings named twice: {sorted({n for n in names if names.count(n) > 1})}")
+    recipes = {}
+    for setting in spec["settings"]:
+        if setting.get("reuse") is not None and setting["reuse"] not in names:
+            raise SystemExit(f"setting {setting['name']}: reuse names no setting of the file: {setting['reuse']!r}")
+        try:
+            recipes[setting["name"]] = parse_recipe(deep_merge(base_dict, setting.get("overrides", {})),
+                                                    base_dir=base_dir, source=f"setting {setting['name']}")
+        except RecipeError as err:
+            raise SystemExit(str(err)) from None
+    return recipes
 
 
 class Budget:
@@ -89,6 +107,7 @@ def main() -> None:
     base_path = (args.settings.parent / spec["recipe"]).resolve()
     base_recipe = load_recipe(base_path)
     base_dict = base_recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    recipes = check_settings(spec, base_dict, base_path.parent)
     settings = spec["settings"]
     if args.only:
         wanted = args.only.split(",")
@@ -123,7 +142,7 @@ def main() -> None:
     for setting in settings:
         name = setting["name"]
         print(f"== {name}", flush=True)
-        recipe = parse_recipe(deep_merge(base_dict, setting.get("overrides", {})), base_dir=base_path.parent)
+        recipe = recipes[name]
         remove_lora(model)
         with torch.no_grad():
             for n, p in model.named_parameters():
