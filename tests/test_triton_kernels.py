@@ -277,7 +277,7 @@ def test_select_key_blocks_at_given_positions():
     assert (got[1][0] == 4).all() and (got[0][0, :, 0, :4] == torch.arange(4, device=DEV)).all()  # block 3: all 4 kept
 
 
-@pytest.mark.parametrize("case", [(1, 5, 13, 13, 3, 1, 1, 15), (1, 4, 20, 20, "density", 1, 1, 4 * 5)], ids=str)
+@pytest.mark.parametrize("case", [(1, 5, 13, 13, 3, 1, 1, 15), (1, 4, 9, 9, "density", 1, 1, 4 * 3)], ids=str)
 def test_select_key_blocks_in_chunks_of_heads(case, monkeypatch):
     """A tile too large for one program's registers (40 heads x 2,048 blocks at 128k) is walked a few heads at a
     time: with the limit lowered, the same lists and counts as the reference, heads not a multiple of the chunk
@@ -303,7 +303,7 @@ def test_block_scores_from_bins_matches_reference(H, R, K):
     """Rows below the cap (a bin per key block, empty bins between), above it (bins of 2-3 blocks), at it, and more
     than 1024 key blocks (two tiles of key blocks per row)."""
     g = torch.Generator().manual_seed(R * K)
-    probs = torch.rand(2, H, R, K, generator=g).to(DEV)
+    probs = torch.rand(2 if R <= 1024 else 1, H, R, K, generator=g).to(DEV)  # one sequence where rows are many
     got = sel.block_scores_from_bins(probs, R)
     want = ref.block_scores_from_bins(probs, R)
     assert torch.equal(got, want)  # a gather and one fp32 division, as the reference's: exact
