@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
 from kernels import dispatch
@@ -28,7 +29,8 @@ from sea_convert.attention.layer import oracle_attention
 from sea_convert.recipe import SEAConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
-_MODES = {"dense": "sdpa", "capture": "sea_capture", "sea": "sea", "oracle": "sea_oracle"}
+# dense is SDPA itself, registered under its own name only to take _sea_mask (no (B, 1, T, T) mask under capture)
+_MODES = {"dense": "sea_dense", "capture": "sea_capture", "sea": "sea", "oracle": "sea_oracle"}
 
 
 class UnsupportedArchitecture(ValueError):
@@ -248,7 +250,8 @@ def _sea_mask(*, q_length: int, kv_length: int, q_offset: int = 0, attention_mas
     """SDPA's mask builder, except that a plain causal batch (no padding mask, as many keys as queries) always
     gets None. SDPA's builder gives None there only when nothing traces: under CUDA-graph capture or
     torch.compile it builds the (B, 1, T, T) mask (16 GiB at 128k), and reading it back in _check_plain_causal is
-    a host sync that breaks the capture. SEA is causal by construction, so None is exact."""
+    a host sync that breaks the capture; dense SDPA given that mask leaves FlashAttention (2x slower at 32k).
+    Both attentions are causal there, so None is exact."""
     if (mask_function is causal_mask_function and attention_mask is None and allow_is_causal_skip
             and local_size is None and q_offset == 0 and q_length == kv_length):
         return None
@@ -259,8 +262,10 @@ def _sea_mask(*, q_length: int, kv_length: int, q_offset: int = 0, attention_mas
 
 def register_attention_functions() -> None:
     """Idempotent. Masks: _sea_mask (None for plain causal batches) and a (B, 1, T, T) bool mask for padded
-    ones (right padding is supported, see _check_plain_causal)."""
-    for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward), ("sea_oracle", _oracle_forward)):
+    ones (right padding is supported, see _check_plain_causal). "sea_dense" is transformers' SDPA attention with
+    that mask builder: dense as the teacher runs it, and capturable at FlashAttention's speed."""
+    for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward), ("sea_oracle", _oracle_forward),
+                     ("sea_dense", sdpa_attention_forward)):
         AttentionInterface.register(name, fn)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, _sea_mask)
 

@@ -140,3 +140,25 @@ def test_plain_causal_batch_gets_no_mask_even_while_tracing():
     padding[1, 9:] = False
     assert torch.equal(build(sea_mask, x, padding), build(sdpa_mask, x, padding))
     assert build(sea_mask, x) is None and build(sdpa_mask, x) is None
+    assert ALL_MASK_ATTENTION_FUNCTIONS["sea_dense"] is sea_mask  # dense mode captures at FlashAttention's speed
+
+
+def test_dense_mode_is_plain_sdpa():
+    """attention_mode(model, "dense") runs transformers' SDPA attention (under its own name, for the mask builder):
+    the same logits as the model as loaded, padded batches included."""
+    model = _sea_model("llama", "block")
+    ids, mask = _right_padded((40, 33))
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask, use_cache=False).logits
+        with attention_mode(model, "dense"):
+            assert model.config._attn_implementation == "sea_dense"
+            dense = model(ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(dense, plain)
+
+
+def test_captured_prefill_needs_a_cuda_model():
+    """On a CPU model the capture is refused naming the device (the GPU test replays it: test_gpu_integration.py)."""
+    from sea_convert.captured import CapturedPrefill
+
+    with pytest.raises(ValueError, match="needs a model on a CUDA device, got cpu"):
+        CapturedPrefill(_sea_model("llama", "block"), batch_size=1, seq_len=16)
