@@ -8,6 +8,7 @@ one (`workers/train/sharded_load.py`): no 13B weights can be had here, and speed
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -63,3 +64,12 @@ def sea_block_rows(device: torch.device, table_len: int, K: int = 1024) -> SEACo
     cuda = device.type == "cuda"
     return SEAConfig(mode="block", k=64, block_keys=2048, block_size=64, predictor_length=K, predictor_rows="block",
                      position_table_len=table_len, backend="triton" if cuda else "auto", compile=cuda)
+
+
+def write_rows(path: str | Path, device: torch.device, described: str, cfg: SEAConfig, rows: list, **extra) -> None:
+    """A whole-model benchmark's JSON (device, model, SEA setting, rows), written again after each row so that a
+    later length's failure keeps the rows already timed."""
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "model": described, "sea": cfg.model_dump(mode="json"), **extra, "rows": rows}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(info, indent=1))

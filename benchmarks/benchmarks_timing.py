@@ -35,15 +35,9 @@ def median_ms(fn, runs: int = 10, warmup: int = 2) -> float:
 
 
 def graph_ms(fn, runs: int = 50) -> float:
-    """Median of `runs` replays of fn captured in a CUDA graph (after a warm-up on a side stream, which also
-    compiles what torch.compile will compile)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Median of `runs` replays of fn captured in a CUDA graph (sea_convert.captured.capture: after a warm-up on
+    a side stream, which also compiles what torch.compile will compile)."""
+    from sea_convert.captured import capture
+
+    graph, _ = capture(fn)
     return median_ms(graph.replay, runs=runs, warmup=5)

@@ -18,7 +18,6 @@ and writes JSON. Tokens are compared between SEA's static and growing caches on 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
-from bench_models import add_model_arguments, build_model, sea_block_rows  # noqa: E402
+from bench_models import add_model_arguments, build_model, sea_block_rows, write_rows  # noqa: E402
 from sea_convert.integration import attach_sea, attention_mode, predictors  # noqa: E402
 
 SETTINGS = (("dense", "dense (SDPA), transformers' compile", True), ("dense", "dense (SDPA), eager", False),
@@ -108,11 +107,7 @@ def main() -> None:
                      for v in got.values()]
             ratio = f"  SEA / fastest dense {entry['sea_vs_fastest_dense']:.2f}x" if "sea_vs_fastest_dense" in entry else ""
             print(f"{ctx:>8} {B:>5} | " + " | ".join(cells) + ratio, flush=True)
-            info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "model": described, "sea": cfg.model_dump(mode="json"),
-                    "sea_static_equals_growing_tokens": same_tokens, "rows": rows}
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(info, indent=1))  # after each row: a later context's failure keeps these
+            write_rows(a.json, device, described, cfg, rows, sea_static_equals_growing_tokens=same_tokens)
     print(f"SEA's greedy tokens, static vs growing cache: {'identical' if same_tokens else 'DIFFERENT'}")
     print("wrote", a.json)
 

@@ -20,7 +20,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from benchmarks_timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
-from bench_models import add_model_arguments, build_model, sea_block_rows  # noqa: E402
+from bench_models import add_model_arguments, build_model, sea_block_rows, write_rows  # noqa: E402
 from sea_convert.captured import CapturedPrefill  # noqa: E402
 from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors  # noqa: E402
 
@@ -112,10 +111,7 @@ def main() -> None:
                 for key in ("graph_error", "error"):
                     if key in entry[m]:
                         print(f"       {m}: {entry[m][key]}")
-            info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "model": described, "sea": cfg.model_dump(mode="json"), "rows": rows}
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(info, indent=1))  # after each row: a later length's failure keeps these
+            write_rows(a.json, device, described, cfg, rows)
     print("wrote", a.json)
     if a.profile:
         profile_prefill(model, torch.randint(0, model.config.vocab_size, (1, a.tokens[0]), device=device, generator=gen))

@@ -15,6 +15,21 @@ from torch import nn
 from sea_convert.integration import attention_mode
 
 
+def capture(fn, warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, fn's output) for fn captured in a CUDA graph on the current device, after `warmup` calls on a side
+    stream (they compile what torch.compile will and allocate the caches). Replaying the graph refills the output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class CapturedPrefill:
     """`model(input_ids).logits` for ids of one shape, from a CUDA graph.
 
@@ -33,16 +48,7 @@ class CapturedPrefill:
             with torch.no_grad(), attention_mode(model, mode):
                 return model(input_ids=self.input_ids, use_cache=False, logits_to_keep=logits_to_keep).logits
 
-        # warm up on a side stream (compiles what torch.compile will, allocates the caches), then capture
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                forward()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = forward()
+        self.graph, self.logits = capture(forward, warmup)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if tuple(input_ids.shape) != tuple(self.input_ids.shape):
