@@ -6,7 +6,9 @@
     python3 benchmarks/prefill_bench.py --model tiny --device cpu --tokens 256 --batch 1 2   (the script's own check)
 
 Both attentions run the same way: bf16 weights, no grad, no KV cache, the logits of the last position only
-(128k x 32000 fp32 logits would be 16 GB). Each prefill is timed eagerly and replayed from a CUDA graph
+(128k x 32000 fp32 logits would be 16 GB), on CUDA every decoder layer compiled around its attention
+(`sea_convert.compiled_layers`: norms, rotary embeddings and MLP fused; --eager-layers leaves them as transformers
+runs them). Each prefill is timed eagerly and replayed from a CUDA graph
 (`sea_convert.captured.CapturedPrefill`: no host launches; SEA runs dozens of small kernels a layer), the replay
 checked against the eager logits. Both capture without the (B, 1, T, T) mask transformers would build under capture
 (`integration._sea_mask`; dense SDPA given it left FlashAttention: 2x slower at 32k on an H100). The speed-up takes
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, whe
 
 from bench_models import add_model_arguments, build_model, sea_block_rows, write_rows  # noqa: E402
 from sea_convert.captured import CapturedPrefill  # noqa: E402
+from sea_convert.compiled_layers import compile_decoder_layers  # noqa: E402
 from sea_convert.integration import attach_sea, attention_mode, compile_predictors, predictors  # noqa: E402
 
 
@@ -48,11 +51,13 @@ def time_prefill(model, mode: str, ids: torch.Tensor, graph: bool) -> dict:
     if cuda:
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if cuda and graph:
+        torch.cuda.empty_cache()  # the graph's private pool cannot reuse what the eager runs left cached
         try:
             captured = CapturedPrefill(model, ids.shape[0], ids.shape[1], mode)
             row["graph_ms"] = median_ms(lambda: captured(ids), runs=10, warmup=2)
             row["graph_max_abs_err_vs_eager"] = (captured(ids).float() - run().float()).abs().max().item()
             del captured
+            torch.cuda.empty_cache()
         except Exception as err:  # noqa: BLE001  (a host sync or dynamic shape inside the model: say which)
             first = err.__context__ or err  # the capture's own error hides the op that failed inside it
             row["graph_error"] = f"{type(first).__name__}: {str(first).splitlines()[0][:300]}"
@@ -70,6 +75,8 @@ def main() -> None:
     add_model_arguments(ap)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--no-graph", action="store_true", help="eager only")
+    ap.add_argument("--eager-layers", action="store_true",
+                    help="leave the decoder layers and SEA's predictors uncompiled (the model as transformers runs it)")
     ap.add_argument("--profile", action="store_true",
                     help="after the table: the time per kernel of one SEA and one dense prefill at the first length")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
@@ -80,8 +87,9 @@ def main() -> None:
     attach_sea(model, cfg)
     for p in predictors(model):
         p.to(torch.bfloat16)
-    if device.type == "cuda":
+    if device.type == "cuda" and not a.eager_layers:
         compile_predictors(model)
+        compile_decoder_layers(model)  # both attentions: norms, rotary and MLP fused around the attention call
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     print(f"{described}; SEA block rows K={cfg.predictor_length}, {cfg.block_keys} keys/query, blocks of {cfg.block_size}")
@@ -111,7 +119,7 @@ def main() -> None:
                 for key in ("graph_error", "error"):
                     if key in entry[m]:
                         print(f"       {m}: {entry[m][key]}")
-            write_rows(a.json, device, described, cfg, rows)
+            write_rows(a.json, device, described, cfg, rows, layers_compiled=device.type == "cuda" and not a.eager_layers)
     print("wrote", a.json)
     if a.profile:
         profile_prefill(model, torch.randint(0, model.config.vocab_size, (1, a.tokens[0]), device=device, generator=gen))

@@ -1,8 +1,9 @@
 """Launch settings of the block-sparse forward (the gated kernel the block-row layer runs), timed side by side.
 
     python3 benchmarks/tune_block_sparse.py --lengths 32768 131072 --json $OUT/tune_block_sparse.json
+    python3 benchmarks/tune_block_sparse.py --lengths 32768 --heads 40 --kv-heads 40 --model-layout --max-rows 64
 
-B=1, 32 query heads, 8 KV heads, d=128, bf16, blocks of 64, 2,048 keys per query (the benchmarks' budget: 32
+B=1, 32 query heads on 8 KV heads by default (--heads/--kv-heads: 40 on 40 for LLaMA-13B), d=128, bf16, blocks of 64, 2,048 keys per query (the benchmarks' budget: 32
 blocks per KV head, sink and local blocks among them, the rest drawn at random), the gates in the epilogue and a
 bf16 output, as `sea_attention` runs it at inference. Each setting of `kernels.block_sparse_attention`'s
 forward launch (key blocks per step KPS, the stacked-row cap, warps, pipeline stages) is checked against the
@@ -29,9 +30,14 @@ from kernels import dispatch  # noqa: E402
 from kernels.block_budget import BlockBudget  # noqa: E402
 
 
-def inputs(T: int, H: int = 32, Hkv: int = 8, d: int = 128, bs: int = 64, keys: int = 2048):
+def inputs(T: int, H: int = 32, Hkv: int = 8, d: int = 128, bs: int = 64, keys: int = 2048, model_layout: bool = False):
+    """model_layout: q, k, v as a transformers model hands them over, (B, H, T, d) views of (B, T, H, d) memory."""
     g = torch.Generator(device="cuda").manual_seed(T)
-    q, k, v = (torch.randn(1, h, T, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (H, Hkv, Hkv))
+    if model_layout:
+        q, k, v = (torch.randn(1, T, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                   for h in (H, Hkv, Hkv))
+    else:
+        q, k, v = (torch.randn(1, h, T, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (H, Hkv, Hkv))
     nb = T // bs
     scores = torch.rand(1, Hkv, nb, nb, device="cuda", generator=g)
     scores = scores.masked_fill(~torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril(), float("-inf"))
@@ -48,17 +54,23 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, nargs="+", default=[64, 128, 256], help="stacked-row caps")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--k-rows", type=int, nargs="+", default=[0, 1], help="K_ROWS: key tiles loaded as rows, then transposed")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--model-layout", action="store_true", help="q, k, v as views of (B, T, H, d), as a model gives them")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "tune_block_sparse.json"))
     ap.add_argument("--backward", action="store_true", help="time the backward's dk/dv launch settings instead")
     a = ap.parse_args()
     if a.backward:
         return tune_backward(a)
-    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages)
-            for kps, rows, warps, stages in itertools.product(a.kps, a.max_rows, a.warps, a.stages)]
+    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages, K_ROWS=k_rows)
+            for kps, rows, warps, stages, k_rows in itertools.product(a.kps, a.max_rows, a.warps, a.stages, a.k_rows)]
     results = []
-    print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out")
+    layout = "views of (B, T, H, d)" if a.model_layout else "contiguous (B, H, T, d)"
+    print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out; {a.heads} heads on {a.kv_heads} KV heads,"
+          f" q/k/v {layout}")
     for T in a.lengths:
-        args, tiles = inputs(T)
+        args, tiles = inputs(T, a.heads, a.kv_heads, model_layout=a.model_layout)
         want, _ = bsa._forward(*args, out_dtype=torch.bfloat16)
         flops = 4 * 128 * tiles * 64**2
         rows = []
@@ -92,7 +104,8 @@ def main() -> None:
                 print(f"  {r['launch']:45s} {r['error']}")
         results.extend(rows)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": results}, indent=1))
+    Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "heads": a.heads, "kv_heads": a.kv_heads,
+                                        "layout": layout, "rows": results}, indent=1))
     print("wrote", a.json)
 
 

@@ -125,11 +125,12 @@ def _fwd_kernel(
     Hkv, T, qk_scale,
     G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, GATED: tl.constexpr, KPS: tl.constexpr,
-    MAXB: tl.constexpr,
+    MAXB: tl.constexpr, K_ROWS: tl.constexpr,
 ):
     """KPS key blocks per step of the list (1 or 2): two make (rows x 2 block) score tiles, fewer softmax
     rescales and wider MMAs, a list of odd length masking its last step's second half. MAXB: the lists' width
-    as a power of two (GATED reads a whole list at once)."""
+    as a power of two (GATED reads a whole list at once). K_ROWS: load a key tile as (keys, d) and transpose it
+    on chip, or (0) load it transposed (a tuning candidate; the same products)."""
     i = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     pid = tl.program_id(1)
     hc = pid % NHC
@@ -162,8 +163,12 @@ def _fwd_kernel(
             kb2 = tl.load(idx + (jj + 1) * sij, mask=second, other=0)
             kpos = tl.where(half == 0, kb, kb2) * BLOCK + cols % BLOCK
             listed = (half == 0) | second
-        kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd,
-                     mask=dmask[:, None] & ((kpos < T) & listed)[None, :], other=0.0)
+        if K_ROWS:  # the key block as stored (rows of d), transposed on chip: the tutorial's pattern
+            kt = tl.trans(tl.load(k_base + kpos[:, None] * skt + dcol[None, :] * skd,
+                                  mask=((kpos < T) & listed)[:, None] & dmask[None, :], other=0.0))
+        else:
+            kt = tl.load(k_base + kpos[None, :] * skt + dcol[:, None] * skd,
+                         mask=dmask[:, None] & ((kpos < T) & listed)[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         # row_ok and kpos <= t < T also drop keys past T
         allowed = row_ok[:, None] & (kpos[None, :] <= t[:, None]) & listed[None, :]
@@ -376,7 +381,7 @@ def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) ->
 
 # The forward's launch: KPS key blocks per step, and overrides of _meta's row cap, warps and stages. The
 # defaults are what the benchmarks measured; benchmarks/tune_block_sparse.py times the alternatives.
-FORWARD_LAUNCH = {"KPS": 1}
+FORWARD_LAUNCH = {"KPS": 1, "K_ROWS": 0}
 # The block rows' output gates: in the attention's epilogue (one kernel), or as a pass of their own over its
 # output. The epilogue cost the forward 0.63 ms at 32k (3.41 against 2.76 ms without gates, H100,
 # tune_block_sparse.py) where a pass over the bf16 output reads and writes ~0.5 GB.

@@ -7,6 +7,9 @@
 # Each writes JSON and a log under $OUT; each fits one 10-minute call (the 13B-shaped prefill at 128k is the long one).
 # Several parts in one call: bash scripts/gpu_whole_model.sh prefill-13b generate-13b, with PART_TIMEOUT=S each.
 # EXTRA="--profile" (prefill) adds the per-kernel CUDA time of one SEA and one dense prefill at the first length.
+# Other parts: tests (the GPU tests of the whole-model paths), tune-mha (the block-sparse forward's launch for
+# LLaMA-13B's 40 heads on 40 KV heads, q/k/v as the model lays them out), eval-smollm2 (`sea-convert eval` of the
+# predictors-only checkpoint carried in outputs/gpu-eval, on the GPU by default, timed).
 set -euo pipefail
 source scripts/gpu_setup.sh
 OUT="${OUT:-/tmp/out}"
@@ -25,6 +28,13 @@ case "$NAME" in
                      --json "$OUT/prefill_smollm2.json" ${EXTRA:-} ;;
   generate-smollm2) run benchmarks/generate_bench.py --model smollm2 --gguf "$GGUF_PATH" --contexts 8192 32768 \
                       --batch 1 4 --new-tokens 128 --json "$OUT/generate_smollm2.json" ;;
-  *) echo "unknown part $NAME (prefill-13b, generate-13b, prefill-smollm2, generate-smollm2)" >&2; exit 2 ;;
+  tests) timeout "${PART_TIMEOUT:-580}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_integration.py \
+           tests/test_triton_kernels.py -k "captured or select_key_blocks_gpu or two_key_blocks" 2>&1 \
+           | tee -a "$OUT/$NAME.log" | tail -15 || echo "GPU tests FAILED or stopped ($NAME.log)" ;;
+  tune-mha) run benchmarks/tune_block_sparse.py --lengths 32768 --heads 40 --kv-heads 40 --model-layout --max-rows 64 \
+              --kps 1 2 --warps 4 8 --stages 2 3 --k-rows 0 1 --json "$OUT/tune_block_sparse_mha.json" ;;
+  eval-smollm2) ( TIMEFORMAT="sea-convert eval wall time: %R s"; time python3 -m api.cli eval outputs/gpu-eval \
+                  --text ../shared/data/austen.txt --json ) 2>&1 | grep -v "it/s\]" | tee -a "$OUT/$NAME.log" || true ;;
+  *) echo "unknown part $NAME (tests, tune-mha, prefill-13b, generate-13b, prefill-smollm2, generate-smollm2, eval-smollm2)" >&2; exit 2 ;;
 esac
 done

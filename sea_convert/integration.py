@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +48,14 @@ def check_supported(config) -> None:
         )
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     check_supported(model.config)
     base = getattr(model, "model", model)
-    layers = base.decoder.layers if model.config.model_type == "opt" else base.layers
-    return [layer.self_attn for layer in layers]
+    return base.decoder.layers if model.config.model_type == "opt" else base.layers
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in decoder_layers(model)]
 
 
 def head_shape(config) -> tuple[int, int, int]:
@@ -161,6 +165,8 @@ def _sea_forward(module, query, key, value, attention_mask, scaling=None, dropou
     if states is not None:  # the prefill of a generation: keep what decoding continues from
         res, states[layer] = prefill(q, k, v, module.sea_predictor, module.sea_config, scale,
                                      dispatch.ops(module.sea_config.backend, q.device), length, start, layer)
+        if _preallocated(cache):  # the slot the first new token fills, on the device from the start (capturable steps)
+            states[layer].next_slot = torch.tensor([T], device=q.device)
     else:
         res = sea_attention(q, k, v, module.sea_predictor, module.sea_config, scale, layer, valid=own_valid)
     out = res.out if valid is None else _roll_rows(res.out, -start)
@@ -244,6 +250,24 @@ def _oracle_forward(module, query, key, value, attention_mask, scaling=None, dro
     return _roll_rows(out, -start).to(query.dtype).transpose(1, 2), None
 
 
+# a plain global, not a ContextVar: dynamo traces _sea_mask inside compiled forwards and cannot read a ContextVar
+_known_plain_causal = {"depth": 0}
+
+
+@contextlib.contextmanager
+def known_plain_causal():
+    """Inside, the caller vouches that every forward is a plain causal batch: token ids only, no attention mask, no
+    position ids (the model numbers the tokens 0..T-1 itself, so nothing is padded or packed). transformers checks
+    those default positions for packed sequences with a read back to the host, which it skips while a CUDA graph
+    captures: it then asks for the full (B, 1, T, T) mask (causal and "packed"), 16 GiB at 128k. Here _sea_mask
+    knows the answer without the read (sea_convert.captured captures inside this)."""
+    _known_plain_causal["depth"] += 1
+    try:
+        yield
+    finally:
+        _known_plain_causal["depth"] -= 1
+
+
 def _sea_mask(*, q_length: int, kv_length: int, q_offset: int = 0, attention_mask=None,
               mask_function=causal_mask_function, allow_is_causal_skip: bool = True, local_size: int | None = None,
               **kwargs):
@@ -251,21 +275,32 @@ def _sea_mask(*, q_length: int, kv_length: int, q_offset: int = 0, attention_mas
     gets None. SDPA's builder gives None there only when nothing traces: under CUDA-graph capture or
     torch.compile it builds the (B, 1, T, T) mask (16 GiB at 128k), and reading it back in _check_plain_causal is
     a host sync that breaks the capture; dense SDPA given that mask leaves FlashAttention (2x slower at 32k).
-    Both attentions are causal there, so None is exact."""
-    if (mask_function is causal_mask_function and attention_mask is None and allow_is_causal_skip
-            and local_size is None and q_offset == 0 and q_length == kv_length):
+    Both attentions are causal there, so None is exact. Under known_plain_causal() the builder's "causal and not
+    packed" (transformers cannot tell while capturing) counts as plain too; a sliding window (local_size) never."""
+    plain = (mask_function is causal_mask_function and allow_is_causal_skip) or _known_plain_causal["depth"] > 0
+    # q_length first: a cache's q_offset is a device tensor (comparing it would sync), and with a cache q_length < kv_length
+    if (plain and q_length == kv_length and attention_mask is None and local_size is None
+            and not isinstance(q_offset, torch.Tensor) and q_offset == 0):
         return None
     return sdpa_mask(q_length=q_length, kv_length=kv_length, q_offset=q_offset, attention_mask=attention_mask,
                      mask_function=mask_function, allow_is_causal_skip=allow_is_causal_skip, local_size=local_size,
                      **kwargs)
 
 
+@functools.cache
+def _eager(fn):
+    return torch.compiler.disable(fn)
+
+
 def register_attention_functions() -> None:
     """Idempotent. Masks: _sea_mask (None for plain causal batches) and a (B, 1, T, T) bool mask for padded
     ones (right padding is supported, see _check_plain_causal). "sea_dense" is transformers' SDPA attention with
     that mask builder: dense as the teacher runs it, and capturable at FlashAttention's speed."""
-    for name, fn in (("sea", _sea_forward), ("sea_capture", _capture_forward), ("sea_oracle", _oracle_forward),
-                     ("sea_dense", sdpa_attention_forward)):
+    # SEA's own functions are never traced by dynamo (compile_decoder_layers compiles around them; their Triton
+    # launches and decoding state are their own fast paths); dense SDPA stays traceable, as transformers compiles it
+    functions = {"sea": _eager(_sea_forward), "sea_capture": _eager(_capture_forward),
+                 "sea_oracle": _eager(_oracle_forward), "sea_dense": sdpa_attention_forward}
+    for name, fn in functions.items():
         AttentionInterface.register(name, fn)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, _sea_mask)
 

@@ -123,6 +123,31 @@ def test_block_rows_layer_makes_no_host_sync_and_replays_from_a_cuda_graph():
 
 
 @pytest.mark.parametrize("mode", ["sea", "dense"])
+def test_captured_decoding_makes_the_eager_tokens(mode):
+    """sea_convert.captured.CapturedDecoding: every step replayed from one of its CUDA graphs (SEA block rows: the
+    block-opening step and the others, both crossed several times) makes the tokens of the same loop run eagerly,
+    and of transformers' generate() with a static cache; bf16, compiled predictors and decode step."""
+    from sea_convert.captured import CapturedDecoding
+    from sea_convert.integration import compile_predictors
+
+    model = tiny_model("llama").cuda().to(torch.bfloat16)
+    attach_sea(model, SEAConfig(mode="block", k=32, block_keys=64, block_size=32, predictor_length=64,
+                                predictor_rows="block", backend="triton", compile=True))
+    compile_predictors(model)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(2)).cuda()
+    captured = CapturedDecoding(model, mode)
+    replayed = captured.generate(ids, 100)  # positions 300..399: three block openings
+    assert set(captured.graphs) == ({True, False} if mode == "sea" else {None})
+    eager = CapturedDecoding(model, mode, graphs=False).generate(ids, 100)
+    with torch.no_grad(), attention_mode(model, mode):
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=100, min_new_tokens=100,
+                                   do_sample=False, cache_implementation="static")
+    assert torch.equal(replayed, eager) and torch.equal(eager, reference)
+    assert len(set(replayed[0, 300:].tolist())) > 1  # not one token repeated: the steps read their new inputs
+
+
+@pytest.mark.parametrize("mode", ["sea", "dense"])
 def test_captured_prefill_replays_the_eager_forward(mode):
     """sea_convert.captured.CapturedPrefill: the whole model in a CUDA graph (block rows, compiled predictors, bf16)
     gives the eager forward's last-position logits, for the ids it was captured with and for new ids copied in;

@@ -143,6 +143,33 @@ def test_plain_causal_batch_gets_no_mask_even_while_tracing():
     assert ALL_MASK_ATTENTION_FUNCTIONS["sea_dense"] is sea_mask  # dense mode captures at FlashAttention's speed
 
 
+def test_model_numbered_positions_get_no_mask_while_tracing_when_vouched_for():
+    """A model numbers its tokens itself and hands those positions to the mask builder, which checks them for packed
+    sequences by a read back to the host; while tracing (and while a CUDA graph captures) it skips the read and asks
+    for the full mask. Inside known_plain_causal (CapturedPrefill's capture) the answer is known: None."""
+    from transformers import AutoConfig
+    from transformers.masking_utils import create_causal_mask
+
+    from sea_convert.integration import known_plain_causal, register_attention_functions
+
+    register_attention_functions()
+    config = AutoConfig.for_model("llama", hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                  intermediate_size=64, vocab_size=64)
+    config._attn_implementation = "sea"
+
+    def build(x, positions):
+        return create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, past_key_values=None,
+                                  position_ids=positions)
+
+    x, positions = torch.zeros(2, 12, 32), torch.arange(12)[None]
+    traced = torch.compile(build, backend="eager", fullgraph=True)
+    assert build(x, positions) is None
+    assert tuple(traced(x, positions).shape) == (2, 1, 12, 12)  # the reason: the full mask while tracing
+    with known_plain_causal():
+        assert traced(x, positions) is None
+    assert traced(x, positions) is not None  # vouching ends with the block
+
+
 def test_dense_mode_is_plain_sdpa():
     """attention_mode(model, "dense") runs transformers' SDPA attention (under its own name, for the mask builder):
     the same logits as the model as loaded, padded batches included."""

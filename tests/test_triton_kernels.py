@@ -352,6 +352,9 @@ def test_block_sparse_forward_two_key_blocks_per_step(shape, bs, blocks_per_head
     assert bool((bc % 2 == 1).any()) or blocks_per_head is None  # an odd list: a masked second half
     # interpreter: measured max |difference| 9.5e-7 over these cases (the online softmax rescales at other points)
     assert (one - two).abs().max() < 5e-6 and _max_err(lse_one, lse_two) < 5e-6
+    # keys loaded as stored and transposed on chip (K_ROWS, a tuning candidate): the same products, the same result
+    rows, lse_rows = bsa._forward(*args, launch={"KPS": 1, "K_ROWS": 1})
+    assert torch.equal(rows, one) and torch.equal(lse_rows, lse_one)
 
 
 @pytest.mark.parametrize("max_rows", [16, 32])

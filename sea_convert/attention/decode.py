@@ -134,15 +134,34 @@ def step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, predicto
     if state.max_length >= table:
         raise ValueError(f"position {state.max_length} is past the SEA position table ({table} rows);"
                          " raise sea.position_table_len")
-    opens = 0 in state.residues  # block rows: some sequence's new token opens a block (a superset is safe)
     run = _compiled_step() if cfg.compile and q.is_cuda else _step
-    out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, _key_blocks(predictor, cfg), block_budget(cfg), opens)
-    state.slots += 1
+    out = run(q, k_cache, v_cache, predictor, cfg, scale, ops, state, _key_blocks(predictor, cfg), block_budget(cfg),
+              step_opens(state))
     if state.next_slot is not None:
         state.next_slot.add_(1)
-    state.max_length += 1
-    state.residues = frozenset((r + 1) % cfg.block_size for r in state.residues)
+    advance_host(state, cfg.block_size)
     return out
+
+
+def step_opens(state: DecodeState) -> bool:
+    """Block rows: some sequence's next token opens a query block (a superset is safe). The one choice a step makes
+    on the host: a captured step is captured once for each answer (sea_convert.captured.CapturedDecoding)."""
+    return 0 in state.residues
+
+
+def advance_host(state: DecodeState, block_size: int) -> None:
+    """The host's copies after one step (the device's own are updated by the step's kernels)."""
+    state.slots += 1
+    state.max_length += 1
+    state.residues = frozenset((r + 1) % block_size for r in state.residues)
+
+
+def host_copies(state: DecodeState) -> tuple[int, int, frozenset[int]]:
+    return state.slots, state.max_length, state.residues
+
+
+def restore_host_copies(state: DecodeState, copies: tuple[int, int, frozenset[int]]) -> None:
+    state.slots, state.max_length, state.residues = copies
 
 
 def _key_blocks(predictor: SEAPredictor, cfg: SEAConfig) -> int:
