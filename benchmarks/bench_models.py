@@ -18,13 +18,19 @@ from sea_convert.recipe import SEAConfig
 LLAMA_13B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
              "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+# SmolLM2-135M's config (read from its GGUF): the shape without the weights, for a device call that cannot carry
+# the GGUF (two halves, two calls); its speed is the real model's (no step depends on the weights' values)
+SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                 "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                 "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                 "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options both whole-model benchmarks take: which model (build_model), batches, the SEA setting's K, device."""
-    ap.add_argument("--model", choices=["smollm2", "llama13b", "tiny"], default="smollm2")
+    ap.add_argument("--model", choices=["smollm2", "smollm2-shaped", "llama13b", "tiny"], default="smollm2")
     ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (for --model smollm2)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of a shaped model (llama13b: 4)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -33,7 +39,7 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def build_model(kind: str, device: torch.device, longest: int, gguf: Path | None = None, layers: int | None = None):
-    """(model in bf16 on `device`, its description). kind: smollm2 | llama13b | tiny; longest: the longest
+    """(model in bf16 on `device`, its description). kind: smollm2 | smollm2-shaped | llama13b | tiny; longest: the longest
     sequence the benchmark runs (a shaped model's position range is raised to it)."""
     if kind == "smollm2":
         from sea_convert.models import load_teacher
@@ -47,7 +53,7 @@ def build_model(kind: str, device: torch.device, longest: int, gguf: Path | None
 
     from workers.train.sharded_load import build_skeleton, init_random_weights, materialize
 
-    fields = dict(LLAMA_13B if kind == "llama13b" else TINY)
+    fields = dict({"llama13b": LLAMA_13B, "smollm2-shaped": SMOLLM2_SHAPE}.get(kind, TINY))
     if layers:
         fields["num_hidden_layers"] = layers
     fields["max_position_embeddings"] = max(fields["max_position_embeddings"], longest)

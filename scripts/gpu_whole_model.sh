@@ -9,7 +9,8 @@
 # EXTRA="--profile" (prefill) adds the per-kernel CUDA time of one SEA and one dense prefill at the first length.
 # Other parts: tests (the GPU tests of the whole-model paths), tune-mha (the block-sparse forward's launch for
 # LLaMA-13B's 40 heads on 40 KV heads, q/k/v as the model lays them out), eval-smollm2 (`sea-convert eval` of the
-# predictors-only checkpoint carried in outputs/gpu-eval, on the GPU by default, timed).
+# predictors-only checkpoint carried in outputs/gpu-eval, on the GPU by default, timed); prefill-smollm2-shaped and
+# generate-smollm2-shaped (SmolLM2's shape with random weights: a call that cannot carry the GGUF, carry .whl).
 set -euo pipefail
 source scripts/gpu_setup.sh
 OUT="${OUT:-/tmp/out}"
@@ -28,6 +29,10 @@ case "$NAME" in
                      --json "$OUT/prefill_smollm2.json" ${EXTRA:-} ;;
   generate-smollm2) run benchmarks/generate_bench.py --model smollm2 --gguf "$GGUF_PATH" --contexts 8192 32768 \
                       --batch 1 4 --new-tokens 128 --json "$OUT/generate_smollm2.json" ;;
+  prefill-smollm2-shaped) run benchmarks/prefill_bench.py --model smollm2-shaped --tokens 8192 32768 --batch 1 4 \
+                            --json "$OUT/prefill_smollm2_shaped.json" ;;
+  generate-smollm2-shaped) run benchmarks/generate_bench.py --model smollm2-shaped --contexts 8192 32768 --batch 1 4 \
+                             --new-tokens 128 --json "$OUT/generate_smollm2_shaped.json" ;;
   tests) timeout "${PART_TIMEOUT:-580}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_integration.py \
            tests/test_triton_kernels.py -k "captured or select_key_blocks_gpu or two_key_blocks" 2>&1 \
            | tee -a "$OUT/$NAME.log" | tail -15 || echo "GPU tests FAILED or stopped ($NAME.log)" ;;
@@ -35,6 +40,6 @@ case "$NAME" in
               --kps 1 2 --warps 4 8 --stages 2 3 --k-rows 0 1 --json "$OUT/tune_block_sparse_mha.json" ;;
   eval-smollm2) ( TIMEFORMAT="sea-convert eval wall time: %R s"; time python3 -m api.cli eval outputs/gpu-eval \
                   --text ../shared/data/austen.txt --json ) 2>&1 | grep -v "it/s\]" | tee -a "$OUT/$NAME.log" || true ;;
-  *) echo "unknown part $NAME (tests, tune-mha, prefill-13b, generate-13b, prefill-smollm2, generate-smollm2, eval-smollm2)" >&2; exit 2 ;;
+  *) echo "unknown part $NAME (tests, tune-mha, prefill-13b, generate-13b, prefill-smollm2, generate-smollm2, eval-smollm2, prefill-smollm2-shaped, generate-smollm2-shaped)" >&2; exit 2 ;;
 esac
 done
