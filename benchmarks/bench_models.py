@@ -61,7 +61,7 @@ def build_model(kind: str, device: torch.device, longest: int, gguf: Path | None
     model = build_skeleton(config, torch.bfloat16)
     materialize(model, device)
     init_random_weights(model, seed=0)
-    return model, f"{kind}-shaped: {config.num_hidden_layers} layers x {config.hidden_size}, random bf16 weights"
+    return model, f"{kind.removesuffix('-shaped')}-shaped: {config.num_hidden_layers} layers x {config.hidden_size}, random bf16 weights"
 
 
 def sea_block_rows(device: torch.device, table_len: int, K: int = 1024) -> SEAConfig:

@@ -22,6 +22,7 @@ and writes JSON; on the first context, whether SEA's captured tokens equal its e
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -115,6 +116,9 @@ def main() -> None:
             ids = torch.randint(1, model.config.vocab_size, (B, ctx), device=device, generator=gen)
             entry = {"context": ctx, "batch": B, "new_tokens": a.new_tokens, "settings": {}}
             for label in settings:
+                if cuda:  # what the last setting left (its cache, its graphs' pools) is not this one's memory
+                    gc.collect()
+                    torch.cuda.empty_cache()
                 try:
                     if label == SETTINGS[0]:
                         row = with_generate(model, "dense", ids, a.new_tokens, hf_compile=True)

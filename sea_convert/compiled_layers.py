@@ -1,13 +1,18 @@
-"""torch.compile around the attention: each decoder layer compiled, its attention function left as it is.
+"""torch.compile around the attention: each decoder layer's pieces compiled, its attention function left as it is.
 
 In a model's eager forward the work outside attention and the matrix products is a chain of memory-bound
 elementwise passes: RMSNorm in fp32 (a cast, a square, a mean, two products), rotary embeddings (a negation, a
 concatenation, two products and a sum for q and for k), SiLU and its product. On a LLaMA-13B-shaped layer at 32k
 tokens they took ~13 ms of ~60 (H100 profile, docs/benchmarks.md), as much as SEA's whole attention. Compiled,
-each chain is one or two fused kernels. The attention function is a graph break: SEA's is registered
-non-traceable (its Triton kernels and decoding state are its own fast paths, `integration.register_attention_functions`),
-dense SDPA is traced as transformers traces it. Applied from outside the model code, to dense and SEA alike, so
-that a comparison gives both the same treatment. Shapes are static (dynamic=False): a prefill length compiles once.
+each chain is one or two fused kernels. Applied from outside the model code, to dense and SEA alike, so that a
+comparison gives both the same treatment. Shapes are static (dynamic=False): a prefill length compiles once.
+
+What is compiled, per layer: the attention module's forward (projections, rotary embeddings, the attention call,
+output projection), the two norms and the MLP. The attention function inside is a graph break: SEA's is registered
+non-traceable (its Triton kernels and decoding state are its own fast paths, `integration.register_attention_functions`);
+dense SDPA is traced as transformers traces it. The attention module's *forward* is compiled, not the module: its
+call runs SEA's cache hooks, and dynamo guards each hook's id, so compiling through them compiled every layer apart
+(SmolLM2's 30 layers passed dynamo's recompile limit on an H100 run). Without them the layers share their graphs.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ from torch import nn
 
 from sea_convert.integration import decoder_layers, register_attention_functions
 
-# every decoder layer shares one code object; with inline_inbuilt_nn_modules (torch's default) the layers of a
-# model share a compiled graph per shape, so a few benchmark shapes stay well under this
+# the layers share a compiled graph per shape and attention; a few benchmark shapes x two attentions stay under this
 RECOMPILE_LIMIT = 64
 
 
 def compile_decoder_layers(model: nn.Module) -> None:
-    """Compile every decoder layer of `model` in place (idempotent: a compiled layer is left as it is)."""
+    """Compile every decoder layer's attention forward, norms and MLP in place (idempotent)."""
     register_attention_functions()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in decoder_layers(model):
-        if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile(dynamic=False)
+        attn = layer.self_attn
+        if "forward" not in vars(attn):  # an instance attribute: the class's forward stays as it is for other models
+            attn.forward = torch.compile(attn.forward, dynamic=False)
+        for name, child in layer.named_children():
+            if name != "self_attn" and child._compiled_call_impl is None and any(True for _ in child.parameters()):
+                child.compile(dynamic=False)

@@ -323,6 +323,12 @@ def attach_sea(model: nn.Module, cfg: SEAConfig, device: torch.device | str | No
                                attn.register_forward_hook(_forget_cache, with_kwargs=True, always_call=True))
         predictors.append(pred)
     model.config.sea = cfg.model_dump(mode="json")
+    if getattr(model, "generation_config", None) is not None:
+        # generate() with a static cache on a GPU would compile the whole forward in reduce-overhead mode: SEA's
+        # attention is a graph break there (it keeps host-side decoding state), and CUDA-graph trees split at it
+        # overwrite the rotary tables one segment hands the next (seen on an H100). SEA's decode step is compiled
+        # on its own (sea.compile); sea_convert.captured.CapturedDecoding replays whole steps from CUDA graphs.
+        model.generation_config.disable_compile = True
     return predictors
 
 

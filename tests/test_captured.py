@@ -46,3 +46,12 @@ def test_a_generation_stops_at_its_length():
     assert len(made) == 2
     with pytest.raises(ValueError, match="max_new_tokens"):
         decoding.step()
+
+
+def test_sea_models_leave_generates_whole_forward_uncompiled():
+    """attach_sea turns off generate()'s automatic reduce-overhead compile of the whole forward (static caches on a
+    GPU), which splits its CUDA graphs at SEA's attention and fails there (H100); dense generation may turn it on."""
+    model = tiny_model("llama")
+    assert not model.generation_config.disable_compile
+    attach_sea(model, SEAConfig(mode="block", k=8, block_keys=16, block_size=8))
+    assert model.generation_config.disable_compile

@@ -135,6 +135,7 @@ def test_captured_decoding_makes_the_eager_tokens(mode):
                                 predictor_rows="block", backend="triton", compile=True))
     compile_predictors(model)
     model.generation_config.eos_token_id = None
+    model.generation_config.disable_compile = True  # the reference is generate() as it runs eagerly
     ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(2)).cuda()
     captured = CapturedDecoding(model, mode)
     replayed = captured.generate(ids, 100)  # positions 300..399: three block openings
