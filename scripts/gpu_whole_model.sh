@@ -9,7 +9,9 @@
 # EXTRA="--profile" (prefill) adds the per-kernel CUDA time of one SEA and one dense prefill at the first length.
 # Other parts: tests (the GPU tests of the whole-model paths), tune-mha (the block-sparse forward's launch for
 # LLaMA-13B's 40 heads on 40 KV heads, q/k/v as the model lays them out), eval-smollm2 (`sea-convert eval` of the
-# predictors-only checkpoint carried in outputs/gpu-eval, on the GPU by default, timed); prefill-smollm2-shaped and
+# predictors-only checkpoint carried in outputs/gpu-eval, on the GPU by default, timed; make it with
+# `python3 scripts/predictors_only_checkpoint.py outputs/smollm2-135m-sea outputs/gpu-eval` after `make run`, and carry
+# it with .stage2); prefill-smollm2-shaped and
 # generate-smollm2-shaped (SmolLM2's shape with random weights: a call that cannot carry the GGUF, carry .whl).
 set -euo pipefail
 source scripts/gpu_setup.sh
