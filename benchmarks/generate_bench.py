@@ -13,7 +13,8 @@ Greedy decoding with a static KV cache, each setting timed on its own:
   model replayed from a CUDA graph (on CUDA; eager on the CPU), the same treatment for both attentions;
 - SEA, generate(): block rows with the decode step compiled (`sea.compile`), transformers' compile off (the path a
   user of generate() gets).
-SEA: block rows (bench_models.sea_block_rows). Decode tokens/s: generate(): batch x new tokens / (time of prompt +
+On CUDA every setting runs with the decoder layers' norms and MLP compiled (`compile_decoder_layers(attention=False)`;
+--eager-layers: as loaded). SEA: block rows (bench_models.sea_block_rows). Decode tokens/s: generate(): batch x new tokens / (time of prompt +
 new tokens - time of the prompt alone); captured: batch x new tokens / time of new-token steps once every kind of
 step is captured (the prompt and the first steps, up to a block of 64 run eagerly, are timed apart). Prints a table
 and writes JSON; on the first context, whether SEA's captured tokens equal its eager loop's.
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, whe
 
 from bench_models import add_model_arguments, build_model, sea_block_rows, write_rows  # noqa: E402
 from sea_convert.captured import CapturedDecoding  # noqa: E402
+from sea_convert.compiled_layers import compile_decoder_layers  # noqa: E402
 from sea_convert.integration import attach_sea, attention_mode, predictors  # noqa: E402
 
 WARM_STEPS = 66  # CapturedDecoding.start: the first token, and eager steps until each kind of step has run (<= 65)
@@ -95,6 +97,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "generate.json"))
+    ap.add_argument("--eager-layers", action="store_true", help="leave the decoder layers' norms and MLP uncompiled")
     a = ap.parse_args()
     device = torch.device(a.device)
     longest = max(a.contexts) + a.new_tokens + WARM_STEPS + 1
@@ -103,6 +106,9 @@ def main() -> None:
     attach_sea(model, cfg)
     for p in predictors(model):
         p.to(torch.bfloat16)
+    if device.type == "cuda" and not a.eager_layers:
+        # norms and MLP fused, for every setting alike (the attention forward stays eager: it updates the KV cache)
+        compile_decoder_layers(model, attention=False)
     model.generation_config.eos_token_id = None  # every generation runs its full length
     model.generation_config.pad_token_id = 0
     cuda = device.type == "cuda"
@@ -146,7 +152,8 @@ def main() -> None:
                      for v in got.values()]
             ratio = f"  SEA captured / fastest dense {entry['sea_vs_fastest_dense']:.2f}x" if "sea_vs_fastest_dense" in entry else ""
             print(f"{ctx:>8} {B:>5} | " + " | ".join(cells) + ratio, flush=True)
-            write_rows(a.json, device, described, cfg, rows, sea_captured_equals_eager_tokens=same_tokens)
+            write_rows(a.json, device, described, cfg, rows, sea_captured_equals_eager_tokens=same_tokens,
+                       layers_compiled="norms and MLP" if device.type == "cuda" and not a.eager_layers else "none")
     print(f"SEA's greedy tokens, captured vs eager steps: {'identical' if same_tokens else 'DIFFERENT'}")
     print("wrote", a.json)
 

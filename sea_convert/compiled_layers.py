@@ -26,13 +26,15 @@ from sea_convert.integration import decoder_layers, register_attention_functions
 RECOMPILE_LIMIT = 64
 
 
-def compile_decoder_layers(model: nn.Module) -> None:
-    """Compile every decoder layer's attention forward, norms and MLP in place (idempotent)."""
+def compile_decoder_layers(model: nn.Module, attention: bool = True) -> None:
+    """Compile every decoder layer's norms and MLP, and (attention=True) its attention forward, in place
+    (idempotent). attention=False for forwards with a KV cache: the attention forward updates the cache by its
+    layer index, which compiled would be a graph per layer (decoding's rotary embeddings stay eager then)."""
     register_attention_functions()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in decoder_layers(model):
         attn = layer.self_attn
-        if "forward" not in vars(attn):  # an instance attribute: the class's forward stays as it is for other models
+        if attention and "forward" not in vars(attn):  # an instance attribute: the class's forward stays as it is
             attn.forward = torch.compile(attn.forward, dynamic=False)
         for name, child in layer.named_children():
             if name != "self_attn" and child._compiled_call_impl is None and any(True for _ in child.parameters()):

@@ -49,3 +49,20 @@ def test_the_layers_share_their_compiled_graphs():
             model(input_ids=torch.zeros(1, 24, dtype=torch.long), use_cache=False)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] > 0, graphs
+
+
+def test_norms_and_mlp_only_for_decoding_keep_the_tokens():
+    """attention=False (forwards with a KV cache: the attention forward updates it by layer index) compiles the norms
+    and MLP only; greedy decoding through them makes the tokens it made before, SEA and dense."""
+    from sea_convert.captured import CapturedDecoding
+
+    model = tiny_model("llama")
+    attach_sea(model, SEAConfig(mode="block", k=8, block_keys=16, block_size=8, predictor_length=16,
+                                predictor_rows="block"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    before = {mode: CapturedDecoding(model, mode, graphs=False).generate(ids, 12) for mode in ("sea", "dense")}
+    compile_decoder_layers(model, attention=False)
+    assert all("forward" not in vars(layer.self_attn) and layer.mlp._compiled_call_impl is not None
+               and layer.input_layernorm._compiled_call_impl is not None for layer in decoder_layers(model))
+    for mode in ("sea", "dense"):
+        assert torch.equal(CapturedDecoding(model, mode, graphs=False).generate(ids, 12), before[mode])
