@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--k-rows", type=int, nargs="+", default=[0, 1], help="K_ROWS: key tiles loaded as rows, then transposed")
+    ap.add_argument("--list-in-regs", type=int, nargs="+", default=[0, 1], help="LIST_IN_REGS: the block list read up front")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--model-layout", action="store_true", help="q, k, v as views of (B, T, H, d), as a model gives them")
@@ -63,8 +64,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.backward:
         return tune_backward(a)
-    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages, K_ROWS=k_rows)
-            for kps, rows, warps, stages, k_rows in itertools.product(a.kps, a.max_rows, a.warps, a.stages, a.k_rows)]
+    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages, K_ROWS=k_rows, LIST_IN_REGS=held)
+            for kps, rows, warps, stages, k_rows, held
+            in itertools.product(a.kps, a.max_rows, a.warps, a.stages, a.k_rows, a.list_in_regs)]
     results = []
     layout = "views of (B, T, H, d)" if a.model_layout else "contiguous (B, H, T, d)"
     print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out; {a.heads} heads on {a.kv_heads} KV heads,"

@@ -125,12 +125,13 @@ def _fwd_kernel(
     Hkv, T, qk_scale,
     G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, GATED: tl.constexpr, KPS: tl.constexpr,
-    MAXB: tl.constexpr, K_ROWS: tl.constexpr,
+    MAXB: tl.constexpr, K_ROWS: tl.constexpr, LIST_IN_REGS: tl.constexpr,
 ):
     """KPS key blocks per step of the list (1 or 2): two make (rows x 2 block) score tiles, fewer softmax
     rescales and wider MMAs, a list of odd length masking its last step's second half. MAXB: the lists' width
     as a power of two (GATED reads a whole list at once). K_ROWS: load a key tile as (keys, d) and transpose it
-    on chip, or (0) load it transposed (a tuning candidate; the same products)."""
+    on chip, or (0) load it transposed. LIST_IN_REGS: read the query block's list once into registers, or (0) one
+    entry a step. Both are tuning candidates with the same products."""
     i = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     pid = tl.program_id(1)
     hc = pid % NHC
@@ -153,14 +154,23 @@ def _fwd_kernel(
     acc = tl.zeros([HPP * BLOCK, BLOCK_D], tl.float32)
     n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
     idx = BlockIndex + b * sib + hk * sih + i * siq
+    slots = tl.arange(0, MAXB)
+    if LIST_IN_REGS:  # the whole list up front: a step's key addresses then wait on no load of their own
+        held = tl.load(idx + slots * sij, mask=slots < n, other=0)
     for jj in range(0, n, KPS):
-        kb = tl.load(idx + jj * sij)
+        if LIST_IN_REGS:
+            kb = tl.sum(tl.where(slots == jj, held, 0), 0)
+        else:
+            kb = tl.load(idx + jj * sij)
         if KPS == 1:
             kpos = kb * BLOCK + cols
             listed = cols >= 0
         else:
             second = jj + 1 < n
-            kb2 = tl.load(idx + (jj + 1) * sij, mask=second, other=0)
+            if LIST_IN_REGS:
+                kb2 = tl.sum(tl.where(slots == jj + 1, held, 0), 0)
+            else:
+                kb2 = tl.load(idx + (jj + 1) * sij, mask=second, other=0)
             kpos = tl.where(half == 0, kb, kb2) * BLOCK + cols % BLOCK
             listed = (half == 0) | second
         if K_ROWS:  # the key block as stored (rows of d), transposed on chip: the tutorial's pattern
@@ -381,7 +391,7 @@ def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) ->
 
 # The forward's launch: KPS key blocks per step, and overrides of _meta's row cap, warps and stages. The
 # defaults are what the benchmarks measured; benchmarks/tune_block_sparse.py times the alternatives.
-FORWARD_LAUNCH = {"KPS": 1, "K_ROWS": 0}
+FORWARD_LAUNCH = {"KPS": 1, "K_ROWS": 0, "LIST_IN_REGS": 0}
 # The block rows' output gates: in the attention's epilogue (one kernel), or as a pass of their own over its
 # output. The epilogue cost the forward 0.63 ms at 32k (3.41 against 2.76 ms without gates, H100,
 # tune_block_sparse.py) where a pass over the bf16 output reads and writes ~0.5 GB.

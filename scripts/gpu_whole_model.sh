@@ -39,7 +39,7 @@ case "$NAME" in
            tests/test_triton_kernels.py -k "captured or select_key_blocks_gpu or two_key_blocks" 2>&1 \
            | tee -a "$OUT/$NAME.log" | tail -15 || echo "GPU tests FAILED or stopped ($NAME.log)" ;;
   tune-mha) run benchmarks/tune_block_sparse.py --lengths 32768 --heads 40 --kv-heads 40 --model-layout --max-rows 64 \
-              --kps 1 2 --warps 4 8 --stages 2 3 --k-rows 0 1 --json "$OUT/tune_block_sparse_mha.json" ;;
+              --kps 1 2 --warps 4 8 --stages 2 3 --k-rows 0 1 --list-in-regs 0 1 --json "$OUT/tune_block_sparse_mha.json" ;;
   eval-smollm2) ( TIMEFORMAT="sea-convert eval wall time: %R s"; time python3 -m api.cli eval outputs/gpu-eval \
                   --text ../shared/data/austen.txt --json ) 2>&1 | grep -v "it/s\]" | tee -a "$OUT/$NAME.log" || true ;;
   *) echo "unknown part $NAME (tests, tune-mha, prefill-13b, generate-13b, prefill-smollm2, generate-smollm2, eval-smollm2, prefill-smollm2-shaped, generate-smollm2-shaped)" >&2; exit 2 ;;

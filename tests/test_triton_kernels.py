@@ -355,6 +355,10 @@ def test_block_sparse_forward_two_key_blocks_per_step(shape, bs, blocks_per_head
     # keys loaded as stored and transposed on chip (K_ROWS, a tuning candidate): the same products, the same result
     rows, lse_rows = bsa._forward(*args, launch={"KPS": 1, "K_ROWS": 1})
     assert torch.equal(rows, one) and torch.equal(lse_rows, lse_one)
+    # the list read into registers up front (LIST_IN_REGS, a tuning candidate): the same blocks in the same order
+    for kps, want, want_lse in ((1, one, lse_one), (2, two, lse_two)):
+        held, lse_held = bsa._forward(*args, launch={"KPS": kps, "LIST_IN_REGS": 1})
+        assert torch.equal(held, want) and torch.equal(lse_held, want_lse)
 
 
 @pytest.mark.parametrize("max_rows", [16, 32])
