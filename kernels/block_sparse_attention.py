@@ -13,7 +13,7 @@ Layout of the work
   would give 256-512-row fp32 accumulators that spill registers (ptxas for sm_90 already
   reports spills at 128 rows x d=128 with 4 warps), hence the cap; MAX_ROWS = block_size gives
   per-head programs. `benchmarks/tune_block_sparse.py` times the forward's alternatives (the row cap, two key
-  blocks per step, warps, stages: FORWARD_LAUNCH).
+  blocks per step, key tiles as stored, the list in registers, warps, stages: FORWARD_LAUNCH).
 - Online softmax in fp32 in base 2 (scale * log2 e folded into the scores); the row
   log-sum-exp is saved in natural log, fp32. A row with no key gives out 0, lse -inf.
 - Backward, flash-attention-2 style: a preprocess computes delta = rowsum(dO * O); a dk/dv
