@@ -83,12 +83,12 @@ class CapturedDecoding:
         self.block_size = attention_modules(model)[0].sea_config.block_size if mode == "sea" else None
 
     def start(self, input_ids: torch.Tensor, max_new_tokens: int) -> list[torch.Tensor]:
-        """Prefill `input_ids` (B, T) into a fresh static cache of T + max_new_tokens slots and make the first
-        token; then (graphs) eager steps until every kind of step has run, and the captures. Returns the tokens
-        made so far, each (B, 1)."""
+        """Prefill `input_ids` (B, T: unpadded, every sequence T tokens) into a fresh static cache of
+        T + max_new_tokens slots and make the first token; then (graphs) eager steps until every kind of step has
+        run, and the captures. Returns the tokens made so far, each (B, 1)."""
         from transformers import StaticCache
 
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         self.cache = StaticCache(config=self.model.config, max_cache_len=T + max_new_tokens)
         self.graphs = {}
         self.left = max_new_tokens
