@@ -32,25 +32,6 @@ def test_compiled_layers_give_the_eager_logits():
     assert any("_sea_forward" in reason for reason in breaks), dict(breaks)  # SEA's attention was not traced
 
 
-def test_the_layers_share_their_compiled_graphs():
-    """The graphs compiled for 4 layers are those for 2: nothing per layer is guarded. On the H100 image's torch
-    (2.11) dynamo guarded the ids of SEA's cache hooks when a layer was compiled through its attention module's call,
-    and compiled every layer apart (SmolLM2's 30 passed the recompile limit); the torch here does not, so this
-    checks the sharing, and the first test checks that the hooks stay outside (the attention's forward is compiled)."""
-    graphs = []
-    for layers in (2, 4):
-        torch._dynamo.reset()
-        model = tiny_model("llama", num_hidden_layers=layers)
-        attach_sea(model, SEAConfig(mode="block", k=8, block_keys=16, block_size=8, predictor_length=16,
-                                    predictor_rows="block"))
-        compile_decoder_layers(model)
-        torch._dynamo.utils.counters.clear()
-        with torch.no_grad(), attention_mode(model, "sea"):
-            model(input_ids=torch.zeros(1, 24, dtype=torch.long), use_cache=False)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    assert graphs[0] == graphs[1] > 0, graphs
-
-
 def test_norms_and_mlp_only_for_decoding_keep_the_tokens():
     """attention=False (forwards with a KV cache: the attention forward updates it by layer index) compiles the norms
     and MLP only; greedy decoding through them makes the tokens it made before, SEA and dense."""
