@@ -45,6 +45,24 @@ def _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk,
 
 
 @triton.jit
+def _store_chosen(cand, key, lo, need, ties_before, h, j, Index, Count, b, q, MAXB, sib, sih, siq, sij, scb, sch, scq,
+                  HKV: tl.constexpr):
+    """Store heads h's chosen blocks: those above the threshold lo, and the first `need` ties at it in (head, block)
+    order (ties_before: ties in earlier heads, which rank first), each head's list sorted by block. Returns the
+    heads' ties, for the next chunk's ties_before."""
+    above = cand & (key.to(tl.int64) > lo)
+    tie = cand & (key.to(tl.int64) == lo)
+    row_ties = tl.sum(tie.to(tl.int32), 1)
+    rank = ties_before + tl.cumsum(row_ties, 0)[:, None] - row_ties[:, None] + tl.cumsum(tie.to(tl.int32), 1) - 1
+    chosen = above | (tie & (rank < need))
+    place = tl.cumsum(chosen.to(tl.int32), 1) - 1  # sorted by block index within each head
+    tl.store(Index + b * sib + h[:, None] * sih + q * siq + place * sij, j[None, :] + 0 * place,
+             mask=chosen & (place < MAXB))
+    tl.store(Count + b * scb + h * sch + q * scq, tl.sum(chosen.to(tl.int32), 1), mask=h < HKV)
+    return tl.sum(row_ties, 0)
+
+
+@triton.jit
 def _select_kernel(
     S, Blocks, BlockPos, Index, Count,
     NKB, sink, local, MAXB, MAX_BUDGET,
@@ -66,16 +84,8 @@ def _select_kernel(
         ok = n >= take
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid)
-    above = cand & (key.to(tl.int64) > lo)
-    tie = cand & (key.to(tl.int64) == lo)
-    need = take - tl.sum(tl.sum(above.to(tl.int32), 1), 0)
-    row_ties = tl.sum(tie.to(tl.int32), 1)
-    rank = tl.cumsum(row_ties, 0)[:, None] - row_ties[:, None] + tl.cumsum(tie.to(tl.int32), 1) - 1
-    chosen = above | (tie & (rank < need))
-    place = tl.cumsum(chosen.to(tl.int32), 1) - 1  # sorted by block index within each head
-    tl.store(Index + b * sib + h[:, None] * sih + q * siq + place * sij, j[None, :] + 0 * place,
-             mask=chosen & (place < MAXB))
-    tl.store(Count + b * scb + h * sch + q * scq, tl.sum(chosen.to(tl.int32), 1), mask=h < HKV)
+    need = take - tl.sum(tl.sum((cand & (key.to(tl.int64) > lo)).to(tl.int32), 1), 0)
+    _store_chosen(cand, key, lo, need, 0, h, j, Index, Count, b, q, MAXB, sib, sih, siq, sij, scb, sch, scq, HKV)
 
 
 @triton.jit
@@ -115,16 +125,8 @@ def _select_kernel_chunked(
     ties_before = 0  # ties in the heads of earlier chunks, which rank first
     for c in range(0, HKV, HC):
         cand, key, h, j = _tile_keys(S, i, c, b, q, NKB, sink, local, ssb, ssh, ssq, ssk, HKV, HC, NKB_P)
-        above = cand & (key.to(tl.int64) > lo)
-        tie = cand & (key.to(tl.int64) == lo)
-        row_ties = tl.sum(tie.to(tl.int32), 1)
-        rank = ties_before + tl.cumsum(row_ties, 0)[:, None] - row_ties[:, None] + tl.cumsum(tie.to(tl.int32), 1) - 1
-        chosen = above | (tie & (rank < need))
-        place = tl.cumsum(chosen.to(tl.int32), 1) - 1
-        tl.store(Index + b * sib + h[:, None] * sih + q * siq + place * sij, j[None, :] + 0 * place,
-                 mask=chosen & (place < MAXB))
-        tl.store(Count + b * scb + h * sch + q * scq, tl.sum(chosen.to(tl.int32), 1), mask=h < HKV)
-        ties_before += tl.sum(row_ties, 0)
+        ties_before += _store_chosen(cand, key, lo, need, ties_before, h, j, Index, Count, b, q, MAXB,
+                                     sib, sih, siq, sij, scb, sch, scq, HKV)
 
 
 # The most scores one program holds in registers (~64 a thread at 16 warps; the cumsums' scratch, 4 bytes a score,

@@ -37,5 +37,5 @@ def compile_decoder_layers(model: nn.Module, attention: bool = True) -> None:
         if attention and "forward" not in vars(attn):  # an instance attribute: the class's forward stays as it is
             attn.forward = torch.compile(attn.forward, dynamic=False)
         for name, child in layer.named_children():
-            if name != "self_attn" and child._compiled_call_impl is None and any(True for _ in child.parameters()):
+            if name != "self_attn" and child._compiled_call_impl is None and next(child.parameters(), None) is not None:
                 child.compile(dynamic=False)

@@ -184,8 +184,6 @@ def _decode_forward(module, query, key, value, scale, state) -> torch.Tensor:
                          f" {new} new: SEA decodes with a growing cache (DynamicCache, generate()'s default) or a"
                          " static one (the tokens so far in its first slots), not a sliding one, nor one cropped")
     ops = dispatch.ops(module.sea_config.backend, query.device)
-    if static and state.next_slot is None:  # the first step after a static cache's prefill
-        state.next_slot = torch.tensor([seen], device=key.device)
     outs = []
     for i in range(new):
         # a static cache is read whole (fixed shapes: the step can be captured), a growing one up to the new token
