@@ -22,6 +22,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from benchmarks_timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
+from kernels import block_sparse_attention as bsa  # noqa: E402
 from bench_models import add_model_arguments, build_model, sea_block_rows, write_rows  # noqa: E402
 from sea_convert.captured import CapturedPrefill  # noqa: E402
 from sea_convert.compiled_layers import compile_decoder_layers  # noqa: E402
@@ -64,6 +66,29 @@ def time_prefill(model, mode: str, ids: torch.Tensor, graph: bool) -> dict:
     return row
 
 
+def parse_launch(text: str) -> dict:
+    """'QPP=2,KPS=2' -> {'QPP': 2, 'KPS': 2}: overrides of the block-sparse forward's FORWARD_LAUNCH ('default':
+    none)."""
+    if text == "default":
+        return {}
+    try:
+        return {key: int(value) for key, value in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--sea-launch {text!r}: expected 'default' or KEY=INT items, e.g. QPP=2,KPS=2") from None
+
+
+@contextlib.contextmanager
+def forward_launch(overrides: dict):
+    """The block-sparse forward's launch settings with `overrides`, for the prefills timed inside."""
+    saved = dict(bsa.FORWARD_LAUNCH)
+    bsa.FORWARD_LAUNCH.update(overrides)
+    try:
+        yield
+    finally:
+        bsa.FORWARD_LAUNCH.clear()
+        bsa.FORWARD_LAUNCH.update(saved)
+
+
 def best(row: dict) -> tuple[float, str]:
     """Each attention in its faster form (a capture can lose to eager where the host was never the bottleneck)."""
     forms = [(row[k], k.removesuffix("_ms")) for k in ("graph_ms", "eager_ms") if k in row]
@@ -79,8 +104,13 @@ def main() -> None:
                     help="leave the decoder layers and SEA's predictors uncompiled (the model as transformers runs it)")
     ap.add_argument("--profile", action="store_true",
                     help="after the table: the time per kernel of one SEA and one dense prefill at the first length")
+    ap.add_argument("--sea-launch", nargs="+", default=["default"], metavar="KEY=INT,...",
+                    help="SEA timed once per setting of the block-sparse forward's launch (FORWARD_LAUNCH overrides,"
+                         " e.g. default QPP=2 QPP=2,KPS=2); the first is the row's speed-up, each other gets its own")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
     a = ap.parse_args()
+    # the first setting is the row's "sea" (and its speed-up); each other is "sea@<setting>"
+    launches = {("sea" if n == 0 else f"sea@{text}"): parse_launch(text) for n, text in enumerate(a.sea_launch)}
     device = torch.device(a.device)
     model, described = build_model(a.model, device, max(a.tokens), a.gguf, a.layers)
     cfg = sea_block_rows(device, max(a.tokens), a.block_K)
@@ -98,9 +128,10 @@ def main() -> None:
         for B in a.batch:
             ids = torch.randint(0, model.config.vocab_size, (B, T), device=device, generator=gen)
             entry = {"T": T, "batch": B}
-            for mode in ("dense", "sea"):
+            for mode in ("dense", *launches):
                 try:
-                    entry[mode] = time_prefill(model, mode, ids, graph=not a.no_graph)
+                    with forward_launch(launches.get(mode, {})):
+                        entry[mode] = time_prefill(model, mode.split("@")[0], ids, graph=not a.no_graph)
                 except torch.OutOfMemoryError:
                     entry[mode] = {"error": "out of memory"}
                     torch.cuda.empty_cache()
@@ -115,11 +146,17 @@ def main() -> None:
             cells = [f"{entry[m].get(k, float('nan')):8.1f}" for m in ("dense", "sea") for k in ("eager_ms", "graph_ms")]
             speed = f"{entry['speedup']:.2f}x ({entry['speedup_from']})" if ok else "-"
             print(f"{T:>6} {B:>5} | {cells[0]} {cells[1]} | {cells[2]} {cells[3]} | {speed}", flush=True)
-            for m in ("dense", "sea"):
+            for other in list(launches)[1:]:  # the other launch settings: SEA's time and speed-up under each
+                if "eager_ms" in entry[other] and ok:
+                    entry[other]["speedup"] = best(entry["dense"])[0] / best(entry[other])[0]
+                    print(f"       {other}: eager {entry[other]['eager_ms']:.1f} graph "
+                          f"{entry[other].get('graph_ms', float('nan')):.1f} ms: {entry[other]['speedup']:.2f}x")
+            for m in ("dense", *launches):
                 for key in ("graph_error", "error"):
                     if key in entry[m]:
                         print(f"       {m}: {entry[m][key]}")
-            write_rows(a.json, device, described, cfg, rows, layers_compiled=device.type == "cuda" and not a.eager_layers)
+            write_rows(a.json, device, described, cfg, rows, layers_compiled=device.type == "cuda" and not a.eager_layers,
+                       forward_launch={**bsa.FORWARD_LAUNCH, **launches["sea"]})
     print("wrote", a.json)
     if a.profile:
         profile_prefill(model, torch.randint(0, model.config.vocab_size, (1, a.tokens[0]), device=device, generator=gen))

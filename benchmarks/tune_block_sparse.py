@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--k-rows", type=int, nargs="+", default=[0, 1], help="K_ROWS: key tiles loaded as rows, then transposed")
     ap.add_argument("--list-in-regs", type=int, nargs="+", default=[0, 1], help="LIST_IN_REGS: the block list read up front")
+    ap.add_argument("--qpp", type=int, nargs="+", default=[1], help="QPP: query blocks a one-head program stacks (1, 2)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--model-layout", action="store_true", help="q, k, v as views of (B, T, H, d), as a model gives them")
@@ -64,9 +65,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.backward:
         return tune_backward(a)
-    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages, K_ROWS=k_rows, LIST_IN_REGS=held)
-            for kps, rows, warps, stages, k_rows, held
-            in itertools.product(a.kps, a.max_rows, a.warps, a.stages, a.k_rows, a.list_in_regs)]
+    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages, K_ROWS=k_rows, LIST_IN_REGS=held, QPP=qpp)
+            for kps, rows, warps, stages, k_rows, held, qpp
+            in itertools.product(a.kps, a.max_rows, a.warps, a.stages, a.k_rows, a.list_in_regs, a.qpp)]
     results = []
     layout = "views of (B, T, H, d)" if a.model_layout else "contiguous (B, H, T, d)"
     print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out; {a.heads} heads on {a.kv_heads} KV heads,"
