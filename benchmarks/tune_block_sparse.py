@@ -56,8 +56,8 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--k-rows", type=int, nargs="+", default=[0, 1], help="K_ROWS: key tiles loaded as rows, then transposed")
     ap.add_argument("--list-in-regs", type=int, nargs="+", default=[0, 1], help="LIST_IN_REGS: the block list read up front")
-    ap.add_argument("--qpp", type=int, nargs="+", default=[1], help="QPP: query blocks a one-head program stacks (1, 2)")
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128, help="d (SmolLM2: 64)")
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--model-layout", action="store_true", help="q, k, v as views of (B, T, H, d), as a model gives them")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "tune_block_sparse.json"))
@@ -65,17 +65,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.backward:
         return tune_backward(a)
-    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages, K_ROWS=k_rows, LIST_IN_REGS=held, QPP=qpp)
-            for kps, rows, warps, stages, k_rows, held, qpp
-            in itertools.product(a.kps, a.max_rows, a.warps, a.stages, a.k_rows, a.list_in_regs, a.qpp)]
+    grid = [dict(KPS=kps, max_rows=rows, num_warps=warps, num_stages=stages, K_ROWS=k_rows, LIST_IN_REGS=held)
+            for kps, rows, warps, stages, k_rows, held
+            in itertools.product(a.kps, a.max_rows, a.warps, a.stages, a.k_rows, a.list_in_regs)]
     results = []
     layout = "views of (B, T, H, d)" if a.model_layout else "contiguous (B, H, T, d)"
-    print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out; {a.heads} heads on {a.kv_heads} KV heads,"
+    print(f"{torch.cuda.get_device_name()}: gated block-sparse forward, bf16 out; {a.heads} heads on {a.kv_heads} KV heads, d {a.head_dim},"
           f" q/k/v {layout}")
     for T in a.lengths:
-        args, tiles = inputs(T, a.heads, a.kv_heads, model_layout=a.model_layout)
+        args, tiles = inputs(T, a.heads, a.kv_heads, a.head_dim, model_layout=a.model_layout)
         want, _ = bsa._forward(*args, out_dtype=torch.bfloat16)
-        flops = 4 * 128 * tiles * 64**2
+        flops = 4 * a.head_dim * tiles * 64**2
         rows = []
         for launch in [None, *grid]:
             label = "default" if launch is None else " ".join(f"{k}={v}" for k, v in launch.items())
@@ -107,7 +107,7 @@ def main() -> None:
                 print(f"  {r['launch']:45s} {r['error']}")
         results.extend(rows)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "heads": a.heads, "kv_heads": a.kv_heads,
+    Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
                                         "layout": layout, "rows": results}, indent=1))
     print("wrote", a.json)
 

@@ -113,7 +113,7 @@ def _kept_keys(BlockIndex, n, t, i, BLOCK: tl.constexpr, MAXB: tl.constexpr, sij
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, BlockIndex, BlockCount, BlockFlags, Gates, VPrefix,
+    Q, K, V, Out, Lse, BlockIndex, BlockCount, Gates, VPrefix,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -125,28 +125,19 @@ def _fwd_kernel(
     Hkv, T, qk_scale,
     G: tl.constexpr, HPP: tl.constexpr, NHC: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, GATED: tl.constexpr, KPS: tl.constexpr,
-    MAXB: tl.constexpr, K_ROWS: tl.constexpr, LIST_IN_REGS: tl.constexpr, QPP: tl.constexpr,
+    MAXB: tl.constexpr, K_ROWS: tl.constexpr, LIST_IN_REGS: tl.constexpr,
 ):
     """KPS key blocks per step of the list (1 or 2): two make (rows x 2 block) score tiles, fewer softmax
     rescales and wider MMAs, a list of odd length masking its last step's second half. MAXB: the lists' width
     as a power of two (GATED reads a whole list at once). K_ROWS: load a key tile as (keys, d) and transpose it
     on chip, or (0) load it transposed. LIST_IN_REGS: read the query block's list once into registers, or (0) one
-    entry a step. Both are tuning candidates with the same products. QPP (with HPP 1): query blocks a program
-    stacks; 2 walks the union of two consecutive blocks' lists (`pair_union_lists`: BlockIndex/BlockCount are
-    then the union's, BlockFlags says whose each entry is) and masks each row to its own block's entries, so
-    every row sees exactly its list while a key block both list is loaded once for 2 * BLOCK rows."""
+    entry a step. Both are tuning candidates with the same products."""
     i = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     pid = tl.program_id(1)
     hc = pid % NHC
     b = (pid // NHC) // Hkv
     hk = (pid // NHC) % Hkv
-    if QPP == 1:
-        g, t, row_ok = _stacked_rows(i, hc, T, G, HPP, BLOCK)
-    else:  # one head (HPP 1), QPP consecutive query blocks
-        t = i * QPP * BLOCK + tl.arange(0, QPP * BLOCK)
-        g = hc + 0 * t
-        row_ok = t < T
-    sub = (t // BLOCK) % QPP  # which of the program's query blocks a row is in (its bit in BlockFlags)
+    g, t, row_ok = _stacked_rows(i, hc, T, G, HPP, BLOCK)
     head = (hk * G + g).to(tl.int64)
     dcol = tl.arange(0, BLOCK_D)
     dmask = dcol < D
@@ -158,12 +149,11 @@ def _fwd_kernel(
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
 
-    m_i = tl.full([HPP * QPP * BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([HPP * QPP * BLOCK], tl.float32)
-    acc = tl.zeros([HPP * QPP * BLOCK, BLOCK_D], tl.float32)
+    m_i = tl.full([HPP * BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([HPP * BLOCK], tl.float32)
+    acc = tl.zeros([HPP * BLOCK, BLOCK_D], tl.float32)
     n = tl.load(BlockCount + b * scb + hk * sch + i * scq)
-    list_at = b * sib + hk * sih + i * siq
-    idx = BlockIndex + list_at
+    idx = BlockIndex + b * sib + hk * sih + i * siq
     slots = tl.arange(0, MAXB)
     if LIST_IN_REGS:  # the whole list up front: a step's key addresses then wait on no load of their own
         held = tl.load(idx + slots * sij, mask=slots < n, other=0)
@@ -183,13 +173,6 @@ def _fwd_kernel(
                 kb2 = tl.load(idx + (jj + 1) * sij, mask=second, other=0)
             kpos = tl.where(half == 0, kb, kb2) * BLOCK + cols % BLOCK
             listed = (half == 0) | second
-        if QPP > 1:  # the step's key blocks are listed by one or both query blocks: each row keeps its own
-            flag = tl.load(BlockFlags + list_at + jj * sij)
-            if KPS > 1:
-                flag = tl.where(half == 0, flag, tl.load(BlockFlags + list_at + (jj + 1) * sij, mask=second, other=0))
-            mine = ((flag >> sub[:, None]) & 1) != 0
-        else:
-            mine = row_ok[:, None]
         if K_ROWS:  # the key block as stored (rows of d), transposed on chip: the tutorial's pattern
             kt = tl.trans(tl.load(k_base + kpos[:, None] * skt + dcol[None, :] * skd,
                                   mask=((kpos < T) & listed)[:, None] & dmask[None, :], other=0.0))
@@ -198,7 +181,7 @@ def _fwd_kernel(
                          mask=dmask[:, None] & ((kpos < T) & listed)[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         # row_ok and kpos <= t < T also drop keys past T
-        allowed = row_ok[:, None] & (kpos[None, :] <= t[:, None]) & listed[None, :] & mine
+        allowed = row_ok[:, None] & (kpos[None, :] <= t[:, None]) & listed[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
@@ -408,7 +391,7 @@ def _meta(G: int, block_size: int, d: int, max_rows: int, dtype: torch.dtype) ->
 
 # The forward's launch: KPS key blocks per step, and overrides of _meta's row cap, warps and stages. The
 # defaults are what the benchmarks measured; benchmarks/tune_block_sparse.py times the alternatives.
-FORWARD_LAUNCH = {"KPS": 1, "K_ROWS": 0, "LIST_IN_REGS": 0, "QPP": 1}
+FORWARD_LAUNCH = {"KPS": 1, "K_ROWS": 0, "LIST_IN_REGS": 0}
 # The block rows' output gates: in the attention's epilogue (one kernel), or as a pass of their own over its
 # output. The epilogue cost the forward 0.63 ms at 32k (3.41 against 2.76 ms without gates, H100,
 # tune_block_sparse.py) where a pass over the bf16 output reads and writes ~0.5 GB.
@@ -423,40 +406,12 @@ def _forward_meta(G: int, block_size: int, d: int, dtype: torch.dtype, launch: d
         # 3 stages: 3.44 against 3.55 ms at 32k (bf16, d 128, blocks of 64, H100, tune_block_sparse.py); fp32 or
         # larger tiles would pass the 228 KB of shared memory
         meta["num_stages"] = 3
+    if meta["HPP"] * block_size <= 64:
+        # one warpgroup's 64 rows: 4 warps, 4.13 ms against 8.37 with 8 at 32k (H100, bf16, 40 heads on 40 KV heads
+        # as LLaMA-13B, d 128, q/k/v in the model's layout; tune_block_sparse.py --heads 40 --kv-heads 40)
+        meta["num_warps"] = 4
     meta.update(launch)
-    if meta["HPP"] > 1:  # query blocks stack only where a program holds one head (else its heads share the list)
-        meta["QPP"] = 1
-    if "num_warps" not in launch:
-        meta["num_warps"] = _num_warps(meta["HPP"] * meta["QPP"] * block_size * meta["BLOCK_D"])
     return meta
-
-
-def pair_union_lists(block_index: torch.Tensor, block_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The lists of each two consecutive query blocks merged, for the forward's QPP=2 tiles.
-
-    block_index (B, H, NQB, MAXB) sorted and -1 padded, block_count (B, H, NQB). Returns (index (B, H, ceil(NQB/2),
-    2 MAXB) int32 sorted and -1 padded, count (B, H, ceil(NQB/2)) int32, flags like index: bit 0 set where block 2p
-    lists the entry, bit 1 where block 2p+1 does). Device ops only (no host sync: it runs inside a captured prefill).
-    """
-    B, H, nqb, maxb = block_index.shape
-    if nqb % 2:  # an odd last block pairs with an empty list
-        block_index = torch.cat([block_index, block_index.new_full((B, H, 1, maxb), -1)], 2)
-        block_count = torch.cat([block_count, block_count.new_zeros(B, H, 1)], 2)
-    big = torch.iinfo(torch.int32).max
-    listed = torch.arange(maxb, device=block_index.device) < block_count.unsqueeze(-1)
-    values = torch.where(listed, block_index.to(torch.int32), big).flatten(-2).unflatten(2, (-1, 2 * maxb))
-    whose = (torch.arange(2 * maxb, device=block_index.device) // maxb).to(torch.int32)  # 0: block 2p, 1: 2p+1
-    flags = torch.where(listed.flatten(-2).unflatten(2, (-1, 2 * maxb)), 1 << whose, 0).to(torch.int32)
-    values, order = values.sort(-1)
-    flags = flags.gather(-1, order)
-    # a key block both list sits twice, side by side (each list holds it once): the first copy takes both bits
-    twice = (values[..., 1:] == values[..., :-1]) & (values[..., 1:] != big)
-    flags = flags | torch.nn.functional.pad(torch.where(twice, flags[..., 1:], 0), (0, 1))
-    values = torch.cat([values[..., :1], torch.where(twice, big, values[..., 1:])], -1)
-    values, order = values.sort(-1)
-    flags = flags.gather(-1, order)
-    kept = values != big
-    return torch.where(kept, values, -1), kept.sum(-1, dtype=torch.int32), torch.where(kept, flags, 0)
 
 
 def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, gates: torch.Tensor | None = None,
@@ -479,16 +434,10 @@ def _forward(q, k, v, block_index, block_count, block_size: int, scale: float, g
         gates = v_prefix = lse  # not read
         gate_strides = prefix_strides = (0, 0, 0, 0)
     else:
-        meta["QPP"] = 1  # the epilogue reads one query block's list
         v_prefix = block_prefix_sums(v, block_size)
         gate_strides, prefix_strides = gates.stride(), v_prefix.stride()
-    flags = block_index  # not read
-    if meta["QPP"] == 2:
-        block_index, block_count, flags = pair_union_lists(block_index, block_count)
-    elif meta["QPP"] != 1:
-        raise ValueError(f"QPP must be 1 or 2, got {meta['QPP']}")
-    _fwd_kernel[(triton.cdiv(T, block_size * meta["QPP"]), B * Hkv * meta["NHC"])](
-        q, k, v, out, lse, block_index, block_count, flags, gates, v_prefix,
+    _fwd_kernel[(triton.cdiv(T, block_size), B * Hkv * meta["NHC"])](
+        q, k, v, out, lse, block_index, block_count, gates, v_prefix,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *block_index.stride(), *block_count.stride(), *gate_strides, *prefix_strides,
         Hkv, T, scale * LOG2E, GATED=gated, MAXB=triton.next_power_of_2(block_index.shape[-1]), **meta,

@@ -36,12 +36,14 @@ case "$NAME" in
   generate-smollm2-shaped) run benchmarks/generate_bench.py --model smollm2-shaped --contexts 8192 32768 --batch 1 4 \
                              --new-tokens 128 --json "$OUT/generate_smollm2_shaped.json" ;;
   tests) timeout "${PART_TIMEOUT:-580}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_integration.py \
-           tests/test_triton_kernels.py -k "captured or select_key_blocks_gpu or two_key_blocks or two_query_blocks or pair_union" 2>&1 \
+           tests/test_triton_kernels.py -k "captured or select_key_blocks_gpu or two_key_blocks" 2>&1 \
            | tee -a "$OUT/$NAME.log" | tail -15 || echo "GPU tests FAILED or stopped ($NAME.log)" ;;
   tune-mha) run benchmarks/tune_block_sparse.py --lengths 32768 --heads 40 --kv-heads 40 --model-layout --max-rows 64 \
-              --kps 1 2 --warps 4 8 --stages 2 3 --k-rows 0 1 --list-in-regs 0 --qpp 1 2 --json "$OUT/tune_block_sparse_mha.json" ;;
+              --kps 1 2 --warps 4 8 --stages 2 3 --k-rows 0 1 --list-in-regs 0 1 --json "$OUT/tune_block_sparse_mha.json" ;;
+  tune-smollm2) run benchmarks/tune_block_sparse.py --lengths 8192 32768 --heads 9 --kv-heads 3 --head-dim 64 --model-layout \
+                  --max-rows 64 128 --kps 1 2 --warps 4 8 --stages 2 3 --k-rows 0 --list-in-regs 0 --json "$OUT/tune_block_sparse_smollm2.json" ;;
   eval-smollm2) ( TIMEFORMAT="sea-convert eval wall time: %R s"; time python3 -m api.cli eval outputs/gpu-eval \
                   --text ../shared/data/austen.txt --json ) 2>&1 | grep -v "it/s\]" | tee -a "$OUT/$NAME.log" || true ;;
-  *) echo "unknown part $NAME (tests, tune-mha, prefill-13b, generate-13b, prefill-smollm2, generate-smollm2, eval-smollm2, prefill-smollm2-shaped, generate-smollm2-shaped)" >&2; exit 2 ;;
+  *) echo "unknown part $NAME (tests, tune-mha, tune-smollm2, prefill-13b, generate-13b, prefill-smollm2, generate-smollm2, eval-smollm2, prefill-smollm2-shaped, generate-smollm2-shaped)" >&2; exit 2 ;;
 esac
 done

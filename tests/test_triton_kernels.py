@@ -361,46 +361,6 @@ def test_block_sparse_forward_two_key_blocks_per_step(shape, bs, blocks_per_head
         assert torch.equal(held, want) and torch.equal(lse_held, want_lse)
 
 
-def test_pair_union_lists_merge_two_query_blocks():
-    """pair_union_lists: each two consecutive query blocks' lists merged, sorted, each entry flagged with whose it
-    is; an odd last block pairs with an empty list; heads with no block at all give empty unions."""
-    for T, bs, per_head, sink, local in ((200, 16, 3, 1, 1), (130, 16, 1, 0, 0), (96, 32, None, 1, 1)):
-        bi, bc = _lists(2, 3, T, bs, per_head, seed=T, sink=sink, local=local)
-        index, count, flags = bsa.pair_union_lists(bi.to(torch.int32), bc.to(torch.int32))
-        nqb = bi.shape[2]
-        assert index.shape[:3] == (2, 3, (nqb + 1) // 2) and index.dtype == torch.int32
-        for b in range(2):
-            for h in range(3):
-                for p in range(index.shape[2]):
-                    mine = [set(bi[b, h, i, : bc[b, h, i]].tolist()) if i < nqb else set() for i in (2 * p, 2 * p + 1)]
-                    want = sorted(mine[0] | mine[1])
-                    n = int(count[b, h, p])
-                    assert index[b, h, p, :n].tolist() == want and (index[b, h, p, n:] == -1).all()
-                    assert flags[b, h, p, :n].tolist() == [(e in mine[0]) + 2 * (e in mine[1]) for e in want]
-                    assert (flags[b, h, p, n:] == 0).all()
-
-
-@pytest.mark.parametrize("shape,bs,blocks_per_head", [((1, 3, 3, 200, 16), 16, 1), ((1, 3, 3, 200, 16), 16, 3),
-                                                      ((2, 2, 2, 130, 32), 32, None)], ids=["bph1", "bph3", "all"])
-def test_block_sparse_forward_two_query_blocks_per_program(shape, bs, blocks_per_head):
-    """QPP=2 (one head's two consecutive query blocks in a program, over the union of their lists, each row masked
-    to its own list) equals the forward a block at a time: an odd number of query blocks (the last pairs with
-    nothing), one-block lists (unions with no shared entry), full lists; with two key blocks a step and the
-    list in registers too. Without grouping (G 1), the only case the tile applies to."""
-    B, Hq, Hkv, T, d = shape
-    (q, k, v), _ = _inputs(B, Hq, Hkv, T, d, torch.float32, seed=T)
-    bi, bc = _lists(B, Hkv, T, bs, blocks_per_head, seed=T)
-    args = (q, k, v, bi.to(torch.int32), bc.to(torch.int32), bs, d**-0.5)
-    assert bsa._forward_meta(1, bs, d, torch.float32, {"QPP": 2})["QPP"] == 2
-    assert bsa._forward_meta(2, bs, d, torch.float32, {"QPP": 2})["QPP"] == 1  # G 2: heads stack instead
-    for kps, held in ((1, 0), (2, 0), (1, 1), (2, 1)):
-        one, lse_one = bsa._forward(*args, launch={"KPS": kps, "LIST_IN_REGS": held})
-        two, lse_two = bsa._forward(*args, launch={"KPS": kps, "LIST_IN_REGS": held, "QPP": 2})
-        # interpreter: measured max |difference| 0.0 with KPS 1 (a row's masked blocks add exact zeros, its own
-        # come in the same order), 4.8e-7 with KPS 2 (a step pairs other blocks); the bound allows the GPU's tiles
-        assert (one - two).abs().max() < 5e-6 and _max_err(lse_one, lse_two) < 5e-6
-
-
 @pytest.mark.parametrize("max_rows", [16, 32])
 def test_block_sparse_head_chunks(monkeypatch, max_rows):
     """A group split over several programs (HPP < G), including a padded last chunk (G=3, HPP=2)."""
