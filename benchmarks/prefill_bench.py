@@ -67,26 +67,30 @@ def time_prefill(model, mode: str, ids: torch.Tensor, graph: bool) -> dict:
 
 
 def parse_launch(text: str) -> dict:
-    """'QPP=2,KPS=2' -> {'QPP': 2, 'KPS': 2}: overrides of the block-sparse forward's FORWARD_LAUNCH ('default':
+    """'KPS=2,K_ROWS=1' -> {'KPS': 2, 'K_ROWS': 1}: overrides of the block-sparse forward's FORWARD_LAUNCH ('default':
     none)."""
     if text == "default":
         return {}
     try:
         return {key: int(value) for key, value in (item.split("=") for item in text.split(","))}
     except ValueError:
-        raise SystemExit(f"--sea-launch {text!r}: expected 'default' or KEY=INT items, e.g. QPP=2,KPS=2") from None
+        raise SystemExit(f"--sea-launch {text!r}: expected 'default' or KEY=INT items, e.g. KPS=2,K_ROWS=1") from None
 
 
 @contextlib.contextmanager
 def forward_launch(overrides: dict):
-    """The block-sparse forward's launch settings with `overrides`, for the prefills timed inside."""
-    saved = dict(bsa.FORWARD_LAUNCH)
+    """The block-sparse forward's launch settings with `overrides`, for the prefills timed inside
+    (GATES_IN_EPILOGUE: the module's switch for the output gates, in the attention's epilogue or a pass of their own)."""
+    saved, saved_gates = dict(bsa.FORWARD_LAUNCH), bsa.GATES_IN_EPILOGUE
+    overrides = dict(overrides)
+    bsa.GATES_IN_EPILOGUE = bool(overrides.pop("GATES_IN_EPILOGUE", saved_gates))
     bsa.FORWARD_LAUNCH.update(overrides)
     try:
         yield
     finally:
         bsa.FORWARD_LAUNCH.clear()
         bsa.FORWARD_LAUNCH.update(saved)
+        bsa.GATES_IN_EPILOGUE = saved_gates
 
 
 def best(row: dict) -> tuple[float, str]:
@@ -106,7 +110,7 @@ def main() -> None:
                     help="after the table: the time per kernel of one SEA and one dense prefill at the first length")
     ap.add_argument("--sea-launch", nargs="+", default=["default"], metavar="KEY=INT,...",
                     help="SEA timed once per setting of the block-sparse forward's launch (FORWARD_LAUNCH overrides,"
-                         " e.g. default QPP=2 QPP=2,KPS=2); the first is the row's speed-up, each other gets its own")
+                         " e.g. default KPS=2 GATES_IN_EPILOGUE=1); the first is the row's speed-up, each other gets its own")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "prefill.json"))
     a = ap.parse_args()
     # the first setting is the row's "sea" (and its speed-up); each other is "sea@<setting>"
