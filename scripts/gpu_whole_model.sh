@@ -11,7 +11,8 @@
 # LLaMA-13B's 40 heads on 40 KV heads, q/k/v as the model lays them out), eval-smollm2 (`sea-convert eval` of the
 # predictors-only checkpoint carried in outputs/gpu-eval, on the GPU by default, timed; make it with
 # `python3 scripts/predictors_only_checkpoint.py outputs/smollm2-135m-sea outputs/gpu-eval` after `make run`, and carry
-# it with .stage2); prefill-smollm2-shaped and
+# it in a call of its own after .stage2's, while warm: with .stage2 and the tree the call passed 64 MiB);
+# tune-smollm2 (the forward's launch for SmolLM2's 9 heads on 3 KV heads, d 64); prefill-smollm2-shaped and
 # generate-smollm2-shaped (SmolLM2's shape with random weights: a call that cannot carry the GGUF, carry .whl).
 set -euo pipefail
 source scripts/gpu_setup.sh
