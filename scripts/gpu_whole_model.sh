@@ -6,6 +6,7 @@
 #   bash scripts/gpu_whole_model.sh generate-smollm2
 # Each writes JSON and a log under $OUT; each fits one 10-minute call (the 13B-shaped prefill at 128k is the long one).
 # Several parts in one call: bash scripts/gpu_whole_model.sh prefill-13b generate-13b, with PART_TIMEOUT=S each.
+# BATCH="4" (batches; the 13B parts run 1 unless told, the SmolLM2 parts 1 and 4).
 # EXTRA="--profile" (prefill) adds the per-kernel CUDA time of one SEA and one dense prefill at the first length.
 # Other parts: tests (the GPU tests of the whole-model paths), tune-mha (the block-sparse forward's launch for
 # LLaMA-13B's 40 heads on 40 KV heads, q/k/v as the model lays them out), eval-smollm2 (`sea-convert eval` of the
@@ -24,17 +25,17 @@ run() { timeout "${PART_TIMEOUT:-580}" python3 "$@" 2>&1 | grep --line-buffered 
           | tee -a "$OUT/$NAME.log" || echo "$NAME stopped (timeout ${PART_TIMEOUT:-580} s or an error); its JSON has the rows it finished"; }
 for NAME in "${@:-prefill-13b}"; do
 case "$NAME" in
-  prefill-13b) run benchmarks/prefill_bench.py --model llama13b --layers 4 --tokens 32768 131072 --batch 1 \
+  prefill-13b) run benchmarks/prefill_bench.py --model llama13b --layers 4 --tokens 32768 131072 --batch ${BATCH:-1} \
                  --json "$OUT/prefill_13b.json" ${EXTRA:-} ;;
-  generate-13b) run benchmarks/generate_bench.py --model llama13b --layers 4 --contexts 32768 131072 --batch 1 \
+  generate-13b) run benchmarks/generate_bench.py --model llama13b --layers 4 --contexts 32768 131072 --batch ${BATCH:-1} \
                   --new-tokens 64 --json "$OUT/generate_13b.json" ;;
-  prefill-smollm2) run benchmarks/prefill_bench.py --model smollm2 --gguf "$GGUF_PATH" --tokens 8192 32768 --batch 1 4 \
+  prefill-smollm2) run benchmarks/prefill_bench.py --model smollm2 --gguf "$GGUF_PATH" --tokens 8192 32768 --batch ${BATCH:-1 4} \
                      --json "$OUT/prefill_smollm2.json" ${EXTRA:-} ;;
   generate-smollm2) run benchmarks/generate_bench.py --model smollm2 --gguf "$GGUF_PATH" --contexts 8192 32768 \
-                      --batch 1 4 --new-tokens 128 --json "$OUT/generate_smollm2.json" ;;
-  prefill-smollm2-shaped) run benchmarks/prefill_bench.py --model smollm2-shaped --tokens 8192 32768 --batch 1 4 \
+                      --batch ${BATCH:-1 4} --new-tokens 128 --json "$OUT/generate_smollm2.json" ;;
+  prefill-smollm2-shaped) run benchmarks/prefill_bench.py --model smollm2-shaped --tokens 8192 32768 --batch ${BATCH:-1 4} \
                             --json "$OUT/prefill_smollm2_shaped.json" ;;
-  generate-smollm2-shaped) run benchmarks/generate_bench.py --model smollm2-shaped --contexts 8192 32768 --batch 1 4 \
+  generate-smollm2-shaped) run benchmarks/generate_bench.py --model smollm2-shaped --contexts 8192 32768 --batch ${BATCH:-1 4} \
                              --new-tokens 128 --json "$OUT/generate_smollm2_shaped.json" ;;
   tests) timeout "${PART_TIMEOUT:-580}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_integration.py \
            tests/test_triton_kernels.py -k "captured or select_key_blocks_gpu or two_key_blocks" 2>&1 \
