@@ -1,0 +1,137 @@
+"""Where a converted model loses the pass key: for each layer, does the answer's query block keep the key's
+block, in SEA's selection and in the oracle's at the same budget, and how much of the teacher's attention lands
+on the key there. CPU is enough (1k-2k prompts).
+
+    python3 benchmarks/passkey_where_lost.py outputs/smollm2-135m-sea --lengths 1024 --depths 0.25 0.5 0.75 \\
+        --json docs/results/passkey_where_lost.json
+
+Per layer, averaged over samples and KV heads: `teacher_mass` (the share of the answering rows' attention on the
+key line, the largest of a KV head's query heads), `sea_kept` and `oracle_kept` (how often the answering query
+block's list holds a block of the key line), `sea_rank` (the key's best block's rank in SEA's scores for that
+query block, 0 = first; the budget keeps ranks below its block count), and `pooled_rank`, the same rank under a
+pooled selector (the answering rows' mean query against each key block's mean key: MoBA's and Quest's family), to
+tell a budget that is too small from a predictor that does not see the key. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
+
+from kernels import dispatch  # noqa: E402
+from sea_convert.attention.select import block_budget, oracle_select, select  # noqa: E402
+from sea_convert.checkpoint import load  # noqa: E402
+from sea_convert.integration import attention_modules, capture_attention, predictors  # noqa: E402
+from sea_convert.passkey import KEY_LINE, make_sample  # noqa: E402
+
+
+def key_span(tokenizer, sample) -> range:
+    """The key line's token positions in the prompt."""
+    line = tokenizer(" " + KEY_LINE.format(key=sample.key), add_special_tokens=False)["input_ids"]
+    ids = sample.ids.tolist()
+    for start in range(len(ids) - len(line) + 1):
+        if ids[start : start + len(line)] == line:
+            return range(start, start + len(line))
+    raise ValueError("the key line is not in the prompt")
+
+
+def block_scores(probs: torch.Tensor, cfg, num_kv_heads: int, ops, T: int) -> torch.Tensor:
+    """The (B, Hkv, NQB, NKB) scores that `select` ranks (its own two branches)."""
+    B, Hq, R, K = probs.shape
+    grouped = probs if Hq == num_kv_heads else probs.view(B, num_kv_heads, Hq // num_kv_heads, R, K).mean(2)
+    if cfg.predictor_rows == "block":
+        return ops.block_scores_from_bins(grouped, R)
+    return ops.pool_key_block_scores(grouped, cfg.block_size, None)
+
+
+@torch.no_grad()
+def diagnose(model, tokenizer, sample) -> list[dict]:
+    preds = predictors(model)
+    span = key_span(tokenizer, sample)
+    ids = sample.ids[None]
+    with capture_attention(model) as cap:
+        model(input_ids=ids, use_cache=False)
+    T = ids.shape[1]
+    answering = torch.arange(sample.answer_start - 1, T - 1)  # the rows that predict the answer's tokens
+    rows = []
+    for layer, pred in enumerate(preds):
+        c, cfg = cap[layer], attention_modules(model)[layer].sea_config
+        ops = dispatch.ops(cfg.backend, ids.device)
+        Hq, Hkv = c.q.shape[1], c.k.shape[1]
+        G, bs = Hq // Hkv, cfg.block_size
+        key_blocks = sorted({p // bs for p in span})
+        qb = int(answering[0]) // bs  # the query block of the first answering row
+        probs = pred(c.q, c.k, c.v, c.scale, ops).log_probs.exp()
+        sea = select(probs, cfg, Hkv, ops, seq_len=T)
+        oracle = oracle_select(c.q, c.k, c.scale, cfg)
+        scores = block_scores(probs, cfg, Hkv, ops, T)[0, :, qb]  # (Hkv, NKB)
+        att = torch.softmax((c.q[0, :, answering].float() @ c.k[0].float().repeat_interleave(G, 0).transpose(-1, -2))
+                            * c.scale + torch.full((T, T), float("-inf")).triu(1)[answering], -1)  # (Hq, rows, T)
+        on_key = att[:, :, list(span)].sum(-1).mean(-1).view(Hkv, G).amax(-1)  # (Hkv,)
+
+        def kept(s):
+            listed = s.block_index[0, :, qb, :]
+            n = s.block_count[0, :, qb]
+            return [bool(any(b in key_blocks for b in listed[h, : n[h]].tolist())) for h in range(Hkv)]
+
+        def best_rank(block_scores_kv: torch.Tensor) -> list[int]:
+            order = block_scores_kv.argsort(-1, descending=True)
+            return [min(int((order[h] == b).nonzero()[0]) for b in key_blocks) for h in range(Hkv)]
+
+        rank = best_rank(scores)
+        # for comparison, a pooled selector (MoBA's, Quest's family): the answering rows' mean query against each
+        # key block's mean key, summed over the group's query heads, causal blocks only
+        nkb = -(-T // bs)
+        k_means = torch.nn.functional.pad(c.k[0].float(), (0, 0, 0, nkb * bs - T)).view(Hkv, nkb, bs, -1).sum(2)
+        k_means = k_means / torch.tensor([min(bs, T - j * bs) for j in range(nkb)], dtype=torch.float32)[None, :, None]
+        q_mean = c.q[0, :, answering].float().mean(1).view(Hkv, G, -1)  # (Hkv, G, d)
+        pooled = torch.einsum("hgd,hjd->hgj", q_mean, k_means).sum(1)
+        pooled[:, qb + 1 :] = float("-inf")
+        rows.append({"layer": layer, "teacher_mass": on_key.tolist(), "sea_kept": kept(sea), "oracle_kept": kept(oracle),
+                     "sea_rank": rank, "pooled_rank": best_rank(pooled), "budget_blocks": int(block_budget(cfg).bound(qb + 1)), "query_block": qb,
+                     "key_blocks": key_blocks})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--per-cell", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    model, tokenizer = load(a.checkpoint)
+    model.eval()
+    samples = [make_sample(tokenizer, n, d, str(10000 + 7919 * i % 90000)) for n in a.lengths for d in a.depths
+               for i in range(a.per_cell)]
+    per_sample = [diagnose(model, tokenizer, s) for s in samples]
+    layers = len(per_sample[0])
+
+    def mean(key: str, layer: int) -> float:
+        vals = [float(v) for rows in per_sample for v in rows[layer][key]]
+        return sum(vals) / len(vals)
+
+    table = [{"layer": i, **{k: mean(k, i) for k in ("teacher_mass", "sea_kept", "oracle_kept", "sea_rank", "pooled_rank")},
+              "budget_blocks": per_sample[0][i]["budget_blocks"]} for i in range(layers)]
+    print(f"{a.checkpoint}: {len(samples)} prompts ({a.lengths} tokens, depths {a.depths}); per layer, mean over "
+          "prompts and KV heads")
+    print("layer | teacher mass on the key | SEA keeps the key block | oracle keeps it | SEA's rank of it (budget) "
+          "| pooled q.mean(k)'s rank")
+    for r in table:
+        print(f"{r['layer']:5d} | {r['teacher_mass']:23.3f} | {r['sea_kept']:23.2f} | {r['oracle_kept']:15.2f} | "
+              f"{r['sea_rank']:6.1f} ({r['budget_blocks']}) | {r['pooled_rank']:6.1f}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"checkpoint": str(a.checkpoint), "lengths": a.lengths, "depths": a.depths,
+                                      "per_cell": a.per_cell, "layers": table, "samples": per_sample}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
