@@ -10,7 +10,8 @@ key line, the largest of a KV head's query heads), `sea_kept` and `oracle_kept` 
 block's list holds a block of the key line), `sea_rank` (the key's best block's rank in SEA's scores for that
 query block, 0 = first; the budget keeps ranks below its block count), and `pooled_rank`, the same rank under a
 pooled selector (the answering rows' mean query against each key block's mean key: MoBA's and Quest's family), to
-tell a budget that is too small from a predictor that does not see the key. Prints a table and writes JSON.
+tell a budget that is too small from a predictor that does not see the key; and each score's Spearman correlation
+with the teacher's attention mass over the query block's causal key blocks. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
 from kernels import dispatch  # noqa: E402
+from kernels.reference_teacher_target import block_attention_mass  # noqa: E402
 from sea_convert.attention.select import block_budget, oracle_select, select  # noqa: E402
 from sea_convert.checkpoint import load  # noqa: E402
 from sea_convert.integration import attention_modules, capture_attention, predictors  # noqa: E402
@@ -85,6 +87,9 @@ def diagnose(model, tokenizer, sample) -> list[dict]:
             return [min(int((order[h] == b).nonzero()[0]) for b in key_blocks) for h in range(Hkv)]
 
         rank = best_rank(scores)
+        # how well each score orders the key blocks as the teacher's attention mass does (Spearman over the causal
+        # blocks): position alone (sink, recent blocks) already earns some of it
+        mass = block_attention_mass(c.q, c.k, c.scale, bs)[0, :, qb, : qb + 1]
         # for comparison, a pooled selector (MoBA's, Quest's family): the answering rows' mean query against each
         # key block's mean key, summed over the group's query heads, causal blocks only
         nkb = -(-T // bs)
@@ -93,8 +98,15 @@ def diagnose(model, tokenizer, sample) -> list[dict]:
         q_mean = c.q[0, :, answering].float().mean(1).view(Hkv, G, -1)  # (Hkv, G, d)
         pooled = torch.einsum("hgd,hjd->hgj", q_mean, k_means).sum(1)
         pooled[:, qb + 1 :] = float("-inf")
+
+        def spearman(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+            ra, rb = (x.argsort(-1).argsort(-1).float() for x in (a, b))
+            ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+            return ((ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-12)).tolist()
         rows.append({"layer": layer, "teacher_mass": on_key.tolist(), "sea_kept": kept(sea), "oracle_kept": kept(oracle),
-                     "sea_rank": rank, "pooled_rank": best_rank(pooled), "budget_blocks": int(block_budget(cfg).bound(qb + 1)), "query_block": qb,
+                     "sea_rank": rank, "pooled_rank": best_rank(pooled),
+                     "sea_spearman": spearman(scores[:, : qb + 1], mass), "pooled_spearman": spearman(pooled[:, : qb + 1], mass),
+                     "budget_blocks": int(block_budget(cfg).bound(qb + 1)), "query_block": qb,
                      "key_blocks": key_blocks})
     return rows
 
@@ -118,15 +130,16 @@ def main() -> None:
         vals = [float(v) for rows in per_sample for v in rows[layer][key]]
         return sum(vals) / len(vals)
 
-    table = [{"layer": i, **{k: mean(k, i) for k in ("teacher_mass", "sea_kept", "oracle_kept", "sea_rank", "pooled_rank")},
+    table = [{"layer": i, **{k: mean(k, i) for k in ("teacher_mass", "sea_kept", "oracle_kept", "sea_rank", "pooled_rank", "sea_spearman", "pooled_spearman")},
               "budget_blocks": per_sample[0][i]["budget_blocks"]} for i in range(layers)]
     print(f"{a.checkpoint}: {len(samples)} prompts ({a.lengths} tokens, depths {a.depths}); per layer, mean over "
           "prompts and KV heads")
     print("layer | teacher mass on the key | SEA keeps the key block | oracle keeps it | SEA's rank of it (budget) "
-          "| pooled q.mean(k)'s rank")
+          "| pooled q.mean(k)'s rank | Spearman with the teacher's block mass: SEA, pooled")
     for r in table:
         print(f"{r['layer']:5d} | {r['teacher_mass']:23.3f} | {r['sea_kept']:23.2f} | {r['oracle_kept']:15.2f} | "
-              f"{r['sea_rank']:6.1f} ({r['budget_blocks']}) | {r['pooled_rank']:6.1f}")
+              f"{r['sea_rank']:6.1f} ({r['budget_blocks']}) | {r['pooled_rank']:6.1f} | "
+              f"{r['sea_spearman']:5.2f} {r['pooled_spearman']:5.2f}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"checkpoint": str(a.checkpoint), "lengths": a.lengths, "depths": a.depths,

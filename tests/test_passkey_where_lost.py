@@ -32,6 +32,7 @@ def test_passkey_where_lost(tmp_path, smollm2_tokenizer):
         assert all(r["sea_kept"]) and all(r["oracle_kept"])
         assert all(0 <= x <= r["query_block"] for x in r["sea_rank"] + r["pooled_rank"])
         assert all(0.0 <= m <= 1.0 for m in r["teacher_mass"])
+        assert all(-1.0 <= x <= 1.0 for x in r["sea_spearman"] + r["pooled_spearman"])
     out = tmp_path / "where.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "passkey_where_lost.py"), str(path), "--lengths", "300",
                           "--depths", "0.5", "--per-cell", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
