@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, whe
 
 from kernels import dispatch  # noqa: E402
 from kernels.reference_teacher_target import block_attention_mass  # noqa: E402
-from sea_convert.attention.select import block_budget, oracle_select, select  # noqa: E402
+from sea_convert.attention.select import block_budget, block_selection_scores, oracle_select, select  # noqa: E402
 from sea_convert.checkpoint import load  # noqa: E402
 from sea_convert.integration import attention_modules, capture_attention, predictors  # noqa: E402
 from sea_convert.passkey import KEY_LINE, make_sample  # noqa: E402
@@ -41,15 +41,6 @@ def key_span(tokenizer, sample) -> range:
         if ids[start : start + len(line)] == line:
             return range(start, start + len(line))
     raise ValueError("the key line is not in the prompt")
-
-
-def block_scores(probs: torch.Tensor, cfg, num_kv_heads: int, ops, T: int) -> torch.Tensor:
-    """The (B, Hkv, NQB, NKB) scores that `select` ranks (its own two branches)."""
-    B, Hq, R, K = probs.shape
-    grouped = probs if Hq == num_kv_heads else probs.view(B, num_kv_heads, Hq // num_kv_heads, R, K).mean(2)
-    if cfg.predictor_rows == "block":
-        return ops.block_scores_from_bins(grouped, R)
-    return ops.pool_key_block_scores(grouped, cfg.block_size, None)
 
 
 @torch.no_grad()
@@ -72,9 +63,10 @@ def diagnose(model, tokenizer, sample) -> list[dict]:
         probs = pred(c.q, c.k, c.v, c.scale, ops).log_probs.exp()
         sea = select(probs, cfg, Hkv, ops, seq_len=T)
         oracle = oracle_select(c.q, c.k, c.scale, cfg)
-        scores = block_scores(probs, cfg, Hkv, ops, T)[0, :, qb]  # (Hkv, NKB)
-        att = torch.softmax((c.q[0, :, answering].float() @ c.k[0].float().repeat_interleave(G, 0).transpose(-1, -2))
-                            * c.scale + torch.full((T, T), float("-inf")).triu(1)[answering], -1)  # (Hq, rows, T)
+        scores = block_selection_scores(probs, cfg, Hkv, ops)[0, :, qb]  # (Hkv, NKB): what `select` ranks
+        later = torch.arange(T)[None, :] > answering[:, None]  # (rows, T): the keys after each answering row
+        att = torch.softmax(((c.q[0, :, answering].float() @ c.k[0].float().repeat_interleave(G, 0).transpose(-1, -2))
+                             * c.scale).masked_fill(later, float("-inf")), -1)  # (Hq, rows, T)
         on_key = att[:, :, list(span)].sum(-1).mean(-1).view(Hkv, G).amax(-1)  # (Hkv,)
 
         def kept(s):

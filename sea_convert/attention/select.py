@@ -89,19 +89,28 @@ def select(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops, vali
     with `valid` the pads are left out of that pooling (`pool_key_block_scores`' lengths): real rows select as in
     their unpadded sequence.
     """
-    B, Hq, R, K = est_probs.shape
-    T = R if seq_len is None else seq_len
-    grouped = est_probs if Hq == num_kv_heads else est_probs.view(B, num_kv_heads, Hq // num_kv_heads, R, K).mean(2)
+    T = est_probs.shape[2] if seq_len is None else seq_len
     if cfg.mode == "block":
-        lengths = None if valid is None else valid.sum(-1)
-        if cfg.predictor_rows == "block":  # already one row per query block, over key blocks
-            scores = ops.block_scores_from_bins(grouped, R)
-        else:
-            scores = ops.pool_key_block_scores(grouped, cfg.block_size, lengths)
+        scores = block_selection_scores(est_probs, cfg, num_kv_heads, ops, valid)
         budget = block_budget(cfg)
         index, count = ops.select_key_blocks(scores, budget, max_budget=budget.bound(scores.shape[-1]) * num_kv_heads)
         return Selection("block", T, block_index=index, block_count=count, block_size=cfg.block_size)
-    return Selection("per_query", T, bin_mask=ops.select_bins_per_query(grouped, cfg.k))
+    return Selection("per_query", T, bin_mask=ops.select_bins_per_query(_grouped(est_probs, num_kv_heads), cfg.k))
+
+
+def _grouped(est_probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, Hq, R, K) -> the mean over each KV head's query heads, (B, Hkv, R, K)."""
+    B, Hq, R, K = est_probs.shape
+    return est_probs if Hq == num_kv_heads else est_probs.view(B, num_kv_heads, Hq // num_kv_heads, R, K).mean(2)
+
+
+def block_selection_scores(est_probs: torch.Tensor, cfg: SEAConfig, num_kv_heads: int, ops,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, Hkv, NQB, NKB) scores block mode ranks (`select`'s arguments): one per (query block, key block)."""
+    grouped = _grouped(est_probs, num_kv_heads)
+    if cfg.predictor_rows == "block":  # already one row per query block, over key blocks
+        return ops.block_scores_from_bins(grouped, grouped.shape[2])
+    return ops.pool_key_block_scores(grouped, cfg.block_size, None if valid is None else valid.sum(-1))
 
 
 def oracle_select(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: SEAConfig, valid: torch.Tensor | None = None) -> Selection:
