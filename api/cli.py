@@ -340,6 +340,12 @@ def harness(
     ruler_lengths: Annotated[Optional[str], typer.Option(
         "--ruler-lengths", help="comma-separated prompt lengths: with --write-tasks, also the offline RULER tasks"
         " (sea_ruler_*, tag sea_ruler; pip install wonderwords), their samples sized by the checkpoint's tokenizer")] = None,
+    modes: Annotated[str, typer.Option("--modes", help="attention modes: dense (the teacher), sea, oracle (generation"
+                                                      " with the oracle is a full pass per token)")] = "dense,sea",
+    ruler_samples: Annotated[Optional[int], typer.Option(
+        "--ruler-samples", min=1, help="with --ruler-lengths: make this many samples per length now and write task"
+        " files that read them (scored later or elsewhere without RULER's generators; --include-path then reuses"
+        " the folder)")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -348,7 +354,8 @@ def harness(
 
     if importlib.util.find_spec("lm_eval") is None:
         _fail("the harness is not installed: pip install lm-eval")
-    from sea_convert.harness import evaluate, headline, ruler_metadata, write_local_tasks
+    from sea_convert.harness import (RULER_OFFLINE, evaluate, headline, ruler_metadata, write_local_tasks,
+                                     write_ruler_samples)
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     lengths = None
@@ -362,33 +369,44 @@ def harness(
         if importlib.util.find_spec("wonderwords") is None:
             _fail("--ruler-lengths: RULER makes its samples with the wonderwords package: pip install wonderwords")
         _check_fits(checkpoint, "--ruler-lengths", max(lengths))
+    if ruler_samples is not None and lengths is None:
+        _fail("--ruler-samples: give --ruler-lengths and --write-tasks too")
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if not chosen or set(chosen) - {"dense", "sea", "oracle"}:
+        _fail(f"--modes: choose among dense, sea, oracle (got {modes!r})")
     if local_tasks is not None:
         if "sea_text_ppl" in names and (text is None or not text.is_file()):
             _fail("--text: sea_text_ppl needs a text file to score")
         include_path = write_local_tasks(local_tasks, text=text, mmlu=any(n.startswith("sea_mmlu") for n in names),
-                                         ruler_lengths=lengths)
+                                         ruler_lengths=None if ruler_samples else lengths)
+        if ruler_samples and lengths:
+            asked = [n.removeprefix("sea_ruler_") for n in names]  # only the tasks asked for (tag sea_ruler: all)
+            write_ruler_samples(local_tasks, lengths, ruler_samples, str(checkpoint),
+                                tasks=RULER_OFFLINE if "sea_ruler" in names else tuple(t for t in RULER_OFFLINE if t in asked))
+            lengths = None  # the samples are made: the tasks need no metadata
     elif include_path is not None and not include_path.is_dir():
         _fail(f"--include-path: no such folder: {include_path}")
     where = _device(device)
     model, tokenizer = _load_checkpoint(checkpoint, where)
     rows, results = [], {}
-    for mode in ("dense", "sea"):
+    for mode in chosen:
         res = evaluate(model, names, attention=mode, tokenizer=tokenizer, limit=limit, num_fewshot=num_fewshot,
                        include_path=include_path, device=str(where),
                        metadata=ruler_metadata(checkpoint, lengths) if lengths else None)
         results[mode] = {task: dict([headline(res, task)]) for task in names}
         results[mode + "_samples"] = {task: res["n-samples"].get(task, {}).get("effective") for task in res["n-samples"]}
+    label = {"dense": "teacher", "sea": "SEA", "oracle": "oracle"}
     for task in names:
-        (metric, teacher), = results["dense"][task].items()
-        sea = results["sea"][task][metric]
-        rows.append((f"{task} {metric}", f"teacher {teacher:.4f}   SEA {sea:.4f}"))
+        (metric, _), = results[chosen[0]][task].items()
+        rows.append((f"{task} {metric}", "   ".join(f"{label[m]} {results[m][task][metric]:.4f}" for m in chosen)))
     rows.append(("limit, shots", f"{limit}, {num_fewshot if num_fewshot is not None else 'task default'}"))
     rows.append(("device", str(where)))
     out.print(_table(f"lm-evaluation-harness: {checkpoint}", rows))
     if as_json is not None:
         as_json.write_text(json.dumps({"checkpoint": str(checkpoint), "device": str(where), "tasks": names, "limit": limit,
-                                       "num_fewshot": num_fewshot, "teacher": results["dense"], "sea": results["sea"],
-                                       "samples": results["sea_samples"]}, indent=2))
+                                       "num_fewshot": num_fewshot,
+                                       **{label[m].lower(): results[m] for m in chosen},
+                                       "samples": results[chosen[-1] + "_samples"]}, indent=2))
 
 
 from api import remote  # noqa: E402  (submit, status, logs, cancel, schedules: the REST client commands)

@@ -10,7 +10,10 @@ key line, the largest of a KV head's query heads), `sea_kept` and `oracle_kept` 
 block's list holds a block of the key line), `sea_rank` (the key's best block's rank in SEA's scores for that
 query block, 0 = first; the budget keeps ranks below its block count), and `pooled_rank`, the same rank under a
 pooled selector (the answering rows' mean query against each key block's mean key: MoBA's and Quest's family), to
-tell a budget that is too small from a predictor that does not see the key; and each score's Spearman correlation
+tell a budget that is too small from a predictor that does not see the key; the same pooled rank from the whole
+query block's mean query (`block_pooled_rank`) and from the window a block row is made from, the block_size rows
+up to the block's first (`opening_pooled_rank`, blocks before the query block only); `answer_offset`, the first
+answering row's place in its query block; and each score's Spearman correlation
 with the teacher's attention mass over the query block's causal key blocks. Prints a table and writes JSON.
 """
 
@@ -87,9 +90,19 @@ def diagnose(model, tokenizer, sample) -> list[dict]:
         nkb = -(-T // bs)
         k_means = torch.nn.functional.pad(c.k[0].float(), (0, 0, 0, nkb * bs - T)).view(Hkv, nkb, bs, -1).sum(2)
         k_means = k_means / torch.tensor([min(bs, T - j * bs) for j in range(nkb)], dtype=torch.float32)[None, :, None]
-        q_mean = c.q[0, :, answering].float().mean(1).view(Hkv, G, -1)  # (Hkv, G, d)
-        pooled = torch.einsum("hgd,hjd->hgj", q_mean, k_means).sum(1)
-        pooled[:, qb + 1 :] = float("-inf")
+
+        def pooled_scores(rows: slice | torch.Tensor, causal_blocks: int) -> torch.Tensor:
+            """The mean query of `rows` against each key block's mean key, summed over the group's query heads."""
+            q_mean = c.q[0, :, rows].float().mean(1).view(Hkv, G, -1)  # (Hkv, G, d)
+            s = torch.einsum("hgd,hjd->hgj", q_mean, k_means).sum(1)
+            s[:, causal_blocks:] = float("-inf")
+            return s
+
+        pooled = pooled_scores(answering, qb + 1)
+        # what a selection made per query block could read: the whole block's rows (a prefill-only choice, rows
+        # see later rows' queries), or the window block rows read, the bs rows up to the block's first (causal)
+        whole_block = pooled_scores(slice(qb * bs, min(T, qb * bs + bs)), qb + 1)
+        opening = pooled_scores(slice(max(0, qb * bs - bs + 1), qb * bs + 1), qb)
 
         def spearman(a: torch.Tensor, b: torch.Tensor) -> list[float]:
             ra, rb = (x.argsort(-1).argsort(-1).float() for x in (a, b))
@@ -97,6 +110,8 @@ def diagnose(model, tokenizer, sample) -> list[dict]:
             return ((ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-12)).tolist()
         rows.append({"layer": layer, "teacher_mass": on_key.tolist(), "sea_kept": kept(sea), "oracle_kept": kept(oracle),
                      "sea_rank": rank, "pooled_rank": best_rank(pooled),
+                     "block_pooled_rank": best_rank(whole_block), "opening_pooled_rank": best_rank(opening),
+                     "answer_offset": [int(answering[0]) - qb * bs],
                      "sea_spearman": spearman(scores[:, : qb + 1], mass), "pooled_spearman": spearman(pooled[:, : qb + 1], mass),
                      "budget_blocks": int(block_budget(cfg).bound(qb + 1)), "query_block": qb,
                      "key_blocks": key_blocks})
@@ -122,15 +137,17 @@ def main() -> None:
         vals = [float(v) for rows in per_sample for v in rows[layer][key]]
         return sum(vals) / len(vals)
 
-    table = [{"layer": i, **{k: mean(k, i) for k in ("teacher_mass", "sea_kept", "oracle_kept", "sea_rank", "pooled_rank", "sea_spearman", "pooled_spearman")},
+    table = [{"layer": i, **{k: mean(k, i) for k in ("teacher_mass", "sea_kept", "oracle_kept", "sea_rank", "pooled_rank", "block_pooled_rank", "opening_pooled_rank", "answer_offset", "sea_spearman", "pooled_spearman")},
               "budget_blocks": per_sample[0][i]["budget_blocks"]} for i in range(layers)]
     print(f"{a.checkpoint}: {len(samples)} prompts ({a.lengths} tokens, depths {a.depths}); per layer, mean over "
           "prompts and KV heads")
     print("layer | teacher mass on the key | SEA keeps the key block | oracle keeps it | SEA's rank of it (budget) "
-          "| pooled q.mean(k)'s rank | Spearman with the teacher's block mass: SEA, pooled")
+          "| pooled q.mean(k)'s rank: answering rows, whole block, opening window "
+          "| Spearman with the teacher's block mass: SEA, pooled")
     for r in table:
         print(f"{r['layer']:5d} | {r['teacher_mass']:23.3f} | {r['sea_kept']:23.2f} | {r['oracle_kept']:15.2f} | "
-              f"{r['sea_rank']:6.1f} ({r['budget_blocks']}) | {r['pooled_rank']:6.1f} | "
+              f"{r['sea_rank']:6.1f} ({r['budget_blocks']}) | {r['pooled_rank']:6.1f} {r['block_pooled_rank']:6.1f} "
+              f"{r['opening_pooled_rank']:6.1f} | "
               f"{r['sea_spearman']:5.2f} {r['pooled_spearman']:5.2f}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

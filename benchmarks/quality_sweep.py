@@ -10,6 +10,9 @@ and SEA, the density SEA used, and the GPU-seconds of each training stage. Optio
   reuse_adapters: true   also NAME's stage-B LoRA adapters (e.g. to evaluate it again, with MMLU)
   curve: [..]       also evaluate SEA and the oracle at these block_keys budgets (block mode)
   mmlu: true        MMLU of the teacher and of SEA after this setting (the base recipe's mmlu block)
+  passkey: {lengths, depths, per_cell}   the pass-key grid, teacher / SEA / oracle
+  ruler: {tasks: FOLDER, limits: {dense: N, sea: N, oracle: N}}   RULER's offline tasks through the harness,
+                    from task files written beforehand (sea_convert.harness.write_ruler_samples), N per task
   budget_s: {a: S, b: S}  cap a stage's wall time: after 3 steps the run is re-planned to fit
 The model is loaded once; between settings its base weights are restored and adapters removed.
 """
@@ -17,6 +20,7 @@ The model is loaded once; between settings its base weights are restored and ada
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -35,6 +39,7 @@ from sea_convert.evaluate import mode_perplexity  # noqa: E402
 from sea_convert.integration import attach_sea, compile_predictors, predictors, set_sea_config  # noqa: E402
 from sea_convert.lora import adapters_off, apply_lora, lora_layers, remove_lora  # noqa: E402
 from sea_convert.models import load_teacher, pick_device  # noqa: E402
+from sea_convert.passkey import make_grid, passkey_accuracy  # noqa: E402
 from sea_convert.recipe import RecipeError, load_recipe, parse_recipe  # noqa: E402
 from workers.pipeline.distill import distill_stage  # noqa: E402
 from workers.pipeline.validate import mmlu_accuracy  # noqa: E402
@@ -85,6 +90,45 @@ class Budget:
             if fit < self.trainer.total_steps:
                 print(f"  stage {stage.upper()}: {per_step:.3f} s/step -> {fit} steps to fit {self.seconds:.0f} s", flush=True)
                 self.trainer.set_total_steps(max(fit, 4))
+
+
+def passkey_rows(model, tokenizer, recipe, spec: dict) -> dict:
+    """The pass-key grid (sea_convert.passkey) in each mode: teacher and oracle on the base weights (stage B's
+    adapters off), SEA as trained. spec: {lengths, depths, per_cell[, seed]}."""
+    t = time.perf_counter()
+    samples = make_grid(tokenizer, spec["lengths"], spec["depths"], spec["per_cell"], spec.get("seed", 0),
+                        add_bos=recipe.data.add_bos)
+    with adapters_off(model):
+        res = passkey_accuracy(model, samples, ("dense", "oracle"))
+    res.update(passkey_accuracy(model, samples, ("sea",)))
+    res["seconds"] = round(time.perf_counter() - t, 1)
+    res["samples"] = len(samples)
+    print("  passkey: " + ", ".join(f"{m} {res[m]['mean']:.3f}" for m in ("dense", "sea", "oracle"))
+          + f" ({len(samples)} prompts, {res['seconds']} s)", flush=True)
+    return res
+
+
+def ruler_rows(model, tokenizer, spec: dict, device) -> dict:
+    """RULER's offline tasks through the harness ("sea" model type) from task files written beforehand
+    (`sea_convert.harness.write_ruler_samples`): spec {tasks: folder, limits: {mode: documents per task}}.
+    Teacher and oracle run on the base weights (stage B's adapters off)."""
+    from sea_convert.harness import RULER_OFFLINE, evaluate, ruler_scores
+
+    folder = ROOT / spec["tasks"]
+    names = [f"sea_ruler_{t}" for t in spec.get("names", RULER_OFFLINE)]
+    out: dict = {}
+    for mode, limit in spec["limits"].items():
+        t = time.perf_counter()
+        with adapters_off(model) if mode != "sea" else contextlib.nullcontext():
+            res = evaluate(model, names, attention=mode, tokenizer=tokenizer, limit=limit, include_path=folder,
+                           device=str(device))
+        out[mode] = {"scores": {n: ruler_scores(res, n) for n in names},
+                     "samples": {n: res["n-samples"][n]["effective"] for n in names},
+                     "seconds": round(time.perf_counter() - t, 1)}
+        print(f"  RULER {mode} ({out[mode]['seconds']} s): " + "; ".join(
+            f"{n.removeprefix('sea_ruler_')} " + "/".join(f"{v:.2f}" for _, v in sorted(out[mode]["scores"][n].items()))
+            for n in names), flush=True)
+    return out
 
 
 def sync():
@@ -233,6 +277,11 @@ def main() -> None:
                    eval_seconds=round(time.perf_counter() - t, 1))
         row["gpu_minutes_total"] = round(sum(s["gpu_minutes"] for s in row["stages"].values()), 2)
         print(f"  teacher {teacher_ppl:.3f}; GPU-minutes (training) {row['gpu_minutes_total']}", flush=True)
+
+        if setting.get("passkey"):
+            row["passkey"] = passkey_rows(model, tokenizer, recipe, setting["passkey"])
+        if setting.get("ruler"):
+            row["ruler"] = ruler_rows(model, tokenizer, setting["ruler"], device)
 
         if setting.get("mmlu"):
             m = recipe.validate_.mmlu

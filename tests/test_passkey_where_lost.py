@@ -30,7 +30,9 @@ def test_passkey_where_lost(tmp_path, smollm2_tokenizer):
     for r in rows:
         assert r["key_blocks"] == sorted({p // 16 for p in span}) and r["query_block"] == (sample.answer_start - 1) // 16
         assert all(r["sea_kept"]) and all(r["oracle_kept"])
-        assert all(0 <= x <= r["query_block"] for x in r["sea_rank"] + r["pooled_rank"])
+        assert all(0 <= x <= r["query_block"] for x in r["sea_rank"] + r["pooled_rank"] + r["block_pooled_rank"])
+        assert all(0 <= x < r["query_block"] for x in r["opening_pooled_rank"])  # blocks before its own only
+        assert r["answer_offset"] == [sample.answer_start - 1 - r["query_block"] * 16]
         assert all(0.0 <= m <= 1.0 for m in r["teacher_mass"])
         assert all(-1.0 <= x <= 1.0 for x in r["sea_spearman"] + r["pooled_spearman"])
     out = tmp_path / "where.json"
