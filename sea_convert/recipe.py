@@ -267,6 +267,9 @@ class Gates(_Strict):
     max_mmlu_drop: float | None = Field(None, ge=0.0, description="fail if teacher MMLU - SEA MMLU exceeds this")
     max_passkey_drop: float | None = Field(
         None, ge=0.0, description="fail if the teacher's passkey accuracy - SEA's exceeds this (needs validate.passkey)")
+    max_harness_drop: float | None = Field(
+        None, ge=0.0, description="fail if, on any validate.harness task scored higher-is-better (accuracy, RULER's"
+        " string match), the teacher's score - SEA's exceeds this (perplexity tasks: max_ppl_ratio's domain)")
 
 
 class ValidateConfig(_Strict):

@@ -140,6 +140,27 @@ def test_validation_runs_passkey_and_gates_on_its_drop(smollm2_tokenizer):
     assert check_gates(recipe, report.perplexity, None, None) == ["max_passkey_drop is set but validate.passkey.lengths is empty"]
 
 
+def test_harness_drop_gate_reads_score_tasks_only():
+    """validate.gates.max_harness_drop: a RULER or accuracy task that drops more than the gate fails the recipe;
+    perplexity tasks are max_ppl_ratio's, and a gate with no scored task to read fails rather than passes."""
+    from pathlib import Path
+
+    from sea_convert.recipe import parse_recipe
+    from workers.pipeline.validate import check_gates
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen.txt"
+    recipe = parse_recipe({"name": "harness-gate", "model": {"hub": "x/tiny"}, "data": {"train": {"path": str(data)}},
+                           "validate": {"gates": {"max_harness_drop": 0.05}}})
+    ppl = {"ppl_ratio": 1.01}
+    ruler = {"metric": "ruler@2048/4096", "teacher": 0.80, "sea": 0.70}
+    text = {"metric": "word_perplexity", "teacher": 20.0, "sea": 40.0}
+    assert check_gates(recipe, ppl, None, None, {"sea_ruler_vt": ruler, "sea_text_ppl": text}) == [
+        "sea_ruler_vt (ruler@2048/4096) drop 0.1000 > max_harness_drop 0.05"]
+    assert check_gates(recipe, ppl, None, None, {"sea_ruler_vt": {**ruler, "sea": 0.76}, "sea_text_ppl": text}) == []
+    assert check_gates(recipe, ppl, None, None, {"sea_text_ppl": text}) == [
+        "max_harness_drop is set but validate.harness runs no task scored by accuracy or RULER"]
+
+
 @pytest.mark.parametrize("passkey, message", [({"lengths": [64]}, "at least 128 tokens"),
                                               ({"lengths": [256], "depths": [1.5]}, "depths lie in"),
                                               ({"per_cell": 0}, "greater than or equal to 1")])

@@ -106,8 +106,21 @@ def teacher_reference(recipe: Recipe, model, tokenizer, splits: Splits, progress
     return ref
 
 
-def check_gates(recipe: Recipe, ppl: dict, mmlu: dict | None, passkey: dict | None = None) -> list[str]:
+# harness headlines (sea_convert.harness.headline) where a higher number is better; the rest are perplexities
+_SCORE_METRICS = ("acc", "ruler@")
+
+
+def check_gates(recipe: Recipe, ppl: dict, mmlu: dict | None, passkey: dict | None = None,
+                harness: dict | None = None) -> list[str]:
     gates, failures = recipe.validate_.gates, []
+    if gates.max_harness_drop is not None:
+        scored = {t: r for t, r in (harness or {}).items() if r["metric"].startswith(_SCORE_METRICS)}
+        if not scored:
+            failures.append("max_harness_drop is set but validate.harness runs no task scored by accuracy or RULER")
+        for task, r in scored.items():
+            if r["teacher"] - r["sea"] > gates.max_harness_drop:
+                failures.append(f"{task} ({r['metric']}) drop {r['teacher'] - r['sea']:.4f} > max_harness_drop "
+                                f"{gates.max_harness_drop}")
     if gates.max_passkey_drop is not None:
         if passkey is None:
             failures.append("max_passkey_drop is set but validate.passkey.lengths is empty")
@@ -151,4 +164,4 @@ def validate_stage(recipe: Recipe, model, tokenizer, splits: Splits, reference: 
         passkey = {"teacher": reference["passkey"], "sea": sea_p, "drop": reference["passkey"]["mean"] - sea_p["mean"]}
         if "passkey_oracle" in reference:
             passkey["oracle"] = reference["passkey_oracle"]
-    return ValidationReport(ppl, mmlu, check_gates(recipe, ppl, mmlu, passkey), harness, passkey)
+    return ValidationReport(ppl, mmlu, check_gates(recipe, ppl, mmlu, passkey, harness), harness, passkey)
