@@ -1,14 +1,17 @@
 """Render the quality sweep's JSON (one file or several calls' files) as a markdown table and a PNG curve.
 
     python benchmarks/quality_report.py docs/results/quality_*.json --table docs/results/quality_table.md \
-        --png docs/results/quality_curve.png
+        --png docs/results/quality_curve.png [--passkey-png docs/results/passkey.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
 
 def load_rows(paths: list[Path]) -> tuple[list[dict], str]:
@@ -94,12 +97,20 @@ def main() -> None:
     ap.add_argument("inputs", nargs="+", type=Path)
     ap.add_argument("--table", type=Path, required=True)
     ap.add_argument("--png", type=Path, required=True)
+    ap.add_argument("--passkey-png", type=Path, default=None,
+                    help="the pass-key heat maps of the (first) setting that ran the grid, teacher / SEA / oracle")
     args = ap.parse_args()
     rows, device = load_rows(args.inputs)
     text = table(rows) + "\n" + curve_table(rows)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(text)
     plot(rows, args.png, device)
+    if args.passkey_png is not None:
+        from sea_convert.passkey import plot_heatmap
+
+        row = next(r for r in rows if r.get("passkey"))
+        plot_heatmap(row["passkey"], args.passkey_png, title=f"passkey retrieval, {row['name']} ({device})")
+        print(f"wrote {args.passkey_png}")
     print(text)
     print(f"wrote {args.table} and {args.png}")
 

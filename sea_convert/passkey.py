@@ -112,10 +112,11 @@ def plot_heatmap(results: dict, path, title: str = "passkey retrieval") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = list(results)
+    modes = [m for m in results if isinstance(results[m], dict) and "grid" in results[m]]
     fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        grid = results[mode]["grid"]
+        # lengths and depths as numbers: results read back from JSON have them as text
+        grid = {int(n): {float(d): a for d, a in row.items()} for n, row in results[mode]["grid"].items()}
         lengths = sorted(grid)
         depths = sorted(next(iter(grid.values())))
         image = [[grid[n][d] for n in lengths] for d in depths]
