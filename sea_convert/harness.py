@@ -215,14 +215,16 @@ def write_ruler_tasks(folder: Path, lengths: list[int]) -> list[str]:
 
 
 # where each offline task's installed generator makes its samples (module, dataset function, sampler the dataset
-# function calls with num_samples=500): `_fewer_samples` hands the sampler a smaller count
+# function calls with num_samples=500: `_fewer_samples` hands the sampler a smaller count), and the two settings of
+# the installed task file that a task reading those samples keeps (target delimiter, max_gen_toks; lm-eval 0.4.13's,
+# checked against the installed files by tests/test_harness.py)
 _RULER_GENERATORS = {
-    "niah_single_1": ("niah_utils", "niah_single_1", "generate_samples"),
-    "niah_multikey_2": ("niah_utils", "niah_multikey_2", "generate_samples"),
-    "niah_multikey_3": ("niah_utils", "niah_multikey_3", "generate_samples"),
-    "vt": ("vt_utils", "get_vt_dataset", "sys_vartrack_w_noise_random"),
-    "cwe": ("cwe_utils", "get_cw_dataset", "sys_word_pair_random"),
-    "fwe": ("fwe_utils", "fwe_download", "sys_kwext"),
+    "niah_single_1": ("niah_utils", "niah_single_1", "generate_samples", " ", 128),
+    "niah_multikey_2": ("niah_utils", "niah_multikey_2", "generate_samples", " ", 128),
+    "niah_multikey_3": ("niah_utils", "niah_multikey_3", "generate_samples", " ", 128),
+    "vt": ("vt_utils", "get_vt_dataset", "sys_vartrack_w_noise_random", " ", 30),
+    "cwe": ("cwe_utils", "get_cw_dataset", "sys_word_pair_random", "\n\n", 120),
+    "fwe": ("fwe_utils", "fwe_download", "sys_kwext", " ", 50),
 }
 
 # a task whose samples were made beforehand: it reads them from a JSON file and needs no generator (nor wonderwords,
@@ -273,21 +275,6 @@ class _fewer_samples:
         setattr(self.module, self.sampler, self.original)
 
 
-def _installed_task_config(installed: Path, name: str) -> dict:
-    """The installed task's YAML, its includes merged (the `!function` tags kept as text, nothing imported)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    cfg = yaml.load((installed / f"{name}.yaml").read_text(encoding="utf-8"), Loader=Loader)
-    if "include" in cfg:
-        base = _installed_task_config(installed, Path(cfg.pop("include")).stem)
-        cfg = {**base, **cfg}
-    return cfg
-
-
 def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenizer: str,
                         max_gen_toks: int | None = None, tasks: tuple[str, ...] = RULER_OFFLINE) -> list[str]:
     """Make `samples` samples per length of each of `tasks` (RULER_OFFLINE's) now, with the installed generators and
@@ -296,9 +283,6 @@ def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenize
     max_gen_toks caps each task's generation length (the oracle decodes with a full pass per token)."""
     import importlib
 
-    from lm_eval.tasks.ruler import common_utils
-
-    installed = Path(common_utils.__file__).parent
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     (folder / "sea_ruler_metrics.py").write_text(
@@ -307,7 +291,7 @@ def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenize
     metrics = "".join(_RULER_METRIC.format(length=n) for n in lengths)
     names = []
     for name in tasks:
-        module_name, dataset_fn, sampler = _RULER_GENERATORS[name]
+        module_name, dataset_fn, sampler, delimiter, gen = _RULER_GENERATORS[name]
         module = importlib.import_module(f"lm_eval.tasks.ruler.{module_name}")
         with _fewer_samples(module, sampler, samples):
             rows = list(getattr(module, dataset_fn)(tokenizer=tokenizer, max_seq_lengths=list(lengths))["test"])
@@ -315,10 +299,8 @@ def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenize
         interleaved = [r for group in zip(*by_length) for r in group]  # 2k, 4k, 8k, 2k, ...
         data = folder / "data" / f"ruler_{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in interleaved), encoding="utf-8")
-        cfg = _installed_task_config(installed, name)
-        gen = cfg["generation_kwargs"]["max_gen_toks"]
         (folder / f"sea_ruler_{name}.yaml").write_text(_RULER_SAMPLES_TASK.format(
-            name=name, data=data, delimiter=json.dumps(cfg.get("target_delimiter", " ")), metrics=metrics,
+            name=name, data=data, delimiter=json.dumps(delimiter), metrics=metrics,
             max_gen_toks=gen if max_gen_toks is None else min(gen, max_gen_toks)), encoding="utf-8")
         names.append(f"sea_ruler_{name}")
     return names

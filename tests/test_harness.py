@@ -172,3 +172,14 @@ def test_ruler_samples_made_beforehand_score_teacher_sea_and_oracle(converted, t
     assert bad.exit_code == 2 and "--ruler-samples" in bad.output
     bad = CliRunner().invoke(app, ["harness", str(converted), "--modes", "dense,fast"])
     assert bad.exit_code == 2 and "--modes" in bad.output
+
+
+def test_ruler_settings_kept_match_the_installed_task_files():
+    """The delimiter and generation length a task reading made-beforehand samples keeps are the installed task's."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks.ruler import common_utils
+
+    installed = Path(common_utils.__file__).parent
+    for name, (*_, delimiter, max_gen_toks) in harness._RULER_GENERATORS.items():
+        cfg = load_yaml(installed / f"{name}.yaml", resolve_func=False)
+        assert (cfg.get("target_delimiter", " "), cfg["generation_kwargs"]["max_gen_toks"]) == (delimiter, max_gen_toks), name
