@@ -35,8 +35,10 @@ from sea_convert.evaluate import mode_perplexity  # noqa: E402
 from sea_convert.passkey import make_grid, passkey_accuracy  # noqa: E402
 
 
-def content_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
-    """(B, Hkv, NQB, NKB) probabilities over each query block's causal key blocks (see the module's docstring)."""
+def content_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, keys: str = "mean") -> torch.Tensor:
+    """(B, Hkv, NQB, NKB) probabilities over each query block's causal key blocks (see the module's docstring).
+    keys: "mean", each key block's mean key; "bound", Quest's upper bound of q.k over the block's keys from their
+    per-channel min and max (a single needle key is not averaged away)."""
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     nb = math.ceil(T / block_size)
@@ -48,15 +50,25 @@ def content_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
         x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad))
         return x.view(x.shape[0], x.shape[1], nb, block_size, d).sum(3) / counts.to(x.device)[:, None]
 
-    qm, km = block_means(q), block_means(k).repeat_interleave(Hq // Hkv, 1)
-    logits = (qm @ km.transpose(-1, -2)) * scale  # (B, Hq, NQB, NKB)
+    qm = block_means(q)
+    if keys == "mean":
+        km = block_means(k).repeat_interleave(Hq // Hkv, 1)
+        logits = (qm @ km.transpose(-1, -2)) * scale  # (B, Hq, NQB, NKB)
+    else:  # Quest: sum over channels of max(q_c * kmax_c, q_c * kmin_c)
+        kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, Hkv, nb, block_size, d)
+        valid = (torch.arange(nb * block_size, device=k.device) < T).view(nb, block_size)[None, None, :, :, None]
+        kmax = kp.masked_fill(~valid, float("-inf")).amax(3).repeat_interleave(Hq // Hkv, 1)
+        kmin = kp.masked_fill(~valid, float("inf")).amin(3).repeat_interleave(Hq // Hkv, 1)
+        hi = qm[..., :, None, :] * kmax[..., None, :, :]
+        lo = qm[..., :, None, :] * kmin[..., None, :, :]
+        logits = torch.maximum(hi, lo).sum(-1) * scale
     causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
     return probs.view(B, Hkv, Hq // Hkv, nb, nb).mean(2)
 
 
 @contextlib.contextmanager
-def content_term(weight: float):
+def content_term(weight: float, keys: str = "mean"):
     """Inside: block mode's selection ranks the mix (the predictor's forward hands over q and k). Yields what the
     last layer saw: its q, k, scale and selection."""
     seen: dict = {}
@@ -75,7 +87,7 @@ def content_term(weight: float):
         causal = torch.ones(nq, nk, dtype=torch.bool, device=sea.device).tril()
         sea = sea.float().masked_fill(~causal, 0.0).clamp_min(0.0)
         sea = sea / sea.sum(-1, keepdim=True).clamp_min(1e-12)
-        content = content_scores(seen["q"], seen["k"], seen["scale"], cfg.block_size)[..., :nq, :nk]
+        content = content_scores(seen["q"], seen["k"], seen["scale"], cfg.block_size, keys)[..., :nq, :nk]
         scores = ((1.0 - weight) * sea + weight * content).masked_fill(~causal, float("-inf"))
         budget = block_budget(cfg)
         index, count = ops.select_key_blocks(scores, budget, max_budget=budget.bound(nk) * num_kv_heads)
@@ -100,6 +112,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "austen.txt")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--keys", choices=["mean", "bound"], default="mean", help="content score's key side (content_scores)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     model, tokenizer = load(a.checkpoint)
@@ -115,7 +128,7 @@ def main() -> None:
     print("content weight | SEA pass key | SEA perplexity (x teacher) | density | seconds")
     for w in a.weights:
         t = time.perf_counter()
-        with content_term(w), torch.no_grad():
+        with content_term(w, a.keys), torch.no_grad():
             acc = passkey_accuracy(model, samples, ("sea",))["sea"]
             ppl, density = mode_perplexity(model, windows, "sea")
         rows.append({"weight": w, "passkey": acc, "sea_ppl": ppl, "ratio": ppl / teacher_ppl, "density": density,
@@ -124,7 +137,7 @@ def main() -> None:
               f"{rows[-1]['seconds']}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"checkpoint": str(a.checkpoint), "lengths": a.lengths, "depths": a.depths,
+        a.json.write_text(json.dumps({"checkpoint": str(a.checkpoint), "keys": a.keys, "lengths": a.lengths, "depths": a.depths,
                                       "per_cell": a.per_cell, "ctx": a.ctx, "windows": int(windows.shape[0]),
                                       "teacher": {"passkey": dense, "ppl": teacher_ppl}, "rows": rows}, indent=1))
 

@@ -25,10 +25,25 @@ SEA = SEAConfig(k=16, predictor_length=64, block_size=16, block_keys=48, positio
 def test_content_scores_are_causal_distributions():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 6, 70, 8, generator=g), torch.randn(2, 3, 70, 8, generator=g)
-    p = probe.content_scores(q, k, 8 ** -0.5, 16)  # 70 rows: 5 blocks, the last one partial
-    assert p.shape == (2, 3, 5, 5)
-    assert torch.allclose(p.sum(-1), torch.ones(2, 3, 5))
-    assert (p.triu(1) == 0).all()
+    for keys in ("mean", "bound"):
+        p = probe.content_scores(q, k, 8 ** -0.5, 16, keys)  # 70 rows: 5 blocks, the last one partial
+        assert p.shape == (2, 3, 5, 5)
+        assert torch.allclose(p.sum(-1), torch.ones(2, 3, 5))
+        assert (p.triu(1) == 0).all()
+
+
+def test_bound_sees_one_needle_key_that_the_mean_averages_away():
+    """Quest's bound ranks first the block that holds one key aligned with the queries; block means do not."""
+    d, bs = 8, 16
+    q = torch.zeros(1, 1, 4 * bs, d)
+    q[..., 0] = 1.0  # every query points along channel 0
+    k = torch.zeros(1, 1, 4 * bs, d)
+    k[..., 1] = 1.0
+    k[0, 0, bs : 2 * bs, 0] = 0.3  # block 1: every key a little along channel 0
+    k[0, 0, 2 * bs + 5, 0] = 3.0  # block 2: one needle key strongly along it
+    mean = probe.content_scores(q, k, 1.0, bs, "mean")[0, 0, 3, :3]
+    bound = probe.content_scores(q, k, 1.0, bs, "bound")[0, 0, 3, :3]
+    assert int(mean.argmax()) == 1 and int(bound.argmax()) == 2
 
 
 def test_weight_zero_is_sea_and_weight_one_selects_by_content(tmp_path, smollm2_tokenizer):
