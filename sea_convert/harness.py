@@ -22,6 +22,7 @@ the few-shot pool, the "dev" split, and are not scored).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -254,25 +255,21 @@ metadata:
 """
 
 
-class _fewer_samples:
+@contextlib.contextmanager
+def _fewer_samples(module, sampler: str, n: int):
     """Inside: the RULER module's sampler makes at most n samples where its dataset function asks for 500 (the
     installed files fix that count); the module is restored on the way out. Nothing installed is changed."""
+    original = getattr(module, sampler)
 
-    def __init__(self, module, sampler: str, n: int):
-        self.module, self.sampler, self.n = module, sampler, n
+    def fewer(*args, **kwargs):
+        kwargs["num_samples"] = min(kwargs.get("num_samples", 500), n)
+        return original(*args, **kwargs)
 
-    def __enter__(self):
-        self.original = original = getattr(self.module, self.sampler)
-        n = self.n
-
-        def fewer(*args, **kwargs):
-            kwargs["num_samples"] = min(kwargs.get("num_samples", 500), n)
-            return original(*args, **kwargs)
-
-        setattr(self.module, self.sampler, fewer)
-
-    def __exit__(self, *exc):
-        setattr(self.module, self.sampler, self.original)
+    setattr(module, sampler, fewer)
+    try:
+        yield
+    finally:
+        setattr(module, sampler, original)
 
 
 def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenizer: str,
@@ -280,7 +277,8 @@ def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenize
     """Make `samples` samples per length of each of `tasks` (RULER_OFFLINE's) now, with the installed generators and
     `tokenizer` (a folder: the checkpoint's), and write task files that read them (sea_ruler_<task>.yaml,
     data/ruler_<task>.jsonl). Samples alternate between the lengths, so a harness `limit` keeps every length.
-    max_gen_toks caps each task's generation length (the oracle decodes with a full pass per token)."""
+    max_gen_toks caps each task's generation length (the oracle decodes with a full pass per token). The task files
+    name their data as `folder` is given: a relative folder is read relative to where the harness runs."""
     import importlib
 
     folder = Path(folder)
