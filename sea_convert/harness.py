@@ -200,14 +200,20 @@ _RULER_METRIC = """  - metric: "{length}"
 """
 
 
+def _write_metrics_module(folder: Path) -> None:
+    """sea_ruler_metrics.py, which the task files' `!function` tags name: RULER's own scoring, found beside them."""
+    (folder / "sea_ruler_metrics.py").write_text(
+        "from lm_eval.tasks.ruler.common_utils import aggregate_metrics, process_results  # noqa: F401\n",
+        encoding="utf-8")
+
+
 def write_ruler_tasks(folder: Path, lengths: list[int]) -> list[str]:
     """sea_ruler_<task>.yaml for each of RULER_OFFLINE, scored at `lengths`; returns the task names (tag: sea_ruler)."""
     from lm_eval.tasks.ruler import common_utils  # the package has no __init__: find it by a module in it
 
     installed = Path(common_utils.__file__).parent
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sea_ruler_metrics.py").write_text(
-        "from lm_eval.tasks.ruler.common_utils import aggregate_metrics  # noqa: F401\n", encoding="utf-8")
+    _write_metrics_module(folder)
     metrics = "".join(_RULER_METRIC.format(length=n) for n in lengths)
     for name in RULER_OFFLINE:
         (folder / f"sea_ruler_{name}.yaml").write_text(
@@ -283,9 +289,7 @@ def write_ruler_samples(folder: Path, lengths: list[int], samples: int, tokenize
 
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    (folder / "sea_ruler_metrics.py").write_text(
-        "from lm_eval.tasks.ruler.common_utils import aggregate_metrics, process_results  # noqa: F401\n",
-        encoding="utf-8")
+    _write_metrics_module(folder)
     metrics = "".join(_RULER_METRIC.format(length=n) for n in lengths)
     names = []
     for name in tasks:
