@@ -15,6 +15,9 @@ and SEA, the density SEA used, and the GPU-seconds of each training stage. Optio
                     from task files written beforehand (sea_convert.harness.write_ruler_samples), N per task
   budget_s: {a: S, b: S}  cap a stage's wall time: after 3 steps the run is re-planned to fit
 The model is loaded once; between settings its base weights are restored and adapters removed.
+Several processes can share one GPU (benchmarks/sweep_lanes.py): --ruler-task/--ruler-mode give one of them
+one (task, mode) cell of a setting's RULER block, and states are saved whole or not at all, so a process
+waiting on another's `reuse` never reads half a file.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,6 +140,29 @@ def sync():
         torch.cuda.synchronize()
 
 
+EXTRAS = {"passkey", "ruler", "mmlu"}
+
+
+def ruler_cell(spec: dict, task: str | None, mode: str | None) -> dict:
+    """The setting's RULER block cut to one task and/or one mode (for one process of several)."""
+    from sea_convert.harness import RULER_OFFLINE
+
+    names = spec.get("names", list(RULER_OFFLINE))
+    if task is not None and task not in names:
+        raise SystemExit(f"--ruler-task {task!r}: not a task of the setting's RULER block {names}")
+    if mode is not None and mode not in spec["limits"]:
+        raise SystemExit(f"--ruler-mode {mode!r}: not a mode of the setting's RULER block {sorted(spec['limits'])}")
+    return {**spec, "names": [task] if task else names,
+            "limits": {m: n for m, n in spec["limits"].items() if mode in (None, m)}}
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a reader sees the whole file or none."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")  # one per process: lanes may save the same name
+    torch.save(state, part)
+    part.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", type=Path, required=True)
@@ -144,7 +171,13 @@ def main() -> None:
     ap.add_argument("--save-predictors", type=Path, default=None, help="folder to keep trained states (for --load-from)")
     ap.add_argument("--load-from", type=Path, default=None, help="folder of states saved by an earlier call")
     ap.add_argument("--device", default=None, help="override the recipe's distill.device (e.g. cpu for a dry run)")
+    ap.add_argument("--skip", default="", help="comma-separated extras not to run: passkey, ruler, mmlu")
+    ap.add_argument("--ruler-task", default=None, help="run only this task of a setting's RULER block")
+    ap.add_argument("--ruler-mode", default=None, help="run only this mode (dense, sea, oracle) of its RULER block")
     args = ap.parse_args()
+    skip = {x for x in args.skip.split(",") if x}
+    if skip - EXTRAS:
+        raise SystemExit(f"--skip: unknown extras {sorted(skip - EXTRAS)} (known: {sorted(EXTRAS)})")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on the GPU: the fp32 teacher at tensor-core speed
 
     spec = yaml.safe_load(args.settings.read_text())
@@ -251,7 +284,7 @@ def main() -> None:
                                                if "lora_" in n}}
         if args.save_predictors is not None:
             args.save_predictors.mkdir(parents=True, exist_ok=True)
-            torch.save(trained[name], args.save_predictors / f"{name}.pt")
+            save_atomic(trained[name], args.save_predictors / f"{name}.pt")
 
         t = time.perf_counter()
         teacher_ppl, _ = reference("dense", windows, recipe.sea)
@@ -278,12 +311,13 @@ def main() -> None:
         row["gpu_minutes_total"] = round(sum(s["gpu_minutes"] for s in row["stages"].values()), 2)
         print(f"  teacher {teacher_ppl:.3f}; GPU-minutes (training) {row['gpu_minutes_total']}", flush=True)
 
-        if setting.get("passkey"):
+        if setting.get("passkey") and "passkey" not in skip:
             row["passkey"] = passkey_rows(model, tokenizer, recipe, setting["passkey"])
-        if setting.get("ruler"):
-            row["ruler"] = ruler_rows(model, tokenizer, setting["ruler"], device)
+        if setting.get("ruler") and "ruler" not in skip:
+            row["ruler"] = ruler_rows(model, tokenizer, ruler_cell(setting["ruler"], args.ruler_task, args.ruler_mode),
+                                      device)
 
-        if setting.get("mmlu"):
+        if setting.get("mmlu") and "mmlu" not in skip:
             m = recipe.validate_.mmlu
             t = time.perf_counter()
             with adapters_off(model):
