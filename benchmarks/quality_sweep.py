@@ -13,6 +13,9 @@ and SEA, the density SEA used, and the GPU-seconds of each training stage. Optio
   passkey: {lengths, depths, per_cell}   the pass-key grid, teacher / SEA / oracle
   ruler: {tasks: FOLDER, limits: {dense: N, sea: N, oracle: N}}   RULER's offline tasks through the harness,
                     from task files written beforehand (sea_convert.harness.write_ruler_samples), N per task
+  content: {weights: [..], keys: [mean, bound], passkey: {..}}   SEA again with a content term in its block
+                    selection (benchmarks/content_term_probe.content_term, a probe around the method, prefill only):
+                    perplexity and, with a passkey grid, the pass key, per (keys, weight)
   budget_s: {a: S, b: S}  cap a stage's wall time: after 3 steps the run is re-planned to fit
 The model is loaded once; between settings its base weights are restored and adapters removed.
 Several processes can share one GPU (benchmarks/sweep_lanes.py): --ruler-task/--ruler-mode give one of them
@@ -112,6 +115,30 @@ def passkey_rows(model, tokenizer, recipe, spec: dict) -> dict:
     return res
 
 
+def content_rows(model, tokenizer, recipe, windows, teacher_ppl: float, spec: dict) -> list[dict]:
+    """SEA's perplexity (and pass key, if spec has a grid) with a content term mixed into its block selection, for
+    each (keys, weight) of spec: is the needle the estimator's blindness to content, and what does reading it cost?"""
+    from benchmarks.content_term_probe import content_term
+
+    samples = None
+    if spec.get("passkey"):
+        pk = spec["passkey"]
+        samples = make_grid(tokenizer, pk["lengths"], pk["depths"], pk["per_cell"], pk.get("seed", 0),
+                            add_bos=recipe.data.add_bos)
+    rows = []
+    for keys in spec.get("keys", ["mean"]):
+        for weight in spec["weights"]:
+            t = time.perf_counter()
+            with content_term(weight, keys), torch.no_grad():
+                ppl, density = mode_perplexity(model, windows, "sea")
+                acc = passkey_accuracy(model, samples, ("sea",))["sea"] if samples else None
+            rows.append({"keys": keys, "weight": weight, "sea_ppl": ppl, "sea_ratio": ppl / teacher_ppl,
+                         "density": density, "passkey": acc, "seconds": round(time.perf_counter() - t, 1)})
+            print(f"  content {keys} w={weight}: SEA {ppl:.3f} (x{ppl / teacher_ppl:.4f}) density {density:.3f}"
+                  + (f", pass key {acc['mean']:.3f}" if acc else "") + f" ({rows[-1]['seconds']} s)", flush=True)
+    return rows
+
+
 def ruler_rows(model, tokenizer, spec: dict, device) -> dict:
     """RULER's offline tasks through the harness ("sea" model type) from task files written beforehand
     (`sea_convert.harness.write_ruler_samples`): spec {tasks: folder, limits: {mode: documents per task}}.
@@ -140,7 +167,7 @@ def sync():
         torch.cuda.synchronize()
 
 
-EXTRAS = {"passkey", "ruler", "mmlu"}
+EXTRAS = {"passkey", "ruler", "mmlu", "content"}
 
 
 def ruler_cell(spec: dict, task: str | None, mode: str | None) -> dict:
@@ -171,7 +198,7 @@ def main() -> None:
     ap.add_argument("--save-predictors", type=Path, default=None, help="folder to keep trained states (for --load-from)")
     ap.add_argument("--load-from", type=Path, default=None, help="folder of states saved by an earlier call")
     ap.add_argument("--device", default=None, help="override the recipe's distill.device (e.g. cpu for a dry run)")
-    ap.add_argument("--skip", default="", help="comma-separated extras not to run: passkey, ruler, mmlu")
+    ap.add_argument("--skip", default="", help="comma-separated extras not to run: passkey, ruler, mmlu, content")
     ap.add_argument("--ruler-task", default=None, help="run only this task of a setting's RULER block")
     ap.add_argument("--ruler-mode", default=None, help="run only this mode (dense, sea, oracle) of its RULER block")
     args = ap.parse_args()
@@ -313,6 +340,8 @@ def main() -> None:
 
         if setting.get("passkey") and "passkey" not in skip:
             row["passkey"] = passkey_rows(model, tokenizer, recipe, setting["passkey"])
+        if setting.get("content") and "content" not in skip:
+            row["content"] = content_rows(model, tokenizer, recipe, windows, teacher_ppl, setting["content"])
         if setting.get("ruler") and "ruler" not in skip:
             row["ruler"] = ruler_rows(model, tokenizer, ruler_cell(setting["ruler"], args.ruler_task, args.ruler_mode),
                                       device)

@@ -96,6 +96,10 @@ def table(merged: dict) -> str:
                           for mode, cell in row.get("ruler", {}).items())
         lines.append(f"{row['name']:28s} {steps:>9s} {main.get('sea_ratio', float('nan')):7.4f} "
                      f"{main.get('oracle_ratio', float('nan')):8.4f}  {ruler}")
+        for c in row.get("content", []):  # SEA with a content term in its selection (quality_sweep.content_rows)
+            key = f"  + content {c['keys']} w={c['weight']}"
+            lines.append(f"{key:38s} {c['sea_ratio']:7.4f} {'':8s}  "
+                         + (f"pass key {c['passkey']['mean']:.3f}" if c.get("passkey") else ""))
     return "\n".join(lines)
 
 
