@@ -11,7 +11,7 @@ set -euo pipefail
 source scripts/gpu_setup.sh
 if [ "${1:-}" = lanes ]; then
   shift
-  python3 benchmarks/sweep_lanes.py --settings benchmarks/quality_settings.yaml --out "${OUT:-/tmp/out}" "$@"
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" python3 benchmarks/sweep_lanes.py --settings benchmarks/quality_settings.yaml --out "${OUT:-/tmp/out}" "$@"
 elif [ $# -gt 0 ]; then
   python3 benchmarks/quality_sweep.py --settings benchmarks/quality_settings.yaml --out "${OUT:-/tmp/out}" \
     --only "$1" --save-predictors /tmp/states --load-from /tmp/states 2>&1 | tee "${OUT:-/tmp/out}/sweep.log"

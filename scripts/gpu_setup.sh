@@ -48,9 +48,9 @@ if [ -f /tmp/svc/MANIFEST ] && [ ! -f "$SITE/.service-installed" ]; then
 fi
 # RULER's task files with their samples (scripts/gpu_stage.sh harness): kept in /tmp for the calls that carry none
 if [ -d .ruler ]; then rm -rf /tmp/ruler && cp -r .ruler /tmp/ruler; elif [ -d /tmp/ruler ]; then cp -r /tmp/ruler .ruler; fi
-# lm-evaluation-harness (scripts/gpu_stage.sh harness): .lm1, .lm2 in their own calls; each wheel installed once,
-# unless the host has that package already
-for part in .lm[0-9]*; do
+# lm-evaluation-harness (scripts/gpu_stage.sh harness): .lm (or parts .lm1, .lm2, ... of an older staging, one a
+# call); each wheel installed once, unless the host has that package already
+for part in .lm .lm[0-9]*; do
   [ -d "$part" ] || continue
   wheels_missing "$part" > /tmp/lm-install.txt
   if [ -s /tmp/lm-install.txt ]; then

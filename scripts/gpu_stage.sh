@@ -14,8 +14,10 @@
 # while the machine is warm, and gpu_setup.sh reassembles, checks and installs them once the last has come:
 #   bash scripts/gpu_stage.sh service [VENV]
 #
-# RULER through lm-evaluation-harness on the device (issue 22): the harness and what it imports (~62 MB of cp312
-# wheels, scipy's 35 MB alone: .lm1 is scipy, .lm2 the rest; carry each in its own call) and .ruler, RULER's offline
+# RULER through lm-evaluation-harness on the device (issue 22): .lm, the wheels of what the harness imports that the
+# device image lacks (~11 MB: lm-eval, evaluate, chardet, jsonlines, more-itertools; the image has scipy,
+# scikit-learn, sacrebleu, lxml and the rest, seen there on 2026-12-06), small enough to travel with .stage2 and
+# .ruler in one call, and .ruler, RULER's offline
 # tasks with their samples made here (RULER_SAMPLES per length, at RULER_LENGTHS, with the SmolLM2 tokenizer of
 # CHECKPOINT), so the device needs neither the generators' packages nor their minutes:
 #   bash scripts/gpu_stage.sh harness [VENV] [CHECKPOINT]
@@ -24,19 +26,18 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = harness ]; then
   VENV="${2:-.venv}"
   CHECKPOINT="${3:-outputs/smollm2-135m-sea}"
-  rm -rf .lm1 .lm2 .ruler && mkdir -p .lm1 .lm2
+  rm -rf .lm .lm[0-9]* .ruler && mkdir -p .lm
   ver() { "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))"; }
   get() { "$VENV/bin/pip" download -q --only-binary=:all: --python-version 3.12 --implementation cp --no-deps \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_28_x86_64 -d "$@"; }
-  get .lm1 scipy
-  # what `import lm_eval` and its evaluator import (checked on this machine: sys.modules after the imports)
-  get .lm2 "lm-eval==$(ver lm-eval)" scikit-learn joblib threadpoolctl sacrebleu portalocker lxml tabulate colorama \
-    chardet jsonlines more-itertools evaluate
+  # what `import lm_eval` and its evaluator import (checked on this machine: sys.modules after the imports), less
+  # what the image has
+  get .lm "lm-eval==$(ver lm-eval)" chardet jsonlines more-itertools evaluate
   "$VENV/bin/python" -c "from pathlib import Path; from sea_convert.harness import write_ruler_samples; \
 print(write_ruler_samples(Path('.ruler'), [int(x) for x in '${RULER_LENGTHS:-2048,4096,8192}'.split(',')], \
 ${RULER_SAMPLES:-10}, '$CHECKPOINT', max_gen_toks=${RULER_MAX_GEN:-64}))" 2>&1 | grep -v "Generating\|it/s\]\|Noises\|noises"
-  du -sh .lm1 .lm2 .ruler
+  du -sh .lm .ruler
   exit 0
 fi
 if [ "${1:-}" = service ]; then
