@@ -92,6 +92,28 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     plt.close(fig)
 
 
+def content_table(rows: list[dict]) -> str:
+    """SEA with a content term in its block selection (quality_sweep.content_rows), against the row's own SEA."""
+    out = ["| setting | content keys | weight | SEA x teacher | density | pass key |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for c in r.get("content", []):
+            pk = f"{c['passkey']['mean']:.3f}" if c.get("passkey") else "-"
+            out.append(f"| {r['name']} | {c['keys']} | {c['weight']} | {c['sea_ratio']:.4f} | {c['density']:.3f} | {pk} |")
+    return "\n".join(out) + "\n" if len(out) > 2 else ""
+
+
+def ruler_table(rows: list[dict]) -> str:
+    """RULER scores by task, mode and length (quality_sweep.ruler_rows; sweep_lanes merges a split block)."""
+    out = ["| setting | task | mode | scores by length | samples |", "|---|---|---|---|---|"]
+    for r in rows:
+        for mode, cell in r.get("ruler", {}).items():
+            for task, scores in cell["scores"].items():
+                by_len = ", ".join(f"{n}: {v:.2f}" for n, v in sorted(scores.items(), key=lambda kv: int(kv[0])))
+                out.append(f"| {r['name']} | {task.removeprefix('sea_ruler_')} | {mode} | {by_len} | "
+                           f"{cell['samples'].get(task, '-')} |")
+    return "\n".join(out) + "\n" if len(out) > 2 else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("inputs", nargs="+", type=Path)
@@ -101,7 +123,7 @@ def main() -> None:
                     help="the pass-key heat maps of the (first) setting that ran the grid, teacher / SEA / oracle")
     args = ap.parse_args()
     rows, device = load_rows(args.inputs)
-    text = table(rows) + "\n" + curve_table(rows)
+    text = "\n".join(t for t in (table(rows), curve_table(rows), content_table(rows), ruler_table(rows)) if t)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(text)
     plot(rows, args.png, device)

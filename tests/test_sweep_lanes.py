@@ -84,3 +84,16 @@ def test_states_are_saved_whole_under_their_name(tmp_path):
     quality_sweep.save_atomic({"predictors": [{"w": torch.ones(3)}]}, path)
     assert torch.equal(torch.load(path)["predictors"][0]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]  # no temporary file left beside it
+
+
+def test_report_tables_show_content_and_ruler_rows():
+    import quality_report
+
+    merged = sweep_lanes.merge([_part("r", "sea", "sea_ruler_vt", 0.5, 40.0),
+                                _part("r", "dense", "sea_ruler_vt", 0.75, 40.0)])
+    merged["rows"][0]["content"] = [{"keys": "bound", "weight": 0.5, "sea_ratio": 1.0312, "density": 0.228,
+                                     "passkey": {"mean": 0.6}}]
+    assert "| r | bound | 0.5 | 1.0312 | 0.228 | 0.600 |" in quality_report.content_table(merged["rows"])
+    ruler = quality_report.ruler_table(merged["rows"])
+    assert "| r | vt | sea | 2048: 0.50 | 10 |" in ruler and "| r | vt | dense | 2048: 0.75 | 10 |" in ruler
+    assert quality_report.content_table([{"name": "x"}]) == ""  # no content rows: no table
