@@ -23,6 +23,7 @@ the few-shot pool, the "dev" split, and are not scored).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -89,12 +90,29 @@ def evaluate(pretrained, tasks: list[str], attention: str = "sea", tokenizer=Non
     register()
     from lm_eval import simple_evaluate
     from lm_eval.api.registry import get_model
-    from lm_eval.tasks import TaskManager
 
     lm = get_model("sea")(pretrained, attention=attention, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
+    manager = _task_manager(str(include_path) if include_path else None, _task_files(include_path),
+                            json.dumps(metadata, sort_keys=True) if metadata else "")
     return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                            log_samples=False)
+
+
+def _task_files(folder: Path | None) -> tuple:
+    """What a task folder holds (names, sizes, times): a changed folder gets a new index."""
+    if folder is None:
+        return ()
+    return tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in Path(folder).rglob("*.yaml")))
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, task_files: tuple, metadata_json: str):
+    """lm-eval's TaskManager indexes its thousands of task files (6-8 s on 2 cores): once per folder and metadata,
+    not once per mode (teacher, SEA and the oracle score the same tasks one after another)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, metadata=json.loads(metadata_json) if metadata_json else None)
 
 
 def ruler_metadata(tokenizer_dir: Path, lengths: list[int]) -> dict:

@@ -183,3 +183,16 @@ def test_ruler_settings_kept_match_the_installed_task_files():
     for name, (*_, delimiter, max_gen_toks) in harness._RULER_GENERATORS.items():
         cfg = load_yaml(installed / f"{name}.yaml", resolve_func=False)
         assert (cfg.get("target_delimiter", " "), cfg["generation_kwargs"]["max_gen_toks"]) == (delimiter, max_gen_toks), name
+
+
+def test_a_changed_task_folder_gets_a_new_task_index(tmp_path):
+    """The harness's task index is kept per folder listing: a file added, rewritten or removed is a new key."""
+    (tmp_path / "a.yaml").write_text("task: a\n")
+    first = harness._task_files(tmp_path)
+    assert first == harness._task_files(tmp_path) and harness._task_files(None) == ()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("task: b\n")
+    second = harness._task_files(tmp_path)
+    assert second != first and [name for name, *_ in second] == ["a.yaml", "sub/b.yaml"]
+    (tmp_path / "a.yaml").write_text("task: a2 with more text\n")
+    assert harness._task_files(tmp_path) != second
