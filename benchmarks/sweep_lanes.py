@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +61,16 @@ def plan_lanes(settings: list[dict], lanes: list[str], split_ruler: list[str], s
         reuses = [by_name[n].get("reuse") for n in entry["names"]]
         entry["waits_for"] = sorted({r for r in reuses if r is not None and produced.get(r, i) != i})
     return plan
+
+
+def clear_stale(plan: list[dict], states: Path, work: Path) -> None:
+    """On a machine kept warm between calls: an earlier call's lane output must not be merged as this call's, and an
+    earlier call's states of a setting a lane trains again must not let its waiters start on the old ones."""
+    shutil.rmtree(work, ignore_errors=True)
+    for entry in plan:
+        if "--save-predictors" in entry["args"]:  # a training lane, not a RULER cell
+            for name in entry["names"]:
+                (states / f"{name}.pt").unlink(missing_ok=True)
 
 
 def merge(parts: list[dict]) -> dict:
@@ -112,7 +123,7 @@ def main() -> None:
                     "process per (task, mode)")
     ap.add_argument("--states", type=Path, default=Path("/tmp/states"), help="trained states, saved and reused")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lanes"), help="each lane's own output folder")
-    ap.add_argument("--skip", default="", help="extras no lane runs (quality_sweep --skip): passkey, ruler, mmlu")
+    ap.add_argument("--skip", default="", help="extras no lane runs (quality_sweep --skip): passkey, ruler, mmlu, content")
     ap.add_argument("--deadline", type=float, default=None, help="seconds; lanes still running then are stopped")
     args = ap.parse_args()
 
@@ -121,10 +132,12 @@ def main() -> None:
     if not plan:
         raise SystemExit("nothing to run: give --lane or --split-ruler")
     args.out.mkdir(parents=True, exist_ok=True)
+    clear_stale(plan, args.states, args.work)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     pending = list(enumerate(plan))
     running: dict[int, subprocess.Popen] = {}
+    logs_open: dict[int, object] = {}
     ended: dict[int, int | str] = {}
     while pending or running:
         for i, entry in list(pending):
@@ -136,8 +149,8 @@ def main() -> None:
                    "--only", ",".join(entry["names"]), "--load-from", str(args.states), *entry["args"]]
             if args.skip and "--skip" not in entry["args"]:
                 cmd += ["--skip", args.skip]
-            log = (lane_dir / "sweep.log").open("w")
-            running[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            logs_open[i] = (lane_dir / "sweep.log").open("w")
+            running[i] = subprocess.Popen(cmd, stdout=logs_open[i], stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             print(f"[{time.perf_counter() - t0:6.0f} s] lane {i} started: {' '.join(entry['names'] + entry['args'])}",
                   flush=True)
             pending.remove((i, entry))
@@ -160,6 +173,8 @@ def main() -> None:
             pending = []
         time.sleep(STATE_POLL_S)
 
+    for handle in logs_open.values():
+        handle.close()
     parts, logs = [], []
     for i, entry in enumerate(plan):
         lane_dir = args.work / str(i)

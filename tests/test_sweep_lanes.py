@@ -97,3 +97,18 @@ def test_report_tables_show_content_and_ruler_rows():
     ruler = quality_report.ruler_table(merged["rows"])
     assert "| r | vt | sea | 2048: 0.50 | 10 |" in ruler and "| r | vt | dense | 2048: 0.75 | 10 |" in ruler
     assert quality_report.content_table([{"name": "x"}]) == ""  # no content rows: no table
+
+
+def test_an_earlier_calls_outputs_and_retrained_states_are_cleared(tmp_path):
+    """A warm machine keeps /tmp between calls: lane folders go, and so do the states of settings a lane of this call
+    trains again (their waiters must not start on the old ones); states only reused are kept."""
+    states, work = tmp_path / "states", tmp_path / "lanes"
+    states.mkdir()
+    (work / "0").mkdir(parents=True)
+    (work / "0" / "quality.json").write_text("{}")
+    for name in ("i22-ctx2k-A", "i22-ctx8k-AB"):
+        (states / f"{name}.pt").write_bytes(b"old")
+    plan = sweep_lanes.plan_lanes(SETTINGS, ["i22-ctx2k-A", "i22-ctx2k-AB"], ["i22-ctx8k-AB-ruler-rest"], states)
+    sweep_lanes.clear_stale(plan, states, work)
+    assert not work.exists()
+    assert sorted(p.name for p in states.iterdir()) == ["i22-ctx8k-AB.pt"]  # reused by the RULER cells, kept
