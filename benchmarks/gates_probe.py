@@ -6,7 +6,8 @@ gates put back to their initial values, and with the gates off (no probability s
 
 Why: on the GPU at 2k, stage A without its output-MSE term (the only loss that reaches the gates) landed 0.69% below
 the oracle where the recipe's stage A sits 0.10% above it (docs/quality.md, issue 22's levers). The gates' initial
-values are SEAPredictor's: s0 = 0 (probability scale 1) and s1 = -3 (a sigmoid(-3) x u mix of the running mean of v).
+values are SEAPredictor's (GATE_BIAS_INIT): s0 = 0 (probability scale 1) and s1 = -3 (a sigmoid(-3) x u mix of the
+running mean of v).
 "Off" sets s1 = -30 (mix ~1e-13) and s0 = 0: what remains is plain sparse attention over SEA's selection.
 """
 
@@ -22,12 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script from anywhere
 
+from sea_convert.attention.predictor import GATE_BIAS_INIT  # noqa: E402
 from sea_convert.checkpoint import load  # noqa: E402
 from sea_convert.data import eval_windows  # noqa: E402
 from sea_convert.evaluate import mode_perplexity  # noqa: E402
 from sea_convert.integration import predictors  # noqa: E402
 
-GATES_AT_INIT = (0.0, -3.0)  # SEAPredictor.__init__: s0 bias 0, s1 bias -3, weights 0
+GATES_AT_INIT = GATE_BIAS_INIT  # SEAPredictor's, with weights 0
 GATES_OFF = (0.0, -30.0)
 
 

@@ -99,12 +99,24 @@ class Budget:
                 self.trainer.set_total_steps(max(fit, 4))
 
 
+def passkey_grid(tokenizer, recipe, spec: dict) -> list:
+    """The pass-key prompts of a setting's grid spec {lengths, depths, per_cell[, seed]}."""
+    return make_grid(tokenizer, spec["lengths"], spec["depths"], spec["per_cell"], spec.get("seed", 0),
+                     add_bos=recipe.data.add_bos)
+
+
+def ruler_task_names(spec: dict) -> list[str]:
+    """The tasks of a setting's RULER block: its `names`, or every offline task."""
+    from sea_convert.harness import RULER_OFFLINE
+
+    return list(spec.get("names", RULER_OFFLINE))
+
+
 def passkey_rows(model, tokenizer, recipe, spec: dict) -> dict:
     """The pass-key grid (sea_convert.passkey) in each mode: teacher and oracle on the base weights (stage B's
     adapters off), SEA as trained. spec: {lengths, depths, per_cell[, seed]}."""
     t = time.perf_counter()
-    samples = make_grid(tokenizer, spec["lengths"], spec["depths"], spec["per_cell"], spec.get("seed", 0),
-                        add_bos=recipe.data.add_bos)
+    samples = passkey_grid(tokenizer, recipe, spec)
     with adapters_off(model):
         res = passkey_accuracy(model, samples, ("dense", "oracle"))
     res.update(passkey_accuracy(model, samples, ("sea",)))
@@ -120,11 +132,7 @@ def content_rows(model, tokenizer, recipe, windows, teacher_ppl: float, spec: di
     each (keys, weight) of spec: is the needle the estimator's blindness to content, and what does reading it cost?"""
     from benchmarks.content_term_probe import content_term
 
-    samples = None
-    if spec.get("passkey"):
-        pk = spec["passkey"]
-        samples = make_grid(tokenizer, pk["lengths"], pk["depths"], pk["per_cell"], pk.get("seed", 0),
-                            add_bos=recipe.data.add_bos)
+    samples = passkey_grid(tokenizer, recipe, spec["passkey"]) if spec.get("passkey") else None
     rows = []
     for keys in spec.get("keys", ["mean"]):
         for weight in spec["weights"]:
@@ -143,10 +151,10 @@ def ruler_rows(model, tokenizer, spec: dict, device) -> dict:
     """RULER's offline tasks through the harness ("sea" model type) from task files written beforehand
     (`sea_convert.harness.write_ruler_samples`): spec {tasks: folder, limits: {mode: documents per task}}.
     Teacher and oracle run on the base weights (stage B's adapters off)."""
-    from sea_convert.harness import RULER_OFFLINE, evaluate, ruler_scores
+    from sea_convert.harness import evaluate, ruler_scores
 
     folder = ROOT / spec["tasks"]
-    names = [f"sea_ruler_{t}" for t in spec.get("names", RULER_OFFLINE)]
+    names = [f"sea_ruler_{t}" for t in ruler_task_names(spec)]
     out: dict = {}
     for mode, limit in spec["limits"].items():
         t = time.perf_counter()
@@ -172,9 +180,7 @@ EXTRAS = {"passkey", "ruler", "mmlu", "content"}
 
 def ruler_cell(spec: dict, task: str | None, mode: str | None) -> dict:
     """The setting's RULER block cut to one task and/or one mode (for one process of several)."""
-    from sea_convert.harness import RULER_OFFLINE
-
-    names = spec.get("names", list(RULER_OFFLINE))
+    names = ruler_task_names(spec)
     if task is not None and task not in names:
         raise SystemExit(f"--ruler-task {task!r}: not a task of the setting's RULER block {names}")
     if mode is not None and mode not in spec["limits"]:

