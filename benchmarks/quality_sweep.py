@@ -77,16 +77,24 @@ def check_settings(spec: dict, base_dict: dict, base_dir: Path) -> dict:
     return recipes
 
 
+PROGRESS_EVERY = 25  # steps between progress lines: a lane stopped at its deadline shows how far it got
+
+
 class Budget:
-    """Re-plans a stage's step count from its measured step time (steps 2-3; step 1 pays warm-up)."""
+    """Re-plans a stage's step count from its measured step time (steps 2-3; step 1 pays warm-up), and prints
+    the stage's progress."""
 
     def __init__(self, seconds: float | None):
         self.seconds, self.trainer, self.t_start = seconds, None, None
+        self.t0 = time.perf_counter()
 
     def on_trainer(self, stage, trainer):
         self.trainer = trainer
 
     def on_step(self, stage, m):
+        if m.step % PROGRESS_EVERY == 0:
+            total = self.trainer.total_steps if self.trainer is not None else "?"
+            print(f"  stage {stage.upper()}: step {m.step}/{total}, {time.perf_counter() - self.t0:.0f} s", flush=True)
         if self.seconds is None:
             return
         if m.step == 1:
