@@ -13,7 +13,7 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 # A dry run needs only torch's metadata: where $PYTHON already has this torch, its dist-info folder is copied
 # (pip then counts torch as installed, with its requirements) instead of unpacking the 900 MB wheel (~25 s).
 TORCH_INFO=$("$PYTHON" -c "import sys, importlib.metadata as m; d = m.distribution('torch'); \
-print(d._path if d.version.split('+')[0] == sys.argv[1] else '')" "$TORCH_VERSION" 2>/dev/null || true)
+print(d.locate_file(f'torch-{d.version}.dist-info') if d.version.split('+')[0] == sys.argv[1] else '')" "$TORCH_VERSION" 2>/dev/null || true)
 if [ -n "$TORCH_INFO" ] && [ -d "$TORCH_INFO" ]; then
   cp -r "$TORCH_INFO" "$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 else
