@@ -29,7 +29,6 @@ from sea_convert.data import eval_windows  # noqa: E402
 from sea_convert.evaluate import mode_perplexity  # noqa: E402
 from sea_convert.integration import predictors  # noqa: E402
 
-GATES_AT_INIT = GATE_BIAS_INIT  # SEAPredictor's, with weights 0
 GATES_OFF = (0.0, -30.0)
 
 
@@ -59,7 +58,7 @@ def main() -> None:
     with torch.no_grad():
         teacher, _ = mode_perplexity(model, windows, "dense")
         oracle, _ = mode_perplexity(model, windows, "oracle")
-        for name, bias in (("trained", None), ("at_init", GATES_AT_INIT), ("off", GATES_OFF)):
+        for name, bias in (("trained", None), ("at_init", GATE_BIAS_INIT), ("off", GATES_OFF)):
             if bias is not None:
                 set_gates(predictors(model), bias)
             ppl, density = mode_perplexity(model, windows, "sea")

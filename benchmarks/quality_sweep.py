@@ -93,8 +93,8 @@ class Budget:
 
     def on_step(self, stage, m):
         if m.step % PROGRESS_EVERY == 0:
-            total = self.trainer.total_steps if self.trainer is not None else "?"
-            print(f"  stage {stage.upper()}: step {m.step}/{total}, {time.perf_counter() - self.t0:.0f} s", flush=True)
+            print(f"  stage {stage.upper()}: step {m.step}/{self.trainer.total_steps}, {time.perf_counter() - self.t0:.0f} s",
+                  flush=True)
         if self.seconds is None:
             return
         if m.step == 1:

@@ -50,7 +50,7 @@ def test_at_init_is_the_predictors_initial_gates_and_the_script_writes_three_row
         for p in predictors(model):
             p.gates.weight.add_(0.5)
             p.gates.bias.add_(1.0)
-        gates_probe.set_gates(predictors(model), gates_probe.GATES_AT_INIT)
+        gates_probe.set_gates(predictors(model), gates_probe.GATE_BIAS_INIT)
     for p, (w, b) in zip(predictors(model), init, strict=True):
         assert torch.equal(p.gates.weight, w) and torch.equal(p.gates.bias, b)
     path = save_converted(model, smollm2_tokenizer, SEA, ModelSource(hub="x/tiny"), tmp_path / "ck")
