@@ -230,7 +230,7 @@ def _distill_parallel(recipe: Recipe, paths: JobPaths, log: Log):
     model = build_skeleton(config, DTYPES[recipe.model.dtype])
     attach_sea(model, recipe.sea, device="cpu")
     load_predictor_state(model, load_file(str(paths.work / "parallel" / PREDICTORS_FILE)))
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(where, config=config, **kwargs)  # as load_teacher: no second parse
     distilled = DistillResult(**{f.name: result[f.name] for f in fields(DistillResult)})
     return model, tokenizer, None, distilled
 
