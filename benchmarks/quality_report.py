@@ -28,17 +28,21 @@ def _budget(row: dict, e: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    control = any("dense_adapted" in r for r in rows)  # the column only where some row measured it
     out = [
-        "| setting | ctx | mode | budget | stages (steps) | teacher ppl | oracle ppl (x) | SEA ppl (x) | SEA density | GPU-min |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | ctx | mode | budget | stages (steps) | teacher ppl | oracle ppl (x) | SEA ppl (x) | SEA density |"
+        + (" dense + stage-B adapters (x) |" if control else "") + " GPU-min |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if control else "") + "---|",
     ]
     for r in rows:
         e = r["main"]
         stages = ", ".join(f"{k.upper()} {v['steps']}" for k, v in sorted(r["stages"].items())) or "none"
         oracle = f"{e['oracle_ppl']:.3f} (x{e['oracle_ratio']:.4f})" if "oracle_ppl" in e else "-"
+        d = r.get("dense_adapted")
+        adapted = (f" {d['ppl']:.3f} (x{d['ratio']:.4f}) |" if d else " - |") if control else ""
         out.append(
             f"| {r['name']} | {r['ctx']} | {r['mode']} | {_budget(r, e)} | {stages} | {r['teacher_ppl']:.3f} | {oracle} |"
-            f" {e['sea_ppl']:.3f} (x{e['sea_ratio']:.4f}) | {e['density']:.3f} | {r['gpu_minutes_total']:.2f} |"
+            f" {e['sea_ppl']:.3f} (x{e['sea_ratio']:.4f}) | {e['density']:.3f} |{adapted} {r['gpu_minutes_total']:.2f} |"
         )
     return "\n".join(out) + "\n"
 

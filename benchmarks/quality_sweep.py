@@ -178,6 +178,16 @@ def ruler_rows(model, tokenizer, spec: dict, device) -> dict:
     return out
 
 
+def adapted_dense(model, windows, teacher_ppl: float) -> dict | None:
+    """Dense attention with stage B's adapters on (None without adapters): what stage B did to the model itself,
+    apart from SEA. A stage-B lever that lowers SEA's perplexity by moving the model toward the training text lowers
+    this one as well; one that only makes the model work better with its sparse attention does not."""
+    if not lora_layers(model):
+        return None
+    ppl, _ = mode_perplexity(model, windows, "dense")
+    return {"ppl": ppl, "ratio": ppl / teacher_ppl}
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -347,6 +357,10 @@ def main() -> None:
                   + (f" | oracle {e['oracle_ppl']:.3f} (x{e['oracle_ratio']:.4f}) density {e['oracle_density']:.3f}"
                      if "oracle_ppl" in e else ""), flush=True)
         set_sea_config(model, recipe.sea)
+        control = adapted_dense(model, windows, teacher_ppl)
+        if control is not None:
+            row["dense_adapted"] = control
+            print(f"  dense with stage B's adapters: {control['ppl']:.3f} (x{control['ratio']:.4f})", flush=True)
         row.update(teacher_ppl=teacher_ppl, main=evals[0], curve=evals[1:],
                    eval_seconds=round(time.perf_counter() - t, 1))
         row["gpu_minutes_total"] = round(sum(s["gpu_minutes"] for s in row["stages"].values()), 2)

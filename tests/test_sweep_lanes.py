@@ -112,3 +112,35 @@ def test_an_earlier_calls_outputs_and_retrained_states_are_cleared(tmp_path):
     sweep_lanes.clear_stale(plan, states, work)
     assert not work.exists()
     assert sorted(p.name for p in states.iterdir()) == ["i22-ctx8k-AB.pt"]  # reused by the RULER cells, kept
+
+
+def test_the_dense_control_measures_stage_bs_adapters_and_only_them():
+    """After stage B the sweep reports dense attention with the adapters on, so a lever that lowers SEA's perplexity
+    by moving the model itself (toward the training text) shows there too."""
+    from conftest import tiny_model
+    from sea_convert.evaluate import mode_perplexity
+    from sea_convert.integration import attach_sea
+    from sea_convert.lora import apply_lora
+    from sea_convert.recipe import SEAConfig
+
+    import quality_report
+
+    model = tiny_model("llama")
+    attach_sea(model, SEAConfig(k=8, predictor_length=16, nbf=2))
+    windows = torch.randint(0, 128, (2, 48))
+    teacher, _ = mode_perplexity(model, windows, "dense")
+    assert quality_sweep.adapted_dense(model, windows, teacher) is None  # no stage B, no control
+    layers = apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4)
+    same = quality_sweep.adapted_dense(model, windows, teacher)
+    assert same["ppl"] == pytest.approx(teacher, rel=1e-6) and same["ratio"] == pytest.approx(1.0, rel=1e-6)  # B = 0
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_b, std=0.5)
+    moved = quality_sweep.adapted_dense(model, windows, teacher)
+    assert abs(moved["ratio"] - 1.0) > 1e-3 and moved["ppl"] == pytest.approx(moved["ratio"] * teacher)
+    row = {"name": "x", "ctx": 48, "mode": "block", "stages": {"b": {"steps": 3}}, "teacher_ppl": teacher,
+           "gpu_minutes_total": 0.1, "main": {"block_keys": 16, "sea_ppl": 2.0, "sea_ratio": 1.05, "density": 0.5},
+           "dense_adapted": moved}
+    table = quality_report.table([row, {**row, "name": "y", "dense_adapted": None}])
+    assert "dense + stage-B adapters" in table and f"(x{moved['ratio']:.4f})" in table
+    assert "| 0.500 | - |" in table  # a row without the control
+    assert "dense + stage-B adapters" not in quality_report.table([{k: v for k, v in row.items() if k != "dense_adapted"}])
