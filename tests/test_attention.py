@@ -241,3 +241,24 @@ def test_inference_estimate_carries_the_grouped_probabilities(rows):
     b = select(est.log_probs.exp(), cfg, Hkv, reference, seq_len=T)
     assert torch.equal(a.block_index, b.block_index) and torch.equal(a.block_count, b.block_count)
     assert pred(q, k, v, d**-0.5, reference).grouped_probs is None
+
+
+def test_predictor_weights_come_from_the_config_seed_not_the_global_generator():
+    """Loading a teacher draws from the global generator by a varying amount (seen: two processes loading SmolLM2
+    left it in different states), so the starting predictors must not depend on it: same recipe, same model."""
+    from sea_convert.attention import SEAPredictor
+
+    def weights(cfg, layer=3):
+        return SEAPredictor(cfg, 4, 2, 16, 256, layer).state_dict()
+
+    cfg = SEAConfig(k=8, predictor_length=16, nbf=2)
+    torch.manual_seed(1)
+    first = weights(cfg)
+    torch.manual_seed(2)
+    before = torch.get_rng_state()
+    again = weights(cfg)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is left as it was
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    other_seed, other_layer = weights(cfg.model_copy(update={"seed": 1})), weights(cfg, layer=4)
+    for other in (other_seed, other_layer):
+        assert not torch.equal(first["encoder.0.weight"], other["encoder.0.weight"])

@@ -55,11 +55,16 @@ class SEAPredictor(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.channels = cfg.cnn_channels_per_head
         hidden = cfg.hidden_mult * head_dim
-        self.estimator = LinearAttentionEstimator(head_dim, cfg.nbf, table_len, seed=cfg.seed * 100003 + layer_idx)
-        self.encoder = nn.Sequential(nn.Linear(3 * head_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
-        self.row_decoder = nn.Linear(hidden, self.channels * self.K // 4)
-        self.cnn = CausalCNN(num_heads, self.channels, self.K)
-        self.gates = nn.Linear(hidden, 2) if cfg.output_gates else None
+        seed = cfg.seed * 100003 + layer_idx
+        self.estimator = LinearAttentionEstimator(head_dim, cfg.nbf, table_len, seed=seed)
+        # The starting weights come from the config's seed, not from whatever drew from the global generator before
+        # (loading a teacher does, by a varying amount): the same recipe converts to the same model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.encoder = nn.Sequential(nn.Linear(3 * head_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
+            self.row_decoder = nn.Linear(hidden, self.channels * self.K // 4)
+            self.cnn = CausalCNN(num_heads, self.channels, self.K)
+            self.gates = nn.Linear(hidden, 2) if cfg.output_gates else None
         if self.gates is not None:
             nn.init.zeros_(self.gates.weight)
             with torch.no_grad():
