@@ -8,8 +8,11 @@ prompt of about `length` tokens is
 
 with the key line after `depth` (0 to 1) of the filler. The answer counts as read back when greedy decoding
 would produce the key's digits: every answer token is the model's argmax at its position given the prompt and
-the tokens before it, which one forward pass over prompt + answer shows (teacher forcing; the same verdict as
-generating, at the cost of one prefill).
+the tokens before it. Where every row's attention depends only on the rows before it (dense; SEA per query, or in
+block mode with block rows, whose selection is made when a query block opens), one forward pass over prompt +
+answer shows that (teacher forcing; the same verdict as generating, at the cost of one prefill). Elsewhere (the
+oracle; SEA in block mode with token rows, which pools the estimate rows of the whole query block, answer rows
+after a row's own included) the answer is decoded token by token, a full pass each, as the decoder computes it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sea_convert.integration import attention_mode
+from sea_convert.integration import attention_mode, attention_modules
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -66,18 +69,29 @@ def make_grid(tokenizer, lengths: list[int], depths: list[float], per_cell: int,
             for n in lengths for depth in depths for _ in range(per_cell)]
 
 
+def rows_see_only_the_past(model, mode: str) -> bool:
+    """Whether, in attention `mode`, each row's output depends only on the rows up to it (so one pass over prompt +
+    answer gives what decoding would)."""
+    if mode == "dense":
+        return True
+    if mode == "oracle":
+        return False
+    cfg = attention_modules(model)[0].sea_config
+    return cfg.mode != "block" or cfg.predictor_rows == "block"
+
+
 @torch.no_grad()
 def reads_back(model, sample: PasskeySample, mode: str) -> bool:
     """Whether greedy decoding in attention `mode` would produce the sample's answer (see the module docstring).
 
-    The oracle is decoded token by token instead (a full pass per answer token): it pools the true attention of
-    a query block's rows, so rows after the answer's first, in the same block, would change the blocks that
-    first row reads; SEA's rows and the teacher's depend only on what precedes them."""
+    The oracle, and SEA in block mode with token rows, are decoded token by token instead (a full pass per answer
+    token): both pool a query block's rows, so rows after the answer's first, in the same block, would change the
+    blocks that first row reads."""
     device = next(model.parameters()).device
     ids = sample.ids[None].to(device)
     answer = sample.ids[sample.answer_start :]
     with attention_mode(model, mode):
-        if mode != "oracle":
+        if rows_see_only_the_past(model, mode):
             logits = model(input_ids=ids[:, :-1], use_cache=False).logits[0]
             return bool(torch.equal(logits[sample.answer_start - 1 :].argmax(-1).cpu(), answer))
         prefix = ids[:, : sample.answer_start]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from sea_convert.integration import attach_sea, attention_mode
-from sea_convert.passkey import FILLER, PasskeySample, make_grid, make_sample, passkey_accuracy, plot_heatmap, reads_back
+from sea_convert.integration import attach_sea, attention_mode, set_sea_config
+from sea_convert.passkey import (FILLER, PasskeySample, make_grid, make_sample, passkey_accuracy, plot_heatmap,
+                                 reads_back, rows_see_only_the_past)
 from sea_convert.recipe import SEAConfig
 
 
@@ -56,6 +57,20 @@ def test_read_back_is_greedy_generation(smollm2_tokenizer):
         wrong = own.ids.clone()
         wrong[-1] = (wrong[-1] + 1) % len(smollm2_tokenizer)
         assert not reads_back(model, dataclasses.replace(own, ids=wrong), mode), mode
+
+
+def test_one_pass_is_used_only_where_each_row_sees_only_the_past(smollm2_tokenizer):
+    """Block mode with token rows pools the estimate rows of the whole query block: in one pass over prompt + answer,
+    a row's selection reads the answer rows after it (seen: logits 0.06-0.07 off the decoder's at every answer
+    token of the sample above, with the predictors a seed gives), so it is decoded token by token, as the oracle."""
+    model = _sea_tiny(len(smollm2_tokenizer))
+    base = SEAConfig(k=16, predictor_length=32, block_size=16, block_keys=64)
+    assert rows_see_only_the_past(model, "dense") and not rows_see_only_the_past(model, "oracle")
+    assert not rows_see_only_the_past(model, "sea")  # block mode, token rows
+    set_sea_config(model, base.model_copy(update={"predictor_rows": "block"}))
+    assert rows_see_only_the_past(model, "sea")  # one selection per query block, made when it opens
+    set_sea_config(model, base.model_copy(update={"mode": "per_query"}))
+    assert rows_see_only_the_past(model, "sea")
 
 
 def test_grid_and_heatmap(smollm2_tokenizer, tmp_path):
@@ -169,3 +184,21 @@ def test_passkey_settings_are_checked(passkey, message):
 
     with pytest.raises(ValueError, match=message):
         PasskeyEval(**passkey)
+
+
+@pytest.mark.xfail(strict=True, reason="open defect (2026-12-07): SEA's decoder leaves the full recompute from prefix "
+                   "length 286 on in block mode with token rows on this tiny model (also in float64: not rounding)")
+def test_sea_decoder_follows_the_full_recompute_past_the_prompt(smollm2_tokenizer):
+    """Found while checking reads_back: the decoder matched a full pass per token to 3e-7 for five answer tokens,
+    then differed by 0.04 in the logits at every later step. Kept as a strict xfail until it is mended."""
+    model = _sea_tiny(len(smollm2_tokenizer))
+    base = make_sample(smollm2_tokenizer, 300, 0.3, "77777")
+    prompt, n = base.ids[: base.answer_start], 12
+    with torch.no_grad(), attention_mode(model, "sea"):
+        out = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        decoded = torch.stack(out.logits, 1)[0]
+        recomputed = torch.stack([model(input_ids=out.sequences[:, : len(prompt) + i], use_cache=False).logits[0, -1]
+                                  for i in range(n)])
+    assert (decoded - recomputed).abs().max() < 1e-4  # fp32 re-association: measured 2-3e-7 where they agree
