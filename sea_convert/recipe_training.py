@@ -66,7 +66,9 @@ class StageBConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     logit_kl_weight: float = Field(1.0, ge=0, description="KL(teacher next-token distribution || student's)")
     hidden_mse_weight: float = Field(1.0, ge=0, description="relative MSE of every layer's hidden state vs the teacher's")
-    lm_weight: float = Field(0.0, ge=0, description="next-token cross-entropy on the training text")
+    lm_weight: float = Field(0.0, ge=0, description="next-token cross-entropy on the training text: fine-tunes the "
+                             "model toward that text (the dense model gains as much, docs/quality.md), so 0 for a "
+                             "conversion that stays close to its teacher")
     estimate_kl_weight: float = Field(0.1, ge=0, description="KL(student's own pooled attention || estimate) per layer")
     query_chunk: int = Field(512, ge=1, description="rows per chunk of the estimate's target")
 
