@@ -96,6 +96,20 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def perturb_predictors(target, scale: float = 0.3) -> None:
+    """Trained-looking predictors, in place: estimates far from uniform (fresh ones are near-uniform, and their
+    near-ties between key blocks flip with the order of fp32 sums) and gates away from their init. target: a model
+    with SEA attached, or one SEAPredictor. Draws from the global generator: seed before."""
+    import torch
+
+    predictors = ([target] if hasattr(target, "estimator")  # a SEAPredictor
+                  else [m.sea_predictor for m in target.modules() if hasattr(m, "sea_predictor")])
+    with torch.no_grad():
+        for predictor in predictors:
+            for p in predictor.parameters():
+                p.add_(torch.randn_like(p) * scale)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M teacher (dequantized GGUF, fp32); ~20 s to load."""

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import perturb_predictors
 from kernels import dispatch, reference
 from kernels.reference_block_rows import block_linear_attention, block_scores_from_bins, block_teacher_target, opening_means
 from sea_convert.attention import SEAPredictor, sea_attention
@@ -189,9 +190,7 @@ def test_decoding_one_layer_equals_its_full_pass(Hq, Hkv, prompt):
     cfg = SEAConfig(mode="block", predictor_rows="block", k=8, predictor_length=16, block_size=4, block_keys=16,
                     nbf=2, position_table_len=64, backend="torch")
     pred = SEAPredictor(cfg, Hq, Hkv, 16, 64, 0).eval()
-    with torch.no_grad():
-        for p in pred.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    perturb_predictors(pred)
     T = 40
     q, k, v = torch.randn(1, Hq, T, 16), torch.randn(1, Hkv, T, 16), torch.randn(1, Hkv, T, 16)
     errors = []

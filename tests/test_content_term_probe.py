@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_model
+from conftest import perturb_predictors, tiny_model
 from kernels import dispatch
 from sea_convert.checkpoint import save_converted
 from sea_convert.integration import attach_sea, attention_mode
@@ -50,9 +50,7 @@ def test_weight_zero_is_sea_and_weight_one_selects_by_content(tmp_path, smollm2_
     torch.manual_seed(0)
     model = tiny_model("llama", vocab_size=len(smollm2_tokenizer)).eval()
     attach_sea(model, SEA)
-    with torch.no_grad():  # predictors far from their init, so their choice differs from the content score's
-        for p in (p for m in model.modules() if hasattr(m, "sea_predictor") for p in m.sea_predictor.parameters()):
-            p.add_(torch.randn_like(p) * 0.3)
+    perturb_predictors(model)  # so their choice differs from the content score's
     ids = torch.randint(0, len(smollm2_tokenizer), (1, 200))
     with torch.no_grad(), attention_mode(model, "sea"):
         plain = model(input_ids=ids).logits

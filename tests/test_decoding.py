@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from conftest import tiny_model
+from conftest import perturb_predictors, tiny_model
 from sea_convert.attention.layer import measure_density
 from sea_convert.integration import SUPPORTED_ARCHITECTURES, attach_sea, attention_mode, decode_states
 from sea_convert.recipe import SEAConfig
@@ -37,10 +37,7 @@ def _sea_model(arch: str, mode: str, seed: int = 0, rows: str = "token", block_k
     model = tiny_model(arch, seed=seed)
     attach_sea(model, SEAConfig(mode=mode, k=8, predictor_length=16, block_size=4, block_keys=block_keys, nbf=2,
                                 predictor_rows=rows))
-    with torch.no_grad():  # trained-looking predictors: estimates far from uniform, gates away from their init
-        for attn in (m for m in model.modules() if hasattr(m, "sea_predictor")):
-            for p in attn.sea_predictor.parameters():
-                p.add_(torch.randn_like(p) * 0.3)
+    perturb_predictors(model)
     return model
 
 

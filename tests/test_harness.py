@@ -13,7 +13,7 @@ import yaml
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from conftest import tiny_model  # noqa: E402
+from conftest import perturb_predictors, tiny_model  # noqa: E402
 from test_ray_job import _recipe as plain_recipe  # noqa: E402
 from sea_convert import harness  # noqa: E402
 from sea_convert.checkpoint import save_converted  # noqa: E402
@@ -29,9 +29,7 @@ def converted(tmp_path_factory, smollm2_tokenizer):
     torch.manual_seed(0)
     model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
     attach_sea(model, SEA)
-    with torch.no_grad():  # predictors far from their init, so SEA differs from dense
-        for p in (p for m in model.modules() if hasattr(m, "sea_predictor") for p in m.sea_predictor.parameters()):
-            p.add_(torch.randn_like(p) * 0.3)
+    perturb_predictors(model)  # so SEA differs from dense
     path = tmp_path_factory.mktemp("harness") / "ck"
     return save_converted(model, smollm2_tokenizer, SEA, ModelSource(hub="example/tiny"), path, report={}, model_card="# c")
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import perturb_predictors, tiny_model
 from sea_convert.integration import attach_sea, attention_mode, set_sea_config
 from sea_convert.passkey import (FILLER, PasskeySample, make_grid, make_sample, passkey_accuracy, plot_heatmap,
                                  reads_back, rows_see_only_the_past)
@@ -210,12 +210,8 @@ def test_why_token_rows_in_block_mode_are_read_back_token_by_token(smollm2_token
     for rows in ("token", "block"):
         model = tiny_model("llama", vocab_size=len(smollm2_tokenizer), max_position_embeddings=512)
         attach_sea(model, SEAConfig(k=16, predictor_length=32, block_size=16, block_keys=64, predictor_rows=rows))
-        # trained-looking predictors, as in test_decoding: fresh ones give near-uniform estimates, whose near-ties
-        # between key blocks fp32 re-association can flip (measured: block rows then 4e-2 past ~11 key blocks)
-        with torch.no_grad():
-            for attn in (m for m in model.modules() if hasattr(m, "sea_predictor")):
-                for p in attn.sea_predictor.parameters():
-                    p.add_(torch.randn_like(p) * 0.3)
+        # fresh predictors' near-ties flip with fp32 re-association (measured: block rows then 4e-2 past ~11 blocks)
+        perturb_predictors(model)
         models[rows] = model.eval()
     assert not rows_see_only_the_past(models["token"], "sea") and rows_see_only_the_past(models["block"], "sea")
     # measured on this prompt: token rows 1.7e-3 (up to 3e-2 on random prompts of 150-281 tokens; in fp64 as well:

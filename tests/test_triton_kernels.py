@@ -53,6 +53,7 @@ from kernels import reference as ref  # noqa: E402
 from kernels import select_blocks as sel  # noqa: E402
 from kernels import sparse_decode as sd  # noqa: E402
 from kernels import teacher_target as tt  # noqa: E402
+from conftest import perturb_predictors  # noqa: E402
 from kernels import triton_ops  # noqa: E402
 
 # Can the kernels run in this process? On a GPU, yes; on CPU only if triton came up interpreted.
@@ -857,9 +858,7 @@ def _step_setup(B, Hq, Hkv, d, K, lengths, dtype, seed, mode="block", bs=16, nbf
     cfg = SEAConfig(mode=mode, k=K // 2, block_keys=48, block_size=bs, predictor_length=K, nbf=nbf, **cfg_kw)
     S = max(lengths)
     pred = SEAPredictor(cfg, Hq, Hkv, d, S + 40, 0)
-    with torch.no_grad():
-        for p in pred.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    perturb_predictors(pred)
     pred = pred.to(DEV, dtype)
     g = torch.Generator().manual_seed(seed)
     q = _randn(B, Hq, S + 1, d, gen=g).to(dtype)
