@@ -116,6 +116,12 @@ def run_in_process(recipe: dict, recipe_path: Path, work: Path, env: dict, servi
     local.get("distill", {}).get("parallel", {}).pop("launch_single", None)
     path = recipe_path.parent / f".e2e-local-{recipe_path.name}"
     path.write_text(yaml.safe_dump(local, sort_keys=False))
+    parallel = recipe.get("distill", {}).get("parallel", {})
+    if parallel.get("launch_single") and not recipe.get("resources", {}).get("gpus"):
+        # on CPUs, as many threads as the Ray Train worker had (Ray sets OMP_NUM_THREADS from its reservation):
+        # the two then sum in the same order and their losses are equal bit for bit, the kill and resume included;
+        # with 2 threads here against its 1, rounding flipped a block selection at one step (1.0e-5 there, 1e-7 after)
+        env = {**env, "OMP_NUM_THREADS": str(max(1, int(parallel.get("cpus_per_worker", 1))))}
     start = time.monotonic()
     try:
         cli("run", str(path), env=env, capture=False)
