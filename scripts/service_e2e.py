@@ -76,6 +76,11 @@ def cli(*args: str, env: dict, check: bool = True, capture: bool = True) -> subp
     return r
 
 
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
 def set_field(recipe: dict, item: str) -> None:
     """--set distill.stage_a.steps=120: one recipe field for this run, its value read as YAML."""
     key, _, value = item.partition("=")
@@ -149,8 +154,7 @@ def in_process_against(service_json: Path, out_json: Path) -> int:
     rows = [("in-process wall", f"{result['wall_s']} s"), ("service job done at", f"{service_wall} s"),
             ("service stage wall s", str(service.get("stage_seconds"))),
             ("loss histories, max relative gap", f"{result['loss_rel_gap_max']:.2e} over {result['steps']} steps")]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print_rows(rows)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(summary, indent=2) + "\n")
     ok = result["loss_rel_gap_max"] <= LOSS_GAP_BOUND and result["steps"] == result["service_steps"]
@@ -318,8 +322,7 @@ def main() -> int:
             ("job SEA ppl / pulled checkpoint SEA ppl", f"{summary['job_sea_ppl']:.4f} / {summary['pulled_eval']['sea_ppl']:.4f}"),
             ("teacher ppl (pulled eval)", f"{summary['pulled_eval']['teacher_ppl']:.4f}"),
             ("local Ray head stopped at the end", str(summary["head_stopped"])), ("wall", f"{summary['wall_s']} s")]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print_rows(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     ok = (summary["job"]["status"] == "succeeded" and summary["ray_submissions"] == 1

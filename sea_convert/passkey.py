@@ -12,7 +12,9 @@ the tokens before it. Where every row's attention depends only on the rows befor
 block mode with block rows, whose selection is made when a query block opens), one forward pass over prompt +
 answer shows that (teacher forcing; the same verdict as generating, at the cost of one prefill). Elsewhere (the
 oracle; SEA in block mode with token rows, which pools the estimate rows of the whole query block, answer rows
-after a row's own included) the answer is decoded token by token, a full pass each, as the decoder computes it.
+after a row's own included) the answer is decoded token by token, a full pass over each prefix. (For token rows
+that is the full recompute, which the cached decoder can leave once a query block's later rows re-pool an earlier
+row's selection: docs/decoding.md.)
 """
 
 from __future__ import annotations
