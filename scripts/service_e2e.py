@@ -43,7 +43,9 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# through the interpreter, not console scripts beside it: a GPU host's staged wheels (`pip install --target`,
+# scripts/gpu_setup.sh) and the project on PYTHONPATH have none there
+SEA_CONVERT = [sys.executable, "-m", "api.cli"]
 TOKEN = "e2e-admin-token"
 # the resumed Ray Train worker against the run in one process: float32 summation order apart, the same losses,
 # within the bound tests/test_ray_train.py puts on 1 worker against 2 (this CPU, SmolLM2, 16 steps killed at the
@@ -70,7 +72,7 @@ def wait_for(url: str, timeout: float = 120) -> None:
 
 
 def cli(*args: str, env: dict, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(BIN / "sea-convert"), *args], env=env, text=True, capture_output=capture)
+    r = subprocess.run([*SEA_CONVERT, *args], env=env, text=True, capture_output=capture)
     if check and r.returncode != 0:
         raise RuntimeError(f"sea-convert {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
     return r
@@ -194,8 +196,9 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     summary: dict = {"recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe)}
     t0 = time.monotonic()
+    print(f"work folder (logs, job store): {work}")
     try:
-        moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(moto)
         wait_for(s3_url)
@@ -220,7 +223,7 @@ def main() -> int:
         recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
         def serve(tag: str) -> subprocess.Popen:
-            p = subprocess.Popen([str(BIN / "sea-convert"), "serve", "--port", str(api_port)], env=env, cwd=work,
+            p = subprocess.Popen([*SEA_CONVERT, "serve", "--port", str(api_port)], env=env, cwd=work,
                                  stdout=open(work / f"serve-{tag}.log", "w"), stderr=subprocess.STDOUT)
             procs.append(p)
             wait_for(f"{api_url}/health")
@@ -233,7 +236,7 @@ def main() -> int:
         job_id = sub.stdout.split()[1]
         print(sub.stdout.strip())
         follow_log = open(work / "follow-1.log", "w")
-        follower = subprocess.Popen([str(BIN / "sea-convert"), "logs", job_id, "--follow"], env=env, stdout=follow_log,
+        follower = subprocess.Popen([*SEA_CONVERT, "logs", job_id, "--follow"], env=env, stdout=follow_log,
                                     stderr=subprocess.STDOUT)
         procs.append(follower)
         def logged_steps() -> list[int]:  # the stage's own lines, or rank 0's under Ray Train
@@ -299,6 +302,11 @@ def main() -> int:
         summary["resumed_from"] = report["distill"].get("resumed_from")  # after a killed train worker
         if args.in_process:
             summary["in_process"] = run_in_process(recipe, args.recipe, work, env, history)
+    except BaseException as exc:  # what got done, for the next call to read (a device call's deadline included)
+        summary["error"] = repr(exc)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        raise
     finally:
         for p in procs[::-1]:
             if p.poll() is None:

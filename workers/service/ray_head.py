@@ -230,7 +230,8 @@ class LocalRayHead:
 
         roles = [r for r in PORT_FLAGS if r != "ray_client_server" or get_ray_client_dependency_error() is None]
         ports = dict(zip(roles, _free_ports(len(roles))))
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+        # `ray start` through the interpreter: a `pip install --target` (a GPU host's staging) puts no `ray` beside it
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                f"--node-ip-address={LOOPBACK}", f"--dashboard-host={LOOPBACK}", "--include-dashboard=true",
                f"--min-worker-port={WORKER_PORTS[0]}", f"--max-worker-port={WORKER_PORTS[1]}", "--disable-usage-stats"]
         cmd += [f"{PORT_FLAGS[r]}={p}" for r, p in ports.items() if PORT_FLAGS[r].startswith("--")]
