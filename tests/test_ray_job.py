@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import HELD_OUT_TEXT, TRAIN_TEXT
@@ -80,6 +81,26 @@ def test_stage_tasks_ask_for_the_recipes_resources():
     # one worker launched under Ray Train (launch_single): the same, the worker holds the GPU
     body["distill"]["parallel"] = {"workers": 1, "launch_single": True}
     assert stage_options(parse_recipe(body), "distill") == {"num_cpus": 1, "max_retries": 0}
+
+
+def _stage_body():
+    return None
+
+
+def test_a_gpu_stages_options_are_ones_ray_accepts_for_a_task():
+    """max_calls (a fresh worker per GPU stage) is a decorator option that `.options()` refuses: the H100 run of
+    2026-12-07 failed its validate stage on it. Ray checks options when the task is declared, no cluster needed."""
+    ray = pytest.importorskip("ray")
+    from sea_convert.recipe import parse_recipe
+
+    r = parse_recipe(_recipe(Path(__file__).parent) | {"model": {"hub": "x/y"}})
+    for stage in ("distill", "validate", "publish"):
+        opts = stage_options(r, stage)
+        task = ray.remote(**opts)(_stage_body)
+        assert {k: task._default_options[k] for k in opts} == opts
+    assert stage_options(r, "validate")["max_calls"] == 1
+    with pytest.raises(ValueError, match="max_calls"):
+        ray.remote(_stage_body).options(**stage_options(r, "validate"))
 
 
 def test_service_loop_fires_a_due_schedule_once(tmp_path, tiny_model_dir):

@@ -79,7 +79,8 @@ def ray_execute(fn: Callable, args: tuple, options: dict):
 
     check_feasible(options, ray.nodes())
     try:
-        return ray.get(ray.remote(fn).options(**options).remote(*args))
+        # the decorator, not .options(): max_calls (a GPU stage's fresh worker) is refused by .options()
+        return ray.get(ray.remote(**options)(fn).remote(*args))
     except ray.exceptions.RayTaskError as err:  # the stage raised: hand back its own exception
         cause = getattr(err, "cause", None)
         raise (cause if isinstance(cause, BaseException) else err) from None
