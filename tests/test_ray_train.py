@@ -159,3 +159,24 @@ def test_one_worker_launched_under_ray_train_resumes_after_a_kill(local_ray, tin
     # they are bounded by what AdamW allows, as 1 worker against 2 above (tests/bounds.py); measured 3.6e-3
     stage = recipe.distill.stage_a
     assert gap < adamw_weight_gap_bound(stage.lr, stage.warmup_steps, stage.steps)
+
+
+def test_rank_zero_lines_bypass_ray_trains_print_patch(capsys, caplog, monkeypatch):
+    """Ray Train patches a worker's print to log through the root logger and also echo it, so a printed line
+    reached the job's log twice (seen on the H100 and on CPU, 2026-12-07); the worker's own lines go to stdout once."""
+    import builtins
+    import logging
+
+    patch_print = pytest.importorskip("ray.train.v2._internal.logging.patch_print")
+    from workers.train.train_worker import _rank0_log
+
+    monkeypatch.setattr(builtins, "print", builtins.print)  # restored after the patch below
+    patch_print.patch_print_function()
+    assert builtins.print is patch_print.redirected_print
+    caplog.set_level(logging.INFO)
+    print("a printed line")  # what the worker did: echoed (capsys's stdout is not sys.__stdout__) and logged
+    assert [r.getMessage() for r in caplog.records] == ["a printed line"]
+    caplog.clear()
+    _rank0_log("step 1: loss 1.0")
+    assert caplog.records == []
+    assert capsys.readouterr().out == "a printed line\n[rank 0] step 1: loss 1.0\n"

@@ -262,6 +262,9 @@ def _token_mode(token_file: Path):
 def test_a_head_with_token_authentication_is_seen_alive_and_stopped(tmp_path):
     """RAY_AUTH_MODE=token (a user's choice, and what ray.init leaves in its process's environment): the
     dashboard answers 401 to a client without Ray's token, so the health check sends it as Ray's job client does."""
+    from ray._common.utils import get_ray_address_file
+
+    pointer = Path(get_ray_address_file(None))
     with _token_mode(tmp_path / "auth_token"):
         head = LocalRayHead(tmp_path / "state", num_cpus=1)
         dashboard, adopted = head.ensure(timeout=90)
@@ -269,5 +272,13 @@ def test_a_head_with_token_authentication_is_seen_alive_and_stopped(tmp_path):
             assert not adopted
             assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 401  # without the token
             assert LocalRayHead(tmp_path / "state").ensure(timeout=10) == (dashboard, True)  # seen alive: adopted
+            gcs = head._read()["gcs"]
+            # `ray start` leaves its address for a later ray.init(), once its node is up (soon after the dashboard)
+            deadline = time.monotonic() + 30
+            while not (pointer.exists() and pointer.read_text().strip() == gcs) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert pointer.read_text().strip() == gcs
         finally:
             assert head.stop()
+    # and stopping the head takes it back: a user's ray.init() would otherwise try to join the dead head
+    assert not pointer.exists() or pointer.read_text().strip() != gcs

@@ -141,6 +141,20 @@ def listeners(pids) -> list[dict]:
     return sorted(seen, key=lambda s: (s["port"], s["pid"]))
 
 
+def _forget_ray_address(gcs: str | None) -> None:
+    """`ray start --head` leaves its address in Ray's temp folder (ray_current_cluster) for a later `ray.init()`;
+    once the head is gone that pointer makes a user's `ray.init()` try to join a dead cluster. `ray stop` removes
+    it; so does this, when it still names this head (another head may have written it since)."""
+    from ray._common.utils import get_ray_address_file
+
+    pointer = Path(get_ray_address_file(None))
+    try:
+        if gcs and pointer.read_text().strip() == gcs:
+            pointer.unlink()
+    except FileNotFoundError:
+        pass
+
+
 class LocalRayHead:
     """A Ray head on this machine, started by the service (`ray start --head --block` in its own
     session), recorded in `<state_dir>/ray-head.json` so a restarted service adopts it instead of
@@ -317,5 +331,6 @@ class LocalRayHead:
         else:
             os.killpg(rec["pid"], signal.SIGKILL)
         self.record.unlink(missing_ok=True)
+        _forget_ray_address(rec.get("gcs"))
         log.info("stopped the local Ray head (pid %s)", rec["pid"])
         return True

@@ -146,6 +146,13 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def _rank0_log(msg: str) -> None:
+    # straight to stdout, not print(): Ray Train patches a worker's print to log through its logger and also
+    # echo it, so every printed line reached the job's log twice
+    sys.stdout.write(f"[rank 0] {msg}\n")
+    sys.stdout.flush()
+
+
 def train_worker(config: dict | WorkerConfig, report: Report | None = None) -> dict:
     """Run (or resume) stage A on this rank; returns the run's summary (the same on every rank)."""
     cfg = WorkerConfig.model_validate(config)
@@ -156,7 +163,7 @@ def train_worker(config: dict | WorkerConfig, report: Report | None = None) -> d
         # as many threads as the cores the worker reserved, under either launcher (Ray sets OMP_NUM_THREADS
         # from the reservation, torchrun to 1): both then round alike, and a restarted group as the first
         torch.set_num_threads(max(1, int(dcfg.parallel.cpus_per_worker)))
-    log = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    log = _rank0_log if rank == 0 else (lambda msg: None)
     torch.manual_seed(dcfg.seed)
     t_load = time.perf_counter()
     model, tokenizer = build_teacher(cfg, recipe, device, world, log)
