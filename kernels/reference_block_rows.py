@@ -113,10 +113,16 @@ def block_teacher_target(q: torch.Tensor, k: torch.Tensor, scale: float, K: int,
         nkb = math.ceil(t1 / block_size)
         per_block = torch.nn.functional.pad(p, (0, nkb * block_size - t1)).view(B, Hq, t1 - t0, nkb, block_size).sum(-1)
         b0, b1 = t0 // block_size, math.ceil(t1 / block_size)
-        qb = torch.arange(t0, t1, device=q.device) // block_size - b0
-        mass = torch.zeros(B, Hq, b1 - b0, nkb, dtype=torch.float32, device=q.device).index_add_(2, qb, per_block)
-        bins = key_bins(torch.arange(b0, b1, device=q.device), nkb, K).expand(B, Hq, -1, -1)
-        target[:, :, b0:b1].scatter_add_(-1, bins, mass)
+        # sums, not index_add_/scatter_add_: on CUDA those add atomically in a varying order, so stage A's
+        # targets (and its losses) differed at the ulp level from run to run, and a resumed run could not be
+        # checked against an uninterrupted one. The chunk starts on a block boundary: its rows pad to whole blocks.
+        rows_padded = (b1 - b0) * block_size
+        mass = torch.nn.functional.pad(per_block, (0, 0, 0, rows_padded - (t1 - t0)))
+        mass = mass.view(B, Hq, b1 - b0, block_size, nkb).sum(3)  # (B, Hq, blocks of the chunk, nkb)
+        # each key block's bin as a one-hot matrix per query block: the bins' sums are one batched matmul
+        bins = key_bins(torch.arange(b0, b1, device=q.device), nkb, K)  # (blocks, nkb)
+        one_hot = torch.nn.functional.one_hot(bins, K).to(mass.dtype)  # (blocks, nkb, K)
+        target[:, :, b0:b1] = torch.einsum("bhrn,rnk->bhrk", mass, one_hot)
     return target / rows[None, None, :, None]
 
 

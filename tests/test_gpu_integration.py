@@ -172,3 +172,32 @@ def test_captured_prefill_replays_the_eager_forward(mode):
         assert (replayed.float() - eager.float()).abs().max() <= 2 ** -7 * (1 + eager.float().abs().max())
     with pytest.raises(ValueError, match="captured for"):
         captured(ids[:, :100])
+
+
+def test_block_row_stage_a_repeats_itself_bit_for_bit_on_the_gpu():
+    """Issue 24: the GPU service run's loss history differed from the in-process run's from step 1 (6e-7, then
+    up to 8e-4), so a resumed run could not be held to an uninterrupted one. The block-row teacher targets now sum
+    without atomics and cuDNN runs its deterministic algorithms (workers.train.loop.seed_and_pin_kernels): two
+    runs of the same steps give the same losses, bit for bit."""
+    from workers.train.loop import seed_and_pin_kernels
+
+    sea = SEAConfig(mode="block", k=16, block_keys=64, predictor_length=16, predictor_rows="block", block_size=32)
+    g = torch.Generator().manual_seed(0)
+    train = [torch.randint(0, 128, (2, 512), generator=g).cuda() for _ in range(3)]
+
+    def losses() -> list[float]:
+        seed_and_pin_kernels(0)
+        model = tiny_model("llama").cuda()
+        attach_sea(model, sea)
+        trainer = StageATrainer(model, sea, StageAConfig(steps=12, lr=3e-3, warmup_steps=2))
+        return [trainer.step(train[step % 3]).loss for step in range(12)]
+
+    first, second = losses(), losses()
+    assert first == second, [abs(a - b) for a, b in zip(first, second)]
+    q, k = torch.randn(2, 4, 700, 64, device="cuda"), torch.randn(2, 2, 700, 64, device="cuda")
+    targets = [triton_or_reference_block_target(q, k) for _ in range(3)]
+    assert all(torch.equal(targets[0], t) for t in targets[1:])
+
+
+def triton_or_reference_block_target(q, k):
+    return dispatch.ops("auto", q.device).block_teacher_target(q, k, 64 ** -0.5, 16, 64, query_chunk=256)

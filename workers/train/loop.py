@@ -195,6 +195,15 @@ class _Run:
             self.history[-1]["checkpoint_s"] = self.save(stage, trainer, batches)
 
 
+def seed_and_pin_kernels(seed: int) -> None:
+    """The run's seed, and cuDNN's deterministic algorithms (the predictor's convolutions; its heuristics may pick
+    backward kernels that add atomically): with the atomics-free teacher targets, a run on one GPU repeats itself,
+    so a resumed run can be held to an uninterrupted one (issue 24). cuBLAS is deterministic on one stream."""
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def train_stages(recipe: Recipe, model, windows: torch.Tensor, probe: torch.Tensor, device: torch.device,
                  checkpoints: DistCheckpoints | None = None, *, only: tuple[str, ...] | None = None,
                  on_step: StepHook | None = None, on_trainer: Callable[[str, object], None] | None = None,
@@ -209,7 +218,7 @@ def train_stages(recipe: Recipe, model, windows: torch.Tensor, probe: torch.Tens
     dcfg = recipe.distill
     run = _Run(recipe, model, windows, probe, device, checkpoints, log)
     saved = run.saved()
-    torch.manual_seed(dcfg.seed)
+    seed_and_pin_kernels(dcfg.seed)
     stages = [s for s in STAGES if (s == "a" or dcfg.stage_b is not None) and (only is None or s in only)]
     for stage in stages:
         if saved and STAGES.index(stage) < STAGES.index(saved[1]["stage"]):
