@@ -118,14 +118,14 @@ def stage_seconds(stages: list[dict]) -> dict:
             for s in stages if s.get("started_at") and s.get("finished_at")}
 
 
-def stage_gpus(recipe: dict, stage: str) -> int:
+def stage_gpus(recipe: dict, stage: str, base_dir: Path) -> int:
     """The GPUs a stage holds: a launched stage A's Ray Train workers one each (the stage task itself none),
     the other stages what their Ray task asks for (publish none)."""
     from sea_convert.recipe import parse_recipe
     from workers.service.ray_job import stage_options
     from workers.train.train_launch import uses_gpu
 
-    r = parse_recipe(recipe, base_dir=ROOT / "recipes")
+    r = parse_recipe(recipe, base_dir=base_dir)  # the folder the recipe's relative paths start from
     if stage == "distill" and r.distill.parallel.launched:
         return r.distill.parallel.workers if uses_gpu(r) else 0
     return int(stage_options(r, stage).get("num_gpus", 0))
@@ -346,7 +346,8 @@ def main() -> int:
         summary["pulled_eval"] = json.loads(ev.stdout.strip().splitlines()[-1])
         summary["job_sea_ppl"] = ppl["sea_ppl"]
         summary["stage_seconds"] = stage_seconds(job["stages"])
-        summary["stage_gpus"] = {stage: stage_gpus(recipe, stage) for stage in summary["stage_seconds"]}
+        summary["stage_gpus"] = {stage: stage_gpus(recipe, stage, args.recipe.parent)
+                                for stage in summary["stage_seconds"]}
         summary["gpu_hours"] = round(sum(t * summary["stage_gpus"][stage] for stage, t in summary["stage_seconds"].items())
                                      / 3600, 4)
         report = json.loads((pulled / "report.json").read_text())

@@ -72,8 +72,8 @@ def test_loss_histories_are_compared_before_and_after_the_kill_and_gpu_hours_cou
     gpu = _recipe(Path(__file__).parent) | {"model": {"hub": "x/y"}, "resources": {"cpus": 2, "gpus": 1}}
     gpu["distill"] = gpu["distill"] | {"device": "cuda", "stage_a": {"steps": 3, "batch_size": 2},
                                        "parallel": {"workers": 1, "launcher": "ray", "launch_single": True}}
-    assert {st: script.stage_gpus(gpu, st) for st in ("distill", "validate", "publish")} == \
+    assert {st: script.stage_gpus(gpu, st, ROOT / "recipes") for st in ("distill", "validate", "publish")} == \
         {"distill": 1, "validate": 1, "publish": 0}
     cpu = _recipe(Path(__file__).parent) | {"model": {"hub": "x/y"}, "resources": {"cpus": 2}}
-    assert {st: script.stage_gpus(cpu, st) for st in ("distill", "validate", "publish")} == \
+    assert {st: script.stage_gpus(cpu, st, ROOT / "recipes") for st in ("distill", "validate", "publish")} == \
         {"distill": 0, "validate": 0, "publish": 0}
