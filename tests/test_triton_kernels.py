@@ -336,9 +336,12 @@ def test_block_sparse_rows_without_keys(dtype):
     assert all(torch.isfinite(got[n]).all() for n in ("out", "dq", "dk", "dv"))
 
 
+# lists of even (2) and odd (3) lengths at G 2 and 3, and of mixed lengths (all causal blocks) at G 2 only: the mixed
+# lists at G 3 (T 200, blocks of 16) cost 15 s of the suite's 20 minutes in the interpreter and add no case
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("blocks_per_head", [1, 2, 3, None], ids=["bph1", "bph2", "bph3", "all"])
-@pytest.mark.parametrize("shape,bs", [((1, 4, 2, 130, 32), 32), ((1, 6, 2, 200, 16), 16)], ids=lambda c: str(c))
+@pytest.mark.parametrize("shape,bs,blocks_per_head", [
+    ((1, 4, 2, 130, 32), 32, 2), ((1, 4, 2, 130, 32), 32, 3), ((1, 4, 2, 130, 32), 32, None),
+    ((1, 6, 2, 200, 16), 16, 2), ((1, 6, 2, 200, 16), 16, 3)], ids=str)
 def test_block_sparse_forward_two_key_blocks_per_step(shape, bs, blocks_per_head, gated):
     """The forward walking its lists two key blocks a step (KPS=2, a tuning candidate) equals one a step, to
     fp32 rounding: lists of odd and even lengths (the last step's second half masked), the gates' kept-key
