@@ -99,9 +99,9 @@ def set_field(recipe: dict, item: str) -> None:
 def kill_train_worker(checkpoint_step: int, t0: float) -> dict:
     """SIGKILL the Ray Train worker (its process title names RayTrainWorker), as a lost GPU node would be, once
     it has logged its first checkpoint (of stage A's step `checkpoint_step`)."""
-    import psutil
+    from workers.train.fault_injection import WORKER_MARKERS, training_workers
 
-    found = [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in p.info["cmdline"] or [])]
+    found = training_workers(WORKER_MARKERS["ray"])
     if not found:
         raise RuntimeError("no Ray Train worker process to kill")
     os.kill(found[0].pid, signal.SIGKILL)

@@ -162,3 +162,25 @@ def test_the_pipeline_runs_a_parallel_stage_a_and_validates_and_publishes_its_re
     trained = load_file(str(result.checkpoint / PREDICTORS_FILE))
     assert set(trained) and not (tmp_path / "converted.work").exists()
     print(f"\npipeline with 2 workers: teacher ppl {ppl['teacher_ppl']:.3f}, SEA {ppl['sea_ppl']:.3f}")
+
+
+def test_the_scaling_benchmark_reads_launcher_and_kill_from_each_run_and_refuses_others(monkeypatch):
+    """benchmarks/distributed_scaling.py (issue 25's table): name:workers[:ray|:torchrun][:kill], all checked before
+    the first run starts. (The runs themselves were checked with tiny:1,tiny:2,tiny:2:ray,tiny:2:ray:kill: about a
+    minute, docs/distributed.md.)"""
+    import importlib.util
+
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # as when it runs as a script: bench_models beside it
+    spec = importlib.util.spec_from_file_location("distributed_scaling", benchmarks / "distributed_scaling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_run("smollm2:2") == ("smollm2", 2, "torchrun", False)
+    assert bench.parse_run("smollm2:2:ray:kill") == ("smollm2", 2, "ray", True)
+    assert bench.parse_run("llama13b:1:torchrun") == ("llama13b", 1, "torchrun", False)
+    for bad in ("smollm2", "smollm2:two", "smollm2:2:mpi"):
+        with pytest.raises(SystemExit, match="name:workers"):
+            bench.parse_run(bad)
+    recipe, extra = bench.run_spec("tiny", 2, 6, 16, False, "ray", kill=True)
+    assert recipe.distill.parallel.launcher == "ray" and recipe.distill.parallel.max_failures == 1
+    assert (Path(recipe.model.path) / "config.json").is_file() and "synthetic" in extra

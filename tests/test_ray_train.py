@@ -5,12 +5,8 @@ newest distributed checkpoint and ends where an uninterrupted run ends."""
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -18,6 +14,7 @@ from sea_convert.checkpoint import PREDICTORS_FILE
 from sea_convert.recipe import Recipe
 from bounds import adamw_weight_gap_bound
 from test_distributed import EVERY, STEPS, _recipe, _run
+from workers.train.fault_injection import WORKER_MARKERS, KillOneWorkerAfterTheFirstCheckpoint
 from workers.train.dist_checkpoint import DistCheckpoints
 from workers.train.train_launch import launch_ray, launch_torchrun, worker_config
 
@@ -63,44 +60,6 @@ def test_two_ray_train_workers_match_one_worker_with_the_same_global_batch(two_r
     assert one["history"][-1]["loss"] < one["history"][0]["loss"]  # it did learn
 
 
-def _workers(marker: str) -> list[psutil.Process]:
-    """The training workers: processes whose command line names `marker`, the torchrun agent (whose own
-    command line names the worker module too) left out."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmdline = p.info["cmdline"] or []
-        if any(marker in part for part in cmdline) and "torch.distributed.run" not in cmdline:
-            found.append(p)
-    return found
-
-
-class KillOneWorkerAfterTheFirstCheckpoint(threading.Thread):
-    """SIGKILL one training worker (a process whose command line names `marker`) as soon as the run has
-    a whole checkpoint: a lost node, as far as the worker group can tell. The workers are found while
-    they load the teacher, before any checkpoint, so the kill follows the first checkpoint by one poll
-    (20 ms) however fast the remaining steps run."""
-
-    def __init__(self, ckpts: DistCheckpoints, marker: str):
-        super().__init__(daemon=True)
-        self.ckpts, self.marker, self.killed = ckpts, marker, None
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 300
-        victims: list[psutil.Process] = []
-        while time.monotonic() < deadline:
-            victims = victims or _workers(self.marker)
-            newest = self.ckpts.latest() if victims else None
-            if newest is not None:
-                victim = next((p for p in reversed(victims) if p.is_running()), None)
-                if victim is None:  # the group was replaced meanwhile: look again
-                    victims = []
-                    continue
-                os.kill(victim.pid, signal.SIGKILL)
-                self.killed = (victim.pid, newest)
-                return
-            time.sleep(0.02)
-
-
 def _interrupted(tmp_path: Path, recipe: Recipe, marker: str) -> tuple[dict, dict, tuple]:
     config = worker_config(recipe, tmp_path / "out", tmp_path / "state")
     killer = KillOneWorkerAfterTheFirstCheckpoint(DistCheckpoints(config["checkpoint_uri"]), marker)
@@ -120,7 +79,7 @@ def _same_run(result: dict, weights: dict, reference: dict, ref_weights: dict) -
 
 def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_ends_where_an_uninterrupted_run_ends(
         two_ray_workers, tiny_model_dir, tmp_path):
-    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2), "RayTrainWorker")
+    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2), WORKER_MARKERS["ray"])
     gap = _same_run(result, weights, *two_ray_workers)
     print(f"\nRay Train: killed worker pid {pid} when the newest checkpoint was step {newest}; the restarted group"
           f" resumed from step {result['resumed_from']['step']} and ran to step {result['steps']};"
@@ -132,7 +91,7 @@ def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_ends_where_an_unint
 def test_torchrun_restarts_a_killed_worker_and_resumes(two_ray_workers, tiny_model_dir, tmp_path):
     """The launcher of hosts without Ray (the GPU host here): torchrun --max-restarts, the same worker body,
     the same result as the uninterrupted Ray Train run."""
-    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2, "torchrun"), "workers.train.train_worker")
+    result, weights, (pid, newest) = _interrupted(tmp_path, _recipe(tiny_model_dir, 2, "torchrun"), WORKER_MARKERS["torchrun"])
     gap = _same_run(result, weights, *two_ray_workers)
     print(f"\ntorchrun: killed worker pid {pid} at checkpoint step {newest}; resumed from step"
           f" {result['resumed_from']['step']}; predictors vs the uninterrupted Ray run: max |diff| {gap:.2e}")
@@ -148,7 +107,7 @@ def test_one_worker_launched_under_ray_train_resumes_after_a_kill(local_ray, tin
     data["distill"]["parallel"]["launch_single"] = True
     recipe = Recipe.model_validate(data)
     assert recipe.distill.parallel.launched
-    result, weights, (pid, newest) = _interrupted(tmp_path, recipe, "RayTrainWorker")
+    result, weights, (pid, newest) = _interrupted(tmp_path, recipe, WORKER_MARKERS["ray"])
     here = _run(tmp_path, "here", _recipe(tiny_model_dir, 1))
     gap = _same_run(result, weights, *here)
     print(f"\none Ray Train worker: killed pid {pid} at checkpoint step {newest}; resumed from step"
