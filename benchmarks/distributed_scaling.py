@@ -62,7 +62,7 @@ def _recipe(model: dict, sea: dict, seq: int, batch: int, micro: int | None, ste
                     "stage_a": {"steps": steps, "batch_size": batch, "micro_batch_size": micro, "lr": 1e-3,
                                 "warmup_steps": warmup, "query_chunk": 512},
                     "parallel": {"workers": workers, "launcher": launcher, "max_failures": max_failures,
-                                 "shard_teacher": shard, "launch_single": workers == 1 and launcher == "ray"}},
+                                 "shard_teacher": shard}},
     })
 
 
