@@ -272,20 +272,55 @@ def postgres_url(postgres_server, request):
     return f"{postgres_server}/{name}"
 
 
+BACKGROUND = pytest.StashKey[dict]()  # node id -> its BackgroundRun (tests/background.py)
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected: only the runs of tests that will run start
 def pytest_collection_modifyitems(config, items):
-    """GPU tests are skipped (with the reason) where no CUDA device exists, as in CI."""
+    """GPU tests are skipped (with the reason) where no CUDA device exists, as in CI. The background runs of
+    the selected tests start; a run of a whole module takes the module's other tests out of this process."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords or "multi_gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords or "multi_gpu" in item.keywords:
+                item.add_marker(skip)
+    runs = {}
+    for item in [] if config.option.collectonly else items:
+        marker = item.get_closest_marker("background")
+        run = marker.kwargs["factory"]() if marker else None
+        if run is not None:
+            runs[item.nodeid] = run.start(TEST_ROOT)
+    config.stash[BACKGROUND] = runs
+    moved = {item.module for item in items if item.nodeid in runs and runs[item.nodeid].whole_module}
+    keep = [item for item in items if item.nodeid in runs or getattr(item, "module", None) not in moved]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
+@pytest.fixture
+def background_run(request):
+    """This test's BackgroundRun, started at collection (or now, when the test was selected after it)."""
+    runs = request.config.stash.get(BACKGROUND, {})
+    if request.node.nodeid not in runs:
+        marker = request.node.get_closest_marker("background")
+        runs[request.node.nodeid] = marker.kwargs["factory"]().start(TEST_ROOT)
+    return runs[request.node.nodeid]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each background run's last line (its pass count) in the log, beside the suite's own."""
+    for run in terminalreporter.config.stash.get(BACKGROUND, {}).values():
+        if run.outcome:
+            terminalreporter.write_line(f"background {run.name}: {run.outcome}")
 
 
 def pytest_sessionfinish(session, exitstatus):
     """The real home is as it was: a change fails the run and is listed."""
+    for run in session.config.stash.get(BACKGROUND, {}).values():
+        run.stop()  # a run whose test never waited for it (-x stopped the session first)
     if HOME_GUARD is None:
         return
     changes = HOME_GUARD.changes()
