@@ -42,7 +42,8 @@ HELD_OUT_TEXT = _cut(SHARED_DATA / "austen.txt", "austen-tail.txt", tail=40_000)
 import torch  # noqa: E402  (torch does not import triton)
 
 # Without a GPU the Triton kernels run in the interpreter. It must be on before anything imports
-# triton, so every kernel test runs in this process and shows up by name in the CI log.
+# triton, so that the modules whose tests call kernels (block rows, decoding, ...) can run them in this
+# process; tests/test_triton_kernels.py itself runs in a background child in a full run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
