@@ -45,6 +45,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from recipe_overrides import set_field
+
 ROOT = Path(__file__).resolve().parents[1]
 # through the interpreter, not console scripts beside it: a GPU host's staged wheels (`pip install --target`,
 # scripts/gpu_setup.sh) and the project on PYTHONPATH have none there
@@ -84,16 +86,6 @@ def cli(*args: str, env: dict, check: bool = True, capture: bool = True) -> subp
 def print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-
-
-def set_field(recipe: dict, item: str) -> None:
-    """--set distill.stage_a.steps=120: one recipe field for this run, its value read as YAML."""
-    key, _, value = item.partition("=")
-    *parents, leaf = key.split(".")
-    node = recipe
-    for name in parents:
-        node = node.setdefault(name, {})
-    node[leaf] = yaml.safe_load(value)
 
 
 def kill_train_worker(checkpoint_step: int, t0: float) -> dict:
