@@ -8,7 +8,7 @@ of adding its own minutes. At nice 19 it takes CPU only when this process leaves
 the service tests see no more load than before.
 
 A test asks for its child with `@pytest.mark.background(factory=...)`: `factory()` returns a `BackgroundRun`, or
-None where the check should run in this process. The conftest starts every selected test's run once the
+None where no child should run (the test then skips itself, e.g. on a GPU, where the kernels run in process). The conftest starts every selected test's run once the
 collection is final; the `background_run` fixture hands the test its run (starting it then, when the test was
 selected alone), and the test waits for the result.
 """
@@ -31,10 +31,10 @@ class BackgroundRun:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
     whole_module: bool = False  # the child runs the test's whole module: its other tests are not run here
-    _proc: subprocess.Popen | None = None
-    _log: Path | None = None
-    _started: float = 0.0
-    outcome: str = ""  # for the session's summary: the child's last line and its time
+    outcome: str = field(default="", init=False)  # for the session's summary: the child's last line and its time
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _log: Path | None = field(default=None, init=False, repr=False)
+    _started: float = field(default=0.0, init=False, repr=False)
 
     def start(self, log_dir: Path) -> "BackgroundRun":
         if self._proc is None:
@@ -63,7 +63,3 @@ class BackgroundRun:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-
-    def remove_log(self) -> None:
-        if self._log is not None:
-            self._log.unlink(missing_ok=True)

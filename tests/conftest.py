@@ -295,10 +295,10 @@ def pytest_collection_modifyitems(config, items):
             runs[item.nodeid] = run.start(TEST_ROOT)
     config.stash[BACKGROUND] = runs
     moved = {item.module for item in items if item.nodeid in runs and runs[item.nodeid].whole_module}
-    keep = [item for item in items if item.nodeid in runs or getattr(item, "module", None) not in moved]
-    if len(keep) < len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
-        items[:] = keep
+    in_child = [item for item in items if item.nodeid not in runs and getattr(item, "module", None) in moved]
+    if in_child:
+        config.hook.pytest_deselected(items=in_child)
+        items[:] = [item for item in items if item.nodeid in runs or getattr(item, "module", None) not in moved]
 
 
 @pytest.fixture
@@ -306,8 +306,10 @@ def background_run(request):
     """This test's BackgroundRun, started at collection (or now, when the test was selected after it)."""
     runs = request.config.stash.get(BACKGROUND, {})
     if request.node.nodeid not in runs:
-        marker = request.node.get_closest_marker("background")
-        runs[request.node.nodeid] = marker.kwargs["factory"]().start(TEST_ROOT)
+        run = request.node.get_closest_marker("background").kwargs["factory"]()
+        if run is None:
+            pytest.fail("this test's background factory gave no run here: the test should have skipped itself")
+        runs[request.node.nodeid] = run.start(TEST_ROOT)
     return runs[request.node.nodeid]
 
 
