@@ -45,6 +45,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from loss_histories import history_gaps
 from recipe_overrides import set_field
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,20 +122,6 @@ def stage_gpus(recipe: dict, stage: str, base_dir: Path) -> int:
     if stage == "distill" and r.distill.parallel.launched:
         return r.distill.parallel.workers if uses_gpu(r) else 0
     return int(stage_options(r, stage).get("num_gpus", 0))
-
-
-def history_gaps(a: list[dict], b: list[dict], split_at: int | None = None) -> dict:
-    """Relative loss gaps step by step between two stage-A histories, before and after step `split_at` (a kill)."""
-    gaps = [(x.get("step", i + 1), abs(x["loss"] - y["loss"]) / abs(y["loss"])) for i, (x, y) in enumerate(zip(a, b))]
-    parts = {"all": gaps} if split_at is None else {f"steps <= {split_at}": [g for g in gaps if g[0] <= split_at],
-                                                    f"steps > {split_at}": [g for g in gaps if g[0] > split_at]}
-    out = {}
-    for name, part in parts.items():
-        values = sorted(v for _, v in part)
-        if values:
-            worst = max(part, key=lambda g: g[1])
-            out[name] = {"steps": len(values), "max": worst[1], "at_step": worst[0], "median": values[len(values) // 2]}
-    return out
 
 
 def compare(first: Path, second: Path) -> int:

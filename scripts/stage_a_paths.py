@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from loss_histories import history_gaps
 from recipe_overrides import set_field
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,10 +105,6 @@ def run_path(path: str, work: Path) -> dict:
     return {"losses": losses, "seconds": round(time.monotonic() - t0, 1)}
 
 
-def rel_gap(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(a), abs(b), 1e-30)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-135m-gpu.yaml")
@@ -139,9 +136,9 @@ def main() -> int:
     print(f"stage A, {args.steps} steps of {args.recipe.name}, each path in a fresh process; gaps against {paths[0]}")
     print(f"{'path':<18} {'step-1 loss':<22} {'max rel. gap':>12} {'first differing step':>21} {'wall s':>7}")
     for path, run in runs.items():
-        gaps = [rel_gap(a, b) for a, b in zip(base, run["losses"])]
-        first = next((i + 1 for i, g in enumerate(gaps) if g > 0), None)
-        run.update(max_rel_gap=max(gaps), first_differing_step=first)
+        gaps = history_gaps([{"loss": x} for x in run["losses"]], [{"loss": x} for x in base])["all"]
+        first = gaps["first_differing_step"]
+        run.update(max_rel_gap=gaps["max"], first_differing_step=first)
         print(f"{path:<18} {run['losses'][0]!r:<22} {run['max_rel_gap']:>12.2e} {str(first or '-'):>21} {run['seconds']:>7}")
     if args.json:
         import torch

@@ -1,7 +1,8 @@
 """A lost worker on purpose: SIGKILL one training worker of a running stage A once it has a whole checkpoint.
 
-The tests (tests/test_ray_train.py) and the scaling benchmark (benchmarks/distributed_scaling.py, issue 25) use it
-to show a group restarts from the newest distributed checkpoint and ends where an uninterrupted run ends.
+The tests (tests/test_ray_train.py), the scaling benchmark (benchmarks/distributed_scaling.py, issue 25) and
+scripts/service_e2e.py (issue 24) use it to show a group restarts from the newest distributed checkpoint and
+ends where an uninterrupted run ends.
 """
 
 from __future__ import annotations
