@@ -262,3 +262,27 @@ def test_predictor_weights_come_from_the_config_seed_not_the_global_generator():
     other_seed, other_layer = weights(cfg.model_copy(update={"seed": 1})), weights(cfg, layer=4)
     for other in (other_seed, other_layer):
         assert not torch.equal(first["encoder.0.weight"], other["encoder.0.weight"])
+
+
+@pytest.mark.parametrize("num_features, dim", [(33, 64), (75, 128), (150, 96)])
+def test_random_projection_does_not_depend_on_the_thread_count(num_features, dim):
+    """LAPACK's QR rounds with the thread count: a Ray Train worker (1 thread) and `sea-convert run` (all cores)
+    started from predictors 1e-6 apart and ended 8e-4 apart in perplexity (H100, 2026-12-07). Before the fix this
+    failed at every shape here, 1 vs 2 threads, on a 2-core machine."""
+    from sea_convert.attention.estimator import orthogonal_random_projection
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = orthogonal_random_projection(num_features, dim, seed=7)
+        torch.set_num_threads(4)
+        four = orthogonal_random_projection(num_features, dim, seed=7)
+        assert torch.get_num_threads() == 4  # the caller's thread count is left as it was
+    finally:
+        torch.set_num_threads(threads)
+    assert one.dtype == torch.float32 and torch.equal(one, four)
+    # still Performer's orthogonal features: rows within a block of `dim` are orthogonal
+    block = one[: min(num_features, dim)].double()
+    gram = block @ block.T
+    off_diagonal = gram - torch.diag(gram.diagonal())
+    assert off_diagonal.abs().max() < 1e-6 * gram.diagonal().max()  # float32 rounding: measured 1.1e-8 relative

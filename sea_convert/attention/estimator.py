@@ -21,15 +21,24 @@ def num_random_features(head_dim: int, nbf: float) -> int:
 
 
 def orthogonal_random_projection(num_features: int, dim: int, seed: int) -> torch.Tensor:
-    """Gaussian orthogonal random features (Performer): blocks of orthonormal rows, chi-distributed norms."""
+    """Gaussian orthogonal random features (Performer): blocks of orthonormal rows, chi-distributed norms.
+
+    The same bits in every process: LAPACK's QR rounds with the thread count (a Ray Train worker has 1 thread,
+    `sea-convert run` all the cores; their predictors started 1e-6 apart, seen on an H100 on 2026-12-07), so the
+    QR runs on one thread, in float64, rounded to float32 once at the end."""
     g = torch.Generator().manual_seed(seed)
     blocks = []
-    for _ in range(math.ceil(num_features / dim)):
-        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
-        blocks.append(q.T)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(math.ceil(num_features / dim)):
+            q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g).double())
+            blocks.append(q.T)
+    finally:
+        torch.set_num_threads(threads)
     rows = torch.cat(blocks)[:num_features]
-    norms = torch.randn(num_features, dim, generator=g).norm(dim=1, keepdim=True)
-    return rows * norms
+    norms = torch.randn(num_features, dim, generator=g).double().norm(dim=1, keepdim=True)
+    return (rows * norms).float()
 
 
 def key_shift(first_key: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
