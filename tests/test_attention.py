@@ -286,3 +286,39 @@ def test_random_projection_does_not_depend_on_the_thread_count(num_features, dim
     gram = block @ block.T
     off_diagonal = gram - torch.diag(gram.diagonal())
     assert off_diagonal.abs().max() < 1e-6 * gram.diagonal().max()  # float32 rounding: measured 1.1e-8 relative
+
+
+_STARTING_STATE = """
+import hashlib, sys, torch
+sys.path.insert(0, "tests")
+from conftest import tiny_model
+from sea_convert.integration import attach_sea
+from sea_convert.recipe import SEAConfig
+model = tiny_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # head_dim 64, as SmolLM2
+attach_sea(model, SEAConfig(mode="block", k=256, predictor_length=256, block_size=32))
+digest = hashlib.sha256()
+for name, tensor in sorted(model.state_dict().items()):
+    digest.update(name.encode() + tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+print("STATE", torch.get_num_threads(), digest.hexdigest())
+"""
+
+
+def test_the_starting_model_is_the_same_at_any_thread_count():
+    """A Ray Train worker computes with 1 thread (OMP_NUM_THREADS from its CPU reservation), `sea-convert run` and a
+    lone torchrun worker with all the cores. The model and its fresh predictors must not depend on that: the
+    estimator's projection (LAPACK's QR) did, and the two paths' GPU runs ended 8.24e-4 apart (H100, 2026-12-07).
+    Fresh processes, as the workers are; this failed before the projection's fix."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    states = []
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        out = subprocess.run([sys.executable, "-c", _STARTING_STATE], env=env, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], check=True).stdout
+        _, seen_threads, digest = next(x for x in out.splitlines() if x.startswith("STATE")).split()
+        assert int(seen_threads) == threads  # the child really computed with that many threads
+        states.append(digest)
+    assert states[0] == states[1]
