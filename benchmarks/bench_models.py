@@ -72,10 +72,15 @@ def sea_block_rows(device: torch.device, table_len: int, K: int = 1024) -> SEACo
                      position_table_len=table_len, backend="triton" if cuda else "auto", compile=cuda)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU a benchmark's figures ran on (every figure names its GPU kind), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def write_rows(path: str | Path, device: torch.device, described: str, cfg: SEAConfig, rows: list, **extra) -> None:
     """A whole-model benchmark's JSON (device, model, SEA setting, rows), written again after each row so that a
     later length's failure keeps the rows already timed."""
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    info = {"device": device_name(device),
             "torch": torch.__version__, "model": described, "sea": cfg.model_dump(mode="json"), **extra, "rows": rows}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(info, indent=1))

@@ -36,8 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import LLAMA_13B, TINY  # noqa: E402
+from bench_models import LLAMA_13B, TINY, device_name  # noqa: E402
 
+import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from sea_convert.checkpoint import PREDICTORS_FILE  # noqa: E402
@@ -122,13 +123,6 @@ def parse_run(item: str) -> tuple[str, int, str, bool]:
     return parts[0], int(parts[1]), launcher, "kill" in parts[2:]
 
 
-def device_name() -> str:
-    """The GPU every figure of the row ran on (a figure names its GPU kind)."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-
 def loss_gap(history: list[dict], base: list[dict]) -> float:
     """The largest relative difference of two runs' step losses."""
     return max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(history, base))
@@ -177,8 +171,9 @@ def main() -> None:
             print(f"{label}: FAILED {err}", flush=True)
             continue
         row = summarize(name, result, args.warmup)
-        row.update(device=device_name(), launcher=launcher, kill=kill, global_batch=recipe.distill.stage_a.batch_size,
-                   compiled=recipe.sea.compile, losses=[h["loss"] for h in result["history"]])
+        row.update(device=device_name(torch.device(recipe.distill.device)), launcher=launcher, kill=kill,
+                   global_batch=recipe.distill.stage_a.batch_size, compiled=recipe.sea.compile,
+                   losses=[h["loss"] for h in result["history"]])
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         key = (name.removesuffix("-whole"), row["global_batch"], row["compiled"])
         if "synthetic" in extra:  # random tokens drawn per rank: only runs of one world size see the same batches

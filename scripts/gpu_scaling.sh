@@ -13,7 +13,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # gets the table's JSON and the log
 RUNS_DIR="${RUNS_DIR:-/tmp/scaling}"
 rm -rf "$RUNS_DIR"  # a run folder left by an earlier call on a warm machine would make its run resume
-LOG="$OUT/scaling-$(echo "$1" | tr ':,' '-_').log"
+TAG="$(echo "$1" | tr ':,' '-_')"  # names this call's log and JSON
 python3 benchmarks/distributed_scaling.py --runs "$1" --steps "${STEPS:-8}" --out "$RUNS_DIR" ${ARGS:-} 2>&1 \
-  | grep --line-buffered -v "Loading weights\|Writing model" | tee -a "$LOG"
-cp "$RUNS_DIR/distributed_scaling.json" "$OUT/distributed_scaling-$(echo "$1" | tr ':,' '-_').json"
+  | grep --line-buffered -v "Loading weights\|Writing model" | tee -a "$OUT/scaling-$TAG.log"
+cp "$RUNS_DIR/distributed_scaling.json" "$OUT/distributed_scaling-$TAG.json"
